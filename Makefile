@@ -1,0 +1,38 @@
+# The two commands of the README: `make serve` and `make test`. Each installs what is missing
+# into .venv first, so they work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: serve test bench bench-attention bench-pipeline bench-api clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# One stamp per extra; re-installed when pyproject.toml changes.
+$(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -e ".[$*]"
+	touch $@
+
+serve: $(VENV)/.installed-worker
+	$(PY) -m service.serve
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q
+
+# Benchmarks need a CUDA GPU; results land in bench/results/.
+bench: bench-attention bench-pipeline
+
+bench-attention: $(VENV)/.installed-dev
+	$(PY) -m bench.attention
+
+bench-pipeline: $(VENV)/.installed-dev
+	$(PY) -m bench.pipeline
+
+bench-api: $(VENV)/.installed-dev
+	$(PY) -m bench.api
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,44 @@
+"""The public op `vmoba_attention`."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .config import VMoBAConfig
+from .partition import block_ids
+from .select import _use_triton, select_blocks
+from .validate import check_inputs, resolve_scale
+
+
+def vmoba_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid,
+    layer_idx: int,
+    config: VMoBAConfig,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """VMoBA self-attention over the tokens of a latent video.
+
+    `q, k, v [B, S, H, D]` with `S = T*Hg*Wg` tokens of `grid = (T, Hg, Wg)` in raster order
+    -> `[B, S, H, D]` in the dtype of `q`. Layer `layer_idx` picks the partition kind
+    (`config.layer_kinds`); each query attends to the tokens of the key blocks
+    `select_blocks` gives it (its own block always). `softmax_scale` defaults to `1/sqrt(D)`.
+
+    `backend`: `"triton"` (CUDA, fp16/bf16, `D` in {64, 128}), `"reference"` (plain PyTorch, any
+    device), or `"auto"` (Triton for CUDA half-precision inputs, the reference otherwise).
+    """
+    grid = check_inputs(grid, layer_idx, config, q, k, v)
+    scale = resolve_scale(softmax_scale, q.shape[-1])
+    kind = config.kind(layer_idx)
+    if _use_triton(backend, q):
+        from .kernels.launch import sparse_attention
+
+        return sparse_attention(q, k, v, grid=grid, kind=kind, config=config, softmax_scale=scale)
+    selected = select_blocks(q, k, grid=grid, layer_idx=layer_idx, config=config, backend="reference")
+    ids = block_ids(grid, kind, config, device=q.device)
+    return reference.masked_attention(q, k, v, selected, ids, scale)
