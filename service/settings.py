@@ -1,0 +1,169 @@
+"""Settings of the API process (one pydantic-settings class, read from the environment).
+
+Names shared with the worker (`REDIS_URL`, `DATA_DIR`, `QUEUE_NAME`, `RETENTION_S`, `MODEL`) mean
+the same thing in both processes. Units are in the names (`_S` seconds, `_PX` pixels). Every default
+is documented where it is defined.
+
+```python
+from service.settings import get_settings
+settings = get_settings()          # cached; tests build `ServiceSettings(...)` directly
+settings.limits()                  # the request limits and defaults, as `Limits`
+```
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TINY_MODEL = "tiny"
+
+# Generation defaults per model family. The tiny random-weight model runs on a CPU in seconds, so
+# its defaults are small; the real Wan 2.1 defaults are the model card's 81 x 480 x 832.
+TINY_DEFAULTS = dict(num_frames=17, width=128, height=128, num_inference_steps=4)
+WAN_DEFAULTS = dict(num_frames=81, width=832, height=480, num_inference_steps=50)
+
+
+class Limits(BaseModel):
+    """What a `GenerateRequest` may ask for, and the values used for fields it omits.
+
+    Built from settings by `ServiceSettings.limits()`; `GenerateRequest` validates against it.
+    """
+
+    model: str = TINY_MODEL
+    max_prompt_chars: int = 2000
+    min_num_frames: int = 5
+    max_num_frames: int = 129
+    min_side_px: int = 32
+    max_side_px: int = 1920
+    max_pixels: int = 1280 * 720
+    max_steps: int = 100
+    max_guidance_scale: float = 20.0
+    max_fps: int = 60
+    max_topk: int = 1024
+    default_num_frames: int = TINY_DEFAULTS["num_frames"]
+    default_width: int = TINY_DEFAULTS["width"]
+    default_height: int = TINY_DEFAULTS["height"]
+    default_steps: int = TINY_DEFAULTS["num_inference_steps"]
+    default_guidance_scale: float = 5.0
+    default_fps: int = 16
+
+
+class ServiceSettings(BaseSettings):
+    """Environment of the API process. Field names are the environment variable names."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", env_file=None)
+
+    # -- shared with the worker ----------------------------------------------------------------
+    # Redis holding the RQ queue and our job records. `make serve` starts a private server and sets
+    # this when it is not given.
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    # Results root: `DATA_DIR/jobs/<job_id>/{video.mp4,thumbnail.jpg,meta.json}` (a shared volume
+    # between api and worker containers).
+    DATA_DIR: Path = Path("./var/data")
+    # RQ queue the API enqueues to and the workers listen on.
+    QUEUE_NAME: str = "vmoba"
+    # How long a finished job's record and files are kept after it ends (24 h).
+    RETENTION_S: int = Field(24 * 3600, ge=60)
+    # The pipeline the workers run: "tiny" (random-weight, in code), a hub id or a local directory.
+    MODEL: str = TINY_MODEL
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    # Interface and port of the API (`make serve` prints the URL).
+    HOST: str = "127.0.0.1"
+    PORT: int = Field(8000, ge=1, le=65535)
+    # Uvicorn worker processes for the API (`make serve`); 1 keeps metrics in one process.
+    API_WORKERS: int = Field(1, ge=1, le=64)
+    # Comma-separated bearer keys; empty means no authentication. /healthz and /readyz stay open.
+    API_KEYS: str = ""
+    # Largest request body accepted (JSON or multipart), bytes.
+    MAX_BODY_BYTES: int = Field(256 * 1024, ge=1024)
+    # Connections in the API's Redis pool, per API process.
+    REDIS_MAX_CONNECTIONS: int = Field(256, ge=4)
+
+    # -- queue and jobs ------------------------------------------------------------------------
+    # Jobs waiting (queued, not started) beyond which POSTs get 429 + Retry-After.
+    MAX_QUEUE_DEPTH: int = Field(64, ge=1)
+    # Retry-After sent with 429, seconds.
+    RETRY_AFTER_S: int = Field(10, ge=1)
+    # RQ's own job timeout, a generous backstop only: the worker enforces the real one, derived
+    # from the request's size and its measured speed (1 day).
+    JOB_TIMEOUT_BACKSTOP_S: int = Field(24 * 3600, ge=60)
+    # How long an Idempotency-Key maps to its job (1 day).
+    IDEMPOTENCY_TTL_S: int = Field(24 * 3600, ge=1)
+    # `openai-poll-after-ms` sent on status GETs.
+    POLL_AFTER_MS: int = Field(1000, ge=0)
+    # Comment lines sent on idle event streams so proxies keep them open.
+    SSE_PING_S: float = Field(15.0, gt=0)
+
+    # -- request limits (see `Limits`) ---------------------------------------------------------
+    MAX_PROMPT_CHARS: int = Field(2000, ge=1)
+    MIN_NUM_FRAMES: int = Field(5, ge=1)
+    MAX_NUM_FRAMES: int = Field(129, ge=1)
+    MIN_SIDE_PX: int = Field(32, ge=16)
+    MAX_SIDE_PX: int = Field(1920, ge=16)
+    # Largest width x height (720p).
+    MAX_PIXELS: int = Field(1280 * 720, ge=256)
+    MAX_STEPS: int = Field(100, ge=1)
+    MAX_GUIDANCE_SCALE: float = Field(20.0, ge=0)
+    MAX_FPS: int = Field(60, ge=1)
+    # Defaults for omitted fields; unset means the model's (tiny: 17 x 128 x 128, 4 steps;
+    # Wan: 81 x 480 x 832, 50 steps).
+    DEFAULT_NUM_FRAMES: int | None = None
+    DEFAULT_WIDTH: int | None = None
+    DEFAULT_HEIGHT: int | None = None
+    DEFAULT_STEPS: int | None = None
+    DEFAULT_GUIDANCE_SCALE: float = 5.0
+    DEFAULT_FPS: int = 16
+
+    @field_validator("API_KEYS")
+    @classmethod
+    def _strip_keys(cls, value: str) -> str:
+        return ",".join(k.strip() for k in value.split(",") if k.strip())
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted bearer keys; empty when authentication is off."""
+        return tuple(k for k in self.API_KEYS.split(",") if k)
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.MODEL == TINY_MODEL
+
+    def limits(self) -> Limits:
+        """Request limits and defaults for this model."""
+        base = TINY_DEFAULTS if self.is_tiny else WAN_DEFAULTS
+        pick = lambda value, key: base[key] if value is None else value  # noqa: E731
+        return Limits(
+            model=self.MODEL,
+            max_prompt_chars=self.MAX_PROMPT_CHARS,
+            min_num_frames=self.MIN_NUM_FRAMES,
+            max_num_frames=self.MAX_NUM_FRAMES,
+            min_side_px=self.MIN_SIDE_PX,
+            max_side_px=self.MAX_SIDE_PX,
+            max_pixels=self.MAX_PIXELS,
+            max_steps=self.MAX_STEPS,
+            max_guidance_scale=self.MAX_GUIDANCE_SCALE,
+            max_fps=self.MAX_FPS,
+            default_num_frames=pick(self.DEFAULT_NUM_FRAMES, "num_frames"),
+            default_width=pick(self.DEFAULT_WIDTH, "width"),
+            default_height=pick(self.DEFAULT_HEIGHT, "height"),
+            default_steps=pick(self.DEFAULT_STEPS, "num_inference_steps"),
+            default_guidance_scale=self.DEFAULT_GUIDANCE_SCALE,
+            default_fps=self.DEFAULT_FPS,
+        )
+
+    def job_dir(self, job_id: str) -> Path:
+        """Where a job's files live. `job_id` must be a server-made id (see `jobs.is_job_id`)."""
+        from .jobs import check_job_id
+
+        return Path(self.DATA_DIR) / "jobs" / check_job_id(job_id)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> ServiceSettings:
+    """The process's settings, read from the environment once."""
+    return ServiceSettings()

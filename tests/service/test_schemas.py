@@ -1,0 +1,122 @@
+"""GenerateRequest validation: defaults, limits and messages that name the bad value."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from pydantic import ValidationError
+
+from service.schemas import (
+    GenerateRequest,
+    JobStatus,
+    frames_for_seconds,
+    openai_status,
+)
+from service.settings import Limits, ServiceSettings
+
+LIMITS = Limits(max_num_frames=81, max_pixels=832 * 480, max_steps=50, max_prompt_chars=100)
+
+
+def validate(**body):
+    return GenerateRequest.model_validate(body, context={"limits": LIMITS})
+
+
+def message(**body) -> str:
+    with pytest.raises(ValidationError) as e:
+        validate(**body)
+    return str(e.value)
+
+
+def test_defaults_fill_every_field():
+    req = validate(prompt="a cat")
+    dumped = req.model_dump(mode="json")
+    assert None not in [dumped[k] for k in ("num_frames", "width", "height",
+                                             "num_inference_steps", "guidance_scale", "fps")]
+    assert dumped["num_frames"] == LIMITS.default_num_frames
+    assert dumped["attention"] == {"backend": "vmoba", "select": "threshold_global",
+                                   "threshold": 0.25, "topk": [2, 6, 18], "dense_steps": 0.25}
+    assert dumped["seed"] is None
+    # The dumped payload validates again to the same thing (what the worker does).
+    again = GenerateRequest.model_validate(dumped, context={"limits": LIMITS})
+    assert again.model_dump(mode="json") == dumped
+
+
+def test_valid_random_requests_round_trip():
+    rng = random.Random()
+    for _ in range(50):
+        body = {
+            "prompt": "x" * rng.randint(1, 100),
+            "seed": rng.randint(0, 2**63 - 1),
+            "num_frames": 4 * rng.randint(2, 20) + 1,
+            "width": 16 * rng.randint(2, 30),
+            "height": 16 * rng.randint(2, 30),
+            "num_inference_steps": rng.randint(1, 50),
+            "guidance_scale": rng.uniform(0, 20),
+            "attention": {"backend": rng.choice(["vmoba", "dense"]),
+                          "select": rng.choice(["topk", "threshold_query", "threshold_global"]),
+                          "threshold": rng.random(), "topk": rng.randint(1, 30),
+                          "dense_steps": rng.random()},
+        }
+        if body["width"] * body["height"] > LIMITS.max_pixels:
+            continue
+        req = validate(**body)
+        assert req.num_frames == body["num_frames"] and req.seed == body["seed"]
+
+
+def test_form_strings_are_numbers():
+    req = validate(prompt="p", num_frames="33", width="64", guidance_scale="4.5",
+                   attention={"topk": "2,6,18", "threshold": "0.5"})
+    assert (req.num_frames, req.width, req.guidance_scale) == (33, 64, 4.5)
+    assert req.attention.topk == (2, 6, 18) and req.attention.threshold == 0.5
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": ""}, ["prompt must not be empty"]),
+    ({"prompt": "   "}, ["prompt must not be empty"]),
+    ({"prompt": "x" * 101}, ["101 characters", "at most 100"]),
+    ({"prompt": 5}, ["prompt", "string"]),
+    ({"prompt": "p", "num_frames": 20}, ["4k+1", "got 20"]),
+    ({"prompt": "p", "num_frames": 85}, ["[5, 81]", "got 85"]),
+    ({"prompt": "p", "num_frames": True}, ["integer", "True"]),
+    ({"prompt": "p", "num_frames": 17.5}, ["whole number"]),
+    ({"prompt": "p", "num_frames": "seventeen"}, ["integer", "seventeen"]),
+    ({"prompt": "p", "width": 100}, ["multiple of 16", "got 100"]),
+    ({"prompt": "p", "width": 16}, ["width", "got 16"]),
+    ({"prompt": "p", "width": 1280, "height": 720}, ["1280x720", "pixels", str(832 * 480)]),
+    ({"prompt": "p", "num_inference_steps": 0}, ["[1, 50]", "got 0"]),
+    ({"prompt": "p", "guidance_scale": float("nan")}, ["finite"]),
+    ({"prompt": "p", "guidance_scale": 50}, ["guidance_scale", "got 50"]),
+    ({"prompt": "p", "fps": 0}, ["fps", "got 0"]),
+    ({"prompt": "p", "seed": -1}, ["seed", "got -1"]),
+    ({"prompt": "p", "colour": "red"}, ["colour", "Extra inputs"]),
+    ({"prompt": "p", "attention": {"backend": "flash"}}, ["backend", "vmoba", "dense"]),
+    ({"prompt": "p", "attention": {"select": "best"}}, ["select", "threshold_global"]),
+    ({"prompt": "p", "attention": {"threshold": 1.5}}, ["threshold", "1"]),
+    ({"prompt": "p", "attention": {"topk": [1, 2]}}, ["three", "2 values"]),
+    ({"prompt": "p", "attention": {"topk": 0}}, ["topk", "got 0"]),
+    ({"prompt": "p", "attention": {"treshold": 0.3}}, ["treshold", "Extra inputs"]),
+])
+def test_bad_values_name_value_and_range(body, words):
+    text = message(**body)
+    for word in words:
+        assert word in text, (word, text)
+
+
+def test_limits_come_from_settings():
+    s = ServiceSettings(MAX_NUM_FRAMES=33, MODEL="tiny")
+    lim = s.limits()
+    assert lim.max_num_frames == 33 and lim.default_num_frames == 17
+    with pytest.raises(ValidationError):
+        GenerateRequest.model_validate({"prompt": "p", "num_frames": 37},
+                                       context={"limits": lim})
+    wan = ServiceSettings(MODEL="Wan-AI/Wan2.1-T2V-1.3B-Diffusers").limits()
+    assert (wan.default_num_frames, wan.default_width, wan.default_height) == (81, 832, 480)
+
+
+def test_seconds_and_status_mapping():
+    assert frames_for_seconds(4, 16) == 65 and frames_for_seconds(5, 16) == 81
+    assert frames_for_seconds(1, 16) == 17
+    assert validate(prompt="p", num_frames=65, fps=16).seconds == "4"
+    assert openai_status(JobStatus.cancelled) == "failed"
+    assert openai_status("in_progress") == "in_progress"
