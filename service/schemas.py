@@ -6,7 +6,8 @@
   ```python
   req = GenerateRequest.model_validate(body, context={"limits": settings.limits()})
   req = GenerateRequest.model_validate(payload)   # limits from this process's environment
-  payload = req.model_dump(mode="json")           # what is enqueued (plus "job_id")
+  payload = make_payload(job_id, req)             # what is enqueued: request + "job_id"
+  job_id, req = split_payload(payload)            # the worker's side
   ```
 
 - `JobStatus` (`queued|in_progress|completed|failed|cancelled`) and `Stage`
@@ -268,6 +269,22 @@ class GenerateRequest(BaseModel):
     def seconds(self) -> str:
         """Clip length in seconds as a string, `(num_frames - 1) / fps` (65 frames at 16 fps: "4")."""
         return format_seconds((self.num_frames - 1) / self.fps)
+
+
+def make_payload(job_id: str, request: "GenerateRequest") -> dict:
+    """The one JSON-able argument of `worker.jobs.generate_video`: the request plus `job_id`."""
+    return {**request.model_dump(mode="json"), "job_id": job_id}
+
+
+def split_payload(payload: dict, limits: Optional[Limits] = None) -> tuple[str, "GenerateRequest"]:
+    """`(job_id, request)` from an enqueued payload, the request validated again (limits from
+    `limits`, else from this process's environment). Raises `ValueError` (a pydantic
+    `ValidationError` for the request) when the payload is malformed."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("job_id"), str):
+        raise ValueError(f"payload must be a dict with a 'job_id' string, got {payload!r:.200}")
+    body = {k: v for k, v in payload.items() if k != "job_id"}
+    ctx = {"limits": limits} if limits is not None else None
+    return payload["job_id"], GenerateRequest.model_validate(body, context=ctx)
 
 
 def format_seconds(value: float) -> str:

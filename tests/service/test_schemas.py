@@ -120,3 +120,17 @@ def test_seconds_and_status_mapping():
     assert validate(prompt="p", num_frames=65, fps=16).seconds == "4"
     assert openai_status(JobStatus.cancelled) == "failed"
     assert openai_status("in_progress") == "in_progress"
+
+
+def test_payload_round_trip():
+    from service.jobs import new_job_id
+    from service.schemas import make_payload, split_payload
+
+    job_id = new_job_id()
+    req = validate(prompt="a dog", seed=7, attention={"backend": "dense"})
+    payload = make_payload(job_id, req)
+    assert payload["job_id"] == job_id and payload["seed"] == 7
+    got_id, got = split_payload(payload, LIMITS)
+    assert got_id == job_id and got == req
+    with pytest.raises(ValueError):
+        split_payload({"prompt": "no id"}, LIMITS)
