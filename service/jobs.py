@@ -43,7 +43,7 @@ import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 from .schemas import JobStatus, Stage
 
@@ -252,7 +252,7 @@ def make_event(rec_fields: dict, job_id: str, type_: str, **extra) -> dict:
 # KEYS: job hash, index zset, queued zset, idempotency key
 # ARGV: job id, created score, max queued (0 = no limit), use idempotency ("1"/"0"),
 #       idempotency ttl s, request sha, field, value, ...
-# Returns {"created"|"existing"|"conflict"|"full", job id}.
+# Returns {"created"|"existing"|"conflict"|"full", job id, queue rank or -1}.
 _CREATE_LUA = """
 if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[4])
@@ -260,15 +260,15 @@ if ARGV[4] == '1' then
     local jk = 'vmoba:job:' .. existing
     if redis.call('EXISTS', jk) == 1 then
       if redis.call('HGET', jk, 'request_sha') ~= ARGV[6] then
-        return {'conflict', existing}
+        return {'conflict', existing, -1}
       end
-      return {'existing', existing}
+      return {'existing', existing, redis.call('ZRANK', KEYS[3], existing) or -1}
     end
   end
 end
 local max = tonumber(ARGV[3])
 if max > 0 and redis.call('ZCARD', KEYS[3]) >= max then
-  return {'full', ''}
+  return {'full', '', -1}
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
@@ -276,7 +276,7 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 if ARGV[4] == '1' then
   redis.call('SET', KEYS[4], ARGV[1], 'EX', tonumber(ARGV[5]))
 end
-return {'created', ARGV[1]}
+return {'created', ARGV[1], redis.call('ZRANK', KEYS[3], ARGV[1])}
 """
 
 # Move a job between states atomically and publish the event.
@@ -323,6 +323,21 @@ if ttl > 0 then
 end
 return seq
 """
+
+
+class CreateResult(NamedTuple):
+    """What `create` did: `outcome` is `"created"`, `"existing"` (same Idempotency-Key and
+    request), `"conflict"` (same key, another request) or `"full"` (queue full, nothing stored)."""
+
+    outcome: str
+    job_id: str
+    position: Optional[int]  # 1 = next to start; None when not waiting
+
+
+def _create_result(out) -> CreateResult:
+    outcome, jid, rank = out
+    rank = int(rank)
+    return CreateResult(_s(outcome), _s(jid), rank + 1 if rank >= 0 else None)
 
 
 @dataclass
@@ -438,17 +453,15 @@ class JobStore(JobStoreBase):
     def create(self, request: dict, *, model: str, seed: Optional[int] = None,
                job_id: Optional[str] = None, idempotency_key: Optional[str] = None,
                idempotency_ttl_s: int = 24 * 3600, max_queued: int = 0,
-               sha: Optional[str] = None) -> tuple[str, str]:
-        """Store a new queued job. Returns `(outcome, job_id)` with outcome `"created"`,
-        `"existing"` (same Idempotency-Key and request), `"conflict"` (same key, other request)
-        or `"full"` (`max_queued` jobs already waiting; nothing stored)."""
+               sha: Optional[str] = None) -> CreateResult:
+        """Store a new queued job, unless `idempotency_key` already names one or `max_queued`
+        jobs are waiting. `sha` fingerprints the request for idempotency (default: of `request`)."""
         job_id = check_job_id(job_id) if job_id else new_job_id()
         keys, args = self._create_args(
             job_id, request, model=model, seed=seed, idempotency_key=idempotency_key,
             idempotency_ttl_s=idempotency_ttl_s, max_queued=max_queued,
             sha=sha or request_sha(request), now=time.time())
-        outcome, jid = self._create_script(keys=keys, args=args)
-        return _s(outcome), _s(jid)
+        return _create_result(self._create_script(keys=keys, args=args))
 
     def get(self, job_id: str) -> Optional[JobRecord]:
         """The record, or None if there is no such job."""
@@ -685,30 +698,30 @@ class AsyncJobStore(JobStoreBase):
     async def create(self, request: dict, *, model: str, seed: Optional[int] = None,
                      job_id: Optional[str] = None, idempotency_key: Optional[str] = None,
                      idempotency_ttl_s: int = 24 * 3600, max_queued: int = 0,
-                     sha: Optional[str] = None) -> tuple[str, str]:
+                     sha: Optional[str] = None) -> CreateResult:
         """As `JobStore.create`."""
         job_id = check_job_id(job_id) if job_id else new_job_id()
         keys, args = self._create_args(
             job_id, request, model=model, seed=seed, idempotency_key=idempotency_key,
             idempotency_ttl_s=idempotency_ttl_s, max_queued=max_queued,
             sha=sha or request_sha(request), now=time.time())
-        outcome, jid = await self._create_script(keys=keys, args=args)
-        return _s(outcome), _s(jid)
+        return _create_result(await self._create_script(keys=keys, args=args))
 
     async def get(self, job_id: str) -> Optional[JobRecord]:
         if not is_job_id(job_id):
             return None
         return decode_record(job_id, await self.redis.hgetall(job_key(job_id)))
 
-    async def get_with_position(self, job_id: str) -> tuple[Optional[JobRecord], Optional[int]]:
-        """The record and its queue position in one round trip."""
+    async def get_full(self, job_id: str) -> tuple[Optional[JobRecord], Optional[int], bool]:
+        """`(record, queue position, cancel requested)` in one round trip."""
         if not is_job_id(job_id):
-            return None, None
+            return None, None, False
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(job_key(job_id))
             pipe.zrank(QUEUED_KEY, job_id)
-            raw, rank = await pipe.execute()
-        return decode_record(job_id, raw), self._position(rank)
+            pipe.exists(cancel_key(job_id))
+            raw, rank, cancel = await pipe.execute()
+        return decode_record(job_id, raw), self._position(rank), bool(cancel)
 
     async def list(self, *, limit: int = 20, after: Optional[str] = None,
                    order: str = "desc") -> tuple[list[tuple[JobRecord, Optional[int]]], bool]:

@@ -24,8 +24,8 @@ def store(redis_client):
 
 def make(store, **kw):
     request = {"prompt": f"p{random.random()}", "num_inference_steps": 4, **kw}
-    outcome, job_id = store.create(request, model="tiny", seed=random.randint(0, 99))
-    assert outcome == "created" and is_job_id(job_id)
+    outcome, job_id, position = store.create(request, model="tiny", seed=random.randint(0, 99))
+    assert outcome == "created" and is_job_id(job_id) and position == store.queue_depth()
     return job_id
 
 
@@ -105,14 +105,14 @@ def test_idempotency_and_capacity(store):
     req = {"prompt": "same", "num_inference_steps": 2}
     first = store.create(req, model="tiny", idempotency_key="k1", max_queued=2)
     again = store.create(req, model="tiny", idempotency_key="k1", max_queued=2)
-    assert first[0] == "created" and again == ("existing", first[1])
+    assert first.outcome == "created" and again == ("existing", first.job_id, 1)
     other = store.create({"prompt": "other"}, model="tiny", idempotency_key="k1")
-    assert other == ("conflict", first[1])
+    assert other == ("conflict", first.job_id, None)
     assert store.create({"prompt": "b"}, model="tiny", max_queued=2)[0] == "created"
-    assert store.create({"prompt": "c"}, model="tiny", max_queued=2) == ("full", "")
+    assert store.create({"prompt": "c"}, model="tiny", max_queued=2) == ("full", "", None)
     assert store.queue_depth() == 2
     # A deleted job frees its idempotency key.
-    assert store.delete(first[1]) and not store.delete(first[1])
+    assert store.delete(first.job_id) and not store.delete(first.job_id)
     assert store.create(req, model="tiny", idempotency_key="k1", max_queued=2)[0] == "created"
 
 
