@@ -42,6 +42,8 @@ ATTENTION_BACKENDS = ("vmoba", "dense")
 # One value per layer kind (1d, 2d, 3d): vmoba.config.VMoBAConfig's default `topk`.
 DEFAULT_TOPK = (2, 6, 18)
 MAX_SEED = 2**63 - 1
+# Largest latent chunk accepted (a 1920 px side is 120 latent units).
+MAX_CHUNK = 1024
 
 
 class JobStatus(str, Enum):
@@ -140,6 +142,21 @@ def _to_topk(value: Any) -> Any:
     return _to_int(value)
 
 
+def _to_ints(n: int):
+    """Before-validator for `n` integers (one int when `n == 1`); "5,13" strings allowed."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, str) and "," in value:
+            value = value.split(",")
+        if n == 1:
+            return _to_int(value)
+        if not isinstance(value, (list, tuple)) or len(value) != n:
+            raise ValueError(f"must be {n} integers, got {value!r}")
+        return tuple(_to_int(v) for v in value)
+
+    return convert
+
+
 def _limits(info: ValidationInfo) -> Limits:
     ctx = info.context or {}
     limits = ctx.get("limits")
@@ -154,6 +171,8 @@ class AttentionRequest(BaseModel):
     - `threshold`: `tau` in [0, 1] for the threshold modes.
     - `topk`: blocks per query (self included) for `"topk"`: one int, or three for (1d, 2d, 3d).
     - `dense_steps`: fraction in [0, 1] of the first denoising steps run dense.
+    - `temporal_chunk`, `spatial_chunk` `(ch, cw)`, `st_chunk` `(ct, ch, cw)`: latent block sizes;
+      omitted (null) means chosen for the video's grid (`vmoba.VMoBAConfig.for_grid`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -163,14 +182,23 @@ class AttentionRequest(BaseModel):
     threshold: Float = Field(0.25, ge=0.0, le=1.0)
     topk: Annotated[Union[int, tuple[int, int, int]], BeforeValidator(_to_topk)] = DEFAULT_TOPK
     dense_steps: Float = Field(0.25, ge=0.0, le=1.0)
+    temporal_chunk: Optional[Annotated[int, BeforeValidator(_to_ints(1))]] = None
+    spatial_chunk: Optional[Annotated[tuple[int, int], BeforeValidator(_to_ints(2))]] = None
+    st_chunk: Optional[Annotated[tuple[int, int, int], BeforeValidator(_to_ints(3))]] = None
 
     @model_validator(mode="after")
-    def _check_topk(self, info: ValidationInfo) -> "AttentionRequest":
+    def _check_sizes(self, info: ValidationInfo) -> "AttentionRequest":
         limit = _limits(info).max_topk
         values = (self.topk,) if isinstance(self.topk, int) else self.topk
         for v in values:
             if not 1 <= v <= limit:
                 raise ValueError(f"attention.topk values must be in [1, {limit}], got {self.topk!r}")
+        for name in ("temporal_chunk", "spatial_chunk", "st_chunk"):
+            value = getattr(self, name)
+            values = () if value is None else (value,) if isinstance(value, int) else value
+            if any(not 1 <= v <= MAX_CHUNK for v in values):
+                raise ValueError(f"attention.{name} values must be in [1, {MAX_CHUNK}] (latent "
+                                 f"units), got {value!r}")
         return self
 
 

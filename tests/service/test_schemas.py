@@ -35,7 +35,9 @@ def test_defaults_fill_every_field():
                                              "num_inference_steps", "guidance_scale", "fps")]
     assert dumped["num_frames"] == LIMITS.default_num_frames
     assert dumped["attention"] == {"backend": "vmoba", "select": "threshold_global",
-                                   "threshold": 0.25, "topk": [2, 6, 18], "dense_steps": 0.25}
+                                   "threshold": 0.25, "topk": [2, 6, 18], "dense_steps": 0.25,
+                                   "temporal_chunk": None, "spatial_chunk": None,
+                                   "st_chunk": None}
     assert dumped["seed"] is None
     # The dumped payload validates again to the same thing (what the worker does).
     again = GenerateRequest.model_validate(dumped, context={"limits": LIMITS})
@@ -69,6 +71,9 @@ def test_form_strings_are_numbers():
                    attention={"topk": "2,6,18", "threshold": "0.5"})
     assert (req.num_frames, req.width, req.guidance_scale) == (33, 64, 4.5)
     assert req.attention.topk == (2, 6, 18) and req.attention.threshold == 0.5
+    chunks = validate(prompt="p", attention={"spatial_chunk": "5,13", "st_chunk": [7, 5, 13],
+                                             "temporal_chunk": "3"}).attention
+    assert (chunks.temporal_chunk, chunks.spatial_chunk, chunks.st_chunk) == (3, (5, 13), (7, 5, 13))
 
 
 @pytest.mark.parametrize("body, words", [
@@ -96,6 +101,8 @@ def test_form_strings_are_numbers():
     ({"prompt": "p", "attention": {"topk": [1, 2]}}, ["three", "2 values"]),
     ({"prompt": "p", "attention": {"topk": 0}}, ["topk", "got 0"]),
     ({"prompt": "p", "attention": {"treshold": 0.3}}, ["treshold", "Extra inputs"]),
+    ({"prompt": "p", "attention": {"spatial_chunk": [5]}}, ["2 integers", "[5]"]),
+    ({"prompt": "p", "attention": {"st_chunk": [0, 5, 5]}}, ["st_chunk", "[1, 1024]"]),
 ])
 def test_bad_values_name_value_and_range(body, words):
     text = message(**body)
