@@ -9,6 +9,7 @@ costs little) and fp32 on the CPU.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -80,8 +81,12 @@ def load_pipeline(model: str, *, device: str = "cpu", dtype=None, seed: int = 0)
         model = os.path.expanduser(model) if looks_local else model
 
         torch_dtype = resolve_dtype(dtype, device)
-        vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32)
-        pipe = WanPipeline.from_pretrained(model, vae=vae, torch_dtype=torch_dtype)
+        with warnings.catch_warnings():
+            # diffusers 0.42 renames `torch_dtype` to `dtype`; older ones (GPU images) know only
+            # `torch_dtype`, which still works here.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32)
+            pipe = WanPipeline.from_pretrained(model, vae=vae, torch_dtype=torch_dtype)
         name = model
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)
