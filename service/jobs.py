@@ -453,14 +453,14 @@ class JobStore(JobStoreBase):
     def create(self, request: dict, *, model: str, seed: Optional[int] = None,
                job_id: Optional[str] = None, idempotency_key: Optional[str] = None,
                idempotency_ttl_s: int = 24 * 3600, max_queued: int = 0,
-               sha: Optional[str] = None) -> CreateResult:
+               sha: Optional[str] = None, now: Optional[float] = None) -> CreateResult:
         """Store a new queued job, unless `idempotency_key` already names one or `max_queued`
         jobs are waiting. `sha` fingerprints the request for idempotency (default: of `request`)."""
         job_id = check_job_id(job_id) if job_id else new_job_id()
         keys, args = self._create_args(
             job_id, request, model=model, seed=seed, idempotency_key=idempotency_key,
             idempotency_ttl_s=idempotency_ttl_s, max_queued=max_queued,
-            sha=sha or request_sha(request), now=time.time())
+            sha=sha or request_sha(request), now=time.time() if now is None else now)
         return _create_result(self._create_script(keys=keys, args=args))
 
     def get(self, job_id: str) -> Optional[JobRecord]:
@@ -698,13 +698,13 @@ class AsyncJobStore(JobStoreBase):
     async def create(self, request: dict, *, model: str, seed: Optional[int] = None,
                      job_id: Optional[str] = None, idempotency_key: Optional[str] = None,
                      idempotency_ttl_s: int = 24 * 3600, max_queued: int = 0,
-                     sha: Optional[str] = None) -> CreateResult:
+                     sha: Optional[str] = None, now: Optional[float] = None) -> CreateResult:
         """As `JobStore.create`."""
         job_id = check_job_id(job_id) if job_id else new_job_id()
         keys, args = self._create_args(
             job_id, request, model=model, seed=seed, idempotency_key=idempotency_key,
             idempotency_ttl_s=idempotency_ttl_s, max_queued=max_queued,
-            sha=sha or request_sha(request), now=time.time())
+            sha=sha or request_sha(request), now=time.time() if now is None else now)
         return _create_result(await self._create_script(keys=keys, args=args))
 
     async def get(self, job_id: str) -> Optional[JobRecord]:

@@ -1,0 +1,49 @@
+"""The FastAPI app. Never imports torch (the worker does the heavy work).
+
+```bash
+uvicorn --factory service.app:create_app --port 8000     # or: make serve
+```
+
+Routes: `routes.native` (`/generate`, `/jobs...`), `routes.openai` (`/v1/videos...`),
+`routes.ops` (`/healthz`, `/readyz`, `/metrics`, `/models`). Errors: `errors` (one envelope).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Optional
+
+from fastapi import FastAPI
+
+from .auth import AuthMiddleware
+from .errors import install_error_handlers
+from .metrics import MetricsMiddleware
+from .routes import native, openai, ops
+from .settings import ServiceSettings, get_settings
+from .state import open_state
+
+
+def create_app(settings: Optional[ServiceSettings] = None) -> FastAPI:
+    """An app for `settings` (default: from the environment)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = open_state(settings)
+        app.state.vmoba = state
+        try:
+            yield
+        finally:
+            await state.close()
+
+    app = FastAPI(title="vmoba-serve", version="0.1.0", lifespan=lifespan,
+                  description="Text-to-video with Wan + VMoBA sparse attention. Native routes "
+                              "and the OpenAI Videos format (/v1/videos).")
+    install_error_handlers(app)
+    app.include_router(native.router)
+    app.include_router(openai.router)
+    app.include_router(ops.router)
+    # Outermost last: metrics see every answer, 401s included.
+    app.add_middleware(AuthMiddleware, keys=settings.api_keys)
+    app.add_middleware(MetricsMiddleware)
+    return app

@@ -1,0 +1,137 @@
+"""API errors in one envelope (OpenAI's), on every route: `{"error": {message, type, param, code}}`.
+
+Bad input is a 4xx whose message says what was wrong and what is allowed; nothing reaches the client
+as a traceback. `install_error_handlers(app)` maps:
+
+- `APIError` (raised by our code) -> its status;
+- pydantic `ValidationError` / FastAPI `RequestValidationError` -> 400 `invalid_request`;
+- Starlette `HTTPException` (unknown route, wrong method) -> its status;
+- Redis being unreachable -> 503; anything else -> 500 `internal_error` (logged, never shown).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .responses import JSON
+
+log = logging.getLogger("service")
+
+_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
+    413: "invalid_request_error", 415: "invalid_request_error", 416: "invalid_request_error",
+    422: "invalid_request_error", 429: "rate_limit_error",
+}
+_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found",
+          405: "method_not_allowed", 409: "conflict", 413: "request_too_large",
+          415: "unsupported_media_type", 429: "queue_full", 503: "unavailable"}
+
+
+class APIError(Exception):
+    """An error answer: HTTP `status`, a message naming the bad value and what is allowed."""
+
+    def __init__(self, status: int, message: str, *, code: Optional[str] = None,
+                 param: Optional[str] = None, type_: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code or _CODES.get(status, "invalid_request" if status < 500 else "internal_error")
+        self.param = param
+        self.type = type_ or _TYPES.get(status, "invalid_request_error" if status < 500
+                                        else "server_error")
+        self.headers = headers or {}
+
+
+def error_body(message: str, *, type_: str, code: Optional[str], param: Optional[str]) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(err: APIError) -> JSON:
+    return JSON(error_body(err.message, type_=err.type, code=err.code, param=err.param),
+                status_code=err.status, headers=err.headers)
+
+
+def not_found(job_id: Any) -> APIError:
+    return APIError(404, f"no job with id {str(job_id)[:100]!r} (ids look like video_<32 hex>; "
+                         "finished jobs are kept until their expires_at)", param="id")
+
+
+def _loc(loc) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # Union members show up as type names in locations (e.g. "topk.int"); they help nobody.
+    parts = [p for p in parts if p not in ("int", "tuple[int, int, int]", "function-after[...]")
+             and not p.startswith("function-")]
+    return ".".join(parts)
+
+
+def validation_message(errors: list[dict]) -> tuple[str, Optional[str]]:
+    """One readable sentence from pydantic errors, and the first offending field."""
+    msgs, first = [], None
+    for e in errors:
+        loc = _loc(e.get("loc", ()))
+        msg = str(e.get("msg", "invalid value"))
+        for prefix in ("Value error, ", "Assertion failed, "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix):]
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field (not allowed)"
+        elif e.get("type") == "missing":
+            msg = "field required"
+        elif e.get("type") == "literal_error":
+            msg = f"{msg}, got {e.get('input')!r}"
+        text = msg if not loc or msg.startswith(loc.split(".")[-1]) else f"{loc}: {msg}"
+        if text not in msgs:
+            msgs.append(text)
+        first = first or (loc or None)
+    return "; ".join(msgs) or "invalid request", first
+
+
+def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
+    message, param = validation_message(exc.errors())
+    return APIError(400, message, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(ValidationError)
+    async def _pydantic(request: Request, exc: ValidationError):
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError):
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return error_response(APIError(exc.status_code, message, headers=exc.headers))
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_down(request: Request, exc: Exception):
+        log.warning("redis unavailable: %s", exc)
+        return error_response(APIError(503, "the job store (Redis) is unreachable; retry shortly",
+                                       headers={"Retry-After": "5"}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, "internal error (logged on the server)",
+                                       code="internal_error"))

@@ -1,0 +1,112 @@
+"""Handlers shared by the native and OpenAI routes: lookup, cancel, delete, files, listing."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Optional
+
+import anyio
+from fastapi import Request
+from starlette.responses import FileResponse
+
+from ..auth import key_of
+from ..errors import APIError, not_found
+from ..jobs import JobRecord, is_job_id
+from ..responses import JSON
+from ..schemas import JobStatus
+from ..state import AppState
+from ..submit import cancel_in_rq
+
+VIDEO_FILE = "video.mp4"
+THUMBNAIL_FILE = "thumbnail.jpg"
+MAX_LIST_LIMIT = 100
+
+
+def poll_headers(state: AppState) -> dict:
+    return {"openai-poll-after-ms": str(state.settings.POLL_AFTER_MS)}
+
+
+def idempotency(request: Request) -> tuple[Optional[str], str]:
+    """`(Idempotency-Key header or None, auth scope)`."""
+    return request.headers.get("idempotency-key"), key_of(request.scope)
+
+
+async def load(state: AppState, job_id: str) -> tuple[JobRecord, Optional[int], bool]:
+    """`(record, position, cancel requested)` or 404."""
+    if not is_job_id(job_id):
+        raise not_found(job_id)
+    rec, pos, cancel = await state.store.get_full(job_id)
+    if rec is None:
+        raise not_found(job_id)
+    return rec, pos, cancel
+
+
+def list_args(limit: int, order: str, after: Optional[str]) -> None:
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise APIError(400, f"limit must be in [1, {MAX_LIST_LIMIT}], got {limit}", param="limit")
+    if order not in ("asc", "desc"):
+        raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
+    if after is not None and not is_job_id(after):
+        raise APIError(400, f"after must be a job id (video_<32 hex>), got {after[:100]!r}",
+                       param="after")
+
+
+async def list_jobs(state: AppState, limit: int, order: str, after: Optional[str]):
+    list_args(limit, order, after)
+    try:
+        return await state.store.list(limit=limit, after=after, order=order)
+    except KeyError:
+        raise APIError(400, f"after={after!r} is not a job on this server (deleted or expired?)",
+                       param="after")
+
+
+async def cancel(state: AppState, job_id: str) -> tuple[JobRecord, Optional[int], bool]:
+    """Cancel a job: a waiting one at once (also in RQ), a running one by its worker at the next
+    step (the flag). Terminal jobs: cancelled ones answer as they are, others 409."""
+    rec, _, _ = await load(state, job_id)
+    if rec.status == JobStatus.cancelled:
+        return await load(state, job_id)
+    if rec.is_terminal:
+        raise APIError(409, f"job {job_id} already ended as {rec.status}; nothing to cancel",
+                       param="id")
+    await state.store.request_cancel(job_id)
+    if await state.store.mark_cancelled(job_id):
+        await anyio.to_thread.run_sync(cancel_in_rq, state, job_id)
+    return await load(state, job_id)
+
+
+async def delete(state: AppState, job_id: str) -> None:
+    """Delete a finished or waiting job with its files; a running one is a 409."""
+    rec, _, _ = await load(state, job_id)
+    if rec.status == JobStatus.in_progress:
+        raise APIError(409, f"job {job_id} is in_progress; cancel it first (POST "
+                            f"/jobs/{job_id}/cancel) and delete it once it has stopped",
+                       param="id")
+    if rec.status == JobStatus.queued:
+        await state.store.request_cancel(job_id)
+        if not await state.store.mark_cancelled(job_id, "deleted while queued"):
+            raise APIError(409, f"job {job_id} has just started; cancel it first", param="id")
+        await anyio.to_thread.run_sync(cancel_in_rq, state, job_id)
+    await anyio.to_thread.run_sync(
+        lambda: shutil.rmtree(state.settings.job_dir(job_id), ignore_errors=True))
+    await state.store.delete(job_id)
+
+
+async def file_response(state: AppState, job_id: str, name: str, media_type: str,
+                        download_name: Optional[str] = None) -> FileResponse:
+    """A finished job's file, with HTTP Range support (206 / 416)."""
+    rec, _, _ = await load(state, job_id)
+    if rec.status != JobStatus.completed:
+        detail = f" ({rec.error_code}: {rec.error_message})" if rec.error_code else ""
+        raise APIError(409, f"job {job_id} is {rec.status}{detail}; its files exist once it is "
+                            "completed", param="id", code="not_ready")
+    path = state.settings.job_dir(job_id) / name
+    if not await anyio.Path(path).is_file():
+        raise APIError(404, f"{name} of job {job_id} is missing (expired or removed)",
+                       param="id", code="file_missing")
+    return FileResponse(path, media_type=media_type, filename=download_name,
+                        content_disposition_type="inline")
+
+
+def deleted_response(job_id: str, obj: str) -> JSON:
+    return JSON({"id": job_id, "object": obj, "deleted": True})

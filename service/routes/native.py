@@ -1,0 +1,113 @@
+"""The native routes: `POST /generate` and `/jobs` (status, list, events, files, cancel, delete)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+
+from .. import metrics
+from ..bodies import parse_json_object, read_body
+from ..errors import APIError
+from ..responses import JSON
+from ..schemas import ErrorBody, JobObject
+from ..sse import job_events
+from ..state import get_state
+from ..submit import submit, validate_request
+from ..views import job_view
+from . import common
+
+router = APIRouter(tags=["native"])
+ERRORS = {c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 429)}
+
+
+@router.post("/generate", status_code=202, response_model=JobObject, responses=ERRORS)
+async def generate(request: Request):
+    """Queue a text-to-video job (JSON body: `GenerateRequest`). 202 with the job and
+    `Location: /jobs/{id}`; 429 + Retry-After when the queue is full."""
+    state = get_state(request)
+    body = parse_json_object(await read_body(request, state.settings.MAX_BODY_BYTES))
+    req = validate_request(state, body)
+    key, scope = common.idempotency(request)
+    try:
+        rec, pos, created = await submit(state, req, idem_key=key, auth_scope=scope)
+    except APIError as e:
+        if e.status == 429:
+            metrics.REJECTED.labels("queue_full").inc()
+        raise
+    if created:
+        metrics.SUBMITTED.inc()
+    headers = {"Location": f"/jobs/{rec.id}"}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    return JSON(job_view(rec, pos), status_code=202, headers=headers)
+
+
+@router.get("/jobs", responses=ERRORS)
+async def list_jobs(request: Request, limit: int = Query(20), order: str = Query("desc"),
+                    after: Optional[str] = Query(None)):
+    """Jobs newest first; page with `after=<last id>` while `has_more`."""
+    state = get_state(request)
+    items, has_more = await common.list_jobs(state, limit, order, after)
+    data = [job_view(rec, pos) for rec, pos in items]
+    return JSON({"object": "list", "data": data, "has_more": has_more,
+                 "first_id": data[0]["id"] if data else None,
+                 "last_id": data[-1]["id"] if data else None},
+                headers=common.poll_headers(state))
+
+
+@router.get("/jobs/{job_id}", response_model=JobObject, responses=ERRORS)
+async def get_job(request: Request, job_id: str):
+    """Status, progress, queue position, seed, timings, density, error, `expires_at`."""
+    state = get_state(request)
+    rec, pos, cancel = await common.load(state, job_id)
+    return JSON(job_view(rec, pos, cancel_requested=cancel), headers=common.poll_headers(state))
+
+
+@router.get("/jobs/{job_id}/events", responses=ERRORS)
+async def job_events_route(request: Request, job_id: str,
+                           last_event_id: Optional[str] = Header(None)):
+    """Server-Sent Events: a snapshot, then live progress, until the job ends (see `service.sse`)."""
+    state = get_state(request)
+    await common.load(state, job_id)
+    resume = None
+    if last_event_id is not None:
+        try:
+            resume = int(last_event_id)
+        except ValueError:
+            raise APIError(400, f"Last-Event-ID must be an integer, got {last_event_id[:40]!r}",
+                           param="Last-Event-ID")
+    return StreamingResponse(job_events(state, job_id, resume), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.api_route("/jobs/{job_id}/video", methods=["GET", "HEAD"], responses=ERRORS)
+async def job_video(request: Request, job_id: str):
+    """The mp4 (H.264, yuv420p, faststart); HTTP Range gives 206 partial content."""
+    return await common.file_response(get_state(request), job_id, common.VIDEO_FILE,
+                                      "video/mp4", f"{job_id}.mp4")
+
+
+@router.api_route("/jobs/{job_id}/thumbnail", methods=["GET", "HEAD"], responses=ERRORS)
+async def job_thumbnail(request: Request, job_id: str):
+    """A JPEG preview frame."""
+    return await common.file_response(get_state(request), job_id, common.THUMBNAIL_FILE,
+                                      "image/jpeg")
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobObject, responses=ERRORS)
+async def cancel_job(request: Request, job_id: str):
+    """Cancel: a waiting job ends at once (200, cancelled); a running one stops at its next step
+    (202, `cancel_requested: true`); a finished one is a 409."""
+    state = get_state(request)
+    rec, pos, flag = await common.cancel(state, job_id)
+    return JSON(job_view(rec, pos, cancel_requested=flag),
+                status_code=200 if rec.is_terminal else 202)
+
+
+@router.delete("/jobs/{job_id}", responses=ERRORS)
+async def delete_job(request: Request, job_id: str):
+    """Delete a waiting or finished job and its files (a running one: cancel it first)."""
+    await common.delete(get_state(request), job_id)
+    return common.deleted_response(job_id, "job.deleted")

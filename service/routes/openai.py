@@ -1,0 +1,135 @@
+"""The OpenAI Videos wire format under `/v1/videos` (what `openai.OpenAI().videos` speaks).
+
+`POST /v1/videos` takes multipart/form-data (the client sends every value as a string), urlencoded
+or JSON, with OpenAI's fields `prompt`, `model`, `seconds`, `size` ("WxH") plus ours
+(`negative_prompt`, `seed`, `num_frames`, `width`, `height`, `num_inference_steps`,
+`guidance_scale`, `fps`, `attention`). `seconds` maps to frames at the request's fps (default 16),
+rounded to 4k+1 (4 s -> 65 frames). Cancelled jobs show as `failed` with `error.code="cancelled"`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from fastapi import APIRouter, Query, Request
+
+from .. import metrics
+from ..bodies import parse_form_or_json, read_body
+from ..errors import APIError
+from ..responses import JSON
+from ..schemas import ErrorBody, VideoObject, _to_float, _to_int, frames_for_seconds
+from ..state import AppState, get_state
+from ..submit import submit, validate_request
+from ..views import video_view
+from . import common
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+ERRORS = {c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 415, 429)}
+SIZE_RE = re.compile(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*")
+
+
+def from_openai(state: AppState, body: dict) -> dict:
+    """OpenAI create fields -> `GenerateRequest` fields (`size` -> width/height, `seconds` ->
+    num_frames, `model` checked against the served model)."""
+    body = dict(body)
+    served = state.settings.MODEL
+    model = body.pop("model", None)
+    if model not in (None, "", served):
+        raise APIError(400, f"model {str(model)[:100]!r} is not served here; available: "
+                            f"[{served!r}] (or omit model)", param="model",
+                       code="model_not_found")
+    size = body.pop("size", None)
+    if size is not None:
+        if "width" in body or "height" in body:
+            raise APIError(400, "give either size or width/height, not both", param="size")
+        m = SIZE_RE.fullmatch(str(size))
+        if not m:
+            raise APIError(400, f"size must be 'WIDTHxHEIGHT' in pixels (e.g. '832x480'), got "
+                                f"{str(size)[:40]!r}", param="size")
+        body["width"], body["height"] = int(m.group(1)), int(m.group(2))
+    seconds = body.pop("seconds", None)
+    if seconds is not None:
+        if "num_frames" in body:
+            raise APIError(400, "give either seconds or num_frames, not both", param="seconds")
+        try:
+            value = _to_float(seconds)
+        except ValueError:
+            value = -1.0
+        if value <= 0:
+            raise APIError(400, f"seconds must be a positive number (e.g. \"4\"), got "
+                                f"{str(seconds)[:40]!r}", param="seconds")
+        try:
+            fps = _to_int(body.get("fps", state.limits.default_fps))
+        except ValueError:
+            fps = state.limits.default_fps  # the fps error itself is reported by validation
+        fps = max(1, fps)
+        frames = frames_for_seconds(value, fps) if value < 1e6 else 10**9
+        lim = state.limits
+        if not lim.min_num_frames <= frames <= lim.max_num_frames:
+            raise APIError(400, f"seconds={seconds} means {frames} frames at {fps} fps; "
+                                f"{lim.min_num_frames} to {lim.max_num_frames} frames "
+                                f"({(lim.min_num_frames - 1) / fps:g} to "
+                                f"{(lim.max_num_frames - 1) / fps:g} s) allowed",
+                           param="seconds")
+        body["num_frames"] = frames
+    return body
+
+
+@router.post("/videos", response_model=VideoObject, responses=ERRORS)
+async def create_video(request: Request):
+    """Create a video job (multipart, urlencoded or JSON)."""
+    state = get_state(request)
+    raw = await read_body(request, state.settings.MAX_BODY_BYTES)
+    body = from_openai(state, await parse_form_or_json(request, raw))
+    req = validate_request(state, body)
+    key, scope = common.idempotency(request)
+    try:
+        rec, pos, created = await submit(state, req, idem_key=key, auth_scope=scope)
+    except APIError as e:
+        if e.status == 429:
+            metrics.REJECTED.labels("queue_full").inc()
+        raise
+    if created:
+        metrics.SUBMITTED.inc()
+    return JSON(video_view(rec, pos), headers={"Location": f"/v1/videos/{rec.id}"})
+
+
+@router.get("/videos", responses=ERRORS)
+async def list_videos(request: Request, limit: int = Query(20), order: str = Query("desc"),
+                      after: Optional[str] = Query(None)):
+    """Cursor list: `{object: "list", data, first_id, last_id, has_more}`."""
+    state = get_state(request)
+    items, has_more = await common.list_jobs(state, limit, order, after)
+    data = [video_view(rec, pos) for rec, pos in items]
+    return JSON({"object": "list", "data": data, "has_more": has_more,
+                 "first_id": data[0]["id"] if data else None,
+                 "last_id": data[-1]["id"] if data else None},
+                headers=common.poll_headers(state))
+
+
+@router.get("/videos/{video_id}", response_model=VideoObject, responses=ERRORS)
+async def retrieve_video(request: Request, video_id: str):
+    state = get_state(request)
+    rec, pos, _ = await common.load(state, video_id)
+    return JSON(video_view(rec, pos), headers=common.poll_headers(state))
+
+
+@router.api_route("/videos/{video_id}/content", methods=["GET", "HEAD"], responses=ERRORS)
+async def video_content(request: Request, video_id: str, variant: str = Query("video")):
+    """The mp4 (`variant=video`, HTTP Range supported) or the JPEG thumbnail."""
+    state = get_state(request)
+    if variant == "video":
+        return await common.file_response(state, video_id, common.VIDEO_FILE, "video/mp4",
+                                          f"{video_id}.mp4")
+    if variant == "thumbnail":
+        return await common.file_response(state, video_id, common.THUMBNAIL_FILE, "image/jpeg")
+    raise APIError(400, f"variant must be 'video' or 'thumbnail' (no spritesheets here), got "
+                        f"{variant[:40]!r}", param="variant")
+
+
+@router.delete("/videos/{video_id}", responses=ERRORS)
+async def delete_video(request: Request, video_id: str):
+    """`{"id", "object": "video.deleted", "deleted": true}`."""
+    await common.delete(get_state(request), video_id)
+    return common.deleted_response(video_id, "video.deleted")

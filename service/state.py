@@ -1,0 +1,52 @@
+"""What the API process holds while it runs: settings, Redis clients, the job store, the RQ queue.
+
+Built in the app's lifespan (`open_state`) and reached from routes with `get_state(request)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aredis
+from fastapi import Request
+from rq import Queue
+
+from .jobs import AsyncJobStore
+from .settings import Limits, ServiceSettings
+
+# The dotted path RQ imports in the worker; the API never imports it (no torch here).
+JOB_FUNCTION = "worker.jobs.generate_video"
+
+
+@dataclass
+class AppState:
+    settings: ServiceSettings
+    limits: Limits
+    redis: aredis.Redis  # async pool: records, events, metrics
+    sync_redis: redis.Redis  # RQ needs a synchronous connection (used from a thread)
+    store: AsyncJobStore
+    queue: Queue
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        self.sync_redis.close()
+
+
+def open_state(settings: ServiceSettings) -> AppState:
+    pool = aredis.ConnectionPool.from_url(settings.REDIS_URL,
+                                          max_connections=settings.REDIS_MAX_CONNECTIONS)
+    client = aredis.Redis(connection_pool=pool)
+    sync_client = redis.Redis.from_url(settings.REDIS_URL)
+    return AppState(
+        settings=settings,
+        limits=settings.limits(),
+        redis=client,
+        sync_redis=sync_client,
+        store=AsyncJobStore(client, retention_s=settings.RETENTION_S),
+        queue=Queue(settings.QUEUE_NAME, connection=sync_client),
+    )
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.vmoba
