@@ -49,11 +49,11 @@ import torch
 from .config import LAYER_KINDS, VMoBAConfig
 from .flops import attended_tokens, full_attention_flops, vmoba_attention_flops
 from .partition import block_layout
-from .select import BACKENDS as KERNELS
 from .select import select_blocks
 from .attention import vmoba_attention
 
 ATTENTION_BACKENDS = ("vmoba", "dense")
+KERNELS = ("auto", "triton", "reference")  # `backend=` of vmoba_attention
 
 # `int(dense_steps * num_steps)` with a little slack, so that e.g. 0.29 * 100 (28.999...96 in
 # floating point) counts 29 dense steps, as a person reading the setting expects.
@@ -369,9 +369,11 @@ class VMoBAAttnProcessor:
     def _dense(self, query, key, value):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+        # parallel_config only when set: diffusers before 0.36 has no such argument
+        extra = {} if self._parallel_config is None else {"parallel_config": self._parallel_config}
         return dispatch_attention_fn(
             query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=self._parallel_config,
+            backend=self._attention_backend, **extra,
         )
 
     def _count(self, fwd: _Forward, query, key, label):

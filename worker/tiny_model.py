@@ -84,40 +84,47 @@ def _text_encoder():
     return UMT5EncoderModel(config).eval()
 
 
+# `WanTransformer3DModel` arguments (also used by `bench.pipeline --tiny`).
+TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=HEADS,
+    attention_head_dim=HEAD_DIM,
+    in_channels=LATENT_CHANNELS,
+    out_channels=LATENT_CHANNELS,
+    text_dim=TEXT_DIM,
+    freq_dim=32,
+    ffn_dim=FFN_DIM,
+    num_layers=LAYERS,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+
+# `AutoencoderKLWan` arguments.
+VAE_CONFIG = dict(
+    base_dim=VAE_BASE_DIM,
+    z_dim=LATENT_CHANNELS,
+    dim_mult=[1, 2, 4, 4],  # three downsamples: 8x spatial
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],  # two temporal downsamples: 4x
+    dropout=0.0,
+    latents_mean=[0.0] * LATENT_CHANNELS,
+    latents_std=[1.0] * LATENT_CHANNELS,
+)
+
+
 def _transformer():
     from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=HEADS,
-        attention_head_dim=HEAD_DIM,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        text_dim=TEXT_DIM,
-        freq_dim=32,
-        ffn_dim=FFN_DIM,
-        num_layers=LAYERS,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=1e-6,
-        rope_max_seq_len=1024,
-    ).eval()
+    return WanTransformer3DModel(**TRANSFORMER_CONFIG).eval()
 
 
 def _vae():
     from diffusers import AutoencoderKLWan
 
-    return AutoencoderKLWan(
-        base_dim=VAE_BASE_DIM,
-        z_dim=LATENT_CHANNELS,
-        dim_mult=[1, 2, 4, 4],  # three downsamples: 8x spatial
-        num_res_blocks=1,
-        attn_scales=[],
-        temperal_downsample=[False, True, True],  # two temporal downsamples: 4x
-        dropout=0.0,
-        latents_mean=[0.0] * LATENT_CHANNELS,
-        latents_std=[1.0] * LATENT_CHANNELS,
-    ).eval()
+    return AutoencoderKLWan(**VAE_CONFIG).eval()
 
 
 def _scheduler():
