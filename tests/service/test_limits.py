@@ -1,0 +1,145 @@
+"""Backpressure, idempotency, API keys and readiness."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import httpx
+import openai
+import pytest
+from rq import Queue
+
+from service.jobs import JobStore
+
+
+def test_queue_full_is_429_before_enqueueing(make_server, redis_client):
+    server = make_server(MAX_QUEUE_DEPTH=3, RETRY_AFTER_S=7)
+    with httpx.Client(base_url=server.url) as http:
+        ids = [http.post("/generate", json={"prompt": f"p{i}"}).json()["id"] for i in range(3)]
+        r = http.post("/generate", json={"prompt": "one too many"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        err = r.json()["error"]
+        assert (err["type"], err["code"]) == ("rate_limit_error", "queue_full")
+        assert "3 jobs waiting" in err["message"]
+        r = http.post("/v1/videos", data={"prompt": "also refused"})
+        assert r.status_code == 429
+        assert Queue("vmoba", connection=redis_client).job_ids == ids
+        assert http.get("/jobs").json()["data"].__len__() == 3
+        # A slot frees up when a job starts.
+        JobStore(redis_client).mark_started(ids[0], worker="w")
+        assert http.post("/generate", json={"prompt": "now it fits"}).status_code == 202
+
+
+def test_concurrent_submissions_never_exceed_the_limit(make_server, redis_client):
+    server = make_server(MAX_QUEUE_DEPTH=10)
+    codes = []
+
+    def client():
+        with httpx.Client(base_url=server.url) as http:
+            for _ in range(5):
+                codes.append(http.post("/generate", json={"prompt": "race"}).status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes.count(202) == 10 and codes.count(429) == 20
+    assert len(Queue("vmoba", connection=redis_client)) == 10
+
+
+def test_idempotent_retries_give_one_job(server, http, redis_client):
+    body = {"prompt": "retry me", "num_frames": 9}
+    headers = {"Idempotency-Key": "abc-123"}
+    first = http.post("/generate", json=body, headers=headers)
+    again = http.post("/generate", json=body, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert first.json()["seed"] == again.json()["seed"], "the resolved seed is kept"
+    assert len(Queue("vmoba", connection=redis_client)) == 1
+
+    other = http.post("/generate", json={"prompt": "different"}, headers=headers)
+    assert other.status_code == 409 and "different request" in other.json()["error"]["message"]
+
+    # Many concurrent retries of one request still make one job.
+    ids = []
+
+    def retry():
+        r = httpx.post(f"{server.url}/generate", json={"prompt": "storm"},
+                       headers={"Idempotency-Key": "storm"})
+        ids.append(r.json()["id"])
+
+    threads = [threading.Thread(target=retry) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 1 and len(Queue("vmoba", connection=redis_client)) == 2
+
+    # Through the OpenAI client (which may retry POSTs itself).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        a = client.videos.create(prompt="oa", extra_headers={"Idempotency-Key": "oa-1"})
+        b = client.videos.create(prompt="oa", extra_headers={"Idempotency-Key": "oa-1"})
+    assert a.id == b.id
+
+
+def test_api_keys(make_server):
+    server = make_server(API_KEYS="key-one, key-two")
+    with httpx.Client(base_url=server.url) as http:
+        r = http.post("/generate", json={"prompt": "p"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["type"] == "authentication_error"
+        assert "Authorization: Bearer" in r.json()["error"]["message"]
+        bad = http.get("/jobs", headers={"Authorization": "Bearer key-three"})
+        assert bad.status_code == 401 and bad.json()["error"]["message"] == "invalid API key"
+        assert http.get("/jobs", headers={"Authorization": "Basic key-one"}).status_code == 401
+        assert http.get("/metrics").status_code == 401
+        for key in ("key-one", "key-two"):
+            r = http.post("/generate", json={"prompt": "p"},
+                          headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 202
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/readyz").status_code == 503, "open, and not ready without a worker"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        good = openai.OpenAI(base_url=f"{server.url}/v1", api_key="key-two", max_retries=0)
+        assert good.videos.create(prompt="with a key").status == "queued"
+        bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.videos.list()
+
+
+def test_idempotency_keys_are_scoped_by_api_key(make_server):
+    server = make_server(API_KEYS="alice,bob")
+    with httpx.Client(base_url=server.url) as http:
+        ids = [http.post("/generate", json={"prompt": "same"},
+                         headers={"Authorization": f"Bearer {k}", "Idempotency-Key": "k"}
+                         ).json()["id"] for k in ("alice", "bob")]
+    assert ids[0] != ids[1]
+
+
+def test_readyz_follows_worker_heartbeats(http, store):
+    r = http.get("/readyz")
+    assert r.status_code == 503 and "no live worker" in r.json()["reason"]
+    store.heartbeat("gpu-7", {"queue": "vmoba", "device": "cuda:0", "model": "tiny"}, ttl_s=1)
+    r = http.get("/readyz")
+    assert r.status_code == 200 and r.json()["worker_names"] == ["gpu-7"]
+    assert http.get("/models").json()["data"][0]["workers"][0]["device"] == "cuda:0"
+    import time
+
+    time.sleep(1.2)
+    assert http.get("/readyz").status_code == 503
+    assert http.get("/healthz").json() == {"status": "ok"}
+
+
+def test_redis_down_is_503_not_500(make_server):
+    server = make_server(REDIS_URL="redis://127.0.0.1:1/0")
+    with httpx.Client(base_url=server.url) as http:
+        r = http.post("/generate", json={"prompt": "p"})
+        assert r.status_code == 503 and "Redis" in r.json()["error"]["message"]
+        assert http.get("/readyz").status_code == 503
+        assert http.get("/healthz").status_code == 200
