@@ -1,0 +1,356 @@
+"""The job function: `worker.jobs.generate_video(payload)`, enqueued by the API by dotted path.
+
+`payload` is one JSON-able dict, `service.schemas.make_payload(job_id, request)`: the validated
+`GenerateRequest` fields plus `job_id`. The job record in Redis (`service.jobs.JobStore`) is what
+users see; RQ only carries the work. A run:
+
+1. skips a job whose record is gone or finished, and cancels one whose cancel flag is up;
+2. validates the payload again (`invalid_request` on failure: the worker trusts nothing);
+3. `queued -> in_progress` (`mark_started`; False means someone else took it or it was cancelled);
+4. runs the pipeline with the request's VMoBA settings for this call only. After every denoising
+   step it publishes progress and checks, in one Redis round trip, the cancel flag and that the
+   record is still this worker's; it enforces the job's timeout (request size x measured speed,
+   see `worker.speed`) and a pending SIGTERM (re-queue unless the job ends within
+   `STOP_GRACE_S`). Stopping raises out of the diffusers step callback, so the VAE decode is
+   skipped and the GPU memory is freed at once;
+5. writes `video.mp4`, `thumbnail.jpg` and `meta.json` into a staging directory and publishes
+   them with one rename (`worker.storage`), then marks the record completed.
+
+Every way out ends the record in a final state, or back in `queued` for another worker:
+
+| what happened | record | RQ |
+|---|---|---|
+| bad payload | failed `invalid_request` | finished |
+| cancel flag | cancelled | finished |
+| over its timeout | failed `timeout` | finished |
+| CUDA out of memory | failed `gpu_oom`; the process exits with 75 and the launcher restarts it | finished |
+| SIGTERM, long job left | queued again | re-queued at the front (`Retry`) |
+| second SIGTERM (cold shutdown) | queued again | re-queued at the front |
+| anything else | failed `internal_error` | finished |
+| worker killed | the janitor: failed `worker_lost`, or re-queued (`LOST_JOB_RETRIES`) | cleaned up by the janitor |
+
+Test hooks (only with `ENABLE_TEST_HOOKS=1`; never in a deployment): a payload may carry
+`"_test": {"step_delay_s": 0.2, "oom_at_step": 2, "fail_at_step": 3}` to sleep after every step,
+raise `torch.OutOfMemoryError` in the step callback at that step (what a real CUDA OOM in the
+denoising loop raises), or raise a plain error there. The CPU tests use them to exercise the
+timeout, cancellation, OOM and crash paths with the tiny model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from rq import Retry
+
+from service.jobs import cancel_key, is_job_id, job_key, new_seed
+from service.schemas import ErrorCode, Stage, split_payload
+
+from . import runtime as runtime_mod
+from .runtime import CurrentJob, free_memory
+from .speed import Shape
+from .storage import META_FILE, THUMBNAIL_FILE, VIDEO_FILE
+from .video import encode_mp4, write_thumbnail
+
+log = logging.getLogger("worker.jobs")
+
+# A job stopped by SIGTERM goes back to the queue; cap how often, in case something keeps
+# stopping workers in a loop.
+MAX_SHUTDOWN_REQUEUES = 20
+
+
+class StopJob(Exception):
+    """Raised from the step callback to leave the pipeline (before the VAE decode)."""
+
+
+class JobCancelled(StopJob):
+    pass
+
+
+class JobTimedOut(StopJob):
+    pass
+
+
+class JobRequeued(StopJob):
+    pass
+
+
+class JobTakenAway(StopJob):
+    """The record was deleted, or is no longer this worker's (the janitor took it): stop without
+    touching it."""
+
+
+@dataclass(frozen=True)
+class TestHooks:
+    step_delay_s: float = 0.0
+    oom_at_step: int = 0
+    fail_at_step: int = 0
+
+    @classmethod
+    def parse(cls, raw, enabled: bool) -> TestHooks:
+        if not raw:
+            return cls()
+        if not enabled:
+            log.warning("ignoring payload test hooks %r: ENABLE_TEST_HOOKS is off", raw)
+            return cls()
+        if not isinstance(raw, dict) or set(raw) - {"step_delay_s", "oom_at_step", "fail_at_step"}:
+            raise ValueError(f"_test must be an object with step_delay_s/oom_at_step/fail_at_step, got {raw!r}")
+        return cls(float(raw.get("step_delay_s", 0)), int(raw.get("oom_at_step", 0)),
+                   int(raw.get("fail_at_step", 0)))
+
+
+def generate_video(payload: dict) -> dict | Retry:
+    """Run one generation job (see the module docstring). Returns a small summary for RQ, or
+    `Retry` to put the job back at the front of the queue (shutdown)."""
+    rt = runtime_mod.current()
+    return JobRun(rt, payload).run()
+
+
+class JobRun:
+    def __init__(self, rt, payload):
+        self.rt = rt
+        self.payload = payload
+        self.store = rt.store
+        self.settings = rt.settings
+        self.job_id = payload.get("job_id") if isinstance(payload, dict) else None
+        self.cur: CurrentJob | None = None
+
+    # -- the whole run -------------------------------------------------------------------------
+    def run(self):
+        job_id, store = self.job_id, self.store
+        if not is_job_id(job_id):
+            # No record can be named: nothing to update. RQ shows it as failed.
+            raise ValueError(f"payload has no valid job_id: {self.payload!r:.200}")
+        rec = store.get(job_id)
+        if rec is None:
+            log.info("job %s: no record (deleted before it started), skipping", job_id)
+            return {"job_id": job_id, "status": "skipped"}
+        if rec.is_terminal:
+            log.info("job %s is already %s, skipping", job_id, rec.status)
+            return {"job_id": job_id, "status": rec.status}
+        if rec.status == "queued" and store.is_cancel_requested(job_id):
+            store.mark_cancelled(job_id, "cancelled before it started")
+            return {"job_id": job_id, "status": "cancelled"}
+        try:
+            body = dict(self.payload)
+            hooks = TestHooks.parse(body.pop("_test", None), self.settings.ENABLE_TEST_HOOKS)
+            _, request = split_payload(body)
+            attention = self.rt.attention_settings(request.attention.model_dump(mode="json"))
+        except ValueError as exc:
+            message = f"invalid request: {_describe_invalid(exc)}"
+            log.warning("job %s: %s", job_id, message)
+            store.mark_failed(job_id, ErrorCode.invalid_request.value, message)
+            return {"job_id": job_id, "status": "failed", "error": "invalid_request"}
+        if not store.mark_started(job_id, worker=self.rt.name):
+            log.info("job %s could not be started (cancelled, deleted or taken), skipping", job_id)
+            return {"job_id": job_id, "status": "skipped"}
+
+        shape = Shape.of(request)
+        timeout_s = self.rt.speed.timeout_s(
+            shape, factor=self.settings.JOB_TIMEOUT_FACTOR, min_s=self.settings.JOB_TIMEOUT_MIN_S,
+            max_s=self.settings.JOB_TIMEOUT_MAX_S)
+        now = time.monotonic()
+        self.cur = CurrentJob(job_id, started=now, deadline=now + timeout_s, shape=shape,
+                              total_steps=shape.steps)
+        self.timeout_s = timeout_s
+        self.rt.begin_job(self.cur)
+        log.info("job %s: %d frames %dx%d, %d steps, timeout %.0f s", job_id, shape.num_frames,
+                 shape.width, shape.height, shape.steps, timeout_s)
+        try:
+            return self._run_started(request, attention, hooks, rec.attempts + 1)
+        except JobCancelled:
+            store.mark_cancelled(job_id, f"cancelled while running, at step {self.cur.step} of "
+                                         f"{self.cur.total_steps}")
+            return {"job_id": job_id, "status": "cancelled"}
+        except JobTimedOut as exc:
+            store.mark_failed(job_id, ErrorCode.timeout.value, str(exc))
+            return {"job_id": job_id, "status": "failed", "error": "timeout"}
+        except JobTakenAway as exc:
+            log.warning("job %s: %s; stopping without touching its record", job_id, exc)
+            return {"job_id": job_id, "status": "taken"}
+        except (JobRequeued, SystemExit, KeyboardInterrupt) as exc:
+            return self._requeue(exc)
+        except Exception as exc:  # noqa: BLE001 - every failure must end the record
+            if _is_out_of_memory(exc):
+                message = self._oom_message(exc)
+                log.error("job %s: %s", job_id, message)
+                store.mark_failed(job_id, ErrorCode.gpu_oom.value, message)
+                self.rt.restart_reason = "gpu_oom"
+                return {"job_id": job_id, "status": "failed", "error": "gpu_oom"}
+            if type(exc).__name__ == "JobTimeoutException":  # RQ's backstop alarm
+                store.mark_failed(job_id, ErrorCode.timeout.value, f"timed out: {_one_line(exc)}")
+                return {"job_id": job_id, "status": "failed", "error": "timeout"}
+            log.exception("job %s failed", job_id)
+            store.mark_failed(job_id, ErrorCode.internal_error.value,
+                              f"{type(exc).__name__}: {_one_line(exc)}")
+            return {"job_id": job_id, "status": "failed", "error": "internal_error"}
+        finally:
+            self.rt.end_job()
+            free_memory(self.rt.device)
+
+    def _run_started(self, request, attention, hooks: TestHooks, attempt: int) -> dict:
+        rt, store, job_id, cur = self.rt, self.store, self.job_id, self.cur
+        seed = request.seed
+        if seed is None:
+            seed = new_seed()
+            store.update(job_id, seed=seed)
+        gen = rt.generate(cur.shape, prompt=request.prompt, negative_prompt=request.negative_prompt,
+                          seed=seed, attention=attention,
+                          on_step=lambda done, total: self._on_step(done, total, hooks))
+        if self._check_owner():
+            raise JobCancelled()
+        store.mark_stage(job_id, Stage.encoding)
+        timings = dict(gen.timings)
+        t_enc = time.perf_counter()
+        with rt.storage.stage(job_id) as staged:
+            video = encode_mp4(gen.frames, staged.file(VIDEO_FILE), fps=request.fps,
+                               crf=self.settings.ENCODE_CRF, preset=self.settings.ENCODE_PRESET)
+            thumb = write_thumbnail(gen.frames, staged.file(THUMBNAIL_FILE))
+            timings["encoding_s"] = time.perf_counter() - t_enc
+            timings["total_s"] = time.monotonic() - cur.started
+            density = gen.attention.get("density")
+            staged.write_json(META_FILE, self._sidecar(request, seed, attention, gen, video, thumb,
+                                                       timings, attempt))
+            if self._check_owner():  # a cancel during decode/encode still wins before publishing
+                raise JobCancelled()
+            staged.publish()
+        files = [VIDEO_FILE, THUMBNAIL_FILE, META_FILE]
+        if not store.mark_completed(job_id, files=files, timings=timings, density=density):
+            if store.get(job_id) is None:  # deleted while we worked: leave no files behind
+                rt.storage.remove(job_id)
+            log.warning("job %s: finished, but its record was gone or no longer in progress", job_id)
+            return {"job_id": job_id, "status": "taken"}
+        rt.speed.observe(cur.shape, denoise_s=timings["denoising_s"],
+                         decode_encode_s=timings["decoding_s"] + timings["encoding_s"],
+                         fixed_s=timings["text_encoder_s"])
+        rt.jobs_done += 1
+        log.info("job %s completed in %.2f s (density %s)", job_id, timings["total_s"], density)
+        return {"job_id": job_id, "status": "completed", "timings": timings}
+
+    # -- per step ------------------------------------------------------------------------------
+    def _on_step(self, done: int, total: int, hooks: TestHooks) -> None:
+        cur = self.cur
+        cur.step, cur.total_steps = done, total
+        if hooks.oom_at_step == done:
+            import torch
+
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test hook "
+                f"_test.oom_at_step={done})")
+        if hooks.fail_at_step == done:
+            raise RuntimeError(f"injected failure at step {done} (test hook _test.fail_at_step)")
+        if hooks.step_delay_s:
+            time.sleep(hooks.step_delay_s)
+        cancelled = self._check_owner()
+        self.store.mark_progress(self.job_id, done, total)
+        if cancelled:
+            raise JobCancelled()
+        now = time.monotonic()
+        if now > cur.deadline:
+            s = cur.shape
+            raise JobTimedOut(
+                f"timed out after {now - cur.started:.1f} s at step {done} of {total}: the limit for "
+                f"{s.num_frames} frames at {s.width}x{s.height} with {s.steps} steps on this worker "
+                f"is {self.timeout_s:.0f} s ({self.settings.JOB_TIMEOUT_FACTOR:g}x its estimate, at "
+                f"least {self.settings.JOB_TIMEOUT_MIN_S:g} s)")
+        if self.rt.stop_requested_at is not None:
+            left = self._remaining_s(done, total, now)
+            if left > self.settings.STOP_GRACE_S:
+                raise JobRequeued(f"worker shutting down with about {left:.0f} s of work left "
+                                  f"(more than STOP_GRACE_S={self.settings.STOP_GRACE_S:g})")
+        if done == total:
+            self.store.mark_stage(self.job_id, Stage.decoding)
+
+    def _check_owner(self) -> bool:
+        """One round trip: is the record still ours (else `JobTakenAway`), is the cancel flag up?"""
+        pipe = self.rt.redis.pipeline(transaction=False)
+        pipe.exists(cancel_key(self.job_id))
+        pipe.hmget(job_key(self.job_id), "status", "worker")
+        flag, (status, worker) = pipe.execute()
+        status, worker = _s(status), _s(worker)
+        if status is None:
+            raise JobTakenAway("its record was deleted")
+        if status != "in_progress" or worker != self.rt.name:
+            raise JobTakenAway(f"its record is now {status} on {worker or 'no worker'}")
+        return bool(flag)
+
+    def _remaining_s(self, done: int, total: int, now: float) -> float:
+        per_step = (now - self.cur.started) / max(done, 1)
+        return per_step * (total - done) + self.cur.shape.megapixels * self.rt.speed.s_per_mpx
+
+    # -- endings -------------------------------------------------------------------------------
+    def _requeue(self, exc: BaseException):
+        reason = str(exc) if isinstance(exc, JobRequeued) else f"worker stopped ({type(exc).__name__})"
+        if self.store.mark_requeued(self.job_id, reason=reason):
+            log.warning("job %s re-queued: %s", self.job_id, reason)
+            # RQ puts the job back at the front of its queue when a job returns Retry.
+            return Retry(max=MAX_SHUTDOWN_REQUEUES, enqueue_at_front=True)
+        return {"job_id": self.job_id, "status": "taken"}
+
+    def _oom_message(self, exc: BaseException) -> str:
+        s = self.cur.shape
+        return (f"out of GPU memory generating {s.num_frames} frames at {s.width}x{s.height} "
+                f"({s.tokens} latent tokens, {s.steps} steps"
+                f"{', classifier-free guidance' if s.passes == 2 else ''}) on "
+                f"{self.rt.model_info.get('model')}: {_one_line(exc)}. Ask for fewer frames or a "
+                "smaller size.")
+
+    def _sidecar(self, request, seed, attention, gen, video, thumb, timings, attempt) -> dict:
+        rt = self.rt
+        return {
+            "id": self.job_id,
+            "created_at": time.time(),
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "seed": seed,
+            "generator": "torch.Generator('cpu').manual_seed(seed), the initial noise",
+            "request": {**request.model_dump(mode="json"), "seed": seed},
+            "model": rt.model_info,
+            "attention": attention.to_dict(),
+            "attention_stats": gen.attention,
+            "density": gen.attention.get("density"),
+            "timings": timings,
+            "peak_gpu_memory_bytes": gen.peak_memory_bytes,
+            "video": {"file": VIDEO_FILE, "codec": "h264", "pix_fmt": "yuv420p", "faststart": True,
+                      "num_frames": video.num_frames, "width": video.width, "height": video.height,
+                      "fps": video.fps, "duration_s": video.num_frames / video.fps,
+                      "size_bytes": video.size_bytes, "crf": self.settings.ENCODE_CRF},
+            "thumbnail": {"file": THUMBNAIL_FILE, "width": thumb[0], "height": thumb[1]},
+            "worker": {"name": rt.name, "device": rt.versions.get("gpu") or rt.device,
+                       "attempt": attempt, "timeout_s": self.timeout_s,
+                       "speed": rt.speed.to_dict()},
+            "versions": rt.versions,
+        }
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # cuBLAS/cuDNN report failed allocations as plain RuntimeErrors.
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text)
+
+
+def _describe_invalid(exc: ValueError) -> str:
+    """`field: message; ...` for pydantic errors, the message itself otherwise."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for err in errors():
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}" if where else msg)
+        return _one_line("; ".join(parts))
+    return _one_line(exc)
+
+
+def _one_line(exc) -> str:
+    text = " ".join(str(exc).split())
+    return text[:600] + ("..." if len(text) > 600 else "")
+
+
+def _s(value):
+    return value.decode() if isinstance(value, bytes) else value

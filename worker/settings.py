@@ -1,0 +1,148 @@
+"""Settings of the worker processes (`python -m worker` and each worker it starts).
+
+One pydantic-settings class, read from the environment; field names are the environment variable
+names (`REDIS_URL`, `HEARTBEAT_TTL_S`), units are in the names (`_S` seconds). Names shared with the API (`REDIS_URL`, `DATA_DIR`,
+`QUEUE_NAME`, `RETENTION_S`, `MODEL`) mean the same thing in both processes. Each default is
+explained where it is defined.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", env_file=None)
+
+    # --- shared with the API -----------------------------------------------------------------
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    """Redis holding the RQ queue, our job records, heartbeats and events."""
+    QUEUE_NAME: str = "vmoba"
+    """RQ queue(s) to work on; a comma-separated list is worked in priority order."""
+    DATA_DIR: Path = Path("./var/data")
+    """Results root (`jobs/<id>/video.mp4` ...), a volume shared with the API."""
+    RETENTION_S: int = Field(24 * 3600, ge=60)
+    """How long a finished job's record and files are kept (its `expires_at`); 1 day."""
+    MODEL: str = "tiny"
+    """`tiny` (the random-weight model built in code), a hub id or a local diffusers directory."""
+
+    # --- the model on this worker ------------------------------------------------------------
+    WORKER_DEVICE: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` is `cuda` when a GPU is visible, else `cpu`. The launcher sets it per child."""
+    DTYPE: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """`auto`: bf16 on CUDA, fp32 on CPU (what `worker.pipeline.load_pipeline` picks)."""
+    CPU_THREADS: int = Field(0, ge=0)
+    """torch threads of a CPU worker; 0 = auto: 1 for the tiny model (its matrices are too small
+    to split, and extra threads only wait on each other), else all cores."""
+    ATTENTION_KERNEL: Literal["auto", "triton", "reference"] = "auto"
+    """VMoBA implementation: `auto` = Triton on CUDA, the plain PyTorch reference on CPU."""
+    ATTENTION_DEFAULTS: dict = Field(default_factory=dict)
+    """JSON object of `vmoba.diffusers.AttentionSettings` fields a request does not carry
+    (chunk sizes, `collect_timing`, ...), e.g. `{"temporal_chunk": 3}`; the request's own
+    `attention` values win."""
+    WARMUP_STEPS: int = Field(2, ge=0)
+    """Denoising steps of the start-up generation that loads kernels and measures speed; 0 skips
+    it (speed then comes from the first job)."""
+    WARMUP_SIZE: str = "auto"
+    """`FRAMESxHEIGHTxWIDTH` of the warm-up generation; `auto` is 5x64x64 for the tiny model and
+    17x480x832 otherwise (480p is what most requests ask for, so its kernels get tuned)."""
+    ENCODE_CRF: int = Field(18, ge=0, le=51)
+    """x264 quality of the mp4 (lower is better and bigger)."""
+    ENCODE_PRESET: str = "medium"
+    """x264 speed/size trade-off."""
+
+    # --- identity and liveness ---------------------------------------------------------------
+    WORKER_NAME: str = ""
+    """Unique name of one worker process (RQ's and our heartbeat key); the launcher sets it.
+    Empty: `<host>.<pid>`."""
+    HEARTBEAT_INTERVAL_S: float = Field(2.0, gt=0)
+    """How often each worker writes its heartbeat, busy or idle."""
+    HEARTBEAT_TTL_S: float = Field(15.0, gt=0)
+    """A worker whose heartbeat is older than this is dead; its job is failed or retried. Several
+    intervals, so a slow Redis round trip is not a death."""
+    LOST_JOB_RETRIES: int = Field(0, ge=0, le=3)
+    """How many times a job whose worker died is re-queued before it fails with `worker_lost`
+    (0: fail at once; 1: retry once)."""
+
+    # --- timeouts and shutdown ---------------------------------------------------------------
+    JOB_TIMEOUT_FACTOR: float = Field(3.0, ge=1.0)
+    """A job may take this many times its estimate (request size x this worker's measured speed)
+    before it fails with `timeout`."""
+    JOB_TIMEOUT_MIN_S: float = Field(60.0, gt=0)
+    """Floor of a job's timeout, so small jobs are not killed by a noisy estimate."""
+    JOB_TIMEOUT_MAX_S: float = Field(4 * 3600.0, gt=0)
+    """Ceiling of a job's timeout."""
+    HARD_TIMEOUT_GRACE_S: float = Field(60.0, gt=0)
+    """If a job overruns its timeout by this much without reaching a step boundary (a hung
+    kernel, a stuck decode), the watchdog fails it and kills the process, which is restarted."""
+    STOP_GRACE_S: float = Field(90.0, ge=0)
+    """On SIGTERM the current job finishes if it should end within this many seconds; otherwise
+    it stops at the next step and is re-queued at the front. Keep below compose's
+    `stop_grace_period`."""
+    RESTART_BACKOFF_MAX_S: float = Field(30.0, gt=0)
+    """The launcher restarts exited workers after 1 s, doubling up to this while they keep dying
+    within a minute of starting."""
+    RQ_RESULT_TTL_S: int = Field(600, ge=0)
+    """How long RQ keeps its own result of a job; our records (in `vmoba:`) are what the API reads."""
+    WORKER_BURST: bool = False
+    """Exit when the queue is empty instead of waiting for jobs (batch runs, tests)."""
+
+    # --- janitor -----------------------------------------------------------------------------
+    JANITOR_INTERVAL_S: float = Field(10.0, gt=0)
+    """How often the launcher runs the janitor (dead workers' jobs, expired results)."""
+    STAGING_MAX_AGE_S: float = Field(3600.0, gt=0)
+    """Staging directories untouched this long were left by a killed worker and are removed."""
+
+    # --- tests -------------------------------------------------------------------------------
+    ENABLE_TEST_HOOKS: bool = False
+    """Honour a payload's `_test` object (see `worker.jobs`): injected out-of-memory errors and
+    per-step delays for the CPU tests. Off in every deployment."""
+    LOG_LEVEL: str = "INFO"
+
+    @field_validator("ATTENTION_DEFAULTS", mode="before")
+    @classmethod
+    def _parse_json(cls, value):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value or "{}")
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"ATTENTION_DEFAULTS must be a JSON object, got {value!r}") from exc
+        if not isinstance(value, dict):
+            raise ValueError(f"ATTENTION_DEFAULTS must be a JSON object, got {value!r}")
+        return value
+
+    @field_validator("WARMUP_SIZE")
+    @classmethod
+    def _check_size(cls, value: str) -> str:
+        if value != "auto":
+            parse_size(value)
+        return value
+
+    @property
+    def queues(self) -> list[str]:
+        names = [q.strip() for q in self.QUEUE_NAME.split(",") if q.strip()]
+        if not names:
+            raise ValueError(f"QUEUE_NAME names no queue: {self.QUEUE_NAME!r}")
+        return names
+
+    def name(self) -> str:
+        import os
+
+        return self.WORKER_NAME or f"{socket.gethostname()}.{os.getpid()}"
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    """`"17x480x832"` -> `(17, 480, 832)` (frames, height, width)."""
+    try:
+        frames, height, width = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must be FRAMESxHEIGHTxWIDTH like 17x480x832, got {text!r}") from None
+    if frames < 1 or (frames - 1) % 4 or height % 16 or width % 16 or height <= 0 or width <= 0:
+        raise ValueError(f"size {text!r}: frames must be 4k+1, height and width multiples of 16")
+    return frames, height, width
