@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
-import math
 import threading
 import time
 from contextlib import contextmanager
@@ -46,11 +45,11 @@ from typing import Mapping, Optional, Tuple
 
 import torch
 
+from .attention import vmoba_attention
 from .config import LAYER_KINDS, VMoBAConfig
 from .flops import attended_tokens, full_attention_flops, vmoba_attention_flops
 from .partition import block_layout
 from .select import select_blocks
-from .attention import vmoba_attention
 
 ATTENTION_BACKENDS = ("vmoba", "dense")
 KERNELS = ("auto", "triton", "reference")  # `backend=` of vmoba_attention
