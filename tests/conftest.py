@@ -89,3 +89,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU the Triton kernels run in Triton's CPU interpreter (read when kernels are defined).
+if not has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

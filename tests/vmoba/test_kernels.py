@@ -1,0 +1,153 @@
+"""The Triton path against the reference, in Triton's CPU interpreter (or on a GPU if present).
+
+Tolerances: the kernels' attention output vs the reference on the same selection within
+`ATOL[dtype]` (fp32 1e-5; fp16 2e-3, i.e. about two fp16 ulps at |out| <= 1). Selections must be
+identical: the kernels' gate (fp32, or fp16 high+low parts) differs from the reference's by ~1e-6
+relative, so a mismatch would need two gates that close, which these inputs do not have.
+"""
+
+import math
+
+import pytest
+import torch
+
+from vmoba import VMoBAConfig, block_ids, select_blocks, vmoba_attention
+from vmoba.inputs import locality_qkv
+from vmoba.kernels import launch
+from vmoba.partition import block_layout
+
+MODES = ("topk", "threshold_query", "threshold_global")
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+CFG = VMoBAConfig(temporal_chunk=2, spatial_chunk=(2, 3), st_chunk=(2, 3, 4), topk=(2, 3, 5))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float16, torch.bfloat16) if DEVICE == "cuda" else (torch.float32, torch.float16)
+
+
+def qkv(grid, dtype, b=2, h=3, d=16):
+    if DEVICE == "cuda":
+        d = 64
+    return locality_qkv(grid, b, h, d, dtype=dtype, device=DEVICE)
+
+
+def run_triton(q, k, v, grid, layer, cfg, scale=None):
+    """Selection and output of the kernels, output NaN-poisoned first, state poisoned too."""
+    kind = cfg.kind(layer)
+    layout = block_layout(grid, kind, cfg, device=q.device)
+    sel = launch.select_bits(q, k, layout, cfg, kind)
+    out = torch.full_like(q, float("nan"))
+    scale = scale or 1 / math.sqrt(q.shape[-1])
+    launch.attend(q, k, v, sel, scale, out=out, poison=True)
+    return sel, out
+
+
+def reference_on(q, k, v, grid, layer, cfg, selected, scale=None):
+    from vmoba import reference
+
+    ids = block_ids(grid, cfg.kind(layer), cfg, device=q.device)
+    return reference.masked_attention(q, k, v, selected, ids, scale or 1 / math.sqrt(q.shape[-1]))
+
+
+@pytest.mark.parametrize("grid", [(3, 5, 7), (5, 4, 4)])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_match_reference(grid, mode, dtype):
+    tau = float(torch.empty(()).uniform_(0.15, 0.6))
+    cfg = CFG.replace(select=mode, threshold=tau)
+    q, k, v = qkv(grid, dtype)
+    for layer in range(3):
+        sel, out = run_triton(q, k, v, grid, layer, cfg)
+        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        got = sel.to_bool()
+        assert torch.equal(got, ref_sel), f"{mode} layer {layer}: {(got != ref_sel).sum()} pairs differ"
+        assert not out.isnan().any(), "an output element was not written"
+        ref = reference_on(q, k, v, grid, layer, cfg, got)
+        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[dtype], rtol=0)
+        # density accounting agrees with the mask
+        lens = block_layout(grid, cfg.kind(layer), cfg, device=q.device).lengths.double()
+        expected = (got.double() * lens).sum() / (got.shape[0] * got.shape[1] * got.shape[2] ** 2)
+        assert float(sel.density()) == pytest.approx(float(expected))
+
+
+def test_odd_shapes_single_head_and_tiny_blocks():
+    grid = (2, 3, 9)
+    cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(1, 2), st_chunk=(3, 3, 2), select="threshold_global",
+                      threshold=0.4)
+    q, k, v = qkv(grid, DTYPES[0], b=1, h=1)
+    for layer in range(3):
+        sel, out = run_triton(q, k, v, grid, layer, cfg)
+        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        assert torch.equal(sel.to_bool(), ref_sel)
+        ref = reference_on(q, k, v, grid, layer, cfg, ref_sel)
+        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=0)
+
+
+@pytest.mark.parametrize("kind_layer", [0, 1, 2])
+def test_degenerate_heads_rank_by_block_then_query(kind_layer):
+    """Equal gates everywhere: the kernels' closed-form (block, query) ranking on a ragged grid."""
+    grid = (5, 5, 7)
+    cfg = VMoBAConfig(temporal_chunk=2, spatial_chunk=(2, 3), st_chunk=(2, 2, 3), select="threshold_global",
+                      threshold=float(torch.empty(()).uniform_(0.2, 0.8)))
+    q, _, v = qkv(grid, DTYPES[0], b=1, h=2)
+    k = torch.ones_like(q)
+    sel, out = run_triton(q, k, v, grid, kind_layer, cfg)
+    ref_sel = select_blocks(q.double(), k.double(), grid=grid, layer_idx=kind_layer, config=cfg)
+    assert torch.equal(sel.to_bool(), ref_sel)
+    assert not out.isnan().any()
+
+
+def test_threshold_limits_and_all_selected_equals_dense():
+    grid = (3, 5, 7)
+    q, k, v = qkv(grid, DTYPES[0])
+    ids = block_ids(grid, "3d", CFG, device=q.device)
+    for mode in ("threshold_query", "threshold_global"):
+        sel, out = run_triton(q, k, v, grid, 2, CFG.replace(select=mode, threshold=1.0))
+        assert sel.to_bool().all()
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            *(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+        torch.testing.assert_close(out.float(), dense, atol=ATOL[q.dtype], rtol=0)
+        sel0, _ = run_triton(q, k, v, grid, 2, CFG.replace(select=mode, threshold=0.0))
+        only_self = torch.zeros_like(sel0.to_bool()).scatter_(-1, ids.view(1, 1, -1, 1).expand(2, 3, -1, 1), True)
+        assert torch.equal(sel0.to_bool(), only_self)
+
+
+def test_public_api_uses_the_kernels_and_isolates_samples():
+    grid = (4, 4, 6)
+    cfg = CFG.replace(select="threshold_global", threshold=0.3)
+    q, k, v = qkv(grid, DTYPES[0])
+    out = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="triton")
+    ref = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="reference")
+    torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[q.dtype], rtol=0)
+    sel = select_blocks(q, k, grid=grid, layer_idx=1, config=cfg, backend="triton")
+    alone = select_blocks(q[1:], k[1:], grid=grid, layer_idx=1, config=cfg, backend="triton")
+    assert torch.equal(sel[1:], alone)
+    # a small threshold must not silently run dense attention
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        *(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    assert (out.float() - dense).abs().max() > 1e-2
+
+
+def test_candidate_overflow_takes_the_whole_range(monkeypatch):
+    """With room for one candidate, the cutoff range is taken whole: a superset that still meets
+    the threshold (documented fallback for heads with very many exactly tied gates)."""
+    grid = (3, 5, 7)
+    cfg = CFG.replace(select="threshold_global", threshold=0.35)
+    q, k, v = qkv(grid, DTYPES[0])
+    real = launch.gate_config
+    monkeypatch.setattr(launch, "gate_config", lambda *a: {**real(*a), "CAP": 1})
+    layout = block_layout(grid, "3d", cfg, device=q.device)
+    sel = launch.select_bits(q, k, layout, cfg, "3d").to_bool()
+    ref = select_blocks(q, k, grid=grid, layer_idx=2, config=cfg, backend="reference")
+    assert (sel | ~ref).all(), "the fallback must be a superset of the exact selection"
+
+
+def test_unsupported_inputs_raise():
+    grid = (3, 5, 7)
+    q, k, v = qkv(grid, DTYPES[0])
+    with pytest.raises(ValueError, match="head dim"):
+        vmoba_attention(q[..., :12], k[..., :12], v[..., :12], grid=grid, layer_idx=0, config=CFG,
+                        backend="triton")
+    with pytest.raises(ValueError, match="blocks"):
+        tiny = VMoBAConfig(temporal_chunk=1, spatial_chunk=(1, 1), st_chunk=(1, 1, 1))
+        g = (2, 30, 40)
+        x = torch.randn(1, 2400, 1, 16, dtype=DTYPES[0], device=DEVICE)
+        select_blocks(x, x, grid=g, layer_idx=1, config=tiny, backend="triton")

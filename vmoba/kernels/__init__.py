@@ -1,0 +1,1 @@
+"""Triton kernels of VMoBA and their host launchers (`launch.py`); tuning data in `configs.py`."""

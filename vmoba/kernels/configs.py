@@ -1,0 +1,35 @@
+"""Tuning data for the kernels: block sizes, warps and stages, kept apart from the code.
+
+GPU numbers are starting points for Hopper (H100/H200, D=128, bf16); the measured choices and
+their timings are recorded in `bench/results/`. The interpreter gets small tiles so CPU tests
+stay fast.
+"""
+
+from __future__ import annotations
+
+# Gate/selection kernels: BM queries per program against all C_PAD block means.
+# CAP: per-head capacity for the pairs left near the threshold_global cutoff after two histogram
+# levels (a few hundred are typical at Wan sizes; more only when many gates tie exactly).
+_GATE_GPU = {"num_warps": 4, "CAP": 4096}
+_GATE_INTERPRETER = {"num_warps": 4, "CAP": 1024}
+
+
+def gate_config(c_pad: int, head_dim: int, interpreter: bool) -> dict:
+    base = dict(_GATE_INTERPRETER if interpreter else _GATE_GPU)
+    # the [BM, C_PAD] score tile and its sort keys live in registers
+    base["BM"] = 64 if interpreter else (64 if c_pad <= 128 else (32 if c_pad <= 256 else 16))
+    return base
+
+
+# Attention waves: BM gathered queries x BN keys per step.
+_ATTN_GPU = {
+    64: {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2, "compact_block": 1024},
+    128: {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 2, "ctas_per_sm": 1, "compact_block": 1024},
+}
+_ATTN_INTERPRETER = {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1, "programs": 2, "compact_block": 256}
+
+
+def attention_config(head_dim: int, interpreter: bool) -> dict:
+    if interpreter:
+        return dict(_ATTN_INTERPRETER)
+    return dict(_ATTN_GPU[head_dim])

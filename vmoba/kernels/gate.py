@@ -1,0 +1,401 @@
+"""Triton kernels for block-mean pooling, gating and block selection.
+
+Everything stays on the GPU: no host synchronisation, so a denoising step can be captured in a
+CUDA graph. The selection is written as a bitmask `[B, H, S, W]` int32, `W = C_PAD // 32`, bit
+`c % 32` of word `c // 32` set when query `i` attends to block `c`.
+
+Gate scores `g = q . mean(k over block)` are recomputed from `q` by every pass (one small matmul
+per query tile) instead of being stored: storing them would cost `S*C` floats per head.
+
+- `topk`, `threshold_query`: one pass; each query's `C` scores are turned into sortable int64 keys
+  (value bits high, `C_PAD-1-c` low, so ties go to the lower block) and sorted in registers.
+- `threshold_global`: the cutoff over all `S*C` pairs of a head is found without a full sort:
+  pass 1 min/max, pass 2 a 256-bin histogram of normalised scores (plus exact sums), pass 3 a
+  256-bin histogram inside the bins that can hold the cutoff, pass 4 compacts the few pairs left
+  near the cutoff, a small kernel sorts them and finds the exact cutoff key, pass 5 writes the mask.
+
+Half-precision inputs: the fp32 block means are split into a high and a low half-precision part,
+so the gate is two tensor-core dots accumulated in fp32 (about 22 mantissa bits instead of 24).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# pass selectors of `vmoba_gate_kernel`
+PHASE_ROWS = 0  # topk / threshold_query: select per query, write the mask
+PHASE_MINMAX = 1  # threshold_global pass 1
+PHASE_HIST1 = 2  # pass 2
+PHASE_HIST2 = 3  # pass 3
+PHASE_COMPACT = 4  # pass 4
+PHASE_MASK = 5  # pass 5
+
+NUM_BINS = 256
+DEGENERATE_RANGE = 1e-6  # same rule as reference.DEGENERATE_RANGE
+INT32_MAX = 2147483647
+
+
+@triton.jit
+def vmoba_pool_kernel(
+    k_ptr, perm_ptr, starts_ptr, lengths_ptr, out_ptr,
+    stride_kb, stride_ks, stride_kh,
+    H, C, SPLIT_LEN,
+    D: tl.constexpr, BT: tl.constexpr,
+):
+    """Partial sums of the keys of one block slice: `out[b, h, c, split, :]` (fp32)."""
+    i_bh, i_c, i_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    start = tl.load(starts_ptr + i_c)
+    length = tl.load(lengths_ptr + i_c)
+    o_d = tl.arange(0, D)
+    b_sum = tl.zeros([D], dtype=tl.float32)
+    lo = i_split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, length)
+    for j0 in range(lo, hi, BT):
+        o_j = j0 + tl.arange(0, BT)
+        m_j = o_j < hi
+        tok = tl.load(perm_ptr + start + o_j, mask=m_j, other=0).to(tl.int64)
+        p_k = k_ptr + i_b.to(tl.int64) * stride_kb + tok[:, None] * stride_ks + i_h * stride_kh + o_d[None, :]
+        b_k = tl.load(p_k, mask=m_j[:, None], other=0.0).to(tl.float32)  # [BT, D]
+        b_sum += tl.sum(b_k, axis=0)
+    n_split = tl.num_programs(2)
+    tl.store(out_ptr + ((i_bh * C + i_c) * n_split + i_split) * D + o_d, b_sum)
+
+
+@triton.jit
+def _monotone_key(x):
+    """fp32 -> int32 whose signed order is the float order."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _row_condition(b_key, b_val, other, cut, n_self, target, topk, MODE_TOPK: tl.constexpr):
+    """Does taking self plus every other block with key >= `cut` ([BM] int64) meet the rule?"""
+    taken = other & (b_key.to(tl.int64) >= cut[:, None])
+    if MODE_TOPK:
+        return 1 + tl.sum(taken.to(tl.int32), axis=1) >= topk
+    return n_self + tl.sum(tl.where(taken, b_val, 0.0), axis=1) >= target
+
+
+@triton.jit
+def _gate_tile(q_ptr, km_hi_ptr, km_lo_ptr, i_b, i_h, i_bh, o_i, m_i, stride_qb, stride_qs, stride_qh,
+               C_PAD: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+    """Gate scores `[BM, C_PAD]` (fp32) of the queries `o_i` against every block mean."""
+    o_d = tl.arange(0, D)
+    o_c = tl.arange(0, C_PAD)
+    p_q = q_ptr + i_b.to(tl.int64) * stride_qb + o_i[:, None].to(tl.int64) * stride_qs + i_h * stride_qh + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_i[:, None], other=0.0)  # [BM, D]
+    p_km = (i_bh * C_PAD + o_c[:, None]).to(tl.int64) * D + o_d[None, :]
+    b_hi = tl.load(km_hi_ptr + p_km)  # [C_PAD, D], rows >= C are zero
+    if IEEE:
+        b_g = tl.dot(b_q, tl.trans(b_hi), input_precision="ieee")
+    else:
+        b_g = tl.dot(b_q, tl.trans(b_hi))
+    if SPLIT:
+        b_lo = tl.load(km_lo_ptr + p_km)
+        b_g += tl.dot(b_q, tl.trans(b_lo))
+    return b_g  # [BM, C_PAD]
+
+
+@triton.jit
+def _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C,
+                BM: tl.constexpr, C_PAD: tl.constexpr):
+    """Write selected blocks as bit words, and the tile's attended-token count."""
+    W: tl.constexpr = C_PAD // 32
+    o_c = tl.arange(0, C_PAD)
+    bit = tl.where(b_sel, (1 << (o_c % 32)).to(tl.int64)[None, :], 0)  # [BM, C_PAD]
+    words = tl.sum(tl.reshape(bit, [BM, W, 32]), axis=2).to(tl.int32)  # [BM, W]
+    o_w = tl.arange(0, W)
+    p_m = mask_ptr + (i_bh.to(tl.int64) * S + o_i[:, None]) * W + o_w[None, :]
+    tl.store(p_m, words, mask=m_i[:, None])
+    b_len = tl.load(lengths_ptr + o_c, mask=o_c < C, other=0).to(tl.float32)
+    attended = tl.sum(tl.sum(tl.where(b_sel & m_i[:, None], b_len[None, :], 0.0), axis=1), axis=0)
+    tl.store(att_ptr + i_bh * n_tiles + i_t, attended)
+
+
+@triton.jit
+def vmoba_gate_kernel(
+    q_ptr, km_hi_ptr, km_lo_ptr, ids_ptr, lengths_ptr,
+    mask_ptr, att_ptr,  # outputs of the mask-writing phases
+    stats_ptr,  # [BH, n_tiles, 4] fp32 partials (min/max, or sums)
+    range_ptr,  # [BH, 8] fp32: lo, span, flat, a1, b1, a2, b2, need (threshold_global)
+    hist_ptr,  # [BH, NB] int32
+    cand_ptr, cand_n_ptr, cutoff_ptr,  # compaction buffer [BH, CAP] int64, counts [BH], cutoff key [BH]
+    geo_ptr,  # int32 [9]: T, Hg, Wg, ct, ch, cw, nT, nH, nW (effective chunks of the kind)
+    stride_qb, stride_qs, stride_qh,
+    H, S, C, n_tiles, tau, topk, CAP, m_take,
+    BM: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
+    PHASE: tl.constexpr, MODE_TOPK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    KIND: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_i = i_t * BM + tl.arange(0, BM)
+    m_i = o_i < S
+    o_c = tl.arange(0, C_PAD)
+    m_c = o_c < C
+    b_g = _gate_tile(q_ptr, km_hi_ptr, km_lo_ptr, i_b, i_h, i_bh, o_i, m_i, stride_qb, stride_qs, stride_qh,
+                     C_PAD, D, SPLIT, IEEE)
+    self_c = tl.load(ids_ptr + o_i, mask=m_i, other=0).to(tl.int32)
+    is_self = o_c[None, :] == self_c[:, None]  # [BM, C_PAD]
+    valid = m_i[:, None] & m_c[None, :]
+    other = valid & ~is_self
+
+    if PHASE == 0:
+        # ---- per-query selection (topk, threshold_query) ----
+        if MODE_TOPK:
+            b_val = b_g
+        else:
+            lo = tl.min(tl.where(valid, b_g, float("inf")), axis=1)
+            hi = tl.max(tl.where(valid, b_g, -float("inf")), axis=1)
+            span = hi - lo
+            flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
+            b_val = (b_g - lo[:, None]) / tl.where(flat, 1.0, span)[:, None]
+            b_val = tl.where(flat[:, None], 1.0, b_val)
+        n_self = tl.sum(tl.where(is_self, b_val, 0.0), axis=1)
+        target = tau * tl.sum(tl.where(valid, b_val, 0.0), axis=1)
+        b_key = _monotone_key(b_val)
+        # the cutoff value: the largest key whose "take every other block at or above it" meets
+        # the condition, found by bisection on the 32-bit keys (no sort)
+        lo_k = tl.min(tl.where(other, b_key, 2147483647), axis=1).to(tl.int64)
+        hi_k = tl.max(tl.where(other, b_key, -2147483647 - 1), axis=1).to(tl.int64) + 1
+        ok_hi = _row_condition(b_key, b_val, other, hi_k, n_self, target, topk, MODE_TOPK)
+        for _ in range(33):  # keys span < 2**33 values
+            mid = lo_k + (hi_k - lo_k) // 2
+            ok = _row_condition(b_key, b_val, other, mid, n_self, target, topk, MODE_TOPK)
+            lo_k = tl.where(ok, mid, lo_k)
+            hi_k = tl.where(ok, hi_k, mid)
+        # lo_k is now the cutoff value (or the lowest key, if even every block falls short)
+        cut = tl.where(ok_hi, 2147483647, lo_k).to(tl.int32)
+        above = other & (b_key > cut[:, None])
+        ties = other & (b_key == cut[:, None])
+        rank = tl.cumsum(ties.to(tl.int32), axis=1) - 1  # lower block first among equal values
+        if MODE_TOPK:
+            room = tl.minimum(topk, C) - 1 - tl.sum(above.to(tl.int32), axis=1)
+            take_tie = ties & (rank < room[:, None])
+        else:
+            have = n_self + tl.sum(tl.where(above, b_val, 0.0), axis=1)
+            tie_val = tl.max(tl.where(ties, b_val, 0.0), axis=1)
+            take_tie = ties & ((have[:, None] + rank.to(tl.float32) * tie_val[:, None]) < target[:, None])
+        b_sel = (is_self | above | take_tie) & valid
+        _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
+
+    elif PHASE == 1:
+        # ---- threshold_global pass 1: min and max over the head's pairs ----
+        lo = tl.min(tl.min(tl.where(valid, b_g, float("inf")), axis=1), axis=0)
+        hi = tl.max(tl.max(tl.where(valid, b_g, -float("inf")), axis=1), axis=0)
+        tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, lo)
+        tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 1, hi)
+
+    else:
+        p_r = range_ptr + i_bh * 8
+        lo = tl.load(p_r + 0)
+        span = tl.load(p_r + 1)
+        flat = tl.load(p_r + 2)
+        b_n = tl.where(flat > 0, 1.0, (b_g - lo) / span)
+        if PHASE == 2:
+            # pass 2: histogram of the other pairs over [0, 1]; exact total and self mass
+            b_bin = tl.minimum((b_n * NB).to(tl.int32), NB - 1)
+            b_bin = tl.maximum(b_bin, 0)
+            hist = tl.histogram(tl.reshape(b_bin, [BM * C_PAD]), NB, mask=tl.reshape(other, [BM * C_PAD]))
+            tl.atomic_add(hist_ptr + i_bh * NB + tl.arange(0, NB), hist)
+            tot = tl.sum(tl.sum(tl.where(valid, b_n, 0.0), axis=1), axis=0)
+            slf = tl.sum(tl.sum(tl.where(valid & is_self, b_n, 0.0), axis=1), axis=0)
+            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, tot)
+            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 1, slf)
+        elif PHASE == 3:
+            # pass 3: histogram inside [a1, b1); exact mass of the pairs at or above b1
+            a1 = tl.load(p_r + 3)
+            b1 = tl.load(p_r + 4)
+            inside = other & (b_n >= a1) & (b_n < b1)
+            b_bin = ((b_n - a1) / (b1 - a1) * NB).to(tl.int32)
+            b_bin = tl.maximum(tl.minimum(b_bin, NB - 1), 0)
+            hist = tl.histogram(tl.reshape(b_bin, [BM * C_PAD]), NB, mask=tl.reshape(inside, [BM * C_PAD]))
+            tl.atomic_add(hist_ptr + i_bh * NB + tl.arange(0, NB), hist)
+            above = tl.sum(tl.sum(tl.where(other & (b_n >= b1), b_n, 0.0), axis=1), axis=0)
+            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
+        else:
+            o_pair = o_c[None, :].to(tl.int64) * S + o_i[:, None]  # block-major pair index
+            key = (_monotone_key(b_n).to(tl.int64) << 32) | (0xFFFFFFFF - o_pair)
+            if PHASE == 4:
+                # pass 4: compact the pairs in [a2, b2); exact mass at or above b2
+                a2 = tl.load(p_r + 5)
+                b2 = tl.load(p_r + 6)
+                inside = other & (b_n >= a2) & (b_n < b2)
+                above = tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
+                tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
+                flat_in = tl.reshape(inside, [BM * C_PAD]).to(tl.int32)
+                count = tl.sum(flat_in, axis=0)
+                base = tl.atomic_add(cand_n_ptr + i_bh, count)
+                pos = base + tl.cumsum(flat_in, axis=0) - 1
+                keep = (flat_in > 0) & (pos < CAP)
+                tl.store(cand_ptr + i_bh.to(tl.int64) * CAP + pos, tl.reshape(key, [BM * C_PAD]), mask=keep)
+            else:
+                # pass 5: the mask; a degenerate head ranks pairs by (block, query) alone
+                cut = tl.load(cutoff_ptr + i_bh)
+                if flat > 0:
+                    rank = _degenerate_rank(geo_ptr, o_i, o_c, S, KIND)
+                    b_sel = is_self | (other & (rank < m_take))
+                else:
+                    b_sel = is_self | (other & (key >= cut))
+                _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel & valid, i_bh, i_t, o_i, m_i, S, n_tiles, C,
+                            BM, C_PAD)
+
+
+@triton.jit
+def _count_before(x, x0, chunk, n):
+    """How many of the positions `[x0, x0 + chunk)`, clipped to `n`, lie below `x`."""
+    return tl.minimum(tl.maximum(x - x0, 0), tl.minimum(chunk, n - x0))
+
+
+@triton.jit
+def _degenerate_rank(geo_ptr, o_i, o_c, S, KIND: tl.constexpr):
+    """Rank of each other pair `(i, c)` in (block, query) order, self pairs skipped.
+
+    rank = c*S + i - (tokens of blocks < c) - (tokens of block c before i), in closed form from
+    the grid and chunk sizes (used only when every normalised gate of a head is equal).
+    """
+    T = tl.load(geo_ptr + 0)
+    HG = tl.load(geo_ptr + 1)
+    WG = tl.load(geo_ptr + 2)
+    CT = tl.load(geo_ptr + 3)
+    CH = tl.load(geo_ptr + 4)
+    CW = tl.load(geo_ptr + 5)
+    NH = tl.load(geo_ptr + 7)
+    NW = tl.load(geo_ptr + 8)
+    i = o_i[:, None].to(tl.int64)
+    c = o_c[None, :].to(tl.int64)
+    t_i = i // (HG * WG)
+    h_i = (i // WG) % HG
+    w_i = i % WG
+    # block c's extent
+    if KIND == 1:
+        ct_c = c
+        ch_c = c * 0
+        cw_c = c * 0
+    elif KIND == 2:
+        ct_c = c * 0
+        ch_c = c // NW
+        cw_c = c % NW
+    else:
+        ct_c = c // (NH * NW)
+        ch_c = (c // NW) % NH
+        cw_c = c % NW
+    t0 = ct_c * CT
+    h0 = ch_c * CH
+    w0 = cw_c * CW
+    lt = tl.minimum(CT, T - t0)
+    lh = tl.minimum(CH, HG - h0)
+    lw = tl.minimum(CW, WG - w0)
+    # tokens of block c with a smaller raster index than i
+    in_t = (t_i >= t0) & (t_i < t0 + lt)
+    in_h = (h_i >= h0) & (h_i < h0 + lh)
+    before = _count_before(t_i, t0, CT, T) * lh * lw
+    before += tl.where(in_t, _count_before(h_i, h0, CH, HG) * lw, 0)
+    before += tl.where(in_t & in_h, _count_before(w_i, w0, CW, WG), 0)
+    # tokens of all blocks below c: a prefix sum over the partition, in closed form
+    if KIND == 1:
+        below = t0 * HG * WG
+    else:
+        full_rows = ch_c * CH  # spatial rows above the tile row
+        rows_h = tl.minimum(CH, HG - h0)
+        below_plane = full_rows * WG + rows_h * w0  # tiles before (ch_c, cw_c) in one plane
+        if KIND == 2:
+            below = below_plane * T
+        else:
+            below = t0 * HG * WG + below_plane * lt
+    return c * S + i - below - before
+
+
+@triton.jit
+def vmoba_range_kernel(stats_ptr, range_ptr, n_tiles, NT_PAD: tl.constexpr):
+    """Per head: `lo`, `span` and the degenerate flag from pass 1's per-tile min/max."""
+    i_bh = tl.program_id(0)
+    p_r = range_ptr + i_bh * 8
+    o_t = tl.arange(0, NT_PAD)
+    m_t = o_t < n_tiles
+    p_s = stats_ptr + (i_bh * n_tiles + o_t) * 4
+    lo = tl.min(tl.load(p_s + 0, mask=m_t, other=float("inf")), axis=0)
+    hi = tl.max(tl.load(p_s + 1, mask=m_t, other=-float("inf")), axis=0)
+    span = hi - lo
+    flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
+    tl.store(p_r + 0, lo)
+    tl.store(p_r + 1, tl.where(flat, 1.0, span))
+    tl.store(p_r + 2, flat.to(tl.float32))
+
+
+@triton.jit
+def vmoba_decide_kernel(
+    hist_ptr, stats_ptr, range_ptr, cand_ptr, cand_n_ptr, cutoff_ptr,
+    n_tiles, tau, CAP,
+    STEP: tl.constexpr, NB: tl.constexpr, NT_PAD: tl.constexpr, CAP_PAD: tl.constexpr,
+):
+    """Per head: narrow the cutoff range from a histogram (STEP 1, 2) or fix it exactly (STEP 3).
+
+    `range[bh]` holds `lo, span, flat, a1, b1, a2, b2, need` where `need` is the mass of other
+    pairs still to take (`tau * total - self`), in normalised units.
+    """
+    i_bh = tl.program_id(0)
+    p_r = range_ptr + i_bh * 8
+    o_t = tl.arange(0, NT_PAD)
+    m_t = o_t < n_tiles
+    p_s = stats_ptr + (i_bh * n_tiles + o_t) * 4
+    # partial sums are added in fp64: a head has millions of pairs
+    if STEP == 1:
+        tot = tl.sum(tl.load(p_s + 0, mask=m_t, other=0.0).to(tl.float64), axis=0)
+        slf = tl.sum(tl.load(p_s + 1, mask=m_t, other=0.0).to(tl.float64), axis=0)
+        need = (tau * tot - slf).to(tl.float32)
+        tl.store(p_r + 7, need)  # mass of other pairs to take, fixed from here on
+        a = 0.0
+        b = 1.0
+    elif STEP == 2:
+        above = tl.sum(tl.load(p_s + 0, mask=m_t, other=0.0).to(tl.float64), axis=0)
+        need = (tl.load(p_r + 7).to(tl.float64) - above).to(tl.float32)
+        a = tl.load(p_r + 3)
+        b = tl.load(p_r + 4)
+    else:
+        above = tl.sum(tl.load(p_s + 0, mask=m_t, other=0.0).to(tl.float64), axis=0)
+        need = (tl.load(p_r + 7).to(tl.float64) - above).to(tl.float32)
+    if STEP < 3:
+        # bins j cover [a + j*w, a + (j+1)*w); the mass of bins >= j lies between the bounds
+        o_j = tl.arange(0, NB)
+        w = (b - a) / NB
+        cnt = tl.load(hist_ptr + i_bh * NB + o_j).to(tl.float32)
+        low = cnt * (a + o_j * w)
+        up = cnt * (a + (o_j + 1) * w)
+        # suffix sums via a reversed cumulative sum
+        suf_low = tl.sum(low, axis=0) - tl.cumsum(low, axis=0) + low
+        suf_up = tl.sum(up, axis=0) - tl.cumsum(up, axis=0) + up
+        j_hi = tl.max(tl.where(suf_up >= need, o_j, 0), axis=0)
+        j_lo = tl.max(tl.where(suf_low >= need, o_j, 0), axis=0)
+        if STEP == 1:
+            tl.store(p_r + 3, a + j_lo * w)
+            tl.store(p_r + 4, tl.where(j_hi == NB - 1, 2.0, a + (j_hi + 1) * w))
+        else:
+            tl.store(p_r + 5, a + j_lo * w)
+            tl.store(p_r + 6, tl.where(j_hi == NB - 1, b, a + (j_hi + 1) * w))
+    else:
+        # the largest candidate key whose "take every candidate at or above it" reaches `need`,
+        # by bisection over the 64-bit keys (value high, pair order low: ties are exact)
+        count = tl.load(cand_n_ptr + i_bh)
+        o_k = tl.arange(0, CAP_PAD)
+        m_k = o_k < tl.minimum(count, CAP)
+        key = tl.load(cand_ptr + i_bh.to(tl.int64) * CAP + o_k, mask=m_k, other=0)
+        val = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        lo_k = tl.min(tl.where(m_k, key, 9223372036854775807), axis=0)
+        hi_k = tl.max(tl.where(m_k, key, 0), axis=0) + 1
+        for _ in range(64):  # keys are non-negative int64
+            mid = lo_k + (hi_k - lo_k) // 2
+            mass = tl.sum(tl.where(m_k & (key >= mid), val, 0.0), axis=0)
+            ok = mass >= need
+            lo_k = tl.where(ok, mid, lo_k)
+            hi_k = tl.where(ok, hi_k, mid)
+        cut = lo_k
+        a2 = tl.load(p_r + 5)
+        floor_key = _monotone_key(a2).to(tl.int64) << 32  # every candidate (overflow, or rounding)
+        cut = tl.where((count > CAP) | (count <= 0), floor_key, cut)
+        # nothing beyond self blocks: a key no pair reaches
+        cut = tl.where(need <= 0, 9223372036854775807, cut)
+        tl.store(cutoff_ptr + i_bh, cut)

@@ -1,0 +1,244 @@
+"""Host side of the Triton path: buffers, launch order and grids. No host synchronisation.
+
+`select_bits` runs pooling, gating and selection and returns the selection as a bitmask;
+`sparse_attention` adds the per-key-block attention waves. Both work on CUDA and, for tests,
+under the Triton CPU interpreter (`TRITON_INTERPRET=1`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..config import VMoBAConfig
+from ..partition import BlockLayout, block_layout
+from . import attention as attn_k
+from . import gate as gate_k
+from .configs import attention_config, gate_config
+
+LOG2E = 1.4426950408889634
+MAX_BLOCKS = 1024  # C_PAD <= 1024: each query's scores are sorted in registers
+
+
+def interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_supported(q: torch.Tensor, num_blocks: int) -> None:
+    if not (q.is_cuda or interpreting()):
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use backend='reference'")
+    allowed = (torch.float16, torch.bfloat16) if q.is_cuda else (torch.float16, torch.float32)
+    if q.dtype not in allowed:
+        raise ValueError(f"backend='triton' supports {allowed} on {q.device.type}, got {q.dtype}")
+    d = q.shape[-1]
+    if d not in (16, 32, 64, 128, 256) or (q.is_cuda and d not in (64, 128)):
+        raise ValueError(f"backend='triton' supports head dim D in (64, 128), got {d}")
+    if num_blocks > MAX_BLOCKS:
+        raise ValueError(f"backend='triton' supports at most {MAX_BLOCKS} blocks per layer, got {num_blocks}; "
+                         "use larger chunks")
+    if q.shape[1] * num_blocks >= 2**32 or q.shape[1] >= 2**29:
+        raise ValueError(f"too many tokens for the triton backend: S={q.shape[1]}")
+
+
+@dataclass
+class Selection:
+    """A selection as the kernels use it.
+
+    - `bits`: `[B, H, S, W]` int32, bit `c % 32` of word `c // 32` set for a selected block.
+    - `attended`: `[B*H, n_tiles]` fp32 per-tile sums of `|K(b,h,i)|` (tokens attended).
+    """
+
+    bits: torch.Tensor
+    attended: torch.Tensor
+    layout: BlockLayout
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layout.num_blocks
+
+    def to_bool(self) -> torch.Tensor:
+        """`[B, H, S, C]` bool."""
+        shifts = torch.arange(32, device=self.bits.device, dtype=torch.int32)
+        bits = (self.bits.unsqueeze(-1) >> shifts) & 1
+        return bits.flatten(-2)[..., : self.num_blocks].bool()
+
+    def density(self) -> torch.Tensor:
+        """Fraction of the `S x S` scores computed, as a 0-dim fp64 device tensor (no sync)."""
+        b, h, s, _ = self.bits.shape
+        return self.attended.double().sum() / (b * h * s * s)
+
+
+def _pad_blocks(num_blocks: int) -> int:
+    return max(32, triton.next_power_of_2(num_blocks))
+
+
+def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Mean key of every block, `[B*H, C, D]` fp32, deterministic (fixed-split partial sums)."""
+    b, s, h, d = k.shape
+    split_len = 1024 if not interpreting() else 64
+    n_split = max(1, math.ceil(layout.max_len / split_len))
+    partial = torch.empty(b * h, layout.num_blocks, n_split, d, device=k.device, dtype=torch.float32)
+    gate_k.vmoba_pool_kernel[(b * h, layout.num_blocks, n_split)](
+        k, layout.perm, layout.starts, layout.lengths, partial,
+        k.stride(0), k.stride(1), k.stride(2),
+        h, layout.num_blocks, split_len,
+        D=d, BT=32 if interpreting() else 64,
+    )
+    return partial.sum(2) / layout.lengths.to(torch.float32)[None, :, None]
+
+
+def gate_operands(kmean: torch.Tensor, dtype: torch.dtype, c_pad: int):
+    """Zero-padded `[B*H, C_PAD, D]` gate operands: fp32 as is, or a high and a low half part."""
+    bh, c, d = kmean.shape
+    padded = torch.zeros(bh, c_pad, d, device=kmean.device, dtype=torch.float32)
+    padded[:, :c] = kmean
+    if dtype == torch.float32:
+        return padded, padded, False
+    hi = padded.to(dtype)
+    lo = (padded - hi.to(torch.float32)).to(dtype)
+    return hi, lo, True
+
+
+def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: VMoBAConfig, kind: str) -> Selection:
+    """Gate and select on the device. `q, k [B, S, H, D]` -> `Selection`."""
+    b, s, h, d = q.shape
+    c = layout.num_blocks
+    _check_supported(q, c)
+    c_pad = _pad_blocks(c)
+    cfg = gate_config(c_pad, d, interpreting())
+    bm = cfg["BM"]
+    n_tiles = triton.cdiv(s, bm)
+    bh = b * h
+    dev = q.device
+    hi, lo, split = gate_operands(block_means(k, layout), q.dtype, c_pad)
+    bits = torch.empty(b, h, s, c_pad // 32, device=dev, dtype=torch.int32)
+    attended = torch.empty(bh, n_tiles, device=dev, dtype=torch.float32)
+    stats = torch.empty(bh, n_tiles, 4, device=dev, dtype=torch.float32)
+    ranges = torch.zeros(bh, 8, device=dev, dtype=torch.float32)
+    hist = torch.zeros(bh, gate_k.NUM_BINS, device=dev, dtype=torch.int32)
+    cap = cfg["CAP"]
+    cand = torch.empty(bh, cap, device=dev, dtype=torch.int64)
+    cand_n = torch.zeros(bh, device=dev, dtype=torch.int32)
+    cutoff = torch.empty(bh, device=dev, dtype=torch.int64)
+
+    mode, tau, topk = config.select, config.threshold, config.topk_for(kind)
+    if mode != "topk" and (tau <= 0 or tau >= 1):
+        mode, topk = "topk", (1 if tau <= 0 else c)  # self only, or everything
+    m_take = 0
+    if mode == "threshold_global":  # pairs to take when every gate of a head is equal
+        m_take = min(max(math.ceil(tau * s * c - s), 0), s * (c - 1))
+    kind_id = {"1d": 1, "2d": 2, "3d": 3}[kind]
+
+    def gate_pass(phase: int):
+        gate_k.vmoba_gate_kernel[(n_tiles, bh)](
+            q, hi, lo, layout.ids, layout.lengths, bits, attended, stats, ranges, hist,
+            cand, cand_n, cutoff, layout.geometry,
+            q.stride(0), q.stride(1), q.stride(2),
+            h, s, c, n_tiles, float(tau), int(topk), cap, m_take,
+            BM=bm, C_PAD=c_pad, D=d, NB=gate_k.NUM_BINS, PHASE=phase, MODE_TOPK=mode == "topk",
+            SPLIT=split, IEEE=q.dtype == torch.float32, KIND=kind_id,
+            num_warps=cfg["num_warps"],
+        )
+
+    def decide(step: int):
+        gate_k.vmoba_decide_kernel[(bh,)](
+            hist, stats, ranges, cand, cand_n, cutoff, n_tiles, float(tau), cap,
+            STEP=step, NB=gate_k.NUM_BINS, NT_PAD=triton.next_power_of_2(n_tiles),
+            CAP_PAD=triton.next_power_of_2(cap), num_warps=4,
+        )
+
+    if mode in ("topk", "threshold_query"):
+        gate_pass(gate_k.PHASE_ROWS)
+    else:
+        nt_pad = triton.next_power_of_2(n_tiles)
+        gate_pass(gate_k.PHASE_MINMAX)
+        gate_k.vmoba_range_kernel[(bh,)](stats, ranges, n_tiles, NT_PAD=nt_pad)
+        gate_pass(gate_k.PHASE_HIST1)
+        decide(1)
+        hist.zero_()
+        gate_pass(gate_k.PHASE_HIST2)
+        decide(2)
+        gate_pass(gate_k.PHASE_COMPACT)
+        decide(3)
+        gate_pass(gate_k.PHASE_MASK)
+    return Selection(bits=bits, attended=attended, layout=layout)
+
+
+def select_mask(q, k, *, grid, kind: str, config: VMoBAConfig) -> torch.Tensor:
+    """`select_blocks` on the device: BoolTensor `[B, H, S, C]`."""
+    layout = block_layout(grid, kind, config, device=q.device)
+    return select_bits(q, k, layout, config, kind).to_bool()
+
+
+def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison: bool = False) -> torch.Tensor:
+    """Attention over the selected blocks: one wave (launch pair) per key block index.
+
+    `out`: an optional preallocated `[B, S, H, D]` output. `poison` fills the internal state with
+    NaN first (tests: any read of state no wave wrote shows up in the output).
+    """
+    b, s, h, d = q.shape
+    layout = selection.layout
+    c = layout.num_blocks
+    bh = b * h
+    dev = q.device
+    cfg = attention_config(d, interpreting())
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
+    acc = torch.empty(out.shape, device=dev, dtype=torch.float32)
+    ml = torch.empty(bh, s, 2, device=dev, dtype=torch.float32)
+    if poison:
+        acc.fill_(float("nan"))
+        ml.fill_(float("nan"))
+    qlist = torch.empty(bh, s, device=dev, dtype=torch.int32)
+    counts = torch.zeros(c, bh, device=dev, dtype=torch.int32)
+    n_prog = cfg["programs"] if interpreting() else cfg["ctas_per_sm"] * _sm_count(dev)
+    blk = cfg["compact_block"]
+    words = selection.bits.shape[-1]
+    for i_c in range(c):
+        attn_k.vmoba_compact_kernel[(triton.cdiv(s, blk), bh)](
+            selection.bits, qlist, counts[i_c], s, i_c, W=words, BLK=blk,
+        )
+        attn_k.vmoba_fwd_kernel[(n_prog,)](
+            q, k, v, out, acc, ml, layout.perm, qlist, counts[i_c],
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            h, s, bh, layout.starts_host[i_c], layout.lengths_host[i_c], softmax_scale * LOG2E,
+            D=d, BM=cfg["BM"], BN=cfg["BN"], BH_PAD=max(16, triton.next_power_of_2(bh)),
+            IDENTITY_PERM=layout.is_identity, IEEE=q.dtype == torch.float32,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return out
+
+
+def sparse_attention(q, k, v, *, grid, kind: str, config: VMoBAConfig, softmax_scale: float, stats=None):
+    """`vmoba_attention` on the device. `q, k, v [B, S, H, D]` -> `[B, S, H, D]`.
+
+    `stats`, if a dict, receives device tensors (no sync): `density` (0-dim fp64) and `bits`.
+    """
+    layout = block_layout(grid, kind, config, device=q.device)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    selection = select_bits(q, k, layout, config, kind)
+    out = attend(q, k, v, selection, softmax_scale)
+    if stats is not None:
+        stats["density"] = selection.density()
+        stats["num_blocks"] = layout.num_blocks
+    return out
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    idx = torch.device(device).index or 0
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
