@@ -92,3 +92,16 @@ def test_oom_restarts_the_worker_the_next_job_runs_and_sigterm_lets_the_last_fin
     assert store.get(last).status == "completed"
     assert store.get(after).status == "queued"
     assert store.live_workers() == []
+
+
+def test_watchdog_fails_a_hung_job_and_kills_its_process(redis_url, redis_client, tmp_path, procs):
+    """A job stuck between step boundaries (here: a 30 s sleep in one step) past its limit."""
+    env = worker_env(redis_url, tmp_path / "data", JOB_TIMEOUT_MIN_S=0.5, JOB_TIMEOUT_FACTOR=1,
+                     HARD_TIMEOUT_GRACE_S=0.5, WORKER_NAME="hung-worker")
+    worker = procs("worker.run", env, tmp_path / "worker.log")
+    store = JobStore(redis_client)
+    live_worker(store, lambda w: w["name"] == "hung-worker")
+    job_id = submit(redis_client, num_inference_steps=3, test_hooks={"step_delay_s": 30})
+    rec = wait_status(store, job_id, ("failed", "completed"), timeout_s=20)
+    assert (rec.status, rec.error_code) == ("failed", "timeout") and "no progress" in rec.error_message
+    assert worker.proc.wait(10) == -signal.SIGKILL  # the launcher would start a fresh one
