@@ -140,13 +140,14 @@ def masked_attention(
 ) -> torch.Tensor:
     """Dense attention with `-inf` on unselected blocks.
 
-    `q, k, v [B, S, H, D]`, `selected [B, H, S, C]` bool, `ids [S]` -> `[B, S, H, D]` in the
-    dtype of `q`. Queries are processed in chunks so memory stays bounded at large `S`.
+    `q [B, R, H, D]` (all `S` queries, or any `R` of them), `k, v [B, S, H, D]`,
+    `selected [B, H, R, C]` bool (the rows of `q`), `ids [S]` -> `[B, R, H, D]` in the dtype of
+    `q`. Queries are processed in chunks so memory stays bounded at large `S`.
     """
     bsz, s, h, _ = q.shape
     cdt = compute_dtype(q.dtype)
     if query_chunk is None:  # about 256M score elements per chunk
-        query_chunk = max(1, min(s, (1 << 28) // max(1, bsz * h * s)))
+        query_chunk = max(1, min(s, (1 << 28) // max(1, bsz * h * k.shape[1])))
     qf, kf, vf = (x.to(cdt).transpose(1, 2) for x in (q, k, v))  # [B, H, S, D]
     out = torch.empty_like(qf)
     for i0 in range(0, s, query_chunk):

@@ -1,0 +1,205 @@
+"""Attention benchmark (design note, section 10): VMoBA forward against dense and block-sparse
+baselines, Wan 2.1 1.3B self-attention shapes (B=1, H=12, D=128, bf16), all in one process.
+
+For each preset and layer kind (paper chunks):
+- `vmoba`, `topk` with k = round(rho * C) for rho in 25%, 15%, 10% (achieved density reported),
+  and `threshold_global` tau = 0.25 on locality-structured inputs (`vmoba.inputs.locality_qkv`:
+  q and k share a smooth random field of 12 cosines plus noise of half its scale);
+  `fwd_ms` includes pooling, gating and selection; `selection_ms` is that part alone.
+- baselines in the same run: SDPA cuDNN and SDPA flash (dense), and FlexAttention with a random
+  128x128 block mask of the VMoBA record's density (full blocks, the diagonal always kept).
+
+Timing: `triton.testing.do_bench`, median, CUDA events, L2 flushed between runs, warm-up
+excluded. `peak_extra_mem_bytes`: peak allocation during the call beyond inputs and output.
+`executed_over_useful`: attention FLOPs the kernel executes (padded tiles) over those the
+selection needs.
+
+    python -m bench.attention [--presets wan1.3b-720p-81f ...] [--out DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, median_ms, write_json
+from vmoba import VMoBAConfig, num_blocks
+from vmoba.inputs import locality_qkv
+from vmoba.kernels import launch
+from vmoba.kernels.configs import attention_config
+from vmoba.partition import block_layout
+
+KINDS = ("1d", "2d", "3d")
+TOPK_DENSITIES = (0.25, 0.15, 0.10)
+
+
+def dense_ms(q, k, v, backend) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, S, D], as they like it
+    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+    def run():
+        with sdpa_kernel(which):
+            return F.scaled_dot_product_attention(qt, kt, vt)
+
+    return median_ms(run)
+
+
+_FLEX = None
+
+
+def flex_ms(q, k, v, density: float, seed: int = 0) -> tuple[float, float]:
+    """FlexAttention with a random block mask of `density` (128x128 blocks, all full)."""
+    global _FLEX
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    b, s, h, d = q.shape
+    blk = 128
+    n = math.ceil(s / blk)
+    s_pad = n * blk
+    qt, kt, vt = (F.pad(x, (0, 0, 0, 0, 0, s_pad - s)).transpose(1, 2).contiguous() for x in (q, k, v))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    per_row = max(1, round(density * n))
+    scores = torch.rand(b, h, n, n, generator=gen)
+    eye = torch.eye(n, dtype=torch.bool)
+    scores[..., eye] = 2.0  # the diagonal block always kept
+    idx = scores.argsort(-1, descending=True)[..., :per_row].sort(-1).values.to(torch.int32)
+    idx = torch.cat([idx, torch.zeros(b, h, n, n - per_row, dtype=torch.int32)], -1).cuda()
+    counts = torch.full((b, h, n), per_row, dtype=torch.int32, device="cuda")
+    zero_counts = torch.zeros_like(counts)
+    mask = BlockMask.from_kv_blocks(zero_counts, idx, counts, idx, BLOCK_SIZE=blk, mask_mod=None)
+    ms = median_ms(lambda: _FLEX(qt, kt, vt, block_mask=mask))
+    return ms, per_row / n
+
+
+def work_ratio(bits_bool, layout, cfg) -> float:
+    """Executed over useful attention work of the kernel for a selection `[B, H, S, C]`."""
+    q_per_block = bits_bool.sum(2).double()  # [B, H, C]
+    lengths = layout.lengths.double()
+    bm, bn = cfg["BM"], cfg["BN"]
+    executed = (torch.ceil(q_per_block / bm) * bm * (torch.ceil(lengths / bn) * bn)).sum()
+    useful = (q_per_block * lengths).sum()
+    return float(executed / useful)
+
+
+def bench_vmoba(q, k, v, grid, kind, cfg):
+    layout = block_layout(grid, kind, cfg, device=q.device)
+    scale = 1 / math.sqrt(q.shape[-1])
+
+    def full():
+        sel = launch.select_bits(q, k, layout, cfg, kind)
+        return launch.attend(q, k, v, sel, scale)
+
+    full()  # compile
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = full()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
+    del out
+    fwd = median_ms(full)
+    sel_ms = median_ms(lambda: launch.select_bits(q, k, layout, cfg, kind))
+    sel = launch.select_bits(q, k, layout, cfg, kind)
+    density = float(sel.density())
+    ratio = work_ratio(sel.to_bool(), layout, attention_config(q.shape[-1], False))
+    return dict(fwd_ms=fwd, selection_ms=sel_ms, density=density, peak_extra_mem_bytes=int(extra),
+                executed_over_useful=ratio)
+
+
+def run_preset(name, grid, quick: bool, env: dict, records: list):
+    torch.manual_seed(0)
+    q, k, v = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    s = q.shape[1]
+    base = dict(gpu=env["gpu"], commit=env["commit"], preset=name, tokens=s, grid=list(grid), heads=HEADS,
+                head_dim=HEAD_DIM, dtype="bf16", batch=1)
+    q_bytes = q.numel() * q.element_size()
+    dense = {}
+    for backend in ("cudnn", "flash"):
+        try:
+            dense[backend] = dense_ms(q, k, v, backend)
+            records.append({**base, "layer_kind": "all", "impl": f"sdpa_{backend}", "select": "dense",
+                            "density": 1.0, "fwd_ms": dense[backend], "selection_ms": 0.0,
+                            "peak_extra_mem_bytes": None, "executed_over_useful": 1.0})
+            print(f"{name} sdpa_{backend}: {dense[backend]:.2f} ms", flush=True)
+        except Exception as exc:  # a baseline missing on this build is reported, not fatal
+            print(f"{name} sdpa_{backend} failed: {exc}", flush=True)
+    cudnn = dense.get("cudnn")
+    paper = VMoBAConfig.for_grid(grid)
+    for kind in KINDS:
+        c = num_blocks(grid, kind, paper)
+        layer = KINDS.index(kind)
+        settings = [("threshold_global", dict(select="threshold_global", threshold=0.25))]
+        for rho in TOPK_DENSITIES if not quick else (0.25,):
+            kk = max(1, round(rho * c))
+            settings.append((f"topk{kk}", dict(select="topk", topk=(kk, kk, kk))))
+        for label, changes in settings:
+            cfg = paper.replace(**changes)
+            assert cfg.kind(layer) == kind
+            try:
+                res = bench_vmoba(q, k, v, grid, kind, cfg)
+            except Exception:
+                traceback.print_exc()
+                continue
+            rec = {**base, "layer_kind": kind, "impl": "vmoba", "select": label, "blocks": c, **res,
+                   "peak_extra_mem_over_q": res["peak_extra_mem_bytes"] / q_bytes}
+            if cudnn:
+                rec["speedup_vs_cudnn"] = cudnn / res["fwd_ms"]
+            records.append(rec)
+            print(f"{name} {kind} vmoba {label}: {res['fwd_ms']:.2f} ms (sel {res['selection_ms']:.2f}) "
+                  f"density {res['density']:.3f} x{rec.get('speedup_vs_cudnn', 0):.2f} "
+                  f"mem {rec['peak_extra_mem_over_q']:.2f}q ratio {res['executed_over_useful']:.2f}", flush=True)
+            try:
+                fms, fdens = flex_ms(q, k, v, res["density"])
+                frec = {**base, "layer_kind": kind, "impl": "flex", "select": f"random_blocks_for_{label}",
+                        "density": fdens, "fwd_ms": fms, "selection_ms": 0.0, "peak_extra_mem_bytes": None,
+                        "executed_over_useful": 1.0}
+                if cudnn:
+                    frec["speedup_vs_cudnn"] = cudnn / fms
+                records.append(frec)
+                print(f"{name} {kind} flex @ {fdens:.3f}: {fms:.2f} ms x{frec.get('speedup_vs_cudnn', 0):.2f}",
+                      flush=True)
+            except Exception:
+                traceback.print_exc()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", nargs="*", default=list(PRESETS))
+    ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--quick", action="store_true", help="top-k at 25%% only")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench.attention needs a CUDA GPU")
+    env = environment()
+    print(env, flush=True)
+    records: list = []
+    from pathlib import Path
+
+    path = Path(args.out) / f"attention-{gpu_slug()}.json"
+    for name in args.presets:
+        run_preset(name, PRESETS[name], args.quick, env, records)
+        write_json(path, {"environment": env, "records": records})
+    table(records)
+
+
+def table(records):
+    print("\n| tokens | kind | impl | select | density | fwd ms | sel ms | x cuDNN | mem/q | exec/useful |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        mem = r.get("peak_extra_mem_over_q")
+        print(f"| {r['tokens']} | {r['layer_kind']} | {r['impl']} | {r['select']} | {r['density']:.3f} | "
+              f"{r['fwd_ms']:.2f} | {r['selection_ms']:.2f} | {r.get('speedup_vs_cudnn', 0):.2f} | "
+              f"{'' if mem is None else f'{mem:.2f}'} | {r['executed_over_useful']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Compile the kernels for Hopper (sm_90a) without a GPU and report registers, spills, shared
+memory and whether the matmuls became wgmma: the cheap first look before any device time.
+
+    python -m bench.compile_report
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from vmoba.kernels import attention as attn_k
+from vmoba.kernels import gate as gate_k
+
+PTR_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "km_hi_ptr": "*bf16",
+             "km_lo_ptr": "*bf16", "acc_ptr": "*fp32", "ml_ptr": "*fp32", "stats_ptr": "*fp32",
+             "range_ptr": "*fp32", "att_ptr": "*fp32", "cand_ptr": "*i64", "cutoff_ptr": "*i64",
+             "ids_ptr": "*i64", "out_ptr": "*fp32"}
+FLOAT_ARGS = {"qk_scale", "tau"}
+
+
+def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int = 3):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name.endswith("_ptr") or name.startswith("stride_"):
+            attrs[(i,)] = [["tt.divisibility", 16]]  # as at launch: aligned tensors, strides of D
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = PTR_TYPES.get(name, "*i32")
+        else:
+            sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    src = ASTSource(fn, sig, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
+                                                                             num_stages=num_stages))
+
+
+def ptxas_report(kernel) -> str:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    return " ".join(re.findall(r"(Used \d+ registers|\d+ bytes spill stores|\d+ bytes spill loads|"
+                               r"\d+ bytes smem)", res.stderr)) or res.stderr[-400:]
+
+
+def main():
+    cases = [
+        ("fwd D128 BM128 BN64 w8 s2", attn_k.vmoba_fwd_kernel,
+         dict(D=128, BM=128, BN=64, BH_PAD=16, IDENTITY_PERM=False, IEEE=False), 8, 2),
+        ("fwd D128 BM128 BN128 w8 s2", attn_k.vmoba_fwd_kernel,
+         dict(D=128, BM=128, BN=128, BH_PAD=16, IDENTITY_PERM=False, IEEE=False), 8, 2),
+        ("fwd D64 BM128 BN64 w4 s3", attn_k.vmoba_fwd_kernel,
+         dict(D=64, BM=128, BN=64, BH_PAD=16, IDENTITY_PERM=False, IEEE=False), 4, 3),
+        ("gate rows C128", gate_k.vmoba_gate_kernel,
+         dict(BM=64, C_PAD=128, D=128, NB=256, PHASE=0, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=3), 4, 1),
+        ("gate hist C64", gate_k.vmoba_gate_kernel,
+         dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=2, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=2), 4, 1),
+        ("gate mask C64", gate_k.vmoba_gate_kernel,
+         dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=5, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=2), 4, 1),
+        ("compact W4", attn_k.vmoba_compact_kernel, dict(W=4, BLK=1024), 4, 1),
+    ]
+    for name, fn, const, warps, stages in cases:
+        kernel = compile_for_hopper(fn, const, warps, stages)
+        ptx = kernel.asm["ptx"]
+        print(f"{name:32s} {ptxas_report(kernel)}  wgmma={'wgmma' in ptx} cp.async={'cp.async' in ptx}")
+
+
+if __name__ == "__main__":
+    main()
