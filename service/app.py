@@ -10,9 +10,11 @@ Routes: `routes.native` (`/generate`, `/jobs...`), `routes.openai` (`/v1/videos.
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from typing import Optional
 
+import anyio
 from fastapi import FastAPI
 
 from .auth import AuthMiddleware
@@ -21,6 +23,8 @@ from .metrics import MetricsMiddleware
 from .routes import native, openai, ops
 from .settings import ServiceSettings, get_settings
 from .state import open_state
+
+log = logging.getLogger("service")
 
 
 def create_app(settings: Optional[ServiceSettings] = None) -> FastAPI:
@@ -31,6 +35,10 @@ def create_app(settings: Optional[ServiceSettings] = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state = open_state(settings)
         app.state.vmoba = state
+        try:
+            await anyio.to_thread.run_sync(state.prime)
+        except Exception as e:  # Redis down at start: requests will say so (503)
+            log.warning("could not reach Redis at startup: %s", e)
         try:
             yield
         finally:

@@ -193,16 +193,20 @@ def _encode_value(value) -> str:
     return str(value.value if hasattr(value, "value") else value)
 
 
-def encode_fields(fields: dict) -> list:
-    """Flat `[name, value, ...]` for HSET; `timings={...}` becomes `t:<name>` fields."""
-    out = []
+def encode_fields(fields: dict) -> dict:
+    """Hash fields as strings; `timings={...}` becomes `t:<name>` fields."""
+    out = {}
     for name, value in fields.items():
         if name == "timings":
             for tname, tval in (value or {}).items():
-                out += [f"t:{tname}", repr(float(tval))]
+                out[f"t:{tname}"] = repr(float(tval))
             continue
-        out += [name, _encode_value(value)]
+        out[name] = _encode_value(value)
     return out
+
+
+def _fields_json(fields: dict) -> str:
+    return json.dumps(encode_fields(fields), separators=(",", ":"))
 
 
 def decode_record(job_id: str, raw: dict) -> Optional[JobRecord]:
@@ -251,9 +255,21 @@ def make_event(rec_fields: dict, job_id: str, type_: str, **extra) -> dict:
 # Create a record unless the Idempotency-Key maps to a live job or the queue is full.
 # KEYS: job hash, index zset, queued zset, idempotency key
 # ARGV: job id, created score, max queued (0 = no limit), use idempotency ("1"/"0"),
-#       idempotency ttl s, request sha, field, value, ...
+#       idempotency ttl s, request sha, fields (a JSON object of strings: one argument instead of
+#       dozens, which costs the client less to encode)
 # Returns {"created"|"existing"|"conflict"|"full", job id, queue rank or -1}.
-_CREATE_LUA = """
+_FLAT_LUA = """
+local function flat(json)
+  local out = {}
+  for k, v in pairs(cjson.decode(json)) do
+    out[#out + 1] = k
+    out[#out + 1] = v
+  end
+  return out
+end
+"""
+
+_CREATE_LUA = _FLAT_LUA + """
 if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[4])
   if existing then
@@ -270,7 +286,7 @@ local max = tonumber(ARGV[3])
 if max > 0 and redis.call('ZCARD', KEYS[3]) >= max then
   return {'full', '', -1}
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], unpack(flat(ARGV[7])))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 if ARGV[4] == '1' then
@@ -290,9 +306,9 @@ return {'created', ARGV[1], redis.call('ZRANK', KEYS[3], ARGV[1])}
 # ARGV[9] running op, ARGV[10] its score
 # ARGV[11] expiry op, ARGV[12] its score
 # ARGV[13] hash field to increment by 1 ('' = none)
-# ARGV[14..] field, value pairs to set
+# ARGV[14] fields to set, a JSON object of strings ('{}' = none)
 # Returns the event's seq, 0 if the job does not exist, -1 if its status was not allowed.
-_TRANSITION_LUA = """
+_TRANSITION_LUA = _FLAT_LUA + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' then
   local cur = redis.call('HGET', KEYS[1], 'status')
@@ -302,7 +318,8 @@ if ARGV[1] ~= '' then
   end
   if not ok then return -1 end
 end
-if #ARGV >= 14 then redis.call('HSET', KEYS[1], unpack(ARGV, 14)) end
+local fields = flat(ARGV[14])
+if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
 if ARGV[13] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[13], 1) end
 local ops = {{KEYS[3], ARGV[7], ARGV[8]}, {KEYS[4], ARGV[9], ARGV[10]}, {KEYS[5], ARGV[11], ARGV[12]}}
 for _, op in ipairs(ops) do
@@ -373,7 +390,7 @@ class JobStoreBase:
         fields = self._new_record_fields(job_id, request, model=model, seed=seed, sha=sha, now=now)
         keys = [job_key(job_id), INDEX_KEY, QUEUED_KEY, idempotency_key or f"{PREFIX}idem:-"]
         args = [job_id, repr(now), int(max_queued or 0), "1" if idempotency_key else "0",
-                int(idempotency_ttl_s), sha, *encode_fields(fields)]
+                int(idempotency_ttl_s), sha, _fields_json(fields)]
         return keys, args
 
     def _transition_args(self, job_id: str, *, allowed: Iterable[str] = (), event: str = "",
@@ -388,7 +405,7 @@ class JobStoreBase:
         allowed = ",".join(s.value if hasattr(s, "value") else s for s in allowed)
         args = [allowed, ev, events_channel(job_id), REPLAY_LEN, int(ttl_s), job_id,
                 queued, repr(score), running, repr(score), expiry, repr(score), incr,
-                *encode_fields(fields)]
+                _fields_json(fields)]
         return _Transition(keys, args)
 
     def _finish_fields(self, status: JobStatus, now: float, **extra) -> dict:

@@ -75,8 +75,9 @@ class ServiceSettings(BaseSettings):
     # Interface and port of the API (`make serve` prints the URL).
     HOST: str = "127.0.0.1"
     PORT: int = Field(8000, ge=1, le=65535)
-    # Uvicorn worker processes for the API (`make serve`); 1 keeps metrics in one process.
-    API_WORKERS: int = Field(1, ge=1, le=64)
+    # Uvicorn worker processes for the API (`make serve`). Two hold 100 concurrent clients well
+    # on a 2-core machine (bench/results/api-*.json); metrics are summed across them.
+    API_WORKERS: int = Field(2, ge=1, le=64)
     # Comma-separated bearer keys; empty means no authentication. /healthz and /readyz stay open.
     API_KEYS: str = ""
     # Largest request body accepted (JSON or multipart), bytes.

@@ -28,6 +28,11 @@ class AppState:
     store: AsyncJobStore
     queue: Queue
 
+    def prime(self) -> None:
+        """Cache what RQ asks Redis once per queue (its server version), so that recording an
+        enqueue (`submit.rq_commands`) never touches the network. Blocking: run in a thread."""
+        self.queue.get_redis_server_version()
+
     async def close(self) -> None:
         await self.redis.aclose()
         self.sync_redis.close()

@@ -4,8 +4,10 @@
 2. Resolve the seed, then create the record atomically with the queue-depth check (429 +
    Retry-After when full, before anything is enqueued) and the Idempotency-Key mapping (the same
    key and body give the same job; the same key with another body is a 409).
-3. Enqueue `worker.jobs.generate_video(payload)` in RQ by dotted path (a thread: RQ is
-   synchronous). If that fails the record is marked failed and the client gets a 503.
+3. Enqueue `worker.jobs.generate_video(payload)` in RQ by dotted path. RQ is synchronous, so it
+   writes its commands into a pipeline that is never executed (`enqueue_call(pipeline=...)`), and
+   those commands go to Redis in one MULTI on the async client: the event loop never blocks and
+   no thread hop is paid. If that fails the record is marked failed and the client gets a 503.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import logging
 import time
 from typing import Optional
 
-import anyio
 from rq.job import Job
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 
@@ -68,7 +69,7 @@ async def submit(state: AppState, req: GenerateRequest, *, idem_key: Optional[st
         return rec, result.position, False
 
     try:
-        await anyio.to_thread.run_sync(_enqueue, state, job_id, payload)
+        await enqueue(state, job_id, payload)
     except Exception as e:  # Redis went away between the two steps
         log.exception("enqueue of %s failed", job_id)
         try:
@@ -82,11 +83,27 @@ async def submit(state: AppState, req: GenerateRequest, *, idem_key: Optional[st
     return rec, result.position, True
 
 
-def _enqueue(state: AppState, job_id: str, payload: dict) -> None:
+def rq_commands(state: AppState, job_id: str, payload: dict) -> list:
+    """The Redis commands with which RQ would enqueue the job (recorded, not run)."""
     s = state.settings
-    state.queue.enqueue_call(
-        JOB_FUNCTION, args=(payload,), job_id=job_id, timeout=s.JOB_TIMEOUT_BACKSTOP_S,
-        result_ttl=s.RETENTION_S, failure_ttl=s.RETENTION_S, description=f"generate {job_id}")
+    pipe = state.sync_redis.pipeline(transaction=True)
+    try:
+        state.queue.enqueue_call(
+            JOB_FUNCTION, args=(payload,), job_id=job_id, timeout=s.JOB_TIMEOUT_BACKSTOP_S,
+            result_ttl=s.RETENTION_S, failure_ttl=s.RETENTION_S,
+            description=f"generate {job_id}", pipeline=pipe)
+        return list(pipe.command_stack)
+    finally:
+        pipe.reset()
+
+
+async def enqueue(state: AppState, job_id: str, payload: dict) -> None:
+    """Put the job on RQ's queue: RQ's own commands, sent in one MULTI on the async client."""
+    commands = rq_commands(state, job_id, payload)
+    async with state.redis.pipeline(transaction=True) as pipe:
+        for args, options in commands:
+            pipe.execute_command(*args, **options)
+        await pipe.execute()
 
 
 def cancel_in_rq(state: AppState, job_id: str) -> None:

@@ -169,3 +169,16 @@ def test_concurrent_creates_respect_capacity(store):
         t.join()
     assert results.count("created") == 25 and results.count("full") == 25
     assert store.queue_depth() == 25
+
+
+def test_unicode_and_odd_strings_round_trip(store):
+    prompt = 'a 🦊 fox — ünïcode "quoted" \\ back\\slash \n newline \u0000 nul 中文'
+    outcome, job_id, _ = store.create({"prompt": prompt, "attention": {"topk": [2, 6, 18]}},
+                                      model="tiny", seed=2**62)
+    rec = store.get(job_id)
+    assert rec.request["prompt"] == prompt and rec.seed == 2**62
+    assert rec.request["attention"] == {"topk": [2, 6, 18]}
+    store.mark_started(job_id, worker="wörker 🦊")
+    store.mark_failed(job_id, "internal_error", prompt)
+    rec = store.get(job_id)
+    assert rec.error_message == prompt and rec.worker == "wörker 🦊"
