@@ -203,8 +203,9 @@ def main(argv=None) -> int:
                     max_pixels=max(1280 * 720, args.width * args.height))
     request = GenerateRequest.model_validate(body, context={"limits": limits})
 
+    redis_binary = find_redis_server(args.redis_server)
     work = Path(tempfile.mkdtemp(prefix="worker-e2e-"))
-    redis_proc, redis_url = start_redis(find_redis_server(args.redis_server), work)
+    redis_proc, redis_url = start_redis(redis_binary, work)
     env = {
         **os.environ, "PYTHONPATH": str(REPO_ROOT), "REDIS_URL": redis_url,
         "DATA_DIR": str(work / "data"), "MODEL": args.model, "WORKER_DEVICE": args.device,
