@@ -103,6 +103,19 @@ def test_api_and_worker_share_results_and_settings(base):
     assert base["services"]["api"]["ports"][0]["target"] == 8000
 
 
+def test_worker_validates_with_the_api_limits(base):
+    """The worker checks every payload again with `GenerateRequest`: it must see the same limits."""
+    from service.settings import ServiceSettings
+
+    worker_env = base["services"]["worker"]["environment"]
+    api_env = base["services"]["api"]["environment"]
+    limits = [n for n in ServiceSettings.model_fields
+              if n.startswith(("MAX_", "MIN_")) and n not in ("MAX_QUEUE_DEPTH", "MAX_BODY_BYTES")]
+    assert limits
+    for name in limits:
+        assert name in worker_env and worker_env[name] == api_env.get(name), name
+
+
 def test_settings_come_from_the_environment():
     config = compose_config(BASE, env={"MODEL": "/models/my-wan", "PORT": "9000", "WORKER_GPUS": "1",
                                        "API_KEYS": "k1,k2", "RETENTION_S": "3600"})
