@@ -325,6 +325,50 @@ def frames_for_seconds(seconds: float, fps: int) -> int:
     return 4 * max(1, round(seconds * fps / 4)) + 1
 
 
+class VideoCreateForm(BaseModel):
+    """`POST /v1/videos` fields (documentation only: the route converts them, see
+    `routes.openai.from_openai`). Form values are strings; `attention` may be JSON or
+    `attention[backend]=...` keys."""
+
+    prompt: str
+    model: Optional[str] = Field(None, description="must be the served model, or omitted")
+    seconds: Optional[str] = Field(None, description='clip length, e.g. "4" (16 fps: 65 frames)')
+    size: Optional[str] = Field(None, description='"WIDTHxHEIGHT", multiples of 16')
+    negative_prompt: Optional[str] = None
+    seed: Optional[int] = None
+    num_frames: Optional[int] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    num_inference_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    fps: Optional[int] = None
+    attention: Optional[AttentionRequest] = None
+
+
+def _inline_refs(schema: dict) -> dict:
+    """A JSON schema with its `$defs` references inlined (for OpenAPI `openapi_extra`)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(dict(defs[ref.split("/")[-1]]))
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+def request_body(content: dict) -> dict:
+    """`openapi_extra` documenting a body the route reads itself: `{media type: model}`."""
+    return {"requestBody": {"required": True, "content": {
+        media: {"schema": _inline_refs(model.model_json_schema())}
+        for media, model in content.items()}}}
+
+
 # -- response objects --------------------------------------------------------------------------
 
 

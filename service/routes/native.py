@@ -11,7 +11,7 @@ from .. import metrics
 from ..bodies import parse_json_object, read_body
 from ..errors import APIError
 from ..responses import JSON
-from ..schemas import ErrorBody, JobObject
+from ..schemas import ErrorBody, GenerateRequest, JobObject, request_body
 from ..sse import job_events
 from ..state import get_state
 from ..submit import submit, validate_request
@@ -22,7 +22,8 @@ router = APIRouter(tags=["native"])
 ERRORS = {c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 429)}
 
 
-@router.post("/generate", status_code=202, response_model=JobObject, responses=ERRORS)
+@router.post("/generate", status_code=202, response_model=JobObject, responses=ERRORS,
+             openapi_extra=request_body({"application/json": GenerateRequest}))
 async def generate(request: Request):
     """Queue a text-to-video job (JSON body: `GenerateRequest`). 202 with the job and
     `Location: /jobs/{id}`; 429 + Retry-After when the queue is full."""
@@ -82,14 +83,16 @@ async def job_events_route(request: Request, job_id: str,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.api_route("/jobs/{job_id}/video", methods=["GET", "HEAD"], responses=ERRORS)
+@router.get("/jobs/{job_id}/video", responses=ERRORS)
+@router.head("/jobs/{job_id}/video", include_in_schema=False)
 async def job_video(request: Request, job_id: str):
     """The mp4 (H.264, yuv420p, faststart); HTTP Range gives 206 partial content."""
     return await common.file_response(get_state(request), job_id, common.VIDEO_FILE,
                                       "video/mp4", f"{job_id}.mp4")
 
 
-@router.api_route("/jobs/{job_id}/thumbnail", methods=["GET", "HEAD"], responses=ERRORS)
+@router.get("/jobs/{job_id}/thumbnail", responses=ERRORS)
+@router.head("/jobs/{job_id}/thumbnail", include_in_schema=False)
 async def job_thumbnail(request: Request, job_id: str):
     """A JPEG preview frame."""
     return await common.file_response(get_state(request), job_id, common.THUMBNAIL_FILE,

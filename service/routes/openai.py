@@ -18,7 +18,15 @@ from .. import metrics
 from ..bodies import parse_form_or_json, read_body
 from ..errors import APIError
 from ..responses import JSON
-from ..schemas import ErrorBody, VideoObject, _to_float, _to_int, frames_for_seconds
+from ..schemas import (
+    ErrorBody,
+    VideoCreateForm,
+    VideoObject,
+    _to_float,
+    _to_int,
+    frames_for_seconds,
+    request_body,
+)
 from ..state import AppState, get_state
 from ..submit import submit, validate_request
 from ..views import video_view
@@ -76,7 +84,9 @@ def from_openai(state: AppState, body: dict) -> dict:
     return body
 
 
-@router.post("/videos", response_model=VideoObject, responses=ERRORS)
+@router.post("/videos", response_model=VideoObject, responses=ERRORS,
+             openapi_extra=request_body({"multipart/form-data": VideoCreateForm,
+                                         "application/json": VideoCreateForm}))
 async def create_video(request: Request):
     """Create a video job (multipart, urlencoded or JSON)."""
     state = get_state(request)
@@ -115,7 +125,8 @@ async def retrieve_video(request: Request, video_id: str):
     return JSON(video_view(rec, pos), headers=common.poll_headers(state))
 
 
-@router.api_route("/videos/{video_id}/content", methods=["GET", "HEAD"], responses=ERRORS)
+@router.get("/videos/{video_id}/content", responses=ERRORS)
+@router.head("/videos/{video_id}/content", include_in_schema=False)
 async def video_content(request: Request, video_id: str, variant: str = Query("video")):
     """The mp4 (`variant=video`, HTTP Range supported) or the JPEG thumbnail."""
     state = get_state(request)

@@ -155,3 +155,13 @@ def test_failed_job_shows_its_error(http, store):
     assert job["error"] == {"code": "gpu_oom", "message": "81x720x1280 did not fit in 80 GB"}
     r = http.get(f"/jobs/{job_id}/video")
     assert r.status_code == 409 and "gpu_oom" in r.json()["error"]["message"]
+
+
+def test_openapi_documents_both_families(http):
+    spec = http.get("/openapi.json").json()
+    body = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]
+    assert "num_frames" in body["schema"]["properties"]
+    assert "attention" in body["schema"]["properties"]
+    assert "multipart/form-data" in spec["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
+    assert {"/jobs/{job_id}/events", "/v1/videos/{video_id}/content", "/metrics"} <= set(
+        spec["paths"])
