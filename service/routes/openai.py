@@ -100,9 +100,12 @@ async def create_video(request: Request):
         if e.status == 429:
             metrics.REJECTED.labels("queue_full").inc()
         raise
+    headers = {"Location": f"/v1/videos/{rec.id}"}
     if created:
         metrics.SUBMITTED.inc()
-    return JSON(video_view(rec, pos), headers={"Location": f"/v1/videos/{rec.id}"})
+    else:
+        headers["Idempotent-Replayed"] = "true"
+    return JSON(video_view(rec, pos), headers=headers)
 
 
 @router.get("/videos", responses=ERRORS)
