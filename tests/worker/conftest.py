@@ -4,6 +4,8 @@ processes started for real (stopped at the end of each test). Helpers live in
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from worker_helpers import Proc, configure, worker_env
@@ -34,9 +36,11 @@ def rt(tiny_runtime, redis_client, tmp_path):
     tiny_runtime.current = None
     tiny_runtime.stop_requested_at = None
     tiny_runtime.restart_reason = None
+    speed = dataclasses.replace(tiny_runtime.speed)
     runtime_mod.install(tiny_runtime)
     yield tiny_runtime
     runtime_mod.install(None)
+    tiny_runtime.speed = speed  # a test's jobs must not change the next test's timeouts
 
 
 @pytest.fixture

@@ -158,6 +158,8 @@ def test_cancel_while_running_stops_within_one_step(rt, redis_client):
 
 def test_timeout_fails_with_code(rt, redis_client):
     configure(rt, JOB_TIMEOUT_MIN_S=0.3, JOB_TIMEOUT_FACTOR=1.0)
+    # A fast measured speed (as on an idle machine): the limit is the 0.3 s floor.
+    rt.speed.s_per_unit, rt.speed.s_per_mpx, rt.speed.fixed_s = 1e-7, 1e-3, 0.01
     job_id = submit(redis_client, num_inference_steps=6, test_hooks={"step_delay_s": 0.4})
     run_worker(rt)
     rec = JobStore(redis_client).get(job_id)
@@ -234,3 +236,23 @@ def test_sigterm_lets_a_short_job_finish(rt, redis_client):
     assert store.get(job_id).status == "completed"
     assert store.get(waiting).status == "queued"
     assert Queue("vmoba", connection=redis_client).job_ids == [waiting]
+
+
+def test_timeout_comes_from_the_request_size_and_measured_speed(rt, redis_client):
+    from worker.speed import Shape
+
+    configure(rt, JOB_TIMEOUT_MIN_S=0.001, JOB_TIMEOUT_FACTOR=4.0)
+    rt.speed.s_per_unit, rt.speed.s_per_mpx, rt.speed.fixed_s = 0.01, 2.0, 1.0
+    small = Shape(5, 32, 32, 2, 5.0)
+    big = Shape(9, 48, 64, 3, 5.0)
+    expected = {s: 4.0 * rt.speed.estimate_s(s) for s in (small, big)}
+    ids = {s: submit(redis_client, num_frames=s.num_frames, height=s.height, width=s.width,
+                     num_inference_steps=s.steps) for s in (small, big)}
+    before = rt.speed.samples
+    run_worker(rt)
+    for shape, job_id in ids.items():
+        meta = json.loads((rt.storage.job_dir(job_id) / "meta.json").read_text())
+        if shape == small:  # the first job ran with the speed set above
+            assert meta["worker"]["timeout_s"] == pytest.approx(expected[shape])
+    assert expected[big] > 2 * expected[small]
+    assert rt.speed.samples == before + 2  # each completed job refines the measured speed
