@@ -196,7 +196,7 @@ class Stack:
             raise SystemExit(f"port {s.PORT} on {s.HOST} is in use; set PORT to a free port "
                              f"(e.g. PORT={free_port()} make serve)")
         Path(s.DATA_DIR).mkdir(parents=True, exist_ok=True)
-        if "REDIS_URL" not in self.env:
+        if not self.env.get("REDIS_URL"):
             self._start_redis()
         else:
             log(f"using Redis at {self.env['REDIS_URL']}")
@@ -299,6 +299,8 @@ def banner(url: str, settings: ServiceSettings) -> str:
 def main() -> int:
     settings = ServiceSettings()
     env = dict(os.environ)
+    if not env.get("REDIS_URL"):
+        env.pop("REDIS_URL", None)  # empty means unset: start a private server
     # Children see the same settings the supervisor resolved.
     env.setdefault("DATA_DIR", str(Path(settings.DATA_DIR).resolve()))
     env.setdefault("MODEL", settings.MODEL)
