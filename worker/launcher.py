@@ -136,7 +136,7 @@ class Launcher:
 
     def on_exit(self, slot: Slot, code: int) -> None:
         uptime = time.monotonic() - slot.started_at
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        how = f"signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
         slot.history.append((slot.name, code))
         (log.info if code in (0, EXIT_RESTART) else log.warning)(
             "worker %s (pid %d) ended after %.1f s with %s", slot.name, slot.proc.pid, uptime, how)
@@ -204,6 +204,13 @@ class Launcher:
                 except Exception:
                     log.exception("janitor sweep failed")
             time.sleep(POLL_S)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def setup_logging(level: str) -> None:
