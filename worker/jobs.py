@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass
 
 from rq import Retry
+from rq.timeouts import JobTimeoutException
 
 from service.jobs import cancel_key, is_job_id, job_key, new_seed
 from service.schemas import ErrorCode, Stage, split_payload
@@ -82,13 +83,13 @@ class JobTakenAway(StopJob):
 
 
 @dataclass(frozen=True)
-class TestHooks:
+class FaultHooks:
     step_delay_s: float = 0.0
     oom_at_step: int = 0
     fail_at_step: int = 0
 
     @classmethod
-    def parse(cls, raw, enabled: bool) -> TestHooks:
+    def parse(cls, raw, enabled: bool) -> FaultHooks:
         if not raw:
             return cls()
         if not enabled:
@@ -134,7 +135,7 @@ class JobRun:
             return {"job_id": job_id, "status": "cancelled"}
         try:
             body = dict(self.payload)
-            hooks = TestHooks.parse(body.pop("_test", None), self.settings.ENABLE_TEST_HOOKS)
+            hooks = FaultHooks.parse(body.pop("_test", None), self.settings.ENABLE_TEST_HOOKS)
             _, request = split_payload(body)
             attention = self.rt.attention_settings(request.attention.model_dump(mode="json"))
         except ValueError as exc:
@@ -178,7 +179,7 @@ class JobRun:
                 store.mark_failed(job_id, ErrorCode.gpu_oom.value, message)
                 self.rt.restart_reason = "gpu_oom"
                 return {"job_id": job_id, "status": "failed", "error": "gpu_oom"}
-            if type(exc).__name__ == "JobTimeoutException":  # RQ's backstop alarm
+            if isinstance(exc, JobTimeoutException):  # RQ's backstop alarm (job_timeout)
                 store.mark_failed(job_id, ErrorCode.timeout.value, f"timed out: {_one_line(exc)}")
                 return {"job_id": job_id, "status": "failed", "error": "timeout"}
             log.exception("job %s failed", job_id)
@@ -189,7 +190,7 @@ class JobRun:
             self.rt.end_job()
             free_memory(self.rt.device)
 
-    def _run_started(self, request, attention, hooks: TestHooks, attempt: int) -> dict:
+    def _run_started(self, request, attention, hooks: FaultHooks, attempt: int) -> dict:
         rt, store, job_id, cur = self.rt, self.store, self.job_id, self.cur
         seed = request.seed
         if seed is None:
@@ -229,7 +230,7 @@ class JobRun:
         return {"job_id": job_id, "status": "completed", "timings": timings}
 
     # -- per step ------------------------------------------------------------------------------
-    def _on_step(self, done: int, total: int, hooks: TestHooks) -> None:
+    def _on_step(self, done: int, total: int, hooks: FaultHooks) -> None:
         cur = self.cur
         cur.step, cur.total_steps = done, total
         if hooks.oom_at_step == done:

@@ -256,3 +256,14 @@ def test_timeout_comes_from_the_request_size_and_measured_speed(rt, redis_client
             assert meta["worker"]["timeout_s"] == pytest.approx(expected[shape])
     assert expected[big] > 2 * expected[small]
     assert rt.speed.samples == before + 2  # each completed job refines the measured speed
+
+
+def test_rq_backstop_timeout_also_ends_as_timeout(rt, redis_client):
+    """RQ's own `job_timeout` (the API's generous backstop) still leaves a clean record."""
+    configure(rt, JOB_TIMEOUT_MIN_S=600)
+    job_id = submit(redis_client, job_timeout=1, num_inference_steps=6,
+                    test_hooks={"step_delay_s": 0.5})
+    run_worker(rt)
+    rec = JobStore(redis_client).get(job_id)
+    assert (rec.status, rec.error_code) == ("failed", "timeout")
+    assert "1 seconds" in rec.error_message
