@@ -33,6 +33,8 @@ def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int = 3
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name.endswith("_desc"):
+            sig[name] = f"tensordesc<bf16[{constexprs['BN']}, {constexprs['D']}]>"
         elif name.endswith("_ptr"):
             sig[name] = PTR_TYPES.get(name, "*i32")
         else:
@@ -57,11 +59,11 @@ def ptxas_report(kernel) -> str:
 def main():
     cases = [
         ("fwd D128 BM128 BN64 w8 s2", attn_k.vmoba_fwd_kernel,
-         dict(D=128, BM=128, BN=64, BH_PAD=16, IDENTITY_PERM=False, IEEE=False), 8, 2),
-        ("fwd D128 BM128 BN128 w8 s2", attn_k.vmoba_fwd_kernel,
-         dict(D=128, BM=128, BN=128, BH_PAD=16, IDENTITY_PERM=False, IEEE=False), 8, 2),
+         dict(D=128, BM=128, BN=64, BH_PAD=16, IEEE=False), 8, 2),
+        ("fwd D128 BM128 BN128 w8 s3", attn_k.vmoba_fwd_kernel,
+         dict(D=128, BM=128, BN=128, BH_PAD=16, IEEE=False), 8, 3),
         ("fwd D64 BM128 BN64 w4 s3", attn_k.vmoba_fwd_kernel,
-         dict(D=64, BM=128, BN=64, BH_PAD=16, IDENTITY_PERM=False, IEEE=False), 4, 3),
+         dict(D=64, BM=128, BN=64, BH_PAD=16, IEEE=False), 4, 3),
         ("gate rows C128", gate_k.vmoba_gate_kernel,
          dict(BM=64, C_PAD=128, D=128, NB=256, PHASE=0, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=3), 4, 1),
         ("gate hist C64", gate_k.vmoba_gate_kernel,
@@ -73,7 +75,7 @@ def main():
     for name, fn, const, warps, stages in cases:
         kernel = compile_for_hopper(fn, const, warps, stages)
         ptx = kernel.asm["ptx"]
-        print(f"{name:32s} {ptxas_report(kernel)}  wgmma={'wgmma' in ptx} cp.async={'cp.async' in ptx}")
+        print(f"{name:32s} {ptxas_report(kernel)}  wgmma={'wgmma' in ptx} cp.async={'cp.async' in ptx} tma={'cp.async.bulk.tensor' in ptx}")
 
 
 if __name__ == "__main__":

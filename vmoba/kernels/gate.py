@@ -100,6 +100,20 @@ def _gate_tile(q_ptr, km_hi_ptr, km_lo_ptr, i_b, i_h, i_bh, o_i, m_i, stride_qb,
 
 
 @triton.jit
+def _add_histogram(hist_ptr, i_bh, b_bin, b_keep, BM: tl.constexpr, C_PAD: tl.constexpr, NB: tl.constexpr):
+    """`hist[bh, :NB] += counts of b_bin` over the kept elements.
+
+    Excluded elements go to a junk bin `NB` of a `2*NB`-bin histogram instead of using
+    `tl.histogram(mask=...)`: with Triton 3.6 on an H200 that mask was applied to the wrong
+    elements when its layout differed from the input's (counts right, bins wrong).
+    """
+    b_bin = tl.where(b_keep, b_bin, NB)
+    hist = tl.histogram(tl.reshape(b_bin, [BM * C_PAD]), 2 * NB)
+    o_b = tl.arange(0, 2 * NB)
+    tl.atomic_add(hist_ptr + i_bh * NB + o_b, hist, mask=o_b < NB)
+
+
+@triton.jit
 def _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C,
                 BM: tl.constexpr, C_PAD: tl.constexpr):
     """Write selected blocks as bit words, and the tile's attended-token count."""
@@ -199,8 +213,7 @@ def vmoba_gate_kernel(
             # pass 2: histogram of the other pairs over [0, 1]; exact total and self mass
             b_bin = tl.minimum((b_n * NB).to(tl.int32), NB - 1)
             b_bin = tl.maximum(b_bin, 0)
-            hist = tl.histogram(tl.reshape(b_bin, [BM * C_PAD]), NB, mask=tl.reshape(other, [BM * C_PAD]))
-            tl.atomic_add(hist_ptr + i_bh * NB + tl.arange(0, NB), hist)
+            _add_histogram(hist_ptr, i_bh, b_bin, other, BM, C_PAD, NB)
             tot = tl.sum(tl.sum(tl.where(valid, b_n, 0.0), axis=1), axis=0)
             slf = tl.sum(tl.sum(tl.where(valid & is_self, b_n, 0.0), axis=1), axis=0)
             tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, tot)
@@ -212,8 +225,7 @@ def vmoba_gate_kernel(
             inside = other & (b_n >= a1) & (b_n < b1)
             b_bin = ((b_n - a1) / (b1 - a1) * NB).to(tl.int32)
             b_bin = tl.maximum(tl.minimum(b_bin, NB - 1), 0)
-            hist = tl.histogram(tl.reshape(b_bin, [BM * C_PAD]), NB, mask=tl.reshape(inside, [BM * C_PAD]))
-            tl.atomic_add(hist_ptr + i_bh * NB + tl.arange(0, NB), hist)
+            _add_histogram(hist_ptr, i_bh, b_bin, inside, BM, C_PAD, NB)
             above = tl.sum(tl.sum(tl.where(other & (b_n >= b1), b_n, 0.0), axis=1), axis=0)
             tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
         else:

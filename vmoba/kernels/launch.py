@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..config import VMoBAConfig
 from ..partition import BlockLayout, block_layout
@@ -191,7 +192,10 @@ def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
-    acc = torch.empty(out.shape, device=dev, dtype=torch.float32)
+    # the running output between waves: fp16 halves its traffic (|values| <= max|v| < 65504);
+    # fp32 inputs keep fp32
+    partial = torch.float32 if q.dtype == torch.float32 else getattr(torch, cfg["partial_dtype"])
+    acc = torch.empty(out.shape, device=dev, dtype=partial)
     ml = torch.empty(bh, s, 2, device=dev, dtype=torch.float32)
     if poison:
         acc.fill_(float("nan"))
@@ -201,20 +205,20 @@ def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison
     n_prog = cfg["programs"] if interpreting() else cfg["ctas_per_sm"] * _sm_count(dev)
     blk = cfg["compact_block"]
     words = selection.bits.shape[-1]
+    # keys and values in blocked order, so every block is a run of rows a TMA descriptor can load
+    kb, vb = (x.contiguous() if layout.is_identity else x.index_select(1, layout.perm) for x in (k, v))
+    k_desc, v_desc = (TensorDescriptor.from_tensor(x.view(b * s, h * d), [cfg["BN"], d]) for x in (kb, vb))
     for i_c in range(c):
         attn_k.vmoba_compact_kernel[(triton.cdiv(s, blk), bh)](
             selection.bits, qlist, counts[i_c], s, i_c, W=words, BLK=blk,
         )
         attn_k.vmoba_fwd_kernel[(n_prog,)](
-            q, k, v, out, acc, ml, layout.perm, qlist, counts[i_c],
+            q, k_desc, v_desc, out, acc, ml, qlist, counts[i_c],
             q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             h, s, bh, layout.starts_host[i_c], layout.lengths_host[i_c], softmax_scale * LOG2E,
             D=d, BM=cfg["BM"], BN=cfg["BN"], BH_PAD=max(16, triton.next_power_of_2(bh)),
-            IDENTITY_PERM=layout.is_identity, IEEE=q.dtype == torch.float32,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out
 
