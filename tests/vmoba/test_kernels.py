@@ -1,9 +1,11 @@
 """The Triton path against the reference, in Triton's CPU interpreter (or on a GPU if present).
 
 Tolerances: the kernels' attention output vs the reference on the same selection within
-`ATOL[dtype]` (fp32 1e-5; fp16 2e-3, i.e. about two fp16 ulps at |out| <= 1). Selections must be
-identical: the kernels' gate (fp32, or fp16 high+low parts) differs from the reference's by ~1e-6
-relative, so a mismatch would need two gates that close, which these inputs do not have.
+`ATOL[dtype]` (fp32 1e-5; fp16 2e-3, i.e. about two fp16 ulps at |out| <= 1; bf16 2e-2).
+Selections must agree except at rounding margins: the kernels' gate (fp32, or a high and a low
+half-precision part of the block means, accumulated in fp32) differs from the reference's by
+about 1e-6 relative, so a pair may only differ where its normalised score is within
+`MARGIN` of the reference's cutoff (see `assert_same_selection`).
 """
 
 import math
@@ -27,6 +29,33 @@ def qkv(grid, dtype, b=2, h=3, d=16):
     if DEVICE == "cuda":
         d = 64
     return locality_qkv(grid, b, h, d, dtype=dtype, device=DEVICE)
+
+
+MARGIN = 1e-4  # in normalised gate units (the gate range of a row or head is 1)
+
+
+def assert_same_selection(got, ref, q, k, grid, layer, cfg):
+    """Equal selections, or differences only where scores tie with the cutoff up to `MARGIN`."""
+    from vmoba import num_blocks, reference
+
+    if torch.equal(got, ref):
+        return
+    diff = got != ref
+    assert diff.float().mean() < 1e-3, f"{int(diff.sum())} pairs differ"
+    kind = cfg.kind(layer)
+    ids = block_ids(grid, kind, cfg, device=q.device)
+    g = reference.gate(q.double(), k.double(), ids, num_blocks(grid, kind, cfg))
+    if cfg.select == "threshold_global":
+        n = reference.normalise(g, (-2, -1))
+        selfm = torch.zeros_like(ref).scatter_(-1, ids.view(1, 1, -1, 1).expand(*ref.shape[:3], 1), True)
+        cutoff = torch.where(ref & ~selfm, n, torch.inf).amin((-2, -1), keepdim=True)
+        gap = (n - cutoff).abs()
+    else:
+        n = reference.normalise(g, -1)  # per row; top-k ties compare raw gates the same way
+        lo = torch.where(diff, n, torch.inf).amin(-1, keepdim=True)
+        hi = torch.where(diff, n, -torch.inf).amax(-1, keepdim=True)
+        gap = (hi - lo).expand_as(n)
+    assert gap[diff].max() <= MARGIN, f"pairs differ away from the cutoff (gap {float(gap[diff].max()):.2e})"
 
 
 def run_triton(q, k, v, grid, layer, cfg, scale=None):
@@ -58,7 +87,7 @@ def test_kernels_match_reference(grid, mode, dtype):
         sel, out = run_triton(q, k, v, grid, layer, cfg)
         ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
         got = sel.to_bool()
-        assert torch.equal(got, ref_sel), f"{mode} layer {layer}: {(got != ref_sel).sum()} pairs differ"
+        assert_same_selection(got, ref_sel, q, k, grid, layer, cfg)
         assert not out.isnan().any(), "an output element was not written"
         ref = reference_on(q, k, v, grid, layer, cfg, got)
         torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[dtype], rtol=0)
@@ -76,8 +105,8 @@ def test_odd_shapes_single_head_and_tiny_blocks():
     for layer in range(3):
         sel, out = run_triton(q, k, v, grid, layer, cfg)
         ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
-        assert torch.equal(sel.to_bool(), ref_sel)
-        ref = reference_on(q, k, v, grid, layer, cfg, ref_sel)
+        assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
+        ref = reference_on(q, k, v, grid, layer, cfg, sel.to_bool())
         torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=0)
 
 

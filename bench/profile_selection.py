@@ -1,0 +1,44 @@
+"""Per-kernel GPU time of one `select_bits` call (torch profiler), to see where selection time goes.
+
+    python -m bench.profile_selection [--preset wan1.3b-720p-81f]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.common import HEAD_DIM, HEADS, PRESETS
+from vmoba import VMoBAConfig
+from vmoba.inputs import locality_qkv
+from vmoba.kernels import launch
+from vmoba.partition import block_layout
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="wan1.3b-720p-81f")
+    args = ap.parse_args()
+    grid = PRESETS[args.preset]
+    q, k, _ = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    paper = VMoBAConfig.for_grid(grid)
+    for label, cfg, kind in (("topk10 2d", paper.replace(select="topk", topk=10), "2d"),
+                             ("threshold_global 2d", paper.replace(select="threshold_global"), "2d")):
+        layout = block_layout(grid, kind, cfg, device="cuda")
+        for _ in range(3):
+            launch.select_bits(q, k, layout, cfg, kind)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                launch.select_bits(q, k, layout, cfg, kind)
+            torch.cuda.synchronize()
+        print(f"--- {label}: per call (5 calls)")
+        rows = [(e.key, e.device_time_total / 5, e.count // 5) for e in prof.key_averages()]
+        for key, us, n in sorted(rows, key=lambda r: -r[1])[:12]:
+            print(f"{us:9.1f} us  x{n:<3d} {key[:90]}")
+
+
+if __name__ == "__main__":
+    main()
