@@ -35,6 +35,7 @@ from vmoba.kernels.configs import attention_config
 from vmoba.partition import block_layout
 
 KINDS = ("1d", "2d", "3d")
+REP_MS = 1000
 TOPK_DENSITIES = (0.25, 0.15, 0.10)
 
 
@@ -48,7 +49,7 @@ def dense_ms(q, k, v, backend) -> float:
         with sdpa_kernel(which):
             return F.scaled_dot_product_attention(qt, kt, vt)
 
-    return median_ms(run)
+    return median_ms(run, REP_MS)
 
 
 _FLEX = None
@@ -76,7 +77,7 @@ def flex_ms(q, k, v, density: float, seed: int = 0) -> tuple[float, float]:
     counts = torch.full((b, h, n), per_row, dtype=torch.int32, device="cuda")
     zero_counts = torch.zeros_like(counts)
     mask = BlockMask.from_kv_blocks(zero_counts, idx, counts, idx, BLOCK_SIZE=blk, mask_mod=None)
-    ms = median_ms(lambda: _FLEX(qt, kt, vt, block_mask=mask))
+    ms = median_ms(lambda: _FLEX(qt, kt, vt, block_mask=mask), REP_MS)
     return ms, per_row / n
 
 
@@ -106,8 +107,8 @@ def bench_vmoba(q, k, v, grid, kind, cfg):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
     del out
-    fwd = median_ms(full)
-    sel_ms = median_ms(lambda: launch.select_bits(q, k, layout, cfg, kind))
+    fwd = median_ms(full, REP_MS)
+    sel_ms = median_ms(lambda: launch.select_bits(q, k, layout, cfg, kind), REP_MS)
     sel = launch.select_bits(q, k, layout, cfg, kind)
     density = float(sel.density())
     ratio = work_ratio(sel.to_bool(), layout, attention_config(q.shape[-1], False))
@@ -176,9 +177,12 @@ def main(argv=None):
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
     ap.add_argument("--out", default=str(RESULTS_DIR))
     ap.add_argument("--quick", action="store_true", help="top-k at 25%% only")
+    ap.add_argument("--rep-ms", type=int, default=1000, help="timing budget per measurement")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.attention needs a CUDA GPU")
+    global REP_MS
+    REP_MS = args.rep_ms
     env = environment()
     print(env, flush=True)
     records: list = []

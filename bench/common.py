@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -22,6 +23,9 @@ HEADS, HEAD_DIM = 12, 128
 
 
 def commit() -> str:
+    """The commit measured: `VMOBA_COMMIT` (set it where the checkout has no .git), else git's."""
+    if os.environ.get("VMOBA_COMMIT"):
+        return os.environ["VMOBA_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent)

@@ -1,7 +1,8 @@
 """The Triton path against the reference, in Triton's CPU interpreter (or on a GPU if present).
 
 Tolerances: the kernels' attention output vs the reference on the same selection within
-`ATOL[dtype]` (fp32 1e-5; fp16 2e-3, i.e. about two fp16 ulps at |out| <= 1; bf16 2e-2).
+`ATOL[dtype]` (interpreter: fp32 1e-5, fp16 2e-3; GPU: fp16 6e-3, bf16 4e-2, where the softmax
+weights are rounded to the input dtype for the P@V product).
 Selections must agree except at rounding margins: the kernels' gate (fp32, or a high and a low
 half-precision part of the block means, accumulated in fp32) differs from the reference's by
 about 1e-6 relative, so a pair may only differ where its normalised score is within
@@ -19,7 +20,10 @@ from vmoba.kernels import launch
 from vmoba.partition import block_layout
 
 MODES = ("topk", "threshold_query", "threshold_global")
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# max abs error on outputs of magnitude <= ~1: the interpreter computes dots exactly; a GPU rounds
+# the softmax weights to the input dtype before the P@V product (as every flash kernel does)
+ATOL = ({torch.float16: 6e-3, torch.bfloat16: 4e-2} if torch.cuda.is_available()
+        else {torch.float32: 1e-5, torch.float16: 2e-3})
 CFG = VMoBAConfig(temporal_chunk=2, spatial_chunk=(2, 3), st_chunk=(2, 3, 4), topk=(2, 3, 5))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float16, torch.bfloat16) if DEVICE == "cuda" else (torch.float32, torch.float16)

@@ -13,8 +13,8 @@ import os
 # Gate/selection kernels: BM queries per program against all C_PAD block means.
 # CAP: per-head capacity for the pairs left near the threshold_global cutoff after two histogram
 # levels (a few hundred are typical at Wan sizes; more only when many gates tie exactly).
-_GATE_GPU = {"num_warps": 4, "num_stages": 2, "ctas_per_sm": 2, "CAP": 4096}
-_GATE_INTERPRETER = {"num_warps": 4, "num_stages": 1, "ctas_per_sm": 1, "CAP": 1024}
+_GATE_GPU = {"num_warps": 4, "CAP": 4096}
+_GATE_INTERPRETER = {"num_warps": 4, "CAP": 1024}
 
 
 def gate_config(c_pad: int, head_dim: int, interpreter: bool) -> dict:

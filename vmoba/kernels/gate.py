@@ -72,8 +72,8 @@ def _monotone_key(x):
 
 @triton.jit
 def _row_condition(b_key, b_val, other, cut, n_self, target, topk, MODE_TOPK: tl.constexpr):
-    """Does taking self plus every other block with key >= `cut` ([BM] uint32) meet the rule?"""
-    taken = other & (b_key >= cut[:, None])
+    """Does taking self plus every other block with key >= `cut` ([BM] int64) meet the rule?"""
+    taken = other & (b_key.to(tl.int64) >= cut[:, None])
     if MODE_TOPK:
         return 1 + tl.sum(taken.to(tl.int32), axis=1) >= topk
     return n_self + tl.sum(tl.where(taken, b_val, 0.0), axis=1) >= target
@@ -144,120 +144,116 @@ def vmoba_gate_kernel(
     PHASE: tl.constexpr, MODE_TOPK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     KIND: tl.constexpr,
 ):
-    # a few programs per head walk its query tiles, so the block means stay on chip and the next
-    # tile's loads overlap this tile's selection
-    pid, i_bh = tl.program_id(0), tl.program_id(1)
-    for i_t in range(pid, n_tiles, tl.num_programs(0)):
-        i_b, i_h = i_bh // H, i_bh % H
-        o_i = i_t * BM + tl.arange(0, BM)
-        m_i = o_i < S
-        o_c = tl.arange(0, C_PAD)
-        m_c = o_c < C
-        b_g = _gate_tile(q_ptr, km_hi_ptr, km_lo_ptr, i_b, i_h, i_bh, o_i, m_i, stride_qb, stride_qs, stride_qh,
-                         C_PAD, D, SPLIT, IEEE)
-        self_c = tl.load(ids_ptr + o_i, mask=m_i, other=0).to(tl.int32)
-        is_self = o_c[None, :] == self_c[:, None]  # [BM, C_PAD]
-        valid = m_i[:, None] & m_c[None, :]
-        other = valid & ~is_self
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_i = i_t * BM + tl.arange(0, BM)
+    m_i = o_i < S
+    o_c = tl.arange(0, C_PAD)
+    m_c = o_c < C
+    b_g = _gate_tile(q_ptr, km_hi_ptr, km_lo_ptr, i_b, i_h, i_bh, o_i, m_i, stride_qb, stride_qs, stride_qh,
+                     C_PAD, D, SPLIT, IEEE)
+    self_c = tl.load(ids_ptr + o_i, mask=m_i, other=0).to(tl.int32)
+    is_self = o_c[None, :] == self_c[:, None]  # [BM, C_PAD]
+    valid = m_i[:, None] & m_c[None, :]
+    other = valid & ~is_self
 
-        if PHASE == 0:
-            # ---- per-query selection (topk, threshold_query) ----
-            if MODE_TOPK:
-                b_val = b_g
-            else:
-                lo = tl.min(tl.where(valid, b_g, float("inf")), axis=1)
-                hi = tl.max(tl.where(valid, b_g, -float("inf")), axis=1)
-                span = hi - lo
-                flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
-                b_val = (b_g - lo[:, None]) / tl.where(flat, 1.0, span)[:, None]
-                b_val = tl.where(flat[:, None], 1.0, b_val)
-            n_self = tl.sum(tl.where(is_self, b_val, 0.0), axis=1)
-            target = tau * tl.sum(tl.where(valid, b_val, 0.0), axis=1)
-            # unsigned keys in value order: bisection arithmetic stays in 32 bits
-            b_key = _monotone_key(b_val).to(tl.uint32, bitcast=True) ^ 0x80000000
-            # the cutoff value: the largest key whose "take every other block at or above it"
-            # meets the condition, found by bisection (no sort)
-            lo_k = tl.min(tl.where(other, b_key, 0xFFFFFFFF), axis=1)
-            hi_k = tl.max(tl.where(other, b_key, 0), axis=1) + 1
-            ok_hi = _row_condition(b_key, b_val, other, hi_k, n_self, target, topk, MODE_TOPK)
-            for _ in range(32):
-                mid = lo_k + ((hi_k - lo_k) >> 1)
-                ok = _row_condition(b_key, b_val, other, mid, n_self, target, topk, MODE_TOPK)
-                lo_k = tl.where(ok, mid, lo_k)
-                hi_k = tl.where(ok, hi_k, mid)
-            # lo_k is now the cutoff value (or the lowest key, if even every block falls short)
-            cut = tl.where(ok_hi, 0xFFFFFFFF, lo_k)
-            above = other & (b_key > cut[:, None])
-            ties = other & (b_key == cut[:, None])
-            rank = tl.cumsum(ties.to(tl.int32), axis=1) - 1  # lower block first among equal values
-            if MODE_TOPK:
-                room = tl.minimum(topk, C) - 1 - tl.sum(above.to(tl.int32), axis=1)
-                take_tie = ties & (rank < room[:, None])
-            else:
-                have = n_self + tl.sum(tl.where(above, b_val, 0.0), axis=1)
-                tie_val = tl.max(tl.where(ties, b_val, 0.0), axis=1)
-                take_tie = ties & ((have[:, None] + rank.to(tl.float32) * tie_val[:, None]) < target[:, None])
-            b_sel = (is_self | above | take_tie) & valid
-            _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
-
-        elif PHASE == 1:
-            # ---- threshold_global pass 1: min and max over the head's pairs ----
-            lo = tl.min(tl.min(tl.where(valid, b_g, float("inf")), axis=1), axis=0)
-            hi = tl.max(tl.max(tl.where(valid, b_g, -float("inf")), axis=1), axis=0)
-            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, lo)
-            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 1, hi)
-
+    if PHASE == 0:
+        # ---- per-query selection (topk, threshold_query) ----
+        if MODE_TOPK:
+            b_val = b_g
         else:
-            p_r = range_ptr + i_bh * 8
-            lo = tl.load(p_r + 0)
-            span = tl.load(p_r + 1)
-            flat = tl.load(p_r + 2)
-            b_n = tl.where(flat > 0, 1.0, (b_g - lo) / span)
-            if PHASE == 2:
-                # pass 2: histogram of the other pairs over [0, 1]; exact total and self mass
-                b_bin = tl.minimum((b_n * NB).to(tl.int32), NB - 1)
-                b_bin = tl.maximum(b_bin, 0)
-                _add_histogram(hist_ptr, i_bh, b_bin, other, BM, C_PAD, NB)
-                tot = tl.sum(tl.sum(tl.where(valid, b_n, 0.0), axis=1), axis=0)
-                slf = tl.sum(tl.sum(tl.where(valid & is_self, b_n, 0.0), axis=1), axis=0)
-                tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, tot)
-                tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 1, slf)
-            elif PHASE == 3:
-                # pass 3: histogram inside [a1, b1); exact mass of the pairs at or above b1
-                a1 = tl.load(p_r + 3)
-                b1 = tl.load(p_r + 4)
-                inside = other & (b_n >= a1) & (b_n < b1)
-                b_bin = ((b_n - a1) / (b1 - a1) * NB).to(tl.int32)
-                b_bin = tl.maximum(tl.minimum(b_bin, NB - 1), 0)
-                _add_histogram(hist_ptr, i_bh, b_bin, inside, BM, C_PAD, NB)
-                above = tl.sum(tl.sum(tl.where(other & (b_n >= b1), b_n, 0.0), axis=1), axis=0)
+            lo = tl.min(tl.where(valid, b_g, float("inf")), axis=1)
+            hi = tl.max(tl.where(valid, b_g, -float("inf")), axis=1)
+            span = hi - lo
+            flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
+            b_val = (b_g - lo[:, None]) / tl.where(flat, 1.0, span)[:, None]
+            b_val = tl.where(flat[:, None], 1.0, b_val)
+        n_self = tl.sum(tl.where(is_self, b_val, 0.0), axis=1)
+        target = tau * tl.sum(tl.where(valid, b_val, 0.0), axis=1)
+        b_key = _monotone_key(b_val)
+        # the cutoff value: the largest key whose "take every other block at or above it" meets
+        # the condition, found by bisection on the 32-bit keys (no sort)
+        lo_k = tl.min(tl.where(other, b_key, 2147483647), axis=1).to(tl.int64)
+        hi_k = tl.max(tl.where(other, b_key, -2147483647 - 1), axis=1).to(tl.int64) + 1
+        ok_hi = _row_condition(b_key, b_val, other, hi_k, n_self, target, topk, MODE_TOPK)
+        for _ in range(33):  # keys span < 2**33 values
+            mid = lo_k + (hi_k - lo_k) // 2
+            ok = _row_condition(b_key, b_val, other, mid, n_self, target, topk, MODE_TOPK)
+            lo_k = tl.where(ok, mid, lo_k)
+            hi_k = tl.where(ok, hi_k, mid)
+        # lo_k is now the cutoff value (or the lowest key, if even every block falls short)
+        cut = tl.where(ok_hi, 2147483647, lo_k).to(tl.int32)
+        above = other & (b_key > cut[:, None])
+        ties = other & (b_key == cut[:, None])
+        rank = tl.cumsum(ties.to(tl.int32), axis=1) - 1  # lower block first among equal values
+        if MODE_TOPK:
+            room = tl.minimum(topk, C) - 1 - tl.sum(above.to(tl.int32), axis=1)
+            take_tie = ties & (rank < room[:, None])
+        else:
+            have = n_self + tl.sum(tl.where(above, b_val, 0.0), axis=1)
+            tie_val = tl.max(tl.where(ties, b_val, 0.0), axis=1)
+            take_tie = ties & ((have[:, None] + rank.to(tl.float32) * tie_val[:, None]) < target[:, None])
+        b_sel = (is_self | above | take_tie) & valid
+        _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
+
+    elif PHASE == 1:
+        # ---- threshold_global pass 1: min and max over the head's pairs ----
+        lo = tl.min(tl.min(tl.where(valid, b_g, float("inf")), axis=1), axis=0)
+        hi = tl.max(tl.max(tl.where(valid, b_g, -float("inf")), axis=1), axis=0)
+        tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, lo)
+        tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 1, hi)
+
+    else:
+        p_r = range_ptr + i_bh * 8
+        lo = tl.load(p_r + 0)
+        span = tl.load(p_r + 1)
+        flat = tl.load(p_r + 2)
+        b_n = tl.where(flat > 0, 1.0, (b_g - lo) / span)
+        if PHASE == 2:
+            # pass 2: histogram of the other pairs over [0, 1]; exact total and self mass
+            b_bin = tl.minimum((b_n * NB).to(tl.int32), NB - 1)
+            b_bin = tl.maximum(b_bin, 0)
+            _add_histogram(hist_ptr, i_bh, b_bin, other, BM, C_PAD, NB)
+            tot = tl.sum(tl.sum(tl.where(valid, b_n, 0.0), axis=1), axis=0)
+            slf = tl.sum(tl.sum(tl.where(valid & is_self, b_n, 0.0), axis=1), axis=0)
+            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, tot)
+            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 1, slf)
+        elif PHASE == 3:
+            # pass 3: histogram inside [a1, b1); exact mass of the pairs at or above b1
+            a1 = tl.load(p_r + 3)
+            b1 = tl.load(p_r + 4)
+            inside = other & (b_n >= a1) & (b_n < b1)
+            b_bin = ((b_n - a1) / (b1 - a1) * NB).to(tl.int32)
+            b_bin = tl.maximum(tl.minimum(b_bin, NB - 1), 0)
+            _add_histogram(hist_ptr, i_bh, b_bin, inside, BM, C_PAD, NB)
+            above = tl.sum(tl.sum(tl.where(other & (b_n >= b1), b_n, 0.0), axis=1), axis=0)
+            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
+        else:
+            o_pair = o_c[None, :].to(tl.int64) * S + o_i[:, None]  # block-major pair index
+            key = (_monotone_key(b_n).to(tl.int64) << 32) | (0xFFFFFFFF - o_pair)
+            if PHASE == 4:
+                # pass 4: compact the pairs in [a2, b2); exact mass at or above b2
+                a2 = tl.load(p_r + 5)
+                b2 = tl.load(p_r + 6)
+                inside = other & (b_n >= a2) & (b_n < b2)
+                above = tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
                 tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
+                flat_in = tl.reshape(inside, [BM * C_PAD]).to(tl.int32)
+                count = tl.sum(flat_in, axis=0)
+                base = tl.atomic_add(cand_n_ptr + i_bh, count)
+                pos = base + tl.cumsum(flat_in, axis=0) - 1
+                keep = (flat_in > 0) & (pos < CAP)
+                tl.store(cand_ptr + i_bh.to(tl.int64) * CAP + pos, tl.reshape(key, [BM * C_PAD]), mask=keep)
             else:
-                o_pair = o_c[None, :].to(tl.int64) * S + o_i[:, None]  # block-major pair index
-                key = (_monotone_key(b_n).to(tl.int64) << 32) | (0xFFFFFFFF - o_pair)
-                if PHASE == 4:
-                    # pass 4: compact the pairs in [a2, b2); exact mass at or above b2
-                    a2 = tl.load(p_r + 5)
-                    b2 = tl.load(p_r + 6)
-                    inside = other & (b_n >= a2) & (b_n < b2)
-                    above = tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
-                    tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
-                    flat_in = tl.reshape(inside, [BM * C_PAD]).to(tl.int32)
-                    count = tl.sum(flat_in, axis=0)
-                    base = tl.atomic_add(cand_n_ptr + i_bh, count)
-                    pos = base + tl.cumsum(flat_in, axis=0) - 1
-                    keep = (flat_in > 0) & (pos < CAP)
-                    tl.store(cand_ptr + i_bh.to(tl.int64) * CAP + pos, tl.reshape(key, [BM * C_PAD]), mask=keep)
+                # pass 5: the mask; a degenerate head ranks pairs by (block, query) alone
+                cut = tl.load(cutoff_ptr + i_bh)
+                if flat > 0:
+                    rank = _degenerate_rank(geo_ptr, o_i, o_c, S, KIND)
+                    b_sel = is_self | (other & (rank < m_take))
                 else:
-                    # pass 5: the mask; a degenerate head ranks pairs by (block, query) alone
-                    cut = tl.load(cutoff_ptr + i_bh)
-                    if flat > 0:
-                        rank = _degenerate_rank(geo_ptr, o_i, o_c, S, KIND)
-                        b_sel = is_self | (other & (rank < m_take))
-                    else:
-                        b_sel = is_self | (other & (key >= cut))
-                    _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel & valid, i_bh, i_t, o_i, m_i, S, n_tiles, C,
-                                BM, C_PAD)
+                    b_sel = is_self | (other & (key >= cut))
+                _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel & valid, i_bh, i_t, o_i, m_i, S, n_tiles, C,
+                            BM, C_PAD)
 
 
 @triton.jit

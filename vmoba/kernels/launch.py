@@ -135,18 +135,15 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
         m_take = min(max(math.ceil(tau * s * c - s), 0), s * (c - 1))
     kind_id = {"1d": 1, "2d": 2, "3d": 3}[kind]
 
-    # a few programs per head, each walking several query tiles
-    per_head = n_tiles if interpreting() else max(1, min(n_tiles, cfg["ctas_per_sm"] * _sm_count(dev) // bh))
-
     def gate_pass(phase: int):
-        gate_k.vmoba_gate_kernel[(per_head, bh)](
+        gate_k.vmoba_gate_kernel[(n_tiles, bh)](
             q, hi, lo, layout.ids, layout.lengths, bits, attended, stats, ranges, hist,
             cand, cand_n, cutoff, layout.geometry,
             q.stride(0), q.stride(1), q.stride(2),
             h, s, c, n_tiles, float(tau), int(topk), cap, m_take,
             BM=bm, C_PAD=c_pad, D=d, NB=gate_k.NUM_BINS, PHASE=phase, MODE_TOPK=mode == "topk",
             SPLIT=split, IEEE=q.dtype == torch.float32, KIND=kind_id,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"],
         )
 
     def decide(step: int):
