@@ -9,8 +9,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import torch
-
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # Wan 2.1 1.3B self-attention shapes (B=1, H=12, D=128), by latent grid (T, Hg, Wg)
@@ -37,6 +35,8 @@ def commit() -> str:
 
 
 def gpu_name() -> str:
+    import torch
+
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
@@ -47,6 +47,7 @@ def gpu_slug() -> str:
 
 
 def environment() -> dict:
+    import torch
     import triton
 
     return {

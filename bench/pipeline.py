@@ -52,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from bench.common import commit
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -455,18 +457,6 @@ def _tiny_config() -> dict:
 
 
 # -- environment and output ---------------------------------------------------------------------
-
-
-def commit() -> str:
-    """The git commit of this tree (`+dirty` with uncommitted changes to tracked files)."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def environment(device) -> dict:

@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+from bench.common import commit  # noqa: E402  (torch-free)
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 NEEDED = ("redis", "rq", "pydantic", "pydantic_settings", "imageio_ffmpeg", "PIL", "numpy",
           "diffusers", "transformers", "tokenizers", "torch")
@@ -121,15 +123,6 @@ def gpu_slug(device_label: str) -> str:
     return m.group(1).lower() if m else "cpu"
 
 
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=REPO_ROOT, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def check_video(path: Path, frames: int, width: int, height: int, fps: int) -> dict:
     from worker.video import mp4_top_level_boxes
 
@@ -207,7 +200,8 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="worker-e2e-"))
     redis_proc, redis_url = start_redis(redis_binary, work)
     env = {
-        **os.environ, "PYTHONPATH": str(REPO_ROOT), "REDIS_URL": redis_url,
+        **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        "REDIS_URL": redis_url,
         "DATA_DIR": str(work / "data"), "MODEL": args.model, "WORKER_DEVICE": args.device,
         "WARMUP_SIZE": args.warmup_size, "LOG_LEVEL": "INFO",
         # The first job at a new shape also autotunes kernels: no timeout from a cold estimate.
