@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: serve test bench bench-attention bench-pipeline bench-api clean
+.PHONY: serve test bench bench-attention bench-check bench-pipeline bench-worker bench-api clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,17 @@ serve: $(VENV)/.installed-worker
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
-# Benchmarks need a CUDA GPU; results land in bench/results/.
-bench: bench-attention bench-pipeline
+# Benchmarks need a CUDA GPU (bench-api does not); results land in bench/results/.
+bench: bench-attention bench-check bench-pipeline bench-worker
 
 bench-attention: $(VENV)/.installed-dev
 	$(PY) -m bench.attention
+
+bench-check: $(VENV)/.installed-dev
+	$(PY) -m bench.check_attention
+
+bench-worker: $(VENV)/.installed-dev
+	$(PY) -m bench.worker_e2e
 
 bench-pipeline: $(VENV)/.installed-dev
 	$(PY) -m bench.pipeline

@@ -6,7 +6,8 @@ import torch
 
 from . import reference
 from .config import VMoBAConfig
-from .partition import block_ids
+from .flops import attended_tokens
+from .partition import block_layout
 from .select import _use_triton, select_blocks
 from .validate import check_inputs, resolve_scale
 
@@ -21,6 +22,7 @@ def vmoba_attention(
     config: VMoBAConfig,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """VMoBA self-attention over the tokens of a latent video.
 
@@ -31,6 +33,9 @@ def vmoba_attention(
 
     `backend`: `"triton"` (CUDA, fp16/bf16, `D` in {64, 128}), `"reference"` (plain PyTorch, any
     device), or `"auto"` (Triton for CUDA half-precision inputs, the reference otherwise).
+
+    `stats`: an optional dict that receives, without a host sync, `attended` (a 0-dim fp64 device
+    tensor: `sum_{b,h,i} |K(b,h,i)|`, the key tokens attended) and `num_blocks` (`C`).
     """
     grid = check_inputs(grid, layer_idx, config, q, k, v)
     scale = resolve_scale(softmax_scale, q.shape[-1])
@@ -38,7 +43,10 @@ def vmoba_attention(
     if _use_triton(backend, q):
         from .kernels.launch import sparse_attention
 
-        return sparse_attention(q, k, v, grid=grid, kind=kind, config=config, softmax_scale=scale)
+        return sparse_attention(q, k, v, grid=grid, kind=kind, config=config, softmax_scale=scale, stats=stats)
     selected = select_blocks(q, k, grid=grid, layer_idx=layer_idx, config=config, backend="reference")
-    ids = block_ids(grid, kind, config, device=q.device)
-    return reference.masked_attention(q, k, v, selected, ids, scale)
+    layout = block_layout(grid, kind, config, device=q.device)
+    if stats is not None:
+        stats["attended"] = attended_tokens(selected, layout.lengths).sum()
+        stats["num_blocks"] = layout.num_blocks
+    return reference.masked_attention(q, k, v, selected, layout.ids, scale)

@@ -47,9 +47,8 @@ import torch
 
 from .attention import vmoba_attention
 from .config import LAYER_KINDS, VMoBAConfig
-from .flops import attended_tokens, full_attention_flops, vmoba_attention_flops
+from .flops import full_attention_flops, vmoba_attention_flops
 from .partition import block_layout
-from .select import select_blocks
 
 ATTENTION_BACKENDS = ("vmoba", "dense")
 KERNELS = ("auto", "triton", "reference")  # `backend=` of vmoba_attention
@@ -78,8 +77,8 @@ class AttentionSettings:
     - `kernel`: `"auto" | "triton" | "reference"`, passed as `backend=` to `vmoba_attention`.
     - `collect_timing`: time the attention op of every self-attention call (host syncs once at
       the end of the call; CUDA events, so the kernels still run back to back).
-    - `collect_density`: measure the achieved density (runs the selection once more per sparse
-      layer call for the count, without a host sync; off for pure speed measurements).
+    - `collect_density`: report the achieved density (the attention op counts the attended
+      tokens on the device as it selects; one host read at the end of the call).
 
     Bad values raise `ValueError` naming the field.
     """
@@ -353,13 +352,16 @@ class VMoBAAttnProcessor:
             label = fwd.config.kind(self.layer_idx)
             if timer:
                 timer.start()
+            if self._parallel_config is not None:
+                raise ValueError("VMoBA does not support context parallelism (the grid would be split)")
+            call_stats = {} if settings.collect_density else None
             out = vmoba_attention(
                 query, key, value, grid=fwd.grid, layer_idx=self.layer_idx, config=fwd.config,
-                backend=settings.kernel,
+                backend=settings.kernel, stats=call_stats,
             )
         if timer:
             stats.add_timing(label, *timer.stop())
-        self._count(fwd, query, key, label)
+        self._count(fwd, query, label, call_stats if fwd.config is not None else None)
 
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
@@ -375,23 +377,16 @@ class VMoBAAttnProcessor:
             backend=self._attention_backend, **extra,
         )
 
-    def _count(self, fwd: _Forward, query, key, label):
+    def _count(self, fwd: _Forward, query, label, call_stats):
+        """Add this call to the job's statistics; `call_stats` is what `vmoba_attention` reported."""
         b, s, h, d = query.shape
         stats = fwd.state.stats
         if fwd.config is None:
             stats.add_dense(b, s, h * d)
             return
-        if self._parallel_config is not None:
-            raise ValueError("VMoBA does not support context parallelism (the grid would be split)")
-        layout = block_layout(fwd.grid, label, fwd.config, device=query.device)
-        attended = None
-        if fwd.state.settings.collect_density:
-            selected = select_blocks(
-                query, key, grid=fwd.grid, layer_idx=self.layer_idx, config=fwd.config,
-                backend=fwd.state.settings.kernel,
-            )
-            attended = attended_tokens(selected, layout.lengths).sum()
-        stats.add_sparse(label, b, h, s, h * d, layout.num_blocks, attended)
+        blocks = block_layout(fwd.grid, label, fwd.config, device=query.device).num_blocks
+        attended = call_stats["attended"] if call_stats else None
+        stats.add_sparse(label, b, h, s, h * d, blocks, attended)
 
 
 def _qkv_projections(attn, hidden_states):

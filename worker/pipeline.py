@@ -114,6 +114,11 @@ def describe(pipe) -> dict:
     if transformer is not None:
         cfg = transformer.config
         first = next(transformer.parameters())
+        # the dtype most weights are in (a few modules stay fp32, as diffusers keeps them)
+        by_dtype = {}
+        for p in transformer.parameters():
+            by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
+        main_dtype = max(by_dtype, key=by_dtype.get)
         out["transformer"] = {
             "class": type(transformer).__name__,
             "num_layers": cfg.num_layers,
@@ -124,7 +129,7 @@ def describe(pipe) -> dict:
             "patch_size": list(cfg.patch_size),
             "in_channels": cfg.in_channels,
             "text_dim": cfg.text_dim,
-            "dtype": str(first.dtype).replace("torch.", ""),
+            "dtype": str(main_dtype).replace("torch.", ""),
             "device": str(first.device),
         }
     vae = getattr(pipe, "vae", None)

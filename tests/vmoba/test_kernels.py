@@ -150,7 +150,11 @@ def test_public_api_uses_the_kernels_and_isolates_samples():
     out = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="triton")
     ref = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="reference")
     torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[q.dtype], rtol=0)
+    stats = {}
+    vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="triton", stats=stats)
     sel = select_blocks(q, k, grid=grid, layer_idx=1, config=cfg, backend="triton")
+    ids = block_ids(grid, "2d", cfg, device=q.device)
+    assert float(stats["attended"]) == float(sel[..., ids].sum())
     alone = select_blocks(q[1:], k[1:], grid=grid, layer_idx=1, config=cfg, backend="triton")
     assert torch.equal(sel[1:], alone)
     # a small threshold must not silently run dense attention

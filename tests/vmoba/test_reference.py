@@ -226,3 +226,14 @@ def test_bad_arguments_raise_value_errors():
         select_blocks(q, k, grid=grid, layer_idx=0, config={"select": "topk"})
     with pytest.raises(ValueError, match="dtype"):
         vmoba_attention(q, k.double(), v, grid=grid, layer_idx=0, config=CFG)
+
+
+def test_stats_report_attended_tokens_without_a_second_selection():
+    grid = (3, 5, 7)
+    q, k, v = inputs(grid, dtype=torch.float32)
+    stats = {}
+    vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=CFG, stats=stats)
+    sel = select_blocks(q, k, grid=grid, layer_idx=1, config=CFG)
+    ids = block_ids(grid, "2d", CFG)
+    assert stats["num_blocks"] == sel.shape[-1]
+    assert float(stats["attended"]) == float(sel[..., ids].sum())

@@ -226,14 +226,15 @@ def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison
 def sparse_attention(q, k, v, *, grid, kind: str, config: VMoBAConfig, softmax_scale: float, stats=None):
     """`vmoba_attention` on the device. `q, k, v [B, S, H, D]` -> `[B, S, H, D]`.
 
-    `stats`, if a dict, receives device tensors (no sync): `density` (0-dim fp64) and `bits`.
+    `stats`, if a dict, receives (no sync) `attended`, a 0-dim fp64 device tensor with
+    `sum_{b,h,i} |K(b,h,i)|`, and `num_blocks`.
     """
     layout = block_layout(grid, kind, config, device=q.device)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     selection = select_bits(q, k, layout, config, kind)
     out = attend(q, k, v, selection, softmax_scale)
     if stats is not None:
-        stats["density"] = selection.density()
+        stats["attended"] = selection.attended.double().sum()
         stats["num_blocks"] = layout.num_blocks
     return out
 
