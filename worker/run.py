@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 
+import redis as redis_lib
 from rq import SimpleWorker
 
 from . import runtime as runtime_mod
@@ -105,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     runtime_mod.install(rt)
     heartbeat = Heartbeat(rt)
     heartbeat.start()
-    worker = GenerationWorker(settings.queues, connection=rt.redis, name=rt.name, runtime=rt,
+    # RQ's blocking dequeue waits minutes and RQ raises the socket timeout of its connection to
+    # cover that, but only new connections pick it up; redis-py 8's default timeout is 5 s. A client
+    # of its own, unused until RQ configures it, keeps an idle worker from timing out, backing off
+    # (up to a minute) and picking up new jobs late.
+    rq_connection = redis_lib.Redis.from_url(settings.REDIS_URL)
+    worker = GenerationWorker(settings.queues, connection=rq_connection, name=rt.name, runtime=rt,
                               default_result_ttl=settings.RQ_RESULT_TTL_S)
     try:
         worker.work(burst=settings.WORKER_BURST, logging_level=settings.LOG_LEVEL.upper())

@@ -43,6 +43,21 @@ def test_kill_9_mid_job_the_launcher_retries_it_on_a_new_worker(redis_url, redis
     assert "signal SIGKILL" in launcher.text()
 
 
+def test_an_idle_worker_picks_up_a_new_job_at_once(redis_url, redis_client, tmp_path, procs):
+    """Idle past the Redis client's default 5 s socket timeout, the worker still takes a job at once
+    (regression: RQ's blocking dequeue timed out, backed off, and started jobs up to a minute late)."""
+    env = worker_env(redis_url, tmp_path / "data", WORKER_NAME="idle-worker")
+    worker = procs("worker.run", env, tmp_path / "worker.log")
+    store = JobStore(redis_client)
+    live_worker(store, lambda w: w["name"] == "idle-worker")
+    time.sleep(8)
+    job_id = submit(redis_client, num_inference_steps=2)
+    submitted = time.monotonic()
+    wait_status(store, job_id, ("in_progress", "completed"), timeout_s=30)
+    assert time.monotonic() - submitted < 2.5, worker.text()[-2000:]
+    assert "could not connect to Redis" not in worker.text()
+
+
 def test_kill_9_without_a_launcher_is_found_by_its_heartbeat(redis_url, redis_client, tmp_path, procs):
     from worker.janitor import Janitor
     from worker.settings import WorkerSettings
