@@ -408,10 +408,13 @@ class JobStoreBase:
                 _fields_json(fields)]
         return _Transition(keys, args)
 
-    def _finish_fields(self, status: JobStatus, now: float, **extra) -> dict:
-        fields = {"status": status, "completed_at": now, "expires_at": now + self.retention_s}
-        fields.update(extra)
-        return fields
+    def _end_transition(self, job_id: str, status: JobStatus, allowed, **extra) -> _Transition:
+        """`allowed` -> a terminal `status`: kept `retention_s`, out of the queued/running indexes."""
+        now = time.time()
+        fields = {"status": status, "completed_at": now, "expires_at": now + self.retention_s, **extra}
+        return self._transition_args(job_id, allowed=allowed, event=status.value, fields=fields,
+                                     queued="rem", running="rem", expiry="add",
+                                     score=fields["expires_at"], ttl_s=self.retention_s + RECORD_GRACE_S)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -579,36 +582,19 @@ class JobStore(JobStoreBase):
     def mark_completed(self, job_id: str, *, files: list[str], timings: Optional[dict] = None,
                        density: Optional[float] = None) -> bool:
         """in_progress -> completed; results kept for `retention_s`."""
-        now = time.time()
-        fields = self._finish_fields(JobStatus.completed, now, stage=Stage.done, progress=100,
-                                     files=list(files), timings=timings or {}, density=density)
-        ok = self._finish(job_id, fields, "completed", [JobStatus.in_progress], now)
-        if ok:
-            self._record_metrics(job_id, "completed")
-        return ok
+        return self._end(job_id, JobStatus.completed, [JobStatus.in_progress], stage=Stage.done,
+                         progress=100, files=list(files), timings=timings or {}, density=density)
 
     def mark_failed(self, job_id: str, code: str, message: str,
                     timings: Optional[dict] = None) -> bool:
         """queued|in_progress -> failed with an error code (see `schemas.ErrorCode`)."""
-        now = time.time()
-        fields = self._finish_fields(JobStatus.failed, now, error_code=_code(code),
-                                     error_message=str(message), timings=timings or {})
-        ok = self._finish(job_id, fields, "failed",
-                          [JobStatus.queued, JobStatus.in_progress], now)
-        if ok:
-            self._record_metrics(job_id, "failed")
-        return ok
+        return self._end(job_id, JobStatus.failed, [JobStatus.queued, JobStatus.in_progress],
+                         error_code=_code(code), error_message=str(message), timings=timings or {})
 
     def mark_cancelled(self, job_id: str, message: str = "cancelled by request") -> bool:
         """queued|in_progress -> cancelled (error code `cancelled`)."""
-        now = time.time()
-        fields = self._finish_fields(JobStatus.cancelled, now, error_code="cancelled",
-                                     error_message=str(message))
-        ok = self._finish(job_id, fields, "cancelled",
-                          [JobStatus.queued, JobStatus.in_progress], now)
-        if ok:
-            self._record_metrics(job_id, "cancelled")
-        return ok
+        return self._end(job_id, JobStatus.cancelled, [JobStatus.queued, JobStatus.in_progress],
+                         error_code="cancelled", error_message=str(message))
 
     def mark_requeued(self, job_id: str, reason: str = "") -> bool:
         """in_progress -> queued again (SIGTERM, or a retry after `worker_lost`). The caller
@@ -622,12 +608,11 @@ class JobStore(JobStoreBase):
                                   reason=reason)
         return self._run(t) > 0
 
-    def _finish(self, job_id, fields, event, allowed, now) -> bool:
-        t = self._transition_args(job_id, allowed=allowed, event=event, fields=fields,
-                                  queued="rem", running="rem", expiry="add",
-                                  score=fields["expires_at"],
-                                  ttl_s=self.retention_s + RECORD_GRACE_S)
-        return self._run(t) > 0
+    def _end(self, job_id: str, status: JobStatus, allowed, **extra) -> bool:
+        ok = self._run(self._end_transition(job_id, status, allowed, **extra)) > 0
+        if ok:
+            self._record_metrics(job_id, status.value)
+        return ok
 
     def _record_metrics(self, job_id: str, status: str) -> None:
         rec = self.get(job_id)
@@ -778,32 +763,20 @@ class AsyncJobStore(JobStoreBase):
 
     async def mark_failed(self, job_id: str, code: str, message: str) -> bool:
         """queued|in_progress -> failed (the API uses it when enqueuing fails)."""
-        now = time.time()
-        fields = self._finish_fields(JobStatus.failed, now, error_code=_code(code),
-                                     error_message=str(message))
-        t = self._transition_args(job_id, allowed=[JobStatus.queued, JobStatus.in_progress],
-                                  event="failed", fields=fields, queued="rem", running="rem",
-                                  expiry="add", score=fields["expires_at"],
-                                  ttl_s=self.retention_s + RECORD_GRACE_S)
-        ok = await self._run(t) > 0
-        if ok:
-            await self.redis.hincrby(METRICS_JOBS_KEY, "failed", 1)
-        return ok
+        return await self._end(job_id, JobStatus.failed, [JobStatus.queued, JobStatus.in_progress],
+                               error_code=_code(code), error_message=str(message))
 
     async def mark_cancelled(self, job_id: str, message: str = "cancelled by request",
                              allowed=(JobStatus.queued,)) -> bool:
         """A waiting job -> cancelled. (A running one is cancelled by its worker, which sees the
         flag set by `request_cancel`.)"""
-        now = time.time()
-        fields = self._finish_fields(JobStatus.cancelled, now, error_code="cancelled",
-                                     error_message=str(message))
-        t = self._transition_args(job_id, allowed=allowed, event="cancelled", fields=fields,
-                                  queued="rem", running="rem", expiry="add",
-                                  score=fields["expires_at"],
-                                  ttl_s=self.retention_s + RECORD_GRACE_S)
-        ok = await self._run(t) > 0
+        return await self._end(job_id, JobStatus.cancelled, allowed, error_code="cancelled",
+                               error_message=str(message))
+
+    async def _end(self, job_id: str, status: JobStatus, allowed, **extra) -> bool:
+        ok = await self._run(self._end_transition(job_id, status, allowed, **extra)) > 0
         if ok:
-            await self.redis.hincrby(METRICS_JOBS_KEY, "cancelled", 1)
+            await self.redis.hincrby(METRICS_JOBS_KEY, status.value, 1)
         return ok
 
     async def request_cancel(self, job_id: str) -> None:
