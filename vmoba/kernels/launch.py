@@ -119,18 +119,19 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
     hi, lo, split = gate_operands(block_means(k, layout), q.dtype, c_pad)
     bits = torch.empty(b, h, s, c_pad // 32, device=dev, dtype=torch.int32)
     attended = torch.empty(bh, n_tiles, device=dev, dtype=torch.float32)
-    stats = torch.empty(bh, n_tiles, 4, device=dev, dtype=torch.float32)
-    ranges = torch.zeros(bh, 8, device=dev, dtype=torch.float32)
-    hist = torch.zeros(bh, gate_k.NUM_BINS, device=dev, dtype=torch.int32)
-    cap = cfg["CAP"]
-    cand = torch.empty(bh, cap, device=dev, dtype=torch.int64)
-    cand_n = torch.zeros(bh, device=dev, dtype=torch.int32)
-    cutoff = torch.empty(bh, device=dev, dtype=torch.int64)
-
     mode, tau, topk = config.select, config.threshold, config.topk_for(kind)
     if mode != "topk" and (tau <= 0 or tau >= 1):
         mode, topk = "topk", (1 if tau <= 0 else c)  # self only, or everything
+    cap = cfg["CAP"]
     m_take = 0
+    # threshold_global's state; the one-pass modes get empty stand-ins (no allocations, no memsets)
+    rows = (bh,) if mode == "threshold_global" else (0,)
+    stats = torch.empty(*rows, n_tiles, 4, device=dev, dtype=torch.float32)
+    ranges = torch.zeros(*rows, 8, device=dev, dtype=torch.float32)
+    hist = torch.zeros(*rows, gate_k.NUM_BINS, device=dev, dtype=torch.int32)
+    cand = torch.empty(*rows, cap, device=dev, dtype=torch.int64)
+    cand_n = torch.zeros(*rows, device=dev, dtype=torch.int32)
+    cutoff = torch.empty(*rows, device=dev, dtype=torch.int64)
     if mode == "threshold_global":  # pairs to take when every gate of a head is equal
         m_take = min(max(math.ceil(tau * s * c - s), 0), s * (c - 1))
     kind_id = {"1d": 1, "2d": 2, "3d": 3}[kind]
