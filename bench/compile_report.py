@@ -21,7 +21,8 @@ from vmoba.kernels import gate as gate_k
 PTR_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "km_hi_ptr": "*bf16",
              "km_lo_ptr": "*bf16", "acc_ptr": "*fp32", "ml_ptr": "*fp32", "stats_ptr": "*fp32",
              "range_ptr": "*fp32", "att_ptr": "*fp32", "cand_ptr": "*i64", "cutoff_ptr": "*i64",
-             "ids_ptr": "*i64", "out_ptr": "*fp32"}
+             "ids_ptr": "*i64", "out_ptr": "*fp32", "seg_start_ptr": "*i64",
+             "tile_base_ptr": "*i64"}
 FLOAT_ARGS = {"qk_scale", "tau"}
 
 
@@ -59,18 +60,19 @@ def ptxas_report(kernel) -> str:
 def main():
     cases = [
         ("fwd D128 BM128 BN64 w8 s2", attn_k.vmoba_fwd_kernel,
-         dict(D=128, BM=128, BN=64, BH_PAD=16, IEEE=False), 8, 2),
+         dict(D=128, BM=128, BN=64, N_SEARCH=9, IEEE=False), 8, 2),
         ("fwd D128 BM128 BN128 w8 s3", attn_k.vmoba_fwd_kernel,
-         dict(D=128, BM=128, BN=128, BH_PAD=16, IEEE=False), 8, 3),
+         dict(D=128, BM=128, BN=128, N_SEARCH=9, IEEE=False), 8, 3),
         ("fwd D64 BM128 BN64 w4 s3", attn_k.vmoba_fwd_kernel,
-         dict(D=64, BM=128, BN=64, BH_PAD=16, IEEE=False), 4, 3),
+         dict(D=64, BM=128, BN=64, N_SEARCH=9, IEEE=False), 4, 3),
         ("gate rows C128", gate_k.vmoba_gate_kernel,
          dict(BM=64, C_PAD=128, D=128, NB=256, PHASE=0, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=3), 4, 1),
         ("gate hist C64", gate_k.vmoba_gate_kernel,
          dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=2, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=2), 4, 1),
         ("gate mask C64", gate_k.vmoba_gate_kernel,
          dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=5, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=2), 4, 1),
-        ("compact W4", attn_k.vmoba_compact_kernel, dict(W=4, BLK=1024), 4, 1),
+        ("count W4", attn_k.vmoba_count_kernel, dict(W=4, BLK=1024), 4, 1),
+        ("scatter W4", attn_k.vmoba_scatter_kernel, dict(W=4, BLK=1024), 4, 1),
     ]
     for name, fn, const, warps, stages in cases:
         kernel = compile_for_hopper(fn, const, warps, stages)

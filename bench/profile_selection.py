@@ -1,4 +1,4 @@
-"""Per-kernel GPU time of one `select_bits` call (torch profiler), to see where selection time goes.
+"""Per-kernel GPU time of one `select_bits` and one `attend` call (torch profiler): where the time goes.
 
     python -m bench.profile_selection [--preset wan1.3b-720p-81f]
 """
@@ -22,22 +22,26 @@ def main():
     ap.add_argument("--preset", default="wan1.3b-720p-81f")
     args = ap.parse_args()
     grid = PRESETS[args.preset]
-    q, k, _ = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    q, k, v = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     paper = VMoBAConfig.for_grid(grid)
     for label, cfg, kind in (("topk10 2d", paper.replace(select="topk", topk=10), "2d"),
+                             ("topk4 2d", paper.replace(select="topk", topk=4), "2d"),
                              ("threshold_global 2d", paper.replace(select="threshold_global"), "2d")):
         layout = block_layout(grid, kind, cfg, device="cuda")
-        for _ in range(3):
-            launch.select_bits(q, k, layout, cfg, kind)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                launch.select_bits(q, k, layout, cfg, kind)
+        sel = launch.select_bits(q, k, layout, cfg, kind)
+        for what, fn in (("select_bits", lambda: launch.select_bits(q, k, layout, cfg, kind)),
+                         ("attend", lambda: launch.attend(q, k, v, sel, HEAD_DIM ** -0.5))):
+            for _ in range(3):
+                fn()
             torch.cuda.synchronize()
-        print(f"--- {label}: per call (5 calls)")
-        rows = [(e.key, e.device_time_total / 5, e.count // 5) for e in prof.key_averages()]
-        for key, us, n in sorted(rows, key=lambda r: -r[1])[:12]:
-            print(f"{us:9.1f} us  x{n:<3d} {key[:90]}")
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+            print(f"--- {label} {what}: per call (5 calls)")
+            rows = [(e.key, e.device_time_total / 5, e.count // 5) for e in prof.key_averages()]
+            for key, us, n in sorted(rows, key=lambda r: -r[1])[:14]:
+                print(f"{us:9.1f} us  x{n:<3d} {key[:90]}")
 
 
 if __name__ == "__main__":

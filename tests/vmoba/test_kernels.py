@@ -114,6 +114,26 @@ def test_odd_shapes_single_head_and_tiny_blocks():
         torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=0)
 
 
+@pytest.mark.parametrize("iterate_max", [0, launch.TOPK_ITER_MAX])
+def test_topk_strategies_match_reference_with_ties(monkeypatch, iterate_max):
+    """Top-k by repeated max (small k) and by bisection (k-1 > TOPK_ITER_MAX) give the reference's
+    selection, ties to the lower block included (zero queries: every gate of the row ties)."""
+    monkeypatch.setattr(launch, "TOPK_ITER_MAX", iterate_max)
+    grid = (3, 5, 7)
+    q, k, v = qkv(grid, DTYPES[0])
+    tied = torch.rand(q.shape[1], device=q.device) < 0.3
+    q[:, tied] = 0
+    for layer, topk in ((0, (3, 1, 1)), (1, (1, 5, 1)), (2, (1, 1, 7))):
+        cfg = CFG.replace(select="topk", topk=topk)
+        sel, out = run_triton(q, k, v, grid, layer, cfg)
+        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        assert torch.equal(sel.to_bool()[:, :, tied], ref_sel[:, :, tied])
+        assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
+        assert (sel.to_bool().sum(-1) == min(topk[layer], ref_sel.shape[-1])).all()
+        ref = reference_on(q, k, v, grid, layer, cfg, sel.to_bool())
+        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=0)
+
+
 @pytest.mark.parametrize("kind_layer", [0, 1, 2])
 def test_degenerate_heads_rank_by_block_then_query(kind_layer):
     """Equal gates everywhere: the kernels' closed-form (block, query) ranking on a ragged grid."""

@@ -4,16 +4,23 @@ Every key block `c` is an "expert": the queries that selected it are gathered in
 `BM`-row tiles, each tile attends to the block's `L_c` keys only, so executed work stays close
 to useful work (a tile iterating the union of its rows' blocks would do 2-4x more).
 
-The per-block results of a query are merged by log-sum-exp into its running output in place.
-Blocks are processed in waves, one launch per block index `c` (all heads at once), so a query
-never has two partial results in flight and no partial buffers are needed: extra memory is the
-running output (fp16, the size of `q`), the row statistics, the per-wave query list, and the
-keys/values in blocked order (2D/3D layers). A query's first wave writes its state without
-reading it and its last wave writes the final output directly, so there is no separate pass.
+The per-block results of a query are merged by log-sum-exp into its running output in place, in
+block order, so no partial buffers are needed: extra memory is the running output (fp16, the
+size of `q`), the row statistics, the query index and the keys/values in blocked order (2D/3D
+layers). A query's first block writes its state without reading it and its last block writes
+the final output directly.
 
-The compaction kernel of wave `c` lists, for every (sample, head), the queries whose bitmask has
-bit `c`, with flags saying whether `c` is the query's first or last selected block. That list,
-read per key block, is the transposed (key block -> queries) index a backward pass needs too.
+The index is built once per call: `vmoba_count_kernel` counts, per (block, sample-head,
+token tile), the queries that selected the block; an exclusive scan of those counts places every
+(block, sample-head) "segment" in one flat list; `vmoba_scatter_kernel` writes the segments,
+each query with flags saying whether the block is its first or last. The list is the transposed
+(key block -> queries) index a backward pass needs too.
+
+One persistent launch walks all segments, block-major, taking tiles by ticket. A tile of
+block `c` may only merge once the same sample-head's previous non-empty block is complete, so
+it waits on that segment's done-counter; tickets are taken in order, so the wait always ends
+(everything it waits for was taken earlier by a running program) and is rare (the segment was
+handed out a whole wave of tiles earlier). No wave boundaries: no launch per block, no tail.
 """
 
 from __future__ import annotations
@@ -27,31 +34,42 @@ INDEX_MASK = (1 << 29) - 1
 
 
 @triton.jit
-def vmoba_compact_kernel(
-    mask_ptr, qlist_ptr, count_ptr,
-    S, c, W: tl.constexpr, BLK: tl.constexpr,
-):
-    """Queries of every (sample, head) whose selection has block `c` -> `qlist[bh, :count[bh]]`."""
+def _has_block(p_m, m_i, c):
+    """Bit `c` of each query's selection words at `p_m` ([BLK] pointers)."""
+    word = tl.load(p_m + c // 32, mask=m_i, other=0)
+    return (((word >> (c % 32)) & 1) != 0) & m_i
+
+
+@triton.jit
+def vmoba_count_kernel(mask_ptr, tile_count_ptr, S, BH, C, n_ct, W: tl.constexpr, BLK: tl.constexpr):
+    """`tile_count[c, bh, t]`: queries of token tile `t` of sample-head `bh` that selected block `c`."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     o_i = i_t * BLK + tl.arange(0, BLK)
     m_i = o_i < S
     p_m = mask_ptr + (i_bh.to(tl.int64) * S + o_i) * W
-    w_c = c // 32
-    b_c = c % 32
-    word = tl.load(p_m + w_c, mask=m_i, other=0).to(tl.int64) & 0xFFFFFFFF
-    hit = ((word >> b_c) & 1) != 0
-    below = (word & ((1 << b_c) - 1)) != 0
-    above = (word >> (b_c + 1)) != 0
-    for w in tl.static_range(W):
-        other = tl.load(p_m + w, mask=m_i, other=0) != 0
-        below = below | (other & (w < w_c))
-        above = above | (other & (w > w_c))
-    hit = hit & m_i
-    n_hit = tl.sum(hit.to(tl.int32), axis=0)
-    base = tl.atomic_add(count_ptr + i_bh, n_hit)
-    pos = base + tl.cumsum(hit.to(tl.int32), axis=0) - 1
-    info = o_i | tl.where(below, 0, 1 << 30) | tl.where(above, 0, 1 << 29)
-    tl.store(qlist_ptr + i_bh.to(tl.int64) * S + pos, info, mask=hit)
+    for c in range(C):
+        n_hit = tl.sum(_has_block(p_m, m_i, c).to(tl.int32), axis=0)
+        tl.store(tile_count_ptr + (c * BH + i_bh) * n_ct + i_t, n_hit)
+
+
+@triton.jit
+def vmoba_scatter_kernel(mask_ptr, tile_base_ptr, qlist_ptr, S, BH, C, n_ct, W: tl.constexpr, BLK: tl.constexpr):
+    """Write each query of the tile into its blocks' segments at `tile_base[c, bh, t] + rank`."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    o_i = i_t * BLK + tl.arange(0, BLK)
+    m_i = o_i < S
+    p_m = mask_ptr + (i_bh.to(tl.int64) * S + o_i) * W
+    highest = tl.full([BLK], -1, dtype=tl.int32)
+    for c in range(C):
+        highest = tl.where(_has_block(p_m, m_i, c), c, highest)
+    seen = o_i < 0
+    for c in range(C):
+        hit = _has_block(p_m, m_i, c)
+        base = tl.load(tile_base_ptr + (c * BH + i_bh) * n_ct + i_t)
+        pos = base + (tl.cumsum(hit.to(tl.int32), axis=0) - 1)
+        info = o_i | tl.where(seen, 0, 1 << 30) | tl.where(highest == c, 1 << 29, 0)
+        tl.store(qlist_ptr + pos, info, mask=hit)
+        seen = seen | hit
 
 
 @triton.jit
@@ -78,42 +96,50 @@ def _attend_keys_at(b_q, b_m, b_l, b_acc, k_desc, v_desc, row, col, j0, block_le
 
 
 @triton.jit
+def _segment_of(tile_end_ptr, work, n_seg, N_SEARCH: tl.constexpr):
+    """The first segment whose inclusive tile prefix `tile_end` exceeds `work` (binary search)."""
+    lo = work * 0
+    hi = lo + n_seg - 1
+    for _ in tl.static_range(N_SEARCH):
+        mid = (lo + hi) // 2
+        right = tl.load(tile_end_ptr + mid) <= work
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+@triton.jit
 def vmoba_fwd_kernel(
-    q_ptr, k_desc, v_desc, o_ptr, acc_ptr, ml_ptr, qlist_ptr, count_ptr,
+    q_ptr, k_desc, v_desc, o_ptr, acc_ptr, ml_ptr, qlist_ptr,
+    seg_start_ptr, seg_count_ptr, seg_tiles_ptr, tile_end_ptr, wait_ptr, done_ptr, ticket_ptr,
+    starts_ptr, lengths_ptr,
     stride_qb, stride_qs, stride_qh,
     stride_ob, stride_os, stride_oh,
-    H, S, BH, block_start, block_len, qk_scale,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BH_PAD: tl.constexpr, IEEE: tl.constexpr,
+    H, S, BH, n_seg, qk_scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, N_SEARCH: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """One wave: every tile of queries that selected the key block at `block_start`.
+    """Every tile of every segment. Segment `c * BH + bh`: the queries of sample-head `bh` that
+    selected key block `c`, `qlist[seg_start : seg_start + seg_count]`.
 
     `k_desc, v_desc`: tensor descriptors over the keys/values in blocked token order, viewed as
-    `[B*S, H*D]` with `[BN, D]` tiles (the block's keys are contiguous rows). A persistent grid
-    walks the wave's tiles (all heads); tile `t` of head `bh` holds the queries
-    `qlist[bh, t*BM : (t+1)*BM]`. `acc [B, S, H, D]` holds each query's output so far, normalised
-    (its dtype, fp32 or fp16, sets the merge precision and traffic), and `ml [BH, S, 2]` its
-    running max (log2 domain) and softmax denominator.
+    `[B*S, H*D]` with `[BN, D]` tiles (a block's keys are contiguous rows). `acc [B, S, H, D]`
+    holds each query's output so far, normalised (its dtype, fp32 or fp16, sets the merge
+    precision and traffic), and `ml [BH, S, 2]` its running max (log2 domain) and denominator.
     """
-    pid = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    # tiles per (sample, head) and their prefix, to map a work index to (bh, tile)
-    o_bh = tl.arange(0, BH_PAD)
-    counts = tl.load(count_ptr + o_bh, mask=o_bh < BH, other=0)
-    tiles = (counts + BM - 1) // BM
-    ends = tl.cumsum(tiles, axis=0)
-    total = tl.sum(tiles, axis=0)
     o_d = tl.arange(0, D)
     o_m = tl.arange(0, BM)
-    n_full = block_len // BN
-    for work in range(pid, total, n_prog):
-        i_bh = tl.sum((ends <= work).to(tl.int32), axis=0)
-        start_t = tl.sum(tl.where(o_bh == i_bh, ends - tiles, 0), axis=0)
-        count = tl.sum(tl.where(o_bh == i_bh, counts, 0), axis=0)
+    total = tl.load(tile_end_ptr + n_seg - 1)
+    work = tl.atomic_add(ticket_ptr, 1)
+    while work < total:
+        seg = _segment_of(tile_end_ptr, work, n_seg, N_SEARCH)
+        i_c = seg // BH
+        i_bh = seg % BH
         i_b = i_bh // H
         i_h = i_bh % H
-        o_r = (work - start_t) * BM + o_m
-        m_r = o_r < count
-        info = tl.load(qlist_ptr + i_bh.to(tl.int64) * S + o_r, mask=m_r, other=0)
+        first_tile = tl.load(tile_end_ptr + seg) - tl.load(seg_tiles_ptr + seg)
+        o_r = (work - first_tile) * BM + o_m
+        m_r = o_r < tl.load(seg_count_ptr + seg)
+        info = tl.load(qlist_ptr + tl.load(seg_start_ptr + seg) + o_r, mask=m_r, other=0)
         tok = (info & ((1 << 29) - 1)).to(tl.int64)
         first = (info & (1 << 30)) != 0
         last = (info & (1 << 29)) != 0
@@ -123,6 +149,9 @@ def vmoba_fwd_kernel(
         b_m = tl.full([BM], -float("inf"), dtype=tl.float32)
         b_l = tl.zeros([BM], dtype=tl.float32)
         b_acc = tl.zeros([BM, D], dtype=tl.float32)
+        block_start = tl.load(starts_ptr + i_c)
+        block_len = tl.load(lengths_ptr + i_c)
+        n_full = block_len // BN
         row = i_b * S + block_start
         col = i_h * D
         for j in range(0, n_full):
@@ -132,13 +161,22 @@ def vmoba_fwd_kernel(
             b_m, b_l, b_acc = _attend_keys_at(b_q, b_m, b_l, b_acc, k_desc, v_desc, row, col, n_full * BN,
                                               block_len, qk_scale, BN, True, IEEE)
 
-        # merge with the query's earlier blocks (log-sum-exp, in place)
+        # the previous non-empty block of this sample-head must have merged before this one does
+        wait = tl.load(wait_ptr + seg)
+        if wait >= 0:
+            need = tl.load(seg_tiles_ptr + wait)
+            got = tl.atomic_add(done_ptr + wait, 0, sem="acquire")
+            while got < need:
+                got = tl.atomic_add(done_ptr + wait, 0, sem="acquire")
+            tl.debug_barrier()
+
+        # merge with the query's earlier blocks (log-sum-exp, in place; .cg: written by other SMs)
         p_ml = ml_ptr + (i_bh.to(tl.int64) * S + tok) * 2
         p_acc = acc_ptr + i_b.to(tl.int64) * stride_ob + tok[:, None] * stride_os + i_h * stride_oh + o_d[None, :]
         old = m_r & ~first
-        m_old = tl.load(p_ml, mask=old, other=-float("inf"))
-        l_old = tl.load(p_ml + 1, mask=old, other=0.0)
-        o_old = tl.load(p_acc, mask=old[:, None], other=0.0).to(tl.float32)  # normalised
+        m_old = tl.load(p_ml, mask=old, other=-float("inf"), cache_modifier=".cg")
+        l_old = tl.load(p_ml + 1, mask=old, other=0.0, cache_modifier=".cg")
+        o_old = tl.load(p_acc, mask=old[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)  # normalised
         m_new = tl.maximum(m_old, b_m)
         a_old = l_old * tl.math.exp2(m_old - m_new)
         a_new = tl.math.exp2(b_m - m_new)
@@ -151,3 +189,6 @@ def vmoba_fwd_kernel(
         p_o = o_ptr + i_b.to(tl.int64) * stride_ob + tok[:, None] * stride_os + i_h * stride_oh + o_d[None, :]
         done = m_r & last
         tl.store(p_o, (b_acc / b_l[:, None]).to(o_ptr.dtype.element_ty), mask=done[:, None])
+        tl.debug_barrier()  # every thread's stores before the release below
+        tl.atomic_add(done_ptr + seg, 1, sem="release")
+        work = tl.atomic_add(ticket_ptr, 1)

@@ -21,6 +21,8 @@ def gate_config(c_pad: int, head_dim: int, interpreter: bool) -> dict:
     base = dict(_GATE_INTERPRETER if interpreter else _GATE_GPU)
     # the [BM, C_PAD] score tile and its sort keys live in registers
     base["BM"] = 64 if interpreter else (64 if c_pad <= 128 else (32 if c_pad <= 256 else 16))
+    if not interpreter:  # tuning hook for bench/tune_selection.py: VMOBA_GATE_CONFIG='{"BM": 128}'
+        base.update(json.loads(os.environ.get("VMOBA_GATE_CONFIG", "{}")))
     return base
 
 

@@ -7,8 +7,9 @@ CUDA graph. The selection is written as a bitmask `[B, H, S, W]` int32, `W = C_P
 Gate scores `g = q . mean(k over block)` are recomputed from `q` by every pass (one small matmul
 per query tile) instead of being stored: storing them would cost `S*C` floats per head.
 
-- `topk`, `threshold_query`: one pass; each query's `C` scores are turned into sortable int64 keys
-  (value bits high, `C_PAD-1-c` low, so ties go to the lower block) and sorted in registers.
+- `topk`, `threshold_query`: one pass; each query's `C` scores become sortable int32 keys; the
+  cutoff is found by bisection on the keys, ties go to the lower block. Top-k with small k
+  instead takes the best remaining block k-1 times.
 - `threshold_global`: the cutoff over all `S*C` pairs of a head is found without a full sort:
   pass 1 min/max, pass 2 a 256-bin histogram of normalised scores (plus exact sums), pass 3 a
   256-bin histogram inside the bins that can hold the cutoff, pass 4 compacts the few pairs left
@@ -142,7 +143,7 @@ def vmoba_gate_kernel(
     H, S, C, n_tiles, tau, topk, CAP, m_take,
     BM: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
     PHASE: tl.constexpr, MODE_TOPK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-    KIND: tl.constexpr,
+    KIND: tl.constexpr, TOPK_ITER: tl.constexpr = False,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -157,7 +158,20 @@ def vmoba_gate_kernel(
     valid = m_i[:, None] & m_c[None, :]
     other = valid & ~is_self
 
-    if PHASE == 0:
+    if PHASE == 0 and TOPK_ITER:
+        # ---- top-k with small k: take the best remaining other block k-1 times ----
+        # (two row reductions a step, lowest block first among equal keys; cheaper than the
+        # 33-step bisection below while k-1 <= 16)
+        b_key = _monotone_key(b_g)
+        avail = other
+        for _ in range(tl.minimum(topk, C) - 1):
+            best = tl.max(tl.where(avail, b_key, -2147483647 - 1), axis=1)
+            first = tl.min(tl.where(avail & (b_key == best[:, None]), o_c[None, :], C_PAD), axis=1)
+            avail = avail & (o_c[None, :] != first[:, None])
+        b_sel = valid & (is_self | (other & ~avail))
+        _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
+
+    elif PHASE == 0:
         # ---- per-query selection (topk, threshold_query) ----
         if MODE_TOPK:
             b_val = b_g

@@ -21,6 +21,7 @@ from . import gate as gate_k
 from .configs import attention_config, gate_config
 
 LOG2E = 1.4426950408889634
+TOPK_ITER_MAX = 16  # top-k picks per query up to which repeated max beats bisection
 MAX_BLOCKS = 1024  # C_PAD <= 1024: each query's scores are sorted in registers
 
 
@@ -52,11 +53,13 @@ class Selection:
 
     - `bits`: `[B, H, S, W]` int32, bit `c % 32` of word `c // 32` set for a selected block.
     - `attended`: `[B*H, n_tiles]` fp32 per-tile sums of `|K(b,h,i)|` (tokens attended).
+    - `max_blocks_per_query`: sizes the query index without reading the selection.
     """
 
     bits: torch.Tensor
     attended: torch.Tensor
     layout: BlockLayout
+    max_blocks_per_query: int  # a bound known on the host: top-k's k, else every block
 
     @property
     def num_blocks(self) -> int:
@@ -144,7 +147,7 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
             h, s, c, n_tiles, float(tau), int(topk), cap, m_take,
             BM=bm, C_PAD=c_pad, D=d, NB=gate_k.NUM_BINS, PHASE=phase, MODE_TOPK=mode == "topk",
             SPLIT=split, IEEE=q.dtype == torch.float32, KIND=kind_id,
-            num_warps=cfg["num_warps"],
+            TOPK_ITER=mode == "topk" and min(topk, c) - 1 <= TOPK_ITER_MAX, num_warps=cfg["num_warps"],
         )
 
     def decide(step: int):
@@ -168,7 +171,8 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
         gate_pass(gate_k.PHASE_COMPACT)
         decide(3)
         gate_pass(gate_k.PHASE_MASK)
-    return Selection(bits=bits, attended=attended, layout=layout)
+    per_query = max(1, min(topk, c)) if mode == "topk" else c
+    return Selection(bits=bits, attended=attended, layout=layout, max_blocks_per_query=per_query)
 
 
 def select_mask(q, k, *, grid, kind: str, config: VMoBAConfig) -> torch.Tensor:
@@ -177,11 +181,50 @@ def select_mask(q, k, *, grid, kind: str, config: VMoBAConfig) -> torch.Tensor:
     return select_bits(q, k, layout, config, kind).to_bool()
 
 
+@dataclass
+class QueryIndex:
+    """The transposed (key block -> queries) index: segment `c * BH + bh` lists the queries of
+    sample-head `bh` that selected block `c`, `qlist[seg_start : seg_start + seg_count]`, each
+    with first/last-block flags. `seg_tiles`, `tile_end`: `BM`-query tiles per segment and their
+    inclusive prefix; `wait`: the segment whose merges must finish first (-1: none)."""
+
+    qlist: torch.Tensor
+    seg_start: torch.Tensor
+    seg_count: torch.Tensor
+    seg_tiles: torch.Tensor
+    tile_end: torch.Tensor
+    wait: torch.Tensor
+
+
+def query_index(selection: Selection, bm: int, blk: int) -> QueryIndex:
+    """Build the index on the device (two small kernels and a scan; no host sync)."""
+    b, h, s, words = selection.bits.shape
+    c, bh, dev = selection.num_blocks, b * h, selection.bits.device
+    n_ct = triton.cdiv(s, blk)
+    tile_count = torch.empty(c, bh, n_ct, device=dev, dtype=torch.int32)
+    attn_k.vmoba_count_kernel[(n_ct, bh)](selection.bits, tile_count, s, bh, c, n_ct, W=words, BLK=blk)
+    flat = tile_count.view(-1)
+    tile_base = torch.cumsum(flat, 0) - flat  # int64, exclusive
+    qlist = torch.empty(bh * s * selection.max_blocks_per_query, device=dev, dtype=torch.int32)
+    attn_k.vmoba_scatter_kernel[(n_ct, bh)](selection.bits, tile_base, qlist, s, bh, c, n_ct, W=words, BLK=blk)
+    seg_count = tile_count.sum(-1, dtype=torch.int32)  # [C, BH]
+    seg_tiles = (seg_count + (bm - 1)) // bm
+    # the previous non-empty block of the same sample-head, as a segment index
+    block = torch.arange(c, device=dev, dtype=torch.int32)[:, None].expand(c, bh)
+    latest = torch.where(seg_tiles > 0, block, -1).cummax(0).values
+    prev = torch.cat([torch.full((1, bh), -1, device=dev, dtype=torch.int32), latest[:-1]])
+    heads = torch.arange(bh, device=dev, dtype=torch.int32)[None, :]
+    wait = torch.where(prev >= 0, prev * bh + heads, -1)
+    return QueryIndex(qlist=qlist, seg_start=tile_base.view(c, bh, n_ct)[:, :, 0].contiguous().view(-1),
+                      seg_count=seg_count.view(-1), seg_tiles=seg_tiles.view(-1),
+                      tile_end=torch.cumsum(seg_tiles.view(-1), 0, dtype=torch.int32), wait=wait.view(-1))
+
+
 def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison: bool = False) -> torch.Tensor:
-    """Attention over the selected blocks: one wave (launch pair) per key block index.
+    """Attention over the selected blocks: the query index, then one persistent launch.
 
     `out`: an optional preallocated `[B, S, H, D]` output. `poison` fills the internal state with
-    NaN first (tests: any read of state no wave wrote shows up in the output).
+    NaN first (tests: any read of state no block wrote shows up in the output).
     """
     b, s, h, d = q.shape
     layout = selection.layout
@@ -193,7 +236,7 @@ def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
-    # the running output between waves: fp16 halves its traffic (|values| <= max|v| < 65504);
+    # the running output between blocks: fp16 halves its traffic (|values| <= max|v| < 65504);
     # fp32 inputs keep fp32
     partial = torch.float32 if q.dtype == torch.float32 else getattr(torch, cfg["partial_dtype"])
     acc = torch.empty(out.shape, device=dev, dtype=partial)
@@ -201,26 +244,23 @@ def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison
     if poison:
         acc.fill_(float("nan"))
         ml.fill_(float("nan"))
-    qlist = torch.empty(bh, s, device=dev, dtype=torch.int32)
-    counts = torch.zeros(c, bh, device=dev, dtype=torch.int32)
+    index = query_index(selection, cfg["BM"], cfg["compact_block"])
+    n_seg = c * bh
+    done = torch.zeros(n_seg + 1, device=dev, dtype=torch.int32)  # per segment, then the ticket
     n_prog = cfg["programs"] if interpreting() else cfg["ctas_per_sm"] * _sm_count(dev)
-    blk = cfg["compact_block"]
-    words = selection.bits.shape[-1]
     # keys and values in blocked order, so every block is a run of rows a TMA descriptor can load
     kb, vb = (x.contiguous() if layout.is_identity else x.index_select(1, layout.perm) for x in (k, v))
     k_desc, v_desc = (TensorDescriptor.from_tensor(x.view(b * s, h * d), [cfg["BN"], d]) for x in (kb, vb))
-    for i_c in range(c):
-        attn_k.vmoba_compact_kernel[(triton.cdiv(s, blk), bh)](
-            selection.bits, qlist, counts[i_c], s, i_c, W=words, BLK=blk,
-        )
-        attn_k.vmoba_fwd_kernel[(n_prog,)](
-            q, k_desc, v_desc, out, acc, ml, qlist, counts[i_c],
-            q.stride(0), q.stride(1), q.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            h, s, bh, layout.starts_host[i_c], layout.lengths_host[i_c], softmax_scale * LOG2E,
-            D=d, BM=cfg["BM"], BN=cfg["BN"], BH_PAD=max(16, triton.next_power_of_2(bh)),
-            IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+    attn_k.vmoba_fwd_kernel[(n_prog,)](
+        q, k_desc, v_desc, out, acc, ml, index.qlist,
+        index.seg_start, index.seg_count, index.seg_tiles, index.tile_end, index.wait, done, done[n_seg:],
+        layout.starts, layout.lengths,
+        q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        h, s, bh, n_seg, softmax_scale * LOG2E,
+        D=d, BM=cfg["BM"], BN=cfg["BN"], N_SEARCH=max(1, (n_seg - 1).bit_length()),
+        IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
     return out
 
 

@@ -1,0 +1,55 @@
+"""Time `select_bits` (pooling, gate, selection) for several gate-kernel configs.
+
+    python -m bench.tune_selection [--preset wan1.3b-720p-81f]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from bench.common import HEAD_DIM, HEADS, PRESETS, median_ms
+from vmoba import VMoBAConfig, num_blocks
+from vmoba.inputs import locality_qkv
+from vmoba.kernels import launch
+from vmoba.partition import block_layout
+
+CANDIDATES = [
+    {},
+    {"BM": 128, "num_warps": 8},
+    {"BM": 64, "num_warps": 8},
+    {"BM": 32, "num_warps": 4},
+    {"BM": 128, "num_warps": 4},
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="wan1.3b-720p-81f")
+    args = ap.parse_args()
+    grid = PRESETS[args.preset]
+    q, k, _ = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    paper = VMoBAConfig.for_grid(grid)
+    cases = []
+    for kind in ("2d", "3d"):
+        c = num_blocks(grid, kind, paper)
+        for density in (0.25, 0.1):
+            kk = max(1, round(density * c))
+            cases.append((f"{kind} topk{kk}/{c}", paper.replace(select="topk", topk=(kk, kk, kk)), kind))
+        cases.append((f"{kind} threshold_global", paper.replace(select="threshold_global"), kind))
+    for cand in CANDIDATES:
+        os.environ["VMOBA_GATE_CONFIG"] = json.dumps(cand)
+        for label, cfg, kind in cases:
+            layout = block_layout(grid, kind, cfg, device="cuda")
+            try:
+                ms = median_ms(lambda: launch.select_bits(q, k, layout, cfg, kind), rep_ms=300)
+                print(f"{json.dumps(cand):36s} {label:24s} {ms * 1000:8.1f} us", flush=True)
+            except Exception as exc:
+                print(f"{json.dumps(cand):36s} {label:24s} failed {exc!r}"[:300], flush=True)
+
+
+if __name__ == "__main__":
+    main()
