@@ -111,7 +111,7 @@ def bench_vmoba(q, k, v, grid, kind, cfg):
     sel_ms = median_ms(lambda: launch.select_bits(q, k, layout, cfg, kind), REP_MS)
     sel = launch.select_bits(q, k, layout, cfg, kind)
     density = float(sel.density())
-    ratio = work_ratio(sel.to_bool(), layout, attention_config(q.shape[-1], False))
+    ratio = work_ratio(sel.to_bool(), layout, attention_config(q.shape[-1], False, layout.max_len))
     return dict(fwd_ms=fwd, selection_ms=sel_ms, density=density, peak_extra_mem_bytes=int(extra),
                 executed_over_useful=ratio)
 

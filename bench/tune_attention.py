@@ -1,6 +1,6 @@
-"""Time the attention waves alone (selection done once) for several kernel configs on one case.
+"""Time the attention alone (selection done once) for several kernel configs and cases.
 
-    python -m bench.tune_attention [--preset wan1.3b-720p-81f] [--kind 2d] [--density 0.25]
+    python -m bench.tune_attention [--cases wan1.3b-720p-81f:2d:0.25 ...] [--candidates JSON]
 """
 
 from __future__ import annotations
@@ -19,34 +19,41 @@ from vmoba.kernels import launch
 from vmoba.partition import block_layout
 
 CANDIDATES = [
-    {"BN": 128, "num_stages": 3, "num_warps": 8},
-    {"BN": 128, "num_stages": 3, "num_warps": 8, "partial_dtype": "float16"},
-    {"BN": 128, "num_stages": 4, "num_warps": 8},
+    {},
+    {"BN": 64, "num_stages": 2, "ctas_per_sm": 2, "maxnreg": 128},
+    {"BN": 64, "num_stages": 3, "ctas_per_sm": 2, "maxnreg": 128},
+    {"BM": 64, "BN": 128, "num_stages": 2, "num_warps": 4, "ctas_per_sm": 2},
+    {"BM": 64, "BN": 64, "num_stages": 3, "num_warps": 4, "ctas_per_sm": 2},
+    {"BN": 64, "num_stages": 3},
 ]
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="wan1.3b-720p-81f")
-    ap.add_argument("--kind", default="2d")
-    ap.add_argument("--density", type=float, default=0.25)
+    ap.add_argument("--cases", nargs="*", default=["wan1.3b-720p-81f:2d:0.25", "wan1.3b-720p-81f:2d:0.1",
+                                                   "wan1.3b-480p-81f:3d:0.25"], help="preset:kind:density")
+    ap.add_argument("--candidates", default=None, help="JSON list of configs (default: CANDIDATES)")
     args = ap.parse_args()
-    grid = PRESETS[args.preset]
-    q, k, v = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
-    paper = VMoBAConfig.for_grid(grid)
-    kk = max(1, round(args.density * num_blocks(grid, args.kind, paper)))
-    cfg = paper.replace(select="topk", topk=(kk, kk, kk))
-    layout = block_layout(grid, args.kind, cfg, device="cuda")
-    sel = launch.select_bits(q, k, layout, cfg, args.kind)
-    flops = float(sel.density()) * 4 * q.shape[1] ** 2 * HEADS * HEAD_DIM
+    candidates = json.loads(args.candidates) if args.candidates else CANDIDATES
     scale = 1 / math.sqrt(HEAD_DIM)
-    for cand in CANDIDATES:
-        os.environ["VMOBA_ATTN_CONFIG"] = json.dumps(cand)
-        try:
-            ms = median_ms(lambda: launch.attend(q, k, v, sel, scale))
-            print(f"{cand}: {ms:.2f} ms  {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
-        except Exception as exc:
-            print(f"{cand}: failed {exc!r}"[:300], flush=True)
+    for case in args.cases:
+        preset, kind, density = case.split(":")
+        grid = PRESETS[preset]
+        q, k, v = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        paper = VMoBAConfig.for_grid(grid)
+        kk = max(1, round(float(density) * num_blocks(grid, kind, paper)))
+        cfg = paper.replace(select="topk", topk=(kk, kk, kk))
+        layout = block_layout(grid, kind, cfg, device="cuda")
+        sel = launch.select_bits(q, k, layout, cfg, kind)
+        flops = float(sel.density()) * 4 * q.shape[1] ** 2 * HEADS * HEAD_DIM
+        for cand in candidates:
+            os.environ["VMOBA_ATTN_CONFIG"] = json.dumps(cand)
+            try:
+                ms = median_ms(lambda: launch.attend(q, k, v, sel, scale), rep_ms=400)
+                print(f"{case:28s} {json.dumps(cand):70s} {ms:7.2f} ms {flops / ms / 1e9:4.0f} TFLOP/s", flush=True)
+            except Exception as exc:
+                print(f"{case:28s} {json.dumps(cand):70s} failed {exc!r}"[:300], flush=True)
+        del q, k, v, sel
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ CANDIDATES = [
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="wan1.3b-720p-81f")
+    ap.add_argument("--candidates", default=None, help="JSON list of configs (default: CANDIDATES)")
     args = ap.parse_args()
+    candidates = json.loads(args.candidates) if args.candidates else CANDIDATES
     grid = PRESETS[args.preset]
     q, k, _ = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     paper = VMoBAConfig.for_grid(grid)
@@ -40,7 +42,7 @@ def main():
             kk = max(1, round(density * c))
             cases.append((f"{kind} topk{kk}/{c}", paper.replace(select="topk", topk=(kk, kk, kk)), kind))
         cases.append((f"{kind} threshold_global", paper.replace(select="threshold_global"), kind))
-    for cand in CANDIDATES:
+    for cand in candidates:
         os.environ["VMOBA_GATE_CONFIG"] = json.dumps(cand)
         for label, cfg, kind in cases:
             layout = block_layout(grid, kind, cfg, device="cuda")

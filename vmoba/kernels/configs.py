@@ -30,19 +30,26 @@ def gate_config(c_pad: int, head_dim: int, interpreter: bool) -> dict:
 _ATTN_GPU = {
     64: {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2, "compact_block": 1024,
          "partial_dtype": "float16"},
-    # H200, 720p 2D top-k 25%: BN 128 / 3 stages 372 TFLOP/s, 2 stages 337, BN 64 366, BM 64 x2 CTAs 298;
-    # fp16 partial outputs 413 (fp32 363 in the same run)
+    # H200, 720p 2D top-k 25% (per-block launches then): BN 128 / 3 stages 372 TFLOP/s, 2 stages 337,
+    # BN 64 366, BM 64 x2 CTAs 298; fp16 partial outputs 413 (fp32 363 in the same run)
     128: {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3, "ctas_per_sm": 1, "compact_block": 1024,
           "partial_dtype": "float16"},
 }
+# Short blocks (2D/3D layers): a tile runs only a few key tiles, so its start and merge weigh more;
+# two programs per SM overlap one's start with the other's matmuls. H200, one persistent launch
+# (b47d00e): 480p 3D top-k 25% 6.89 ms vs 8.07 (BM 128); 720p 2D 10% 8.68 vs 9.02; 2D 25% 21.12 vs 21.16.
+_ATTN_GPU_SHORT_BLOCKS = {128: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2}}
+SHORT_BLOCK = 4096  # keys
 _ATTN_INTERPRETER = {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1, "programs": 2, "compact_block": 256,
                      "partial_dtype": "float16"}
 
 
-def attention_config(head_dim: int, interpreter: bool) -> dict:
+def attention_config(head_dim: int, interpreter: bool, max_block_len: int) -> dict:
     if interpreter:
         return dict(_ATTN_INTERPRETER)
     cfg = dict(_ATTN_GPU[head_dim])
+    if max_block_len <= SHORT_BLOCK:
+        cfg.update(_ATTN_GPU_SHORT_BLOCKS.get(head_dim, {}))
     # tuning hook for bench/tune_attention.py: VMOBA_ATTN_CONFIG='{"BN": 64, "num_stages": 4}'
     cfg.update(json.loads(os.environ.get("VMOBA_ATTN_CONFIG", "{}")))
     return cfg

@@ -160,15 +160,14 @@ def vmoba_gate_kernel(
 
     if PHASE == 0 and TOPK_ITER:
         # ---- top-k with small k: take the best remaining other block k-1 times ----
-        # (two row reductions a step, lowest block first among equal keys; cheaper than the
-        # 33-step bisection below while k-1 <= 16)
-        b_key = _monotone_key(b_g)
-        avail = other
+        # (keys are unique: value bits high, C_PAD-1-c low, so equal values go to the lower
+        # block; one row reduction a step, cheaper than the 33-step bisection below while k is small)
+        b_unique = (_monotone_key(b_g).to(tl.int64) << 32) | (C_PAD - 1 - o_c)[None, :]
+        b_unique = tl.where(other, b_unique, -9223372036854775807 - 1)
         for _ in range(tl.minimum(topk, C) - 1):
-            best = tl.max(tl.where(avail, b_key, -2147483647 - 1), axis=1)
-            first = tl.min(tl.where(avail & (b_key == best[:, None]), o_c[None, :], C_PAD), axis=1)
-            avail = avail & (o_c[None, :] != first[:, None])
-        b_sel = valid & (is_self | (other & ~avail))
+            best = tl.max(b_unique, axis=1)
+            b_unique = tl.where(b_unique == best[:, None], -9223372036854775807 - 1, b_unique)
+        b_sel = valid & (is_self | (other & (b_unique == -9223372036854775807 - 1)))
         _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
 
     elif PHASE == 0:

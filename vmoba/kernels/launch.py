@@ -231,7 +231,7 @@ def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison
     c = layout.num_blocks
     bh = b * h
     dev = q.device
-    cfg = attention_config(d, interpreting())
+    cfg = attention_config(d, interpreting(), layout.max_len)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
@@ -260,6 +260,7 @@ def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison
         h, s, bh, n_seg, softmax_scale * LOG2E,
         D=d, BM=cfg["BM"], BN=cfg["BN"], N_SEARCH=max(1, (n_seg - 1).bit_length()),
         IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and not interpreting() else {}),
     )
     return out
 
