@@ -1,8 +1,10 @@
 """The Triton path against the reference, in Triton's CPU interpreter (or on a GPU if present).
 
 Tolerances: the kernels' attention output vs the reference on the same selection within
-`ATOL[dtype]` (interpreter: fp32 1e-5, fp16 2e-3; GPU: fp16 6e-3, bf16 4e-2, where the softmax
-weights are rounded to the input dtype for the P@V product).
+`ATOL[dtype] + RTOL[dtype] * |ref|` (interpreter: fp32 1e-5, fp16 2e-3 + 2e-3; GPU: fp16 6e-3 + 2e-3,
+bf16 4e-2 + 1.6e-2, where the softmax weights are rounded to the input dtype for the P@V product).
+The relative part is about two half-precision ulps: outputs above 1 occur, and the running output
+between blocks is kept in fp16.
 Selections must agree except at rounding margins: the kernels' gate (fp32, or a high and a low
 half-precision part of the block means, accumulated in fp32) differs from the reference's by
 about 1e-6 relative, so a pair may only differ where its normalised score is within
@@ -24,6 +26,7 @@ MODES = ("topk", "threshold_query", "threshold_global")
 # the softmax weights to the input dtype before the P@V product (as every flash kernel does)
 ATOL = ({torch.float16: 6e-3, torch.bfloat16: 4e-2} if torch.cuda.is_available()
         else {torch.float32: 1e-5, torch.float16: 2e-3})
+RTOL = {torch.float32: 0.0, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 CFG = VMoBAConfig(temporal_chunk=2, spatial_chunk=(2, 3), st_chunk=(2, 3, 4), topk=(2, 3, 5))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float16, torch.bfloat16) if DEVICE == "cuda" else (torch.float32, torch.float16)
@@ -94,7 +97,7 @@ def test_kernels_match_reference(grid, mode, dtype):
         assert_same_selection(got, ref_sel, q, k, grid, layer, cfg)
         assert not out.isnan().any(), "an output element was not written"
         ref = reference_on(q, k, v, grid, layer, cfg, got)
-        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[dtype], rtol=0)
+        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[dtype], rtol=RTOL[dtype])
         # density accounting agrees with the mask
         lens = block_layout(grid, cfg.kind(layer), cfg, device=q.device).lengths.double()
         expected = (got.double() * lens).sum() / (got.shape[0] * got.shape[1] * got.shape[2] ** 2)
@@ -111,7 +114,7 @@ def test_odd_shapes_single_head_and_tiny_blocks():
         ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
         assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
         ref = reference_on(q, k, v, grid, layer, cfg, sel.to_bool())
-        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=0)
+        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=RTOL[DTYPES[0]])
 
 
 @pytest.mark.parametrize("iterate_max", [0, launch.TOPK_ITER_MAX])
@@ -131,7 +134,7 @@ def test_topk_strategies_match_reference_with_ties(monkeypatch, iterate_max):
         assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
         assert (sel.to_bool().sum(-1) == min(topk[layer], ref_sel.shape[-1])).all()
         ref = reference_on(q, k, v, grid, layer, cfg, sel.to_bool())
-        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=0)
+        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=RTOL[DTYPES[0]])
 
 
 @pytest.mark.parametrize("kind_layer", [0, 1, 2])
@@ -157,7 +160,7 @@ def test_threshold_limits_and_all_selected_equals_dense():
         assert sel.to_bool().all()
         dense = torch.nn.functional.scaled_dot_product_attention(
             *(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
-        torch.testing.assert_close(out.float(), dense, atol=ATOL[q.dtype], rtol=0)
+        torch.testing.assert_close(out.float(), dense, atol=ATOL[q.dtype], rtol=RTOL[q.dtype])
         sel0, _ = run_triton(q, k, v, grid, 2, CFG.replace(select=mode, threshold=0.0))
         only_self = torch.zeros_like(sel0.to_bool()).scatter_(-1, ids.view(1, 1, -1, 1).expand(2, 3, -1, 1), True)
         assert torch.equal(sel0.to_bool(), only_self)
@@ -169,7 +172,7 @@ def test_public_api_uses_the_kernels_and_isolates_samples():
     q, k, v = qkv(grid, DTYPES[0])
     out = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="triton")
     ref = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="reference")
-    torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[q.dtype], rtol=0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[q.dtype], rtol=RTOL[q.dtype])
     stats = {}
     vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="triton", stats=stats)
     sel = select_blocks(q, k, grid=grid, layer_idx=1, config=cfg, backend="triton")
