@@ -16,7 +16,8 @@ token tile), the queries that selected the block; an exclusive scan of those cou
 each query with flags saying whether the block is its first or last. The list is the transposed
 (key block -> queries) index a backward pass needs too.
 
-One persistent launch walks all segments, block-major, taking tiles by ticket. A tile of
+A third small kernel writes the work list (item -> segment). One persistent launch walks all
+segments, block-major, taking tiles by ticket. A tile of
 block `c` may only merge once the same sample-head's previous non-empty block is complete, so
 it waits on that segment's done-counter; tickets are taken in order, so the wait always ends
 (everything it waits for was taken earlier by a running program) and is rare (the segment was
@@ -96,61 +97,78 @@ def _attend_keys_at(b_q, b_m, b_l, b_acc, k_desc, v_desc, row, col, j0, block_le
 
 
 @triton.jit
-def _segment_of(tile_end_ptr, work, n_seg, N_SEARCH: tl.constexpr):
-    """The first segment whose inclusive tile prefix `tile_end` exceeds `work` (binary search)."""
-    lo = work * 0
-    hi = lo + n_seg - 1
-    for _ in tl.static_range(N_SEARCH):
-        mid = (lo + hi) // 2
-        right = tl.load(tile_end_ptr + mid) <= work
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(right, hi, mid)
-    return lo
+def vmoba_items_kernel(seg_tiles_ptr, first_tile_ptr, item_seg_ptr, BLK: tl.constexpr):
+    """The work list: `item_seg[first_tile[s] + t] = s` for every tile `t` of segment `s`."""
+    seg = tl.program_id(0)
+    n = tl.load(seg_tiles_ptr + seg)
+    first = tl.load(first_tile_ptr + seg)
+    for t0 in range(0, n, BLK):
+        o_t = t0 + tl.arange(0, BLK)
+        tl.store(item_seg_ptr + first + o_t, seg + o_t * 0, mask=o_t < n)
+
+
+@triton.jit
+def _item(work, total, item_seg_ptr, first_tile_ptr, seg_count_ptr, seg_start_ptr, qlist_ptr,
+          BM: tl.constexpr):
+    """Segment of work item `work` and its queries' info words (-1 past the segment's end)."""
+    live = work < total
+    seg = tl.load(item_seg_ptr + work, mask=live, other=0)
+    first = tl.load(first_tile_ptr + seg)
+    count = tl.load(seg_count_ptr + seg)
+    start = tl.load(seg_start_ptr + seg)
+    o_r = (work - first) * BM + tl.arange(0, BM)
+    info = tl.load(qlist_ptr + start + o_r, mask=(o_r < count) & live, other=-1)
+    return seg, info
 
 
 @triton.jit
 def vmoba_fwd_kernel(
     q_ptr, k_desc, v_desc, o_ptr, acc_ptr, ml_ptr, qlist_ptr,
-    seg_start_ptr, seg_count_ptr, seg_tiles_ptr, tile_end_ptr, wait_ptr, done_ptr, ticket_ptr,
+    seg_start_ptr, seg_count_ptr, seg_tiles_ptr, first_tile_ptr, item_seg_ptr, wait_ptr, done_ptr, ticket_ptr,
     starts_ptr, lengths_ptr,
     stride_qb, stride_qs, stride_qh,
     stride_ob, stride_os, stride_oh,
     H, S, BH, n_seg, qk_scale,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, N_SEARCH: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Every tile of every segment. Segment `c * BH + bh`: the queries of sample-head `bh` that
-    selected key block `c`, `qlist[seg_start : seg_start + seg_count]`.
+    selected key block `c`, `qlist[seg_start : seg_start + seg_count]`; work item `w` is tile
+    `w - first_tile[s]` of segment `s = item_seg[w]`.
 
     `k_desc, v_desc`: tensor descriptors over the keys/values in blocked token order, viewed as
     `[B*S, H*D]` with `[BN, D]` tiles (a block's keys are contiguous rows). `acc [B, S, H, D]`
     holds each query's output so far, normalised (its dtype, fp32 or fp16, sets the merge
     precision and traffic), and `ml [BH, S, 2]` its running max (log2 domain) and denominator.
+
+    The next item's ticket, segment and query list are loaded before this item's key loop, so
+    their chain of dependent loads is hidden behind the matmuls.
     """
     o_d = tl.arange(0, D)
-    o_m = tl.arange(0, BM)
-    total = tl.load(tile_end_ptr + n_seg - 1)
+    total = tl.load(first_tile_ptr + n_seg)
     work = tl.atomic_add(ticket_ptr, 1)
+    seg, info = _item(work, total, item_seg_ptr, first_tile_ptr, seg_count_ptr, seg_start_ptr, qlist_ptr, BM)
     while work < total:
-        seg = _segment_of(tile_end_ptr, work, n_seg, N_SEARCH)
         i_c = seg // BH
         i_bh = seg % BH
         i_b = i_bh // H
         i_h = i_bh % H
-        first_tile = tl.load(tile_end_ptr + seg) - tl.load(seg_tiles_ptr + seg)
-        o_r = (work - first_tile) * BM + o_m
-        m_r = o_r < tl.load(seg_count_ptr + seg)
-        info = tl.load(qlist_ptr + tl.load(seg_start_ptr + seg) + o_r, mask=m_r, other=0)
+        m_r = info >= 0
         tok = (info & ((1 << 29) - 1)).to(tl.int64)
         first = (info & (1 << 30)) != 0
         last = (info & (1 << 29)) != 0
-
         p_q = q_ptr + i_b.to(tl.int64) * stride_qb + tok[:, None] * stride_qs + i_h * stride_qh + o_d[None, :]
         b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)  # [BM, D]
+        block_start = tl.load(starts_ptr + i_c)
+        block_len = tl.load(lengths_ptr + i_c)
+        wait = tl.load(wait_ptr + seg)
+
+        next_work = tl.atomic_add(ticket_ptr, 1)
+        next_seg, next_info = _item(next_work, total, item_seg_ptr, first_tile_ptr, seg_count_ptr, seg_start_ptr,
+                                    qlist_ptr, BM)
+
         b_m = tl.full([BM], -float("inf"), dtype=tl.float32)
         b_l = tl.zeros([BM], dtype=tl.float32)
         b_acc = tl.zeros([BM, D], dtype=tl.float32)
-        block_start = tl.load(starts_ptr + i_c)
-        block_len = tl.load(lengths_ptr + i_c)
         n_full = block_len // BN
         row = i_b * S + block_start
         col = i_h * D
@@ -162,7 +180,6 @@ def vmoba_fwd_kernel(
                                               block_len, qk_scale, BN, True, IEEE)
 
         # the previous non-empty block of this sample-head must have merged before this one does
-        wait = tl.load(wait_ptr + seg)
         if wait >= 0:
             need = tl.load(seg_tiles_ptr + wait)
             got = tl.atomic_add(done_ptr + wait, 0, sem="acquire")
@@ -191,4 +208,6 @@ def vmoba_fwd_kernel(
         tl.store(p_o, (b_acc / b_l[:, None]).to(o_ptr.dtype.element_ty), mask=done[:, None])
         tl.debug_barrier()  # every thread's stores before the release below
         tl.atomic_add(done_ptr + seg, 1, sem="release")
-        work = tl.atomic_add(ticket_ptr, 1)
+        work = next_work
+        seg = next_seg
+        info = tl.where(next_info >= 0, next_info, -1)

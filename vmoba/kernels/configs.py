@@ -35,11 +35,12 @@ _ATTN_GPU = {
     128: {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3, "ctas_per_sm": 1, "compact_block": 1024,
           "partial_dtype": "float16"},
 }
-# Short blocks (2D/3D layers): a tile runs only a few key tiles, so its start and merge weigh more;
-# two programs per SM overlap one's start with the other's matmuls. H200, one persistent launch
-# (b47d00e): 480p 3D top-k 25% 6.89 ms vs 8.07 (BM 128); 720p 2D 10% 8.68 vs 9.02; 2D 25% 21.12 vs 21.16.
+# Short blocks: a tile runs only a few key tiles, so its start and merge weigh more; two programs
+# per SM overlap one's start with the other's matmuls. H200, persistent launch with prefetched work
+# items: 480p 3D (455-key blocks) top-k 25% 6.24 ms vs 7.46 (BM 128); 480p 2D (1,365 keys) 4.30 vs
+# 4.41; 720p 2D (1,890 keys) 20.89 vs 20.29: BM 128 wins from about there on.
 _ATTN_GPU_SHORT_BLOCKS = {128: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2}}
-SHORT_BLOCK = 4096  # keys
+SHORT_BLOCK = 1536  # keys
 _ATTN_INTERPRETER = {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1, "programs": 2, "compact_block": 256,
                      "partial_dtype": "float16"}
 

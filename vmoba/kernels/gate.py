@@ -111,7 +111,9 @@ def _add_histogram(hist_ptr, i_bh, b_bin, b_keep, BM: tl.constexpr, C_PAD: tl.co
     b_bin = tl.where(b_keep, b_bin, NB)
     hist = tl.histogram(tl.reshape(b_bin, [BM * C_PAD]), 2 * NB)
     o_b = tl.arange(0, 2 * NB)
-    tl.atomic_add(hist_ptr + i_bh * NB + o_b, hist, mask=o_b < NB)
+    # only the bins this tile hit: a tile's pairs fall in few of them, and every program of the
+    # head adds into the same NB counters
+    tl.atomic_add(hist_ptr + i_bh * NB + o_b, hist, mask=(o_b < NB) & (hist > 0))
 
 
 @triton.jit

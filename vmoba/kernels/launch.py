@@ -185,19 +185,21 @@ def select_mask(q, k, *, grid, kind: str, config: VMoBAConfig) -> torch.Tensor:
 class QueryIndex:
     """The transposed (key block -> queries) index: segment `c * BH + bh` lists the queries of
     sample-head `bh` that selected block `c`, `qlist[seg_start : seg_start + seg_count]`, each
-    with first/last-block flags. `seg_tiles`, `tile_end`: `BM`-query tiles per segment and their
-    inclusive prefix; `wait`: the segment whose merges must finish first (-1: none)."""
+    with first/last-block flags. `seg_tiles`: its `BM`-query tiles; `first_tile`: their exclusive
+    prefix (`[n_seg + 1]`, the total last); `item_seg`: the segment of every tile (work item);
+    `wait`: the segment whose merges must finish first (-1: none)."""
 
     qlist: torch.Tensor
     seg_start: torch.Tensor
     seg_count: torch.Tensor
     seg_tiles: torch.Tensor
-    tile_end: torch.Tensor
+    first_tile: torch.Tensor
+    item_seg: torch.Tensor
     wait: torch.Tensor
 
 
 def query_index(selection: Selection, bm: int, blk: int) -> QueryIndex:
-    """Build the index on the device (two small kernels and a scan; no host sync)."""
+    """Build the index on the device (three small kernels and a few scans; no host sync)."""
     b, h, s, words = selection.bits.shape
     c, bh, dev = selection.num_blocks, b * h, selection.bits.device
     n_ct = triton.cdiv(s, blk)
@@ -205,19 +207,25 @@ def query_index(selection: Selection, bm: int, blk: int) -> QueryIndex:
     attn_k.vmoba_count_kernel[(n_ct, bh)](selection.bits, tile_count, s, bh, c, n_ct, W=words, BLK=blk)
     flat = tile_count.view(-1)
     tile_base = torch.cumsum(flat, 0) - flat  # int64, exclusive
-    qlist = torch.empty(bh * s * selection.max_blocks_per_query, device=dev, dtype=torch.int32)
+    per_query = selection.max_blocks_per_query
+    qlist = torch.empty(bh * s * per_query, device=dev, dtype=torch.int32)
     attn_k.vmoba_scatter_kernel[(n_ct, bh)](selection.bits, tile_base, qlist, s, bh, c, n_ct, W=words, BLK=blk)
-    seg_count = tile_count.sum(-1, dtype=torch.int32)  # [C, BH]
+    seg_count = tile_count.sum(-1, dtype=torch.int32).view(-1)  # [C * BH]
     seg_tiles = (seg_count + (bm - 1)) // bm
+    first_tile = torch.zeros(c * bh + 1, device=dev, dtype=torch.int32)
+    torch.cumsum(seg_tiles, 0, out=first_tile[1:])
+    # every segment has at most one partial tile
+    item_seg = torch.empty(triton.cdiv(bh * s * per_query, bm) + c * bh, device=dev, dtype=torch.int32)
+    attn_k.vmoba_items_kernel[(c * bh,)](seg_tiles, first_tile, item_seg, BLK=256)
     # the previous non-empty block of the same sample-head, as a segment index
     block = torch.arange(c, device=dev, dtype=torch.int32)[:, None].expand(c, bh)
-    latest = torch.where(seg_tiles > 0, block, -1).cummax(0).values
+    latest = torch.where(seg_tiles.view(c, bh) > 0, block, -1).cummax(0).values
     prev = torch.cat([torch.full((1, bh), -1, device=dev, dtype=torch.int32), latest[:-1]])
     heads = torch.arange(bh, device=dev, dtype=torch.int32)[None, :]
     wait = torch.where(prev >= 0, prev * bh + heads, -1)
     return QueryIndex(qlist=qlist, seg_start=tile_base.view(c, bh, n_ct)[:, :, 0].contiguous().view(-1),
-                      seg_count=seg_count.view(-1), seg_tiles=seg_tiles.view(-1),
-                      tile_end=torch.cumsum(seg_tiles.view(-1), 0, dtype=torch.int32), wait=wait.view(-1))
+                      seg_count=seg_count, seg_tiles=seg_tiles, first_tile=first_tile, item_seg=item_seg,
+                      wait=wait.view(-1))
 
 
 def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison: bool = False) -> torch.Tensor:
@@ -253,12 +261,13 @@ def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison
     k_desc, v_desc = (TensorDescriptor.from_tensor(x.view(b * s, h * d), [cfg["BN"], d]) for x in (kb, vb))
     attn_k.vmoba_fwd_kernel[(n_prog,)](
         q, k_desc, v_desc, out, acc, ml, index.qlist,
-        index.seg_start, index.seg_count, index.seg_tiles, index.tile_end, index.wait, done, done[n_seg:],
+        index.seg_start, index.seg_count, index.seg_tiles, index.first_tile, index.item_seg, index.wait, done,
+        done[n_seg:],
         layout.starts, layout.lengths,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         h, s, bh, n_seg, softmax_scale * LOG2E,
-        D=d, BM=cfg["BM"], BN=cfg["BN"], N_SEARCH=max(1, (n_seg - 1).bit_length()),
+        D=d, BM=cfg["BM"], BN=cfg["BN"],
         IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and not interpreting() else {}),
     )
