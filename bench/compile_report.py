@@ -60,13 +60,13 @@ def ptxas_report(kernel) -> str:
 def main():
     cases = [
         ("fwd D128 BM128 BN64 w8 s2", attn_k.vmoba_fwd_kernel,
-         dict(D=128, BM=128, BN=64, IEEE=False), 8, 2),
+         dict(D=128, BM=128, BN=64, GRAB=2, IEEE=False), 8, 2),
         ("fwd D128 BM128 BN128 w8 s3", attn_k.vmoba_fwd_kernel,
-         dict(D=128, BM=128, BN=128, IEEE=False), 8, 3),
+         dict(D=128, BM=128, BN=128, GRAB=2, IEEE=False), 8, 3),
         ("fwd D64 BM128 BN64 w4 s3", attn_k.vmoba_fwd_kernel,
-         dict(D=64, BM=128, BN=64, IEEE=False), 4, 3),
+         dict(D=64, BM=128, BN=64, GRAB=2, IEEE=False), 4, 3),
         ("fwd D128 BM64 BN64 w4 s3", attn_k.vmoba_fwd_kernel,
-         dict(D=128, BM=64, BN=64, IEEE=False), 4, 3),
+         dict(D=128, BM=64, BN=64, GRAB=2, IEEE=False), 4, 3),
         ("gate topk-iter C64", gate_k.vmoba_gate_kernel,
          dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=0, MODE_TOPK=True, SPLIT=True, IEEE=False, KIND=2,
               TOPK_ITER=True), 4, 1),

@@ -129,7 +129,7 @@ def vmoba_fwd_kernel(
     stride_qb, stride_qs, stride_qh,
     stride_ob, stride_os, stride_oh,
     H, S, BH, n_seg, qk_scale,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GRAB: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Every tile of every segment. Segment `c * BH + bh`: the queries of sample-head `bh` that
     selected key block `c`, `qlist[seg_start : seg_start + seg_count]`; work item `w` is tile
@@ -145,7 +145,8 @@ def vmoba_fwd_kernel(
     """
     o_d = tl.arange(0, D)
     total = tl.load(first_tile_ptr + n_seg)
-    work = tl.atomic_add(ticket_ptr, 1)
+    work = tl.atomic_add(ticket_ptr, 1) * GRAB
+    finished = -1  # the segment of the previous item, merged but not yet released
     seg, info = _item(work, total, item_seg_ptr, first_tile_ptr, seg_count_ptr, seg_start_ptr, qlist_ptr, BM)
     while work < total:
         i_c = seg // BH
@@ -162,7 +163,11 @@ def vmoba_fwd_kernel(
         block_len = tl.load(lengths_ptr + i_c)
         wait = tl.load(wait_ptr + seg)
 
-        next_work = tl.atomic_add(ticket_ptr, 1)
+        # tickets hand out GRAB consecutive items at a time (fewer atomics, each a stall)
+        if (work + 1) % GRAB == 0:
+            next_work = tl.atomic_add(ticket_ptr, 1) * GRAB
+        else:
+            next_work = work + 1
         next_seg, next_info = _item(next_work, total, item_seg_ptr, first_tile_ptr, seg_count_ptr, seg_start_ptr,
                                     qlist_ptr, BM)
 
@@ -179,6 +184,10 @@ def vmoba_fwd_kernel(
             b_m, b_l, b_acc = _attend_keys_at(b_q, b_m, b_l, b_acc, k_desc, v_desc, row, col, n_full * BN,
                                               block_len, qk_scale, BN, True, IEEE)
 
+        # release the previous item now that its stores have long completed (a release right after
+        # them waits for them); always before waiting below, which may depend on it
+        if finished >= 0:
+            tl.atomic_add(done_ptr + finished, 1, sem="release")
         # the previous non-empty block of this sample-head must have merged before this one does
         if wait >= 0:
             need = tl.load(seg_tiles_ptr + wait)
@@ -206,8 +215,10 @@ def vmoba_fwd_kernel(
         p_o = o_ptr + i_b.to(tl.int64) * stride_ob + tok[:, None] * stride_os + i_h * stride_oh + o_d[None, :]
         done = m_r & last
         tl.store(p_o, (b_acc / b_l[:, None]).to(o_ptr.dtype.element_ty), mask=done[:, None])
-        tl.debug_barrier()  # every thread's stores before the release below
-        tl.atomic_add(done_ptr + seg, 1, sem="release")
+        tl.debug_barrier()  # every thread's stores before the release
+        finished = seg
         work = next_work
         seg = next_seg
         info = tl.where(next_info >= 0, next_info, -1)
+    if finished >= 0:
+        tl.atomic_add(done_ptr + finished, 1, sem="release")

@@ -29,11 +29,11 @@ def gate_config(c_pad: int, head_dim: int, interpreter: bool) -> dict:
 # Attention waves: BM gathered queries x BN keys per step.
 _ATTN_GPU = {
     64: {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2, "compact_block": 1024,
-         "partial_dtype": "float16"},
+         "partial_dtype": "float16", "grab": 2},
     # H200, 720p 2D top-k 25% (per-block launches then): BN 128 / 3 stages 372 TFLOP/s, 2 stages 337,
     # BN 64 366, BM 64 x2 CTAs 298; fp16 partial outputs 413 (fp32 363 in the same run)
     128: {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3, "ctas_per_sm": 1, "compact_block": 1024,
-          "partial_dtype": "float16"},
+          "partial_dtype": "float16", "grab": 2},
 }
 # Short blocks: a tile runs only a few key tiles, so its start and merge weigh more; two programs
 # per SM overlap one's start with the other's matmuls. H200, persistent launch with prefetched work
@@ -42,7 +42,7 @@ _ATTN_GPU = {
 _ATTN_GPU_SHORT_BLOCKS = {128: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2}}
 SHORT_BLOCK = 1536  # keys
 _ATTN_INTERPRETER = {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1, "programs": 2, "compact_block": 256,
-                     "partial_dtype": "float16"}
+                     "partial_dtype": "float16", "grab": 2}
 
 
 def attention_config(head_dim: int, interpreter: bool, max_block_len: int) -> dict:
