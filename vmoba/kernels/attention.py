@@ -17,11 +17,12 @@ each query with flags saying whether the block is its first or last. The list is
 (key block -> queries) index a backward pass needs too.
 
 A third small kernel writes the work list (item -> segment). One persistent launch walks all
-segments, block-major, taking tiles by ticket. A tile of
-block `c` may only merge once the same sample-head's previous non-empty block is complete, so
-it waits on that segment's done-counter; tickets are taken in order, so the wait always ends
-(everything it waits for was taken earlier by a running program) and is rare (the segment was
-handed out a whole wave of tiles earlier). No wave boundaries: no launch per block, no tail.
+segments, block-major, taking tiles by ticket (two at a time). A tile of block `c` may only merge
+once the same sample-head's previous non-empty block is complete, so it waits on that segment's
+done-counter; tickets are taken in order, so the wait always ends (everything it waits for was
+taken earlier by a running program) and is rare (the segment was handed out about a whole block
+of tiles earlier). A program releases an item's counter after its next item's key loop, when the
+stores have long landed, and always before it waits. No launch per block and no tail per block.
 """
 
 from __future__ import annotations

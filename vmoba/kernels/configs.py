@@ -26,7 +26,7 @@ def gate_config(c_pad: int, head_dim: int, interpreter: bool) -> dict:
     return base
 
 
-# Attention waves: BM gathered queries x BN keys per step.
+# Attention: BM gathered queries x BN keys per step; `grab` work items per ticket.
 _ATTN_GPU = {
     64: {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2, "compact_block": 1024,
          "partial_dtype": "float16", "grab": 2},

@@ -1,7 +1,7 @@
 """Host side of the Triton path: buffers, launch order and grids. No host synchronisation.
 
 `select_bits` runs pooling, gating and selection and returns the selection as a bitmask;
-`sparse_attention` adds the per-key-block attention waves. Both work on CUDA and, for tests,
+`sparse_attention` adds the query index and the attention launch. Both work on CUDA and, for tests,
 under the Triton CPU interpreter (`TRITON_INTERPRET=1`).
 """
 
