@@ -117,6 +117,42 @@ def test_odd_shapes_single_head_and_tiny_blocks():
         torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=RTOL[DTYPES[0]])
 
 
+@pytest.mark.parametrize("mode", ["topk", "threshold_global"])
+def test_query_index_lists_every_selected_pair_once(mode):
+    """The transposed index against the selection: segment `c * BH + bh` holds exactly the
+    queries of `bh` that selected `c`, ascending, flagged first/last by their own selection; the
+    work list covers every tile of every segment in order; `wait` points at the previous
+    non-empty block of the same sample-head."""
+    grid = (3, 5, 7)
+    cfg = CFG.replace(select=mode, threshold=0.3)
+    q, k, _ = qkv(grid, DTYPES[0])
+    layout = block_layout(grid, "3d", cfg, device=q.device)
+    sel = launch.select_bits(q, k, layout, cfg, "3d")
+    bm = 8
+    index = launch.query_index(sel, bm=bm, blk=16)  # several token tiles per sample-head
+    mask = sel.to_bool().flatten(0, 1)  # [BH, S, C]
+    bh, s, c = mask.shape
+    starts, counts = index.seg_start.tolist(), index.seg_count.tolist()
+    for seg in range(c * bh):
+        i_c, i_bh = divmod(seg, bh)
+        info = index.qlist[starts[seg]: starts[seg] + counts[seg]].long()
+        tokens = info & ((1 << 29) - 1)
+        expected = mask[i_bh, :, i_c].nonzero().flatten()
+        assert torch.equal(tokens, expected), f"segment {seg}"
+        chosen = mask[i_bh, tokens]  # [n, C]
+        assert torch.equal((info >> 30) & 1 == 1, ~chosen[:, :i_c].any(-1)), "first flags"
+        assert torch.equal((info >> 29) & 1 == 1, ~chosen[:, i_c + 1:].any(-1)), "last flags"
+    tiles = index.seg_tiles.tolist()
+    assert tiles == [-(-n // bm) for n in counts]
+    items = torch.repeat_interleave(torch.arange(c * bh), torch.tensor(tiles))
+    assert torch.equal(index.item_seg[: len(items)].cpu().long(), items)
+    assert index.first_tile.tolist()[-1] == len(items)
+    for seg in range(c * bh):
+        i_c, i_bh = divmod(seg, bh)
+        earlier = [e for e in range(i_c) if tiles[e * bh + i_bh] > 0]
+        assert index.wait[seg] == (earlier[-1] * bh + i_bh if earlier else -1)
+
+
 @pytest.mark.parametrize("iterate_max", [0, launch.TOPK_ITER_MAX])
 def test_topk_strategies_match_reference_with_ties(monkeypatch, iterate_max):
     """Top-k by repeated max (small k) and by bisection (k-1 > TOPK_ITER_MAX) give the reference's
