@@ -1,4 +1,4 @@
-"""Handlers shared by the native and OpenAI routes: lookup, cancel, delete, files, listing."""
+"""Handlers shared by the native and OpenAI routes: submit, lookup, cancel, delete, files, listing."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import anyio
 from fastapi import Request
 from starlette.responses import FileResponse
 
+from .. import metrics
 from ..auth import key_of
 from ..errors import APIError, not_found
 from ..jobs import JobRecord, is_job_id
 from ..responses import JSON
 from ..schemas import JobStatus
 from ..state import AppState
-from ..submit import cancel_in_rq
+from ..submit import cancel_in_rq, submit
 
 VIDEO_FILE = "video.mp4"
 THUMBNAIL_FILE = "thumbnail.jpg"
@@ -29,6 +30,24 @@ def poll_headers(state: AppState) -> dict:
 def idempotency(request: Request) -> tuple[Optional[str], str]:
     """`(Idempotency-Key header or None, auth scope)`."""
     return request.headers.get("idempotency-key"), key_of(request.scope)
+
+
+async def submit_job(state: AppState, request: Request, req, location: str) -> tuple[JobRecord, Optional[int], dict]:
+    """Queue a validated request (idempotently), count it, and give the response headers:
+    `Location: {location}{id}`, plus `Idempotent-Replayed` when an earlier job was returned."""
+    key, scope = idempotency(request)
+    try:
+        rec, pos, created = await submit(state, req, idem_key=key, auth_scope=scope)
+    except APIError as e:
+        if e.status == 429:
+            metrics.REJECTED.labels("queue_full").inc()
+        raise
+    headers = {"Location": f"{location}{rec.id}"}
+    if created:
+        metrics.SUBMITTED.inc()
+    else:
+        headers["Idempotent-Replayed"] = "true"
+    return rec, pos, headers
 
 
 async def load(state: AppState, job_id: str) -> tuple[JobRecord, Optional[int], bool]:

@@ -7,14 +7,13 @@ from typing import Optional
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from .. import metrics
 from ..bodies import parse_json_object, read_body
 from ..errors import APIError
 from ..responses import JSON
 from ..schemas import ErrorBody, GenerateRequest, JobObject, request_body
 from ..sse import job_events
 from ..state import get_state
-from ..submit import submit, validate_request
+from ..submit import validate_request
 from ..views import job_view
 from . import common
 
@@ -29,19 +28,7 @@ async def generate(request: Request):
     `Location: /jobs/{id}`; 429 + Retry-After when the queue is full."""
     state = get_state(request)
     body = parse_json_object(await read_body(request, state.settings.MAX_BODY_BYTES))
-    req = validate_request(state, body)
-    key, scope = common.idempotency(request)
-    try:
-        rec, pos, created = await submit(state, req, idem_key=key, auth_scope=scope)
-    except APIError as e:
-        if e.status == 429:
-            metrics.REJECTED.labels("queue_full").inc()
-        raise
-    if created:
-        metrics.SUBMITTED.inc()
-    headers = {"Location": f"/jobs/{rec.id}"}
-    if not created:
-        headers["Idempotent-Replayed"] = "true"
+    rec, pos, headers = await common.submit_job(state, request, validate_request(state, body), "/jobs/")
     return JSON(job_view(rec, pos), status_code=202, headers=headers)
 
 

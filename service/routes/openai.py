@@ -14,7 +14,6 @@ from typing import Optional
 
 from fastapi import APIRouter, Query, Request
 
-from .. import metrics
 from ..bodies import parse_form_or_json, read_body
 from ..errors import APIError
 from ..responses import JSON
@@ -28,7 +27,7 @@ from ..schemas import (
     request_body,
 )
 from ..state import AppState, get_state
-from ..submit import submit, validate_request
+from ..submit import validate_request
 from ..views import video_view
 from . import common
 
@@ -92,19 +91,7 @@ async def create_video(request: Request):
     state = get_state(request)
     raw = await read_body(request, state.settings.MAX_BODY_BYTES)
     body = from_openai(state, await parse_form_or_json(request, raw))
-    req = validate_request(state, body)
-    key, scope = common.idempotency(request)
-    try:
-        rec, pos, created = await submit(state, req, idem_key=key, auth_scope=scope)
-    except APIError as e:
-        if e.status == 429:
-            metrics.REJECTED.labels("queue_full").inc()
-        raise
-    headers = {"Location": f"/v1/videos/{rec.id}"}
-    if created:
-        metrics.SUBMITTED.inc()
-    else:
-        headers["Idempotent-Replayed"] = "true"
+    rec, pos, headers = await common.submit_job(state, request, validate_request(state, body), "/v1/videos/")
     return JSON(video_view(rec, pos), headers=headers)
 
 
