@@ -30,9 +30,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FIRST_FLAG = 1 << 30
-LAST_FLAG = 1 << 29
-INDEX_MASK = (1 << 29) - 1
+# a query-list entry: token index in the low 29 bits, then "last selected block", "first selected block"
+FIRST_FLAG = tl.constexpr(1 << 30)
+LAST_FLAG = tl.constexpr(1 << 29)
+INDEX_MASK = tl.constexpr((1 << 29) - 1)
 
 
 @triton.jit
@@ -69,7 +70,7 @@ def vmoba_scatter_kernel(mask_ptr, tile_base_ptr, qlist_ptr, S, BH, C, n_ct, W: 
         hit = _has_block(p_m, m_i, c)
         base = tl.load(tile_base_ptr + (c * BH + i_bh) * n_ct + i_t)
         pos = base + (tl.cumsum(hit.to(tl.int32), axis=0) - 1)
-        info = o_i | tl.where(seen, 0, 1 << 30) | tl.where(highest == c, 1 << 29, 0)
+        info = o_i | tl.where(seen, 0, FIRST_FLAG) | tl.where(highest == c, LAST_FLAG, 0)
         tl.store(qlist_ptr + pos, info, mask=hit)
         seen = seen | hit
 
@@ -155,9 +156,9 @@ def vmoba_fwd_kernel(
         i_b = i_bh // H
         i_h = i_bh % H
         m_r = info >= 0
-        tok = (info & ((1 << 29) - 1)).to(tl.int64)
-        first = (info & (1 << 30)) != 0
-        last = (info & (1 << 29)) != 0
+        tok = (info & INDEX_MASK).to(tl.int64)
+        first = (info & FIRST_FLAG) != 0
+        last = (info & LAST_FLAG) != 0
         p_q = q_ptr + i_b.to(tl.int64) * stride_qb + tok[:, None] * stride_qs + i_h * stride_qh + o_d[None, :]
         b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)  # [BM, D]
         block_start = tl.load(starts_ptr + i_c)
@@ -220,6 +221,7 @@ def vmoba_fwd_kernel(
         finished = seg
         work = next_work
         seg = next_seg
-        info = tl.where(next_info >= 0, next_info, -1)
+        info = tl.where(next_info >= 0, next_info, -1)  # same value; carrying next_info itself crashed
+        # Triton's layout pass (RemoveLayoutConversions) for 64-row tiles
     if finished >= 0:
         tl.atomic_add(done_ptr + finished, 1, sem="release")
