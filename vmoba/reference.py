@@ -69,37 +69,47 @@ def _select_topk(g: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
     return mask.scatter_(-1, order, True)
 
 
-def _select_threshold_query(g: torch.Tensor, ids: torch.Tensor, tau: float) -> torch.Tensor:
-    c = g.shape[-1]
+def _threshold_start(g: torch.Tensor, ids: torch.Tensor, tau: float):
+    """`(self index, self-only mask, answer)`: the answer is set when `tau` leaves nothing to choose."""
     self_idx = _self_index(ids, g)
     mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, self_idx, True)
-    if tau <= 0 or c == 1:
-        return mask
+    if tau <= 0 or g.shape[-1] == 1:
+        return self_idx, mask, mask
     if tau >= 1:
-        return torch.ones_like(mask)
+        return self_idx, mask, torch.ones_like(mask)
+    return self_idx, mask, None
+
+
+def _take_until(self_mass: torch.Tensor, vals: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Which of the best-first `vals [..., n]` to take so that `self_mass` plus them first reaches
+    `target` (`self_mass`, `target`: `[..., 1]`); all of them if it never does."""
+    n = vals.shape[-1]
+    # reached[m] says whether self + the m+1 best others meet the target
+    reached = self_mass + torch.cumsum(vals, -1) >= target
+    short = self_mass < target  # self alone is not enough
+    m = torch.where(short, (~reached).sum(-1, keepdim=True) + 1, torch.zeros_like(self_mass).long())
+    return torch.arange(n, device=vals.device) < m.clamp(max=n)
+
+
+def _select_threshold_query(g: torch.Tensor, ids: torch.Tensor, tau: float) -> torch.Tensor:
+    self_idx, mask, answer = _threshold_start(g, ids, tau)
+    if answer is not None:
+        return answer
+    c = g.shape[-1]
     n = normalise(g, -1).double()
     target = tau * n.sum(-1, keepdim=True)  # [B, H, S, 1]
     n_self = n.gather(-1, self_idx)
     others = n.scatter(-1, self_idx, -math.inf)
     vals, order = torch.sort(others, dim=-1, descending=True, stable=True)
     vals, order = vals[..., : c - 1], order[..., : c - 1]  # self sorted last: drop it
-    # reached[m] says whether self + the m+1 best others meet the target
-    reached = n_self + torch.cumsum(vals, -1) >= target
-    short = n_self < target  # self alone is not enough
-    m = torch.where(short, (~reached).sum(-1, keepdim=True) + 1, torch.zeros_like(n_self).long())
-    m = m.clamp(max=c - 1)
-    take = torch.arange(c - 1, device=g.device) < m
-    return mask.scatter_(-1, order, take) | mask
+    return mask.scatter_(-1, order, _take_until(n_self, vals, target)) | mask
 
 
 def _select_threshold_global(g: torch.Tensor, ids: torch.Tensor, tau: float) -> torch.Tensor:
+    self_idx, mask, answer = _threshold_start(g, ids, tau)
+    if answer is not None:
+        return answer
     b, h, s, c = g.shape
-    self_idx = _self_index(ids, g)
-    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, self_idx, True)
-    if tau <= 0 or c == 1:
-        return mask
-    if tau >= 1:
-        return torch.ones_like(mask)
     n = normalise(g, (-2, -1)).double()
     target = tau * n.sum((-2, -1))  # [B, H]
     self_sum = n.gather(-1, self_idx).sum((-2, -1))
@@ -108,11 +118,7 @@ def _select_threshold_global(g: torch.Tensor, ids: torch.Tensor, tau: float) -> 
     vals, order = torch.sort(others, dim=-1, descending=True, stable=True)
     n_others = s * (c - 1)
     vals, order = vals[..., :n_others], order[..., :n_others]
-    reached = self_sum[..., None] + torch.cumsum(vals, -1) >= target[..., None]
-    short = self_sum < target
-    m = torch.where(short, (~reached).sum(-1) + 1, torch.zeros_like(target).long())
-    m = m.clamp(max=n_others)  # [B, H]
-    take = torch.arange(n_others, device=g.device) < m[..., None]
+    take = _take_until(self_sum[..., None], vals, target[..., None])
     flat = torch.zeros(b, h, c * s, dtype=torch.bool, device=g.device)
     flat.scatter_(-1, order, take)
     return flat.view(b, h, c, s).transpose(-1, -2) | mask
