@@ -48,7 +48,7 @@ import torch
 from .attention import vmoba_attention
 from .config import LAYER_KINDS, VMoBAConfig
 from .flops import full_attention_flops, vmoba_attention_flops
-from .partition import block_layout
+from .partition import num_blocks
 
 ATTENTION_BACKENDS = ("vmoba", "dense")
 KERNELS = ("auto", "triton", "reference")  # `backend=` of vmoba_attention
@@ -384,7 +384,7 @@ class VMoBAAttnProcessor:
         if fwd.config is None:
             stats.add_dense(b, s, h * d)
             return
-        blocks = block_layout(fwd.grid, label, fwd.config, device=query.device).num_blocks
+        blocks = num_blocks(fwd.grid, label, fwd.config)
         attended = call_stats["attended"] if call_stats else None
         stats.add_sparse(label, b, h, s, h * d, blocks, attended)
 
