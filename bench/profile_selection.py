@@ -20,6 +20,7 @@ from vmoba.partition import block_layout
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="wan1.3b-720p-81f")
+    ap.add_argument("--sequence", action="store_true", help="also list one select_bits call's kernels in order")
     args = ap.parse_args()
     grid = PRESETS[args.preset]
     q, k, v = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
@@ -42,6 +43,13 @@ def main():
             rows = [(e.key, e.device_time_total / 5, e.count // 5) for e in prof.key_averages()]
             for key, us, n in sorted(rows, key=lambda r: -r[1])[:14]:
                 print(f"{us:9.1f} us  x{n:<3d} {key[:90]}")
+            if what == "select_bits" and args.sequence:
+                # the kernels of the last call in launch order (one name covers every gate pass)
+                kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                per_call = len(kernels) // 5
+                print(f"--- {label} {what}: the last call's kernels in order")
+                for e in sorted(kernels, key=lambda e: e.time_range.start)[-per_call:]:
+                    print(f"{e.device_time:9.1f} us  {e.name[:90]}")
 
 
 if __name__ == "__main__":
