@@ -104,16 +104,19 @@ def _gate_tile(q_ptr, km_hi_ptr, km_lo_ptr, i_b, i_h, i_bh, o_i, m_i, stride_qb,
 def _add_histogram(hist_ptr, i_bh, b_bin, b_keep, BM: tl.constexpr, C_PAD: tl.constexpr, NB: tl.constexpr):
     """`hist[bh, :NB] += counts of b_bin` over the kept elements.
 
-    Excluded elements go to a junk bin `NB` of a `2*NB`-bin histogram instead of using
+    Excluded elements are counted into bin 0 and taken out again instead of using
     `tl.histogram(mask=...)`: with Triton 3.6 on an H200 that mask was applied to the wrong
-    elements when its layout differed from the input's (counts right, bins wrong).
+    elements when its layout differed from the input's (counts right, bins wrong). (A junk bin
+    `NB` of a `2*NB`-bin histogram did the same at twice the histogram's cost.)
     """
-    b_bin = tl.where(b_keep, b_bin, NB)
-    hist = tl.histogram(tl.reshape(b_bin, [BM * C_PAD]), 2 * NB)
-    o_b = tl.arange(0, 2 * NB)
+    b_bin = tl.where(b_keep, b_bin, 0)
+    hist = tl.histogram(tl.reshape(b_bin, [BM * C_PAD]), NB)
+    o_b = tl.arange(0, NB)
+    n_out = BM * C_PAD - tl.sum(tl.sum(b_keep.to(tl.int32), axis=1), axis=0)
+    hist = hist - tl.where(o_b == 0, n_out, 0)
     # only the bins this tile hit: a tile's pairs fall in few of them, and every program of the
     # head adds into the same NB counters
-    tl.atomic_add(hist_ptr + i_bh * NB + o_b, hist, mask=(o_b < NB) & (hist > 0))
+    tl.atomic_add(hist_ptr + i_bh * NB + o_b, hist, mask=hist > 0)
 
 
 @triton.jit
@@ -253,12 +256,13 @@ def vmoba_gate_kernel(
                 inside = other & (b_n >= a2) & (b_n < b2)
                 above = tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
                 tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
-                flat_in = tl.reshape(inside, [BM * C_PAD]).to(tl.int32)
-                count = tl.sum(flat_in, axis=0)
-                base = tl.atomic_add(cand_n_ptr + i_bh, count)
-                pos = base + tl.cumsum(flat_in, axis=0) - 1
-                keep = (flat_in > 0) & (pos < CAP)
-                tl.store(cand_ptr + i_bh.to(tl.int64) * CAP + pos, tl.reshape(key, [BM * C_PAD]), mask=keep)
+                count = tl.sum(tl.sum(inside.to(tl.int32), axis=1), axis=0)
+                if count > 0:  # few tiles hold any of the few pairs left: the others skip the scan
+                    flat_in = tl.reshape(inside, [BM * C_PAD]).to(tl.int32)
+                    base = tl.atomic_add(cand_n_ptr + i_bh, count)
+                    pos = base + tl.cumsum(flat_in, axis=0) - 1
+                    keep = (flat_in > 0) & (pos < CAP)
+                    tl.store(cand_ptr + i_bh.to(tl.int64) * CAP + pos, tl.reshape(key, [BM * C_PAD]), mask=keep)
             else:
                 # pass 5: the mask; a degenerate head ranks pairs by (block, query) alone
                 cut = tl.load(cutoff_ptr + i_bh)
