@@ -100,16 +100,6 @@ def _attend_keys_at(b_q, b_m, b_l, b_acc, k_desc, v_desc, row, col, j0, block_le
 
 
 @triton.jit
-def _prefetch_rows(p_row, ROW_BYTES: tl.constexpr, ASM: tl.constexpr):
-    """Ask L2 for the rows starting at the pointers `p_row` (one prefetch per 128-byte line)."""
-    if ASM:
-        for off in tl.static_range(0, ROW_BYTES, 128):
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
-                                      [(p_row.to(tl.pointer_type(tl.int8)) + off)], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-
-
-@triton.jit
 def vmoba_items_kernel(seg_tiles_ptr, first_tile_ptr, item_seg_ptr, BLK: tl.constexpr):
     """The work list: `item_seg[first_tile[s] + t] = s` for every tile `t` of segment `s`."""
     seg = tl.program_id(0)
@@ -143,7 +133,6 @@ def vmoba_fwd_kernel(
     stride_ob, stride_os, stride_oh,
     H, S, BH, n_seg, qk_scale,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GRAB: tl.constexpr, IEEE: tl.constexpr,
-    PREFETCH: tl.constexpr = 0, PREFETCH_ASM: tl.constexpr = True,
 ):
     """Every tile of every segment. Segment `c * BH + bh`: the queries of sample-head `bh` that
     selected key block `c`, `qlist[seg_start : seg_start + seg_count]`; work item `w` is tile
@@ -184,14 +173,6 @@ def vmoba_fwd_kernel(
             next_work = work + 1
         next_seg, next_info = _item(next_work, total, item_seg_ptr, first_tile_ptr, seg_count_ptr, seg_start_ptr,
                                     qlist_ptr, BM)
-        if PREFETCH >= 1:  # the next item's query rows, gathered after this item's key loop
-            n_bh = next_seg % BH
-            n_tok = tl.where(next_info >= 0, next_info & INDEX_MASK, 0).to(tl.int64)
-            _prefetch_rows(q_ptr + (n_bh // H).to(tl.int64) * stride_qb + n_tok * stride_qs + (n_bh % H) * stride_qh,
-                           D * 2, PREFETCH_ASM)
-        if PREFETCH >= 2:  # this item's running outputs, merged after its key loop
-            _prefetch_rows(acc_ptr + i_b.to(tl.int64) * stride_ob + tl.where(m_r & ~first, tok, 0) * stride_os
-                           + i_h * stride_oh, D * 2, PREFETCH_ASM)
 
         b_m = tl.full([BM], -float("inf"), dtype=tl.float32)
         b_l = tl.zeros([BM], dtype=tl.float32)

@@ -267,8 +267,7 @@ def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         h, s, bh, n_seg, softmax_scale * LOG2E,
-        D=d, BM=cfg["BM"], BN=cfg["BN"], GRAB=cfg["grab"], PREFETCH=cfg.get("prefetch", 0),
-        PREFETCH_ASM=not interpreting(),
+        D=d, BM=cfg["BM"], BN=cfg["BN"], GRAB=cfg["grab"],
         IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and not interpreting() else {}),
     )
