@@ -11,10 +11,11 @@ import json
 import os
 
 # Gate/selection kernels: BM queries per program against all C_PAD block means.
-# CAP: per-head capacity for the pairs left near the threshold_global cutoff after two histogram
-# levels (a few hundred are typical at Wan sizes; more only when many gates tie exactly).
-_GATE_GPU = {"num_warps": 4, "CAP": 4096}
-_GATE_INTERPRETER = {"num_warps": 4, "CAP": 1024}
+# bins: histogram bins of each of threshold_global's two levels (Triton's histogram costs about in
+# proportion to its bins, so fewer bins make both passes cheaper and leave more pairs for the
+# compaction); CAP: per-head capacity for the pairs left near the cutoff after the two levels.
+_GATE_GPU = {"num_warps": 4, "CAP": 8192, "bins": 128}
+_GATE_INTERPRETER = {"num_warps": 4, "CAP": 1024, "bins": 128}
 
 
 def gate_config(c_pad: int, head_dim: int, interpreter: bool) -> dict:

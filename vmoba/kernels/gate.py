@@ -11,8 +11,8 @@ per query tile) instead of being stored: storing them would cost `S*C` floats pe
   cutoff is found by bisection on the keys, ties go to the lower block. Top-k with small k
   instead takes the best remaining block k-1 times.
 - `threshold_global`: the cutoff over all `S*C` pairs of a head is found without a full sort:
-  pass 1 min/max, pass 2 a 256-bin histogram of normalised scores (plus exact sums), pass 3 a
-  256-bin histogram inside the bins that can hold the cutoff, pass 4 compacts the few pairs left
+  pass 1 min/max, pass 2 an NB-bin histogram of normalised scores (plus exact sums), pass 3 an
+  NB-bin histogram inside the bins that can hold the cutoff, pass 4 compacts the few pairs left
   near the cutoff, a small kernel sorts them and finds the exact cutoff key, pass 5 writes the mask.
 
 Half-precision inputs: the fp32 block means are split into a high and a low half-precision part,
@@ -32,7 +32,6 @@ PHASE_HIST2 = 3  # pass 3
 PHASE_COMPACT = 4  # pass 4
 PHASE_MASK = 5  # pass 5
 
-NUM_BINS = 256
 DEGENERATE_RANGE = 1e-6  # same rule as reference.DEGENERATE_RANGE
 INT32_MAX = 2147483647
 

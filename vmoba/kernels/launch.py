@@ -131,7 +131,8 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
     rows = (bh,) if mode == "threshold_global" else (0,)
     stats = torch.empty(*rows, n_tiles, 4, device=dev, dtype=torch.float32)
     ranges = torch.zeros(*rows, 8, device=dev, dtype=torch.float32)
-    hist = torch.zeros(*rows, gate_k.NUM_BINS, device=dev, dtype=torch.int32)
+    nb = cfg["bins"]
+    hist = torch.zeros(*rows, nb, device=dev, dtype=torch.int32)
     cand = torch.empty(*rows, cap, device=dev, dtype=torch.int64)
     cand_n = torch.zeros(*rows, device=dev, dtype=torch.int32)
     cutoff = torch.empty(*rows, device=dev, dtype=torch.int64)
@@ -145,7 +146,7 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
             cand, cand_n, cutoff, layout.geometry,
             q.stride(0), q.stride(1), q.stride(2),
             h, s, c, n_tiles, float(tau), int(topk), cap, m_take,
-            BM=bm, C_PAD=c_pad, D=d, NB=gate_k.NUM_BINS, PHASE=phase, MODE_TOPK=mode == "topk",
+            BM=bm, C_PAD=c_pad, D=d, NB=nb, PHASE=phase, MODE_TOPK=mode == "topk",
             SPLIT=split, IEEE=q.dtype == torch.float32, KIND=kind_id,
             TOPK_ITER=mode == "topk" and min(topk, c) - 1 <= TOPK_ITER_MAX, num_warps=cfg["num_warps"],
         )
@@ -153,8 +154,8 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
     def decide(step: int):
         gate_k.vmoba_decide_kernel[(bh,)](
             hist, stats, ranges, cand, cand_n, cutoff, n_tiles, float(tau), cap,
-            STEP=step, NB=gate_k.NUM_BINS, NT_PAD=triton.next_power_of_2(n_tiles),
-            CAP_PAD=triton.next_power_of_2(cap), num_warps=4,
+            STEP=step, NB=nb, NT_PAD=triton.next_power_of_2(n_tiles),
+            CAP_PAD=triton.next_power_of_2(cap), num_warps=max(4, triton.next_power_of_2(cap) // 1024),
         )
 
     if mode in ("topk", "threshold_query"):
