@@ -27,7 +27,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from bench.common import HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, median_ms, write_json
+from bench.common import (HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, median_ms, topk_for_density,
+                          write_json)
 from vmoba import VMoBAConfig, num_blocks
 from vmoba.inputs import locality_qkv
 from vmoba.kernels import launch
@@ -140,7 +141,7 @@ def run_preset(name, grid, quick: bool, env: dict, records: list):
         layer = KINDS.index(kind)
         settings = [("threshold_global", dict(select="threshold_global", threshold=0.25))]
         for rho in TOPK_DENSITIES if not quick else (0.25,):
-            kk = max(1, round(rho * c))
+            kk = topk_for_density(rho, c)
             settings.append((f"topk{kk}", dict(select="topk", topk=(kk, kk, kk))))
         for label, changes in settings:
             cfg = paper.replace(**changes)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, write_json
+from bench.common import HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, topk_for_density, write_json
 from vmoba import VMoBAConfig, block_ids, num_blocks, reference, select_blocks
 from vmoba.inputs import locality_qkv
 from vmoba.kernels import launch
@@ -33,7 +33,7 @@ KINDS = ("1d", "2d", "3d")
 
 def modes_for(cfg: VMoBAConfig, grid, kind):
     c = num_blocks(grid, kind, cfg)
-    kk = max(1, round(0.25 * c))
+    kk = topk_for_density(0.25, c)
     return {
         f"topk{kk}": cfg.replace(select="topk", topk=(kk, kk, kk)),
         "threshold_query0.25": cfg.replace(select="threshold_query", threshold=0.25),

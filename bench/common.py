@@ -60,6 +60,11 @@ def environment() -> dict:
     }
 
 
+def topk_for_density(density: float, num_blocks: int) -> int:
+    """The top-k (self block included) whose density is nearest `density`: round(density * C), at least 1."""
+    return max(1, round(density * num_blocks))
+
+
 def median_ms(fn, rep_ms: int = 1000, warmup_ms: int = 100) -> float:
     """Median time of `fn` in ms with CUDA events (triton's do_bench; L2 flushed between runs)."""
     import triton

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import commit
+from bench.common import commit, topk_for_density
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -240,7 +240,7 @@ def vmoba_variants(grid, kernel: str):
 
     base = AttentionSettings(dense_steps=0.0, kernel=kernel, collect_density=False)
     cfg = base.vmoba_config(grid)
-    quarter = tuple(max(1, round(num_blocks(grid, kind, cfg) / 4)) for kind in LAYER_KINDS)
+    quarter = tuple(topk_for_density(0.25, num_blocks(grid, kind, cfg)) for kind in LAYER_KINDS)
     return [
         ("threshold_global tau=0.25", base.replace(select="threshold_global", threshold=0.25)),
         (f"topk {quarter}", base.replace(select="topk", topk=quarter)),

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from bench.common import HEAD_DIM, HEADS, PRESETS, median_ms
+from bench.common import HEAD_DIM, HEADS, PRESETS, median_ms, topk_for_density
 from vmoba import VMoBAConfig, num_blocks
 from vmoba.inputs import locality_qkv
 from vmoba.kernels import launch
@@ -41,7 +41,7 @@ def main():
         grid = PRESETS[preset]
         q, k, v = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
         paper = VMoBAConfig.for_grid(grid)
-        kk = max(1, round(float(density) * num_blocks(grid, kind, paper)))
+        kk = topk_for_density(float(density), num_blocks(grid, kind, paper))
         cfg = paper.replace(select="topk", topk=(kk, kk, kk))
         layout = block_layout(grid, kind, cfg, device="cuda")
         sel = launch.select_bits(q, k, layout, cfg, kind)

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from bench.common import HEAD_DIM, HEADS, PRESETS, median_ms
+from bench.common import HEAD_DIM, HEADS, PRESETS, median_ms, topk_for_density
 from vmoba import VMoBAConfig, num_blocks
 from vmoba.inputs import locality_qkv
 from vmoba.kernels import launch
@@ -39,7 +39,7 @@ def main():
     for kind in ("2d", "3d"):
         c = num_blocks(grid, kind, paper)
         for density in (0.25, 0.1):
-            kk = max(1, round(density * c))
+            kk = topk_for_density(density, c)
             cases.append((f"{kind} topk{kk}/{c}", paper.replace(select="topk", topk=(kk, kk, kk)), kind))
         cases.append((f"{kind} threshold_global", paper.replace(select="threshold_global"), kind))
     for cand in candidates:

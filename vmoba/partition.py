@@ -65,7 +65,6 @@ class BlockLayout:
     - `inv_perm`: `[S]` blocked position of each natural token.
     - `starts`, `lengths`: `[C]` first blocked position and token count of each block.
     - `max_len`: the largest block's length (a Python int, known without a device sync).
-    - `starts_host`, `lengths_host`: the same as Python tuples, for launch arguments.
     - `geometry`: `[9]` int32 `T, Hg, Wg, ct, ch, cw, nT, nH, nW` with the kind's effective
       chunks (a dimension the kind does not cut is one chunk).
     """
@@ -79,8 +78,6 @@ class BlockLayout:
     inv_perm: torch.Tensor
     starts: torch.Tensor
     lengths: torch.Tensor
-    starts_host: tuple
-    lengths_host: tuple
     geometry: torch.Tensor
 
     @property
@@ -111,8 +108,6 @@ def _layout(grid, kind, chunks, device_str) -> BlockLayout:
         inv_perm=inv_perm.to(device=device, dtype=torch.int32),
         starts=starts.to(device=device, dtype=torch.int32),
         lengths=lengths.to(device=device, dtype=torch.int32),
-        starts_host=tuple(starts.tolist()),
-        lengths_host=tuple(lengths.tolist()),
         geometry=torch.tensor([*dims, *eff_chunks, *counts], dtype=torch.int32, device=device),
     )
 

@@ -151,11 +151,13 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
             TOPK_ITER=mode == "topk" and min(topk, c) - 1 <= TOPK_ITER_MAX, num_warps=cfg["num_warps"],
         )
 
+    cap_pad = triton.next_power_of_2(cap)
+
     def decide(step: int):
         gate_k.vmoba_decide_kernel[(bh,)](
             hist, stats, ranges, cand, cand_n, cutoff, n_tiles, float(tau), cap,
             STEP=step, NB=nb, NT_PAD=triton.next_power_of_2(n_tiles),
-            CAP_PAD=triton.next_power_of_2(cap), num_warps=max(4, triton.next_power_of_2(cap) // 1024),
+            CAP_PAD=cap_pad, num_warps=max(4, cap_pad // 1024),
         )
 
     if mode in ("topk", "threshold_query"):
