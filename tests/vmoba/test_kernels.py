@@ -222,6 +222,25 @@ def test_public_api_uses_the_kernels_and_isolates_samples():
     assert (out.float() - dense).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("direct,cap", [(True, 1024), (False, 1024), (True, 48)])
+def test_threshold_global_direct_and_two_level_paths(monkeypatch, direct, cap):
+    """Heads whose first histogram band fits the candidate room sort it at once; the others (all
+    with direct off; some with room for 48) narrow it with a second histogram first. Both give
+    the reference's selection."""
+    grid = (4, 9, 11)
+    cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(3, 4), st_chunk=(2, 3, 4), select="threshold_global",
+                      threshold=float(torch.empty(()).uniform_(0.15, 0.6)))
+    q, k, v = qkv(grid, DTYPES[0], b=1, h=3)
+    real = launch.gate_config
+    monkeypatch.setattr(launch, "gate_config", lambda *a: {**real(*a), "CAP": cap, "direct": direct})
+    for layer in range(3):
+        sel, out = run_triton(q, k, v, grid, layer, cfg)
+        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
+        ref = reference_on(q, k, v, grid, layer, cfg, sel.to_bool())
+        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=RTOL[DTYPES[0]])
+
+
 def test_candidate_overflow_takes_the_whole_range(monkeypatch):
     """With room for one candidate, the cutoff range is taken whole: a superset that still meets
     the threshold (documented fallback for heads with very many exactly tied gates)."""

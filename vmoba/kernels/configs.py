@@ -12,12 +12,13 @@ import os
 
 # Gate/selection kernels: BM queries per program against all C_PAD block means.
 # bins: histogram bins of each of threshold_global's two levels (Triton's histogram costs about in
-# proportion to its bins; fewer bins leave more pairs for the compaction); CAP: per-head capacity
-# for the pairs left near the cutoff after the two levels (a few hundred are typical at Wan sizes
-# with 256 bins; more only when many gates tie exactly). H200, 720p: 128 bins with CAP 8192 took
-# 1,370 us for 2D (256 bins: 1,509) but 1,688 us for 3D (1,526) in the same run, so 256 stays.
-_GATE_GPU = {"num_warps": 4, "CAP": 4096, "bins": 256}
-_GATE_INTERPRETER = {"num_warps": 4, "CAP": 1024, "bins": 256}
+# proportion to its bins). CAP: per-head room for the pairs left near the cutoff, which are sorted.
+# direct: a head whose first-level band fits CAP skips the second level. Wan 720p (locality inputs,
+# CPU count): the first band holds 1.2-1.4K pairs of a head in 1D, 25-34K in 2D, 123-278K in 3D;
+# the second 3-1,100. H200, 720p: 128 bins with CAP 8192 took 1,370 us for 2D (256 bins: 1,509) but
+# 1,688 us for 3D (1,526) in the same run, so 256 stays.
+_GATE_GPU = {"num_warps": 4, "CAP": 65536, "bins": 256, "direct": True, "tiles": 4, "stages": 2}
+_GATE_INTERPRETER = {"num_warps": 4, "CAP": 1024, "bins": 256, "direct": True, "tiles": 2, "stages": 1}
 
 
 def gate_config(c_pad: int, head_dim: int, interpreter: bool) -> dict:
