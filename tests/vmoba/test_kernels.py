@@ -241,18 +241,27 @@ def test_threshold_global_direct_and_two_level_paths(monkeypatch, direct, cap):
         torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=RTOL[DTYPES[0]])
 
 
-def test_candidate_overflow_takes_the_whole_range(monkeypatch):
-    """With room for one candidate, the cutoff range is taken whole: a superset that still meets
-    the threshold (documented fallback for heads with very many exactly tied gates)."""
+@pytest.mark.parametrize("room", ["candidates", "near"])
+def test_candidate_overflow_takes_the_whole_range(monkeypatch, room):
+    """Most gates tie exactly at the cutoff (zero queries). With the default room the tie is
+    split exactly as the reference does; with room for one candidate (or for one of those the
+    third histogram level keeps) the tied band is taken whole: a strict superset (the documented
+    fallback for heads with very many exactly tied gates)."""
     grid = (3, 5, 7)
-    cfg = CFG.replace(select="threshold_global", threshold=0.35)
+    cfg = CFG.replace(select="threshold_global", threshold=0.5)
     q, k, v = qkv(grid, DTYPES[0])
-    real = launch.gate_config
-    monkeypatch.setattr(launch, "gate_config", lambda *a: {**real(*a), "CAP": 1})
+    q[:, torch.rand(q.shape[1], device=q.device) < 0.8] = 0
     layout = block_layout(grid, "3d", cfg, device=q.device)
-    sel = launch.select_bits(q, k, layout, cfg, "3d").to_bool()
     ref = select_blocks(q, k, grid=grid, layer_idx=2, config=cfg, backend="reference")
+    assert torch.equal(launch.select_bits(q, k, layout, cfg, "3d").to_bool(), ref)
+    if room == "candidates":
+        real = launch.gate_config
+        monkeypatch.setattr(launch, "gate_config", lambda *a: {**real(*a), "CAP": 1})
+    else:
+        monkeypatch.setattr(launch, "NEAR", 1)
+    sel = launch.select_bits(q, k, layout, cfg, "3d").to_bool()
     assert (sel | ~ref).all(), "the fallback must be a superset of the exact selection"
+    assert (sel & ~ref).any(), "the whole tied band is taken"
 
 
 def test_unsupported_inputs_raise():

@@ -17,8 +17,8 @@ import os
 # CPU count): the first band holds 1.2-1.4K pairs of a head in 1D, 25-34K in 2D, 123-278K in 3D;
 # the second 3-1,100. H200, 720p: 128 bins with CAP 8192 took 1,370 us for 2D (256 bins: 1,509) but
 # 1,688 us for 3D (1,526) in the same run, so 256 stays.
-_GATE_GPU = {"num_warps": 4, "CAP": 65536, "bins": 256, "direct": True, "tiles": 4, "stages": 2}
-_GATE_INTERPRETER = {"num_warps": 4, "CAP": 1024, "bins": 256, "direct": True, "tiles": 2, "stages": 1}
+_GATE_GPU = {"num_warps": 4, "CAP": 65536, "bins": 256, "direct": True}
+_GATE_INTERPRETER = {"num_warps": 4, "CAP": 1024, "bins": 256, "direct": True}
 
 
 def gate_config(c_pad: int, head_dim: int, interpreter: bool) -> dict:

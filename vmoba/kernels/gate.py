@@ -85,38 +85,28 @@ def _row_condition(b_key, b_val, other, cut, n_self, target, topk, MODE_TOPK: tl
 
 
 @triton.jit
-def _block_means(km_hi_ptr, km_lo_ptr, i_bh, C_PAD: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr):
-    """The head's block means `[C_PAD, D]` (rows >= C are zero): high part, and low part if split."""
-    o_d = tl.arange(0, D)
-    o_c = tl.arange(0, C_PAD)
-    p_km = (i_bh * C_PAD + o_c[:, None]).to(tl.int64) * D + o_d[None, :]
-    b_hi = tl.load(km_hi_ptr + p_km)
-    if SPLIT:
-        b_lo = tl.load(km_lo_ptr + p_km)
-    else:
-        b_lo = b_hi
-    return b_hi, b_lo
-
-
-@triton.jit
-def _gate_tile(q_ptr, b_hi, b_lo, i_b, i_h, o_i, m_i, stride_qb, stride_qs, stride_qh,
-               D: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+def _gate_tile(q_ptr, km_hi_ptr, km_lo_ptr, i_b, i_h, i_bh, o_i, m_i, stride_qb, stride_qs, stride_qh,
+               C_PAD: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
     """Gate scores `[BM, C_PAD]` (fp32) of the queries `o_i` against every block mean."""
     o_d = tl.arange(0, D)
+    o_c = tl.arange(0, C_PAD)
     p_q = q_ptr + i_b.to(tl.int64) * stride_qb + o_i[:, None].to(tl.int64) * stride_qs + i_h * stride_qh + o_d[None, :]
     b_q = tl.load(p_q, mask=m_i[:, None], other=0.0)  # [BM, D]
+    p_km = (i_bh * C_PAD + o_c[:, None]).to(tl.int64) * D + o_d[None, :]
+    b_hi = tl.load(km_hi_ptr + p_km)  # [C_PAD, D], rows >= C are zero
     if IEEE:
         b_g = tl.dot(b_q, tl.trans(b_hi), input_precision="ieee")
     else:
         b_g = tl.dot(b_q, tl.trans(b_hi))
     if SPLIT:
+        b_lo = tl.load(km_lo_ptr + p_km)
         b_g += tl.dot(b_q, tl.trans(b_lo))
     return b_g  # [BM, C_PAD]
 
 
 @triton.jit
-def _histogram(b_bin, b_keep, BM: tl.constexpr, C_PAD: tl.constexpr, NB: tl.constexpr):
-    """Counts `[NB]` of `b_bin` over the kept elements.
+def _add_histogram(hist_ptr, i_bh, b_bin, b_keep, BM: tl.constexpr, C_PAD: tl.constexpr, NB: tl.constexpr):
+    """`hist[bh, :NB] += counts of b_bin` over the kept elements.
 
     Excluded elements are counted into bin 0 and taken out again instead of using
     `tl.histogram(mask=...)`: with Triton 3.6 on an H200 that mask was applied to the wrong
@@ -127,7 +117,10 @@ def _histogram(b_bin, b_keep, BM: tl.constexpr, C_PAD: tl.constexpr, NB: tl.cons
     hist = tl.histogram(tl.reshape(b_bin, [BM * C_PAD]), NB)
     o_b = tl.arange(0, NB)
     n_out = BM * C_PAD - tl.sum(tl.sum(b_keep.to(tl.int32), axis=1), axis=0)
-    return hist - tl.where(o_b == 0, n_out, 0)
+    hist = hist - tl.where(o_b == 0, n_out, 0)
+    # only the bins this tile hit: a tile's pairs fall in few of them, and every program of the
+    # head adds into the same NB counters
+    tl.atomic_add(hist_ptr + i_bh * NB + o_b, hist, mask=hist > 0)
 
 
 @triton.jit
@@ -150,156 +143,151 @@ def _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n
 def vmoba_gate_kernel(
     q_ptr, km_hi_ptr, km_lo_ptr, ids_ptr, lengths_ptr,
     mask_ptr, att_ptr,  # outputs of the mask-writing phases
-    stats_ptr,  # [BH, n_parts, 4] fp32 partials per program (min/max, or sums)
+    stats_ptr,  # [BH, n_tiles, 4] fp32 partials (min/max, or sums)
     range_ptr,  # [BH, RANGE_SLOTS] fp32 (threshold_global)
     hist_ptr,  # [BH, NB] int32
     cand_ptr, cand_n_ptr, cutoff_ptr,  # candidate keys [BH, CAP] int64, counts [BH], cutoff key [BH]
     geo_ptr,  # int32 [9]: T, Hg, Wg, ct, ch, cw, nT, nH, nW (effective chunks of the kind)
     stride_qb, stride_qs, stride_qh,
-    H, S, C, n_tiles, n_parts, tau, topk, CAP, m_take,
-    BM: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, NB: tl.constexpr, TILES: tl.constexpr,
-    STAGES: tl.constexpr, PHASE: tl.constexpr, MODE_TOPK: tl.constexpr, SPLIT: tl.constexpr,
-    IEEE: tl.constexpr, KIND: tl.constexpr, TOPK_ITER: tl.constexpr = False,
+    H, S, C, n_tiles, tau, topk, CAP, m_take,
+    BM: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
+    PHASE: tl.constexpr, MODE_TOPK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    KIND: tl.constexpr, TOPK_ITER: tl.constexpr = False, COMPACT_2D: tl.constexpr = True,
 ):
-    """One program runs `TILES` consecutive query tiles of one sample-head (part `i_p` of
-    `n_parts`): the block means are loaded once and the next tile's queries load while this one's
-    epilogue runs. Per-program partials (min/max, sums, histograms) are written once at the end."""
-    i_p, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
     if PHASE == 3:
         if tl.load(range_ptr + i_bh * RANGE_SLOTS + 8) > 0:
             return  # the head's first band is compacted as is
     i_b, i_h = i_bh // H, i_bh % H
+    o_i = i_t * BM + tl.arange(0, BM)
+    m_i = o_i < S
     o_c = tl.arange(0, C_PAD)
     m_c = o_c < C
-    p_r = range_ptr + i_bh * RANGE_SLOTS
-    if PHASE >= 2:
+    b_g = _gate_tile(q_ptr, km_hi_ptr, km_lo_ptr, i_b, i_h, i_bh, o_i, m_i, stride_qb, stride_qs, stride_qh,
+                     C_PAD, D, SPLIT, IEEE)
+    self_c = tl.load(ids_ptr + o_i, mask=m_i, other=0).to(tl.int32)
+    is_self = o_c[None, :] == self_c[:, None]  # [BM, C_PAD]
+    valid = m_i[:, None] & m_c[None, :]
+    other = valid & ~is_self
+
+    if PHASE == 0 and TOPK_ITER:
+        # ---- top-k with small k: take the best remaining other block k-1 times ----
+        # (keys are unique: value bits high, C_PAD-1-c low, so equal values go to the lower
+        # block; one row reduction a step, cheaper than the 33-step bisection below while k is small)
+        b_unique = (_monotone_key(b_g).to(tl.int64) << 32) | (C_PAD - 1 - o_c)[None, :]
+        b_unique = tl.where(other, b_unique, -9223372036854775807 - 1)
+        for _ in range(tl.minimum(topk, C) - 1):
+            best = tl.max(b_unique, axis=1)
+            b_unique = tl.where(b_unique == best[:, None], -9223372036854775807 - 1, b_unique)
+        b_sel = valid & (is_self | (other & (b_unique == -9223372036854775807 - 1)))
+        _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
+
+    elif PHASE == 0:
+        # ---- per-query selection (topk, threshold_query) ----
+        if MODE_TOPK:
+            b_val = b_g
+        else:
+            lo = tl.min(tl.where(valid, b_g, float("inf")), axis=1)
+            hi = tl.max(tl.where(valid, b_g, -float("inf")), axis=1)
+            span = hi - lo
+            flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
+            b_val = (b_g - lo[:, None]) / tl.where(flat, 1.0, span)[:, None]
+            b_val = tl.where(flat[:, None], 1.0, b_val)
+        n_self = tl.sum(tl.where(is_self, b_val, 0.0), axis=1)
+        target = tau * tl.sum(tl.where(valid, b_val, 0.0), axis=1)
+        b_key = _monotone_key(b_val)
+        # the cutoff value: the largest key whose "take every other block at or above it" meets
+        # the condition, found by bisection on the 32-bit keys (no sort)
+        lo_k = tl.min(tl.where(other, b_key, 2147483647), axis=1).to(tl.int64)
+        hi_k = tl.max(tl.where(other, b_key, -2147483647 - 1), axis=1).to(tl.int64) + 1
+        ok_hi = _row_condition(b_key, b_val, other, hi_k, n_self, target, topk, MODE_TOPK)
+        for _ in range(33):  # keys span < 2**33 values
+            mid = lo_k + (hi_k - lo_k) // 2
+            ok = _row_condition(b_key, b_val, other, mid, n_self, target, topk, MODE_TOPK)
+            lo_k = tl.where(ok, mid, lo_k)
+            hi_k = tl.where(ok, hi_k, mid)
+        # lo_k is now the cutoff value (or the lowest key, if even every block falls short)
+        cut = tl.where(ok_hi, 2147483647, lo_k).to(tl.int32)
+        above = other & (b_key > cut[:, None])
+        ties = other & (b_key == cut[:, None])
+        rank = tl.cumsum(ties.to(tl.int32), axis=1) - 1  # lower block first among equal values
+        if MODE_TOPK:
+            room = tl.minimum(topk, C) - 1 - tl.sum(above.to(tl.int32), axis=1)
+            take_tie = ties & (rank < room[:, None])
+        else:
+            have = n_self + tl.sum(tl.where(above, b_val, 0.0), axis=1)
+            tie_val = tl.max(tl.where(ties, b_val, 0.0), axis=1)
+            take_tie = ties & ((have[:, None] + rank.to(tl.float32) * tie_val[:, None]) < target[:, None])
+        b_sel = (is_self | above | take_tie) & valid
+        _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
+
+    elif PHASE == 1:
+        # ---- threshold_global pass 1: min and max over the head's pairs ----
+        lo = tl.min(tl.min(tl.where(valid, b_g, float("inf")), axis=1), axis=0)
+        hi = tl.max(tl.max(tl.where(valid, b_g, -float("inf")), axis=1), axis=0)
+        tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, lo)
+        tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 1, hi)
+
+    else:
+        p_r = range_ptr + i_bh * RANGE_SLOTS
         lo = tl.load(p_r + 0)
         span = tl.load(p_r + 1)
         flat = tl.load(p_r + 2)
-    # per-program partials: pass 1 min and max, pass 2 total and self mass, passes 3/4 mass above
-    acc_0 = float("inf") if PHASE == 1 else 0.0
-    acc_1 = -float("inf") if PHASE == 1 else 0.0
-    acc_hist = tl.zeros([NB], dtype=tl.int32)
-    t_end = tl.minimum(i_p * TILES + TILES, n_tiles)
-    for i_t in tl.range(i_p * TILES, t_end, num_stages=STAGES):
-        o_i = i_t * BM + tl.arange(0, BM)
-        m_i = o_i < S
-        b_hi, b_lo = _block_means(km_hi_ptr, km_lo_ptr, i_bh, C_PAD, D, SPLIT)  # (L2 hits, kept out of registers)
-        b_g = _gate_tile(q_ptr, b_hi, b_lo, i_b, i_h, o_i, m_i, stride_qb, stride_qs, stride_qh, D, SPLIT, IEEE)
-        self_c = tl.load(ids_ptr + o_i, mask=m_i, other=0).to(tl.int32)
-        is_self = o_c[None, :] == self_c[:, None]  # [BM, C_PAD]
-        valid = m_i[:, None] & m_c[None, :]
-        other = valid & ~is_self
-
-        if PHASE == 0 and TOPK_ITER:
-            # ---- top-k with small k: take the best remaining other block k-1 times ----
-            # (keys are unique: value bits high, C_PAD-1-c low, so equal values go to the lower
-            # block; one row reduction a step, cheaper than the 33-step bisection below while k is small)
-            b_unique = (_monotone_key(b_g).to(tl.int64) << 32) | (C_PAD - 1 - o_c)[None, :]
-            b_unique = tl.where(other, b_unique, -9223372036854775807 - 1)
-            for _ in range(tl.minimum(topk, C) - 1):
-                best = tl.max(b_unique, axis=1)
-                b_unique = tl.where(b_unique == best[:, None], -9223372036854775807 - 1, b_unique)
-            b_sel = valid & (is_self | (other & (b_unique == -9223372036854775807 - 1)))
-            _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
-
-        elif PHASE == 0:
-            # ---- per-query selection (topk, threshold_query) ----
-            if MODE_TOPK:
-                b_val = b_g
-            else:
-                lo = tl.min(tl.where(valid, b_g, float("inf")), axis=1)
-                hi = tl.max(tl.where(valid, b_g, -float("inf")), axis=1)
-                span = hi - lo
-                flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
-                b_val = (b_g - lo[:, None]) / tl.where(flat, 1.0, span)[:, None]
-                b_val = tl.where(flat[:, None], 1.0, b_val)
-            n_self = tl.sum(tl.where(is_self, b_val, 0.0), axis=1)
-            target = tau * tl.sum(tl.where(valid, b_val, 0.0), axis=1)
-            b_key = _monotone_key(b_val)
-            # the cutoff value: the largest key whose "take every other block at or above it" meets
-            # the condition, found by bisection on the 32-bit keys (no sort)
-            lo_k = tl.min(tl.where(other, b_key, 2147483647), axis=1).to(tl.int64)
-            hi_k = tl.max(tl.where(other, b_key, -2147483647 - 1), axis=1).to(tl.int64) + 1
-            ok_hi = _row_condition(b_key, b_val, other, hi_k, n_self, target, topk, MODE_TOPK)
-            for _ in range(33):  # keys span < 2**33 values
-                mid = lo_k + (hi_k - lo_k) // 2
-                ok = _row_condition(b_key, b_val, other, mid, n_self, target, topk, MODE_TOPK)
-                lo_k = tl.where(ok, mid, lo_k)
-                hi_k = tl.where(ok, hi_k, mid)
-            # lo_k is now the cutoff value (or the lowest key, if even every block falls short)
-            cut = tl.where(ok_hi, 2147483647, lo_k).to(tl.int32)
-            above = other & (b_key > cut[:, None])
-            ties = other & (b_key == cut[:, None])
-            rank = tl.cumsum(ties.to(tl.int32), axis=1) - 1  # lower block first among equal values
-            if MODE_TOPK:
-                room = tl.minimum(topk, C) - 1 - tl.sum(above.to(tl.int32), axis=1)
-                take_tie = ties & (rank < room[:, None])
-            else:
-                have = n_self + tl.sum(tl.where(above, b_val, 0.0), axis=1)
-                tie_val = tl.max(tl.where(ties, b_val, 0.0), axis=1)
-                take_tie = ties & ((have[:, None] + rank.to(tl.float32) * tie_val[:, None]) < target[:, None])
-            b_sel = (is_self | above | take_tie) & valid
-            _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
-
-        elif PHASE == 1:
-            # ---- threshold_global pass 1: min and max over the head's pairs ----
-            acc_0 = tl.minimum(acc_0, tl.min(tl.min(tl.where(valid, b_g, float("inf")), axis=1), axis=0))
-            acc_1 = tl.maximum(acc_1, tl.max(tl.max(tl.where(valid, b_g, -float("inf")), axis=1), axis=0))
-
+        b_n = tl.where(flat > 0, 1.0, (b_g - lo) / span)
+        if PHASE == 2:
+            # pass 2: histogram of the other pairs over [0, 1]; exact total and self mass
+            b_bin = tl.minimum((b_n * NB).to(tl.int32), NB - 1)
+            b_bin = tl.maximum(b_bin, 0)
+            _add_histogram(hist_ptr, i_bh, b_bin, other, BM, C_PAD, NB)
+            tot = tl.sum(tl.sum(tl.where(valid, b_n, 0.0), axis=1), axis=0)
+            slf = tl.sum(tl.sum(tl.where(valid & is_self, b_n, 0.0), axis=1), axis=0)
+            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, tot)
+            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 1, slf)
+        elif PHASE == 3:
+            # pass 3: histogram inside [a1, b1); exact mass of the pairs at or above b1
+            a1 = tl.load(p_r + 3)
+            b1 = tl.load(p_r + 4)
+            inside = other & (b_n >= a1) & (b_n < b1)
+            b_bin = ((b_n - a1) / (b1 - a1) * NB).to(tl.int32)
+            b_bin = tl.maximum(tl.minimum(b_bin, NB - 1), 0)
+            _add_histogram(hist_ptr, i_bh, b_bin, inside, BM, C_PAD, NB)
+            above = tl.sum(tl.sum(tl.where(other & (b_n >= b1), b_n, 0.0), axis=1), axis=0)
+            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
         else:
-            b_n = tl.where(flat > 0, 1.0, (b_g - lo) / span)
-            if PHASE == 2:
-                # pass 2: histogram of the other pairs over [0, 1]; exact total and self mass
-                b_bin = tl.minimum((b_n * NB).to(tl.int32), NB - 1)
-                b_bin = tl.maximum(b_bin, 0)
-                acc_hist += _histogram(b_bin, other, BM, C_PAD, NB)
-                acc_0 += tl.sum(tl.sum(tl.where(valid, b_n, 0.0), axis=1), axis=0)
-                acc_1 += tl.sum(tl.sum(tl.where(valid & is_self, b_n, 0.0), axis=1), axis=0)
-            elif PHASE == 3:
-                # pass 3: histogram inside [a1, b1); exact mass of the pairs at or above b1
-                a1 = tl.load(p_r + 3)
-                b1 = tl.load(p_r + 4)
-                inside = other & (b_n >= a1) & (b_n < b1)
-                b_bin = ((b_n - a1) / (b1 - a1) * NB).to(tl.int32)
-                b_bin = tl.maximum(tl.minimum(b_bin, NB - 1), 0)
-                acc_hist += _histogram(b_bin, inside, BM, C_PAD, NB)
-                acc_0 += tl.sum(tl.sum(tl.where(other & (b_n >= b1), b_n, 0.0), axis=1), axis=0)
-            else:
-                o_pair = o_c[None, :].to(tl.int64) * S + o_i[:, None]  # block-major pair index
-                key = (_monotone_key(b_n).to(tl.int64) << 32) | (0xFFFFFFFF - o_pair)
-                if PHASE == 4:
-                    # pass 4: compact the pairs in [a2, b2); exact mass at or above b2
-                    a2 = tl.load(p_r + 5)
-                    b2 = tl.load(p_r + 6)
-                    inside = other & (b_n >= a2) & (b_n < b2)
-                    acc_0 += tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
-                    count = tl.sum(tl.sum(inside.to(tl.int32), axis=1), axis=0)
-                    if count > 0:  # tiles without a pair in the band skip the scan
+            o_pair = o_c[None, :].to(tl.int64) * S + o_i[:, None]  # block-major pair index
+            key = (_monotone_key(b_n).to(tl.int64) << 32) | (0xFFFFFFFF - o_pair)
+            if PHASE == 4:
+                # pass 4: compact the pairs in [a2, b2); exact mass at or above b2
+                a2 = tl.load(p_r + 5)
+                b2 = tl.load(p_r + 6)
+                inside = other & (b_n >= a2) & (b_n < b2)
+                above = tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
+                tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
+                count = tl.sum(tl.sum(inside.to(tl.int32), axis=1), axis=0)
+                if count > 0:  # tiles without a pair in the band skip the scan
+                    base = tl.atomic_add(cand_n_ptr + i_bh, count)
+                    if COMPACT_2D:
+                        # slot of each pair: pairs of earlier rows, then earlier pairs of its row
+                        in_row = inside.to(tl.int32)
+                        row_n = tl.sum(in_row, axis=1)
+                        pos = base + (tl.cumsum(row_n, axis=0) - row_n)[:, None] + tl.cumsum(in_row, axis=1) - 1
+                        tl.store(cand_ptr + i_bh.to(tl.int64) * CAP + pos, key, mask=inside & (pos < CAP))
+                    else:
                         flat_in = tl.reshape(inside, [BM * C_PAD]).to(tl.int32)
-                        base = tl.atomic_add(cand_n_ptr + i_bh, count)
                         pos = base + tl.cumsum(flat_in, axis=0) - 1
                         keep = (flat_in > 0) & (pos < CAP)
-                        tl.store(cand_ptr + i_bh.to(tl.int64) * CAP + pos, tl.reshape(key, [BM * C_PAD]), mask=keep)
+                        tl.store(cand_ptr + i_bh.to(tl.int64) * CAP + pos, tl.reshape(key, [BM * C_PAD]),
+                                 mask=keep)
+            else:
+                # pass 5: the mask; a degenerate head ranks pairs by (block, query) alone
+                cut = tl.load(cutoff_ptr + i_bh)
+                if flat > 0:
+                    rank = _degenerate_rank(geo_ptr, o_i, o_c, S, KIND)
+                    b_sel = is_self | (other & (rank < m_take))
                 else:
-                    # pass 5: the mask; a degenerate head ranks pairs by (block, query) alone
-                    cut = tl.load(cutoff_ptr + i_bh)
-                    if flat > 0:
-                        rank = _degenerate_rank(geo_ptr, o_i, o_c, S, KIND)
-                        b_sel = is_self | (other & (rank < m_take))
-                    else:
-                        b_sel = is_self | (other & (key >= cut))
-                    _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel & valid, i_bh, i_t, o_i, m_i, S, n_tiles, C,
-                                BM, C_PAD)
-
-    if PHASE >= 1 and PHASE <= 4:
-        p_s = stats_ptr + (i_bh * n_parts + i_p) * 4
-        tl.store(p_s + 0, acc_0)
-        tl.store(p_s + 1, acc_1)
-    if PHASE == 2 or PHASE == 3:
-        # only the bins this program hit: every program of the head adds into the same NB counters
-        o_b = tl.arange(0, NB)
-        tl.atomic_add(hist_ptr + i_bh * NB + o_b, acc_hist, mask=acc_hist > 0)
+                    b_sel = is_self | (other & (key >= cut))
+                _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel & valid, i_bh, i_t, o_i, m_i, S, n_tiles, C,
+                            BM, C_PAD)
 
 
 @triton.jit
@@ -368,13 +356,13 @@ def _degenerate_rank(geo_ptr, o_i, o_c, S, KIND: tl.constexpr):
 
 
 @triton.jit
-def vmoba_range_kernel(stats_ptr, range_ptr, n_parts, NP_PAD: tl.constexpr):
-    """Per head: `lo`, `span` and the degenerate flag from pass 1's per-program min/max."""
+def vmoba_range_kernel(stats_ptr, range_ptr, n_tiles, NT_PAD: tl.constexpr):
+    """Per head: `lo`, `span` and the degenerate flag from pass 1's per-tile min/max."""
     i_bh = tl.program_id(0)
     p_r = range_ptr + i_bh * RANGE_SLOTS
-    o_t = tl.arange(0, NP_PAD)
-    m_t = o_t < n_parts
-    p_s = stats_ptr + (i_bh * n_parts + o_t) * 4
+    o_t = tl.arange(0, NT_PAD)
+    m_t = o_t < n_tiles
+    p_s = stats_ptr + (i_bh * n_tiles + o_t) * 4
     lo = tl.min(tl.load(p_s + 0, mask=m_t, other=float("inf")), axis=0)
     hi = tl.max(tl.load(p_s + 1, mask=m_t, other=-float("inf")), axis=0)
     span = hi - lo
@@ -385,9 +373,27 @@ def vmoba_range_kernel(stats_ptr, range_ptr, n_parts, NP_PAD: tl.constexpr):
 
 
 @triton.jit
+def _cutoff_bins(cnt_i, a, b, need, NB: tl.constexpr):
+    """The bins `[j_lo, j_hi]` of a histogram over `[a, b)` (counts `cnt_i [NB]`) that can hold the
+    cutoff: the mass at or above it must reach `need`. Bin j covers `[a + j*w, a + (j+1)*w)`, so
+    the mass of the bins from j up lies between two bounds."""
+    o_j = tl.arange(0, NB)
+    w = (b - a) / NB
+    cnt = cnt_i.to(tl.float32)
+    low = cnt * (a + o_j * w)
+    up = cnt * (a + (o_j + 1) * w)
+    # suffix sums via a reversed cumulative sum
+    suf_low = tl.sum(low, axis=0) - tl.cumsum(low, axis=0) + low
+    suf_up = tl.sum(up, axis=0) - tl.cumsum(up, axis=0) + up
+    j_hi = tl.max(tl.where(suf_up >= need, o_j, 0), axis=0)
+    j_lo = tl.max(tl.where(suf_low >= need, o_j, 0), axis=0)
+    return j_lo, j_hi, w
+
+
+@triton.jit
 def vmoba_decide_kernel(
-    hist_ptr, stats_ptr, range_ptr, n_parts, tau, direct_max,
-    STEP: tl.constexpr, NB: tl.constexpr, NP_PAD: tl.constexpr,
+    hist_ptr, stats_ptr, range_ptr, n_tiles, tau, direct_max,
+    STEP: tl.constexpr, NB: tl.constexpr, NT_PAD: tl.constexpr,
 ):
     """Per head: narrow the cutoff range from pass 2's histogram (STEP 1) or pass 3's (STEP 2).
 
@@ -397,9 +403,9 @@ def vmoba_decide_kernel(
     """
     i_bh = tl.program_id(0)
     p_r = range_ptr + i_bh * RANGE_SLOTS
-    o_t = tl.arange(0, NP_PAD)
-    m_t = o_t < n_parts
-    p_s = stats_ptr + (i_bh * n_parts + o_t) * 4
+    o_t = tl.arange(0, NT_PAD)
+    m_t = o_t < n_tiles
+    p_s = stats_ptr + (i_bh * n_tiles + o_t) * 4
     # partial sums are added in fp64: a head has millions of pairs
     if STEP == 1:
         tot = tl.sum(tl.load(p_s + 0, mask=m_t, other=0.0).to(tl.float64), axis=0)
@@ -414,18 +420,9 @@ def vmoba_decide_kernel(
         a = tl.load(p_r + 3)
         b = tl.load(p_r + 4)
         direct = tl.load(p_r + 8) > 0
-    # bins j cover [a + j*w, a + (j+1)*w); the mass of bins >= j lies between the bounds
     o_j = tl.arange(0, NB)
-    w = (b - a) / NB
     cnt_i = tl.load(hist_ptr + i_bh * NB + o_j)
-    cnt = cnt_i.to(tl.float32)
-    low = cnt * (a + o_j * w)
-    up = cnt * (a + (o_j + 1) * w)
-    # suffix sums via a reversed cumulative sum
-    suf_low = tl.sum(low, axis=0) - tl.cumsum(low, axis=0) + low
-    suf_up = tl.sum(up, axis=0) - tl.cumsum(up, axis=0) + up
-    j_hi = tl.max(tl.where(suf_up >= need, o_j, 0), axis=0)
-    j_lo = tl.max(tl.where(suf_low >= need, o_j, 0), axis=0)
+    j_lo, j_hi, w = _cutoff_bins(cnt_i, a, b, need, NB)
     band_lo = a + j_lo * w
     if STEP == 1:
         band_hi = tl.where(j_hi == NB - 1, 2.0, a + (j_hi + 1) * w)
@@ -441,3 +438,82 @@ def vmoba_decide_kernel(
         band_hi = tl.where(j_hi == NB - 1, b, a + (j_hi + 1) * w)
         tl.store(p_r + 5, band_lo, mask=~direct)
         tl.store(p_r + 6, band_hi, mask=~direct)
+
+
+@triton.jit
+def _candidate_bins(key, a, b, NB: tl.constexpr):
+    """Bin over `[a, b)` of each candidate key's normalised value (its high 32 bits; values >= 0)."""
+    val = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return tl.maximum(tl.minimum(((val - a) / (b - a) * NB).to(tl.int32), NB - 1), 0), val
+
+
+@triton.jit
+def vmoba_cutoff_kernel(
+    stats_ptr, range_ptr, cand_ptr, cand_n_ptr, near_ptr, cutoff_ptr,
+    n_tiles, CAP,
+    NB: tl.constexpr, NT_PAD: tl.constexpr, CHUNK: tl.constexpr, NEAR: tl.constexpr,
+):
+    """Per head: the exact cutoff key from pass 4's candidates (the pairs of the band [a2, b2)).
+
+    A third histogram level, over the candidates, keeps the few near the cutoff (`near`, room for
+    `NEAR` a head); a bisection over their 64-bit keys (value high, pair order low: ties are
+    exact) finds the largest key whose "take every pair at or above it" reaches the mass needed.
+    Fallbacks take a superset: the whole band if the candidates overflowed (or none were found),
+    the whole third-level band if it overflowed; nothing beyond self pairs if nothing is needed.
+    """
+    i_bh = tl.program_id(0)
+    p_r = range_ptr + i_bh * RANGE_SLOTS
+    o_t = tl.arange(0, NT_PAD)
+    above = tl.sum(tl.load(stats_ptr + (i_bh * n_tiles + o_t) * 4, mask=o_t < n_tiles, other=0.0).to(tl.float64),
+                   axis=0)
+    need = tl.load(p_r + 7).to(tl.float64) - above  # the mass still to take (fp64: candidates are subtracted)
+    nothing_needed = need <= 0
+    a = tl.load(p_r + 5)
+    b = tl.load(p_r + 6)
+    found = tl.load(cand_n_ptr + i_bh)
+    count = tl.minimum(found, CAP)
+    p_c = cand_ptr + i_bh.to(tl.int64) * CAP
+    o_k = tl.arange(0, CHUNK)
+    o_j = tl.arange(0, NB)
+    # level 3: histogram of the candidates over [a, b) (left-out slots counted into bin 0, then removed)
+    hist = tl.zeros([NB], dtype=tl.int32)
+    for k0 in range(0, count, CHUNK):
+        m_k = k0 + o_k < count
+        key = tl.load(p_c + k0 + o_k, mask=m_k, other=0)
+        bins, val = _candidate_bins(key, a, b, NB)
+        hist += tl.histogram(tl.where(m_k, bins, 0), NB)
+        hist -= tl.where(o_j == 0, CHUNK - tl.sum(m_k.to(tl.int32), axis=0), 0)
+    j_lo, j_hi, w = _cutoff_bins(hist, a, b, need.to(tl.float32), NB)
+    # keep the candidates of bins [j_lo, j_hi]; add up the mass of those above
+    p_n = near_ptr + i_bh.to(tl.int64) * NEAR
+    n_near = 0
+    near_min = 9223372036854775807
+    for k0 in range(0, count, CHUNK):
+        m_k = k0 + o_k < count
+        key = tl.load(p_c + k0 + o_k, mask=m_k, other=0)
+        bins, val = _candidate_bins(key, a, b, NB)
+        inside = m_k & (bins >= j_lo) & (bins <= j_hi)
+        need -= tl.sum(tl.where(m_k & (bins > j_hi), val, 0.0), axis=0).to(tl.float64)
+        pos = n_near + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+        tl.store(p_n + pos, key, mask=inside & (pos < NEAR))
+        n_near += tl.sum(inside.to(tl.int32), axis=0)
+        near_min = tl.minimum(near_min, tl.min(tl.where(inside, key, 9223372036854775807), axis=0))
+    # the largest near key whose "take every near key at or above it" reaches what is still
+    # needed, by bisection over the 64-bit keys (or the lowest, if even all fall short)
+    o_n = tl.arange(0, NEAR)
+    m_n = o_n < tl.minimum(n_near, NEAR)
+    key = tl.load(p_n + o_n, mask=m_n, other=0)
+    val = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    need_near = need.to(tl.float32)
+    lo_k = tl.min(tl.where(m_n, key, 9223372036854775807), axis=0)
+    hi_k = tl.max(tl.where(m_n, key, 0), axis=0) + 1
+    for _ in range(64):  # keys are non-negative int64
+        mid = lo_k + (hi_k - lo_k) // 2
+        ok = tl.sum(tl.where(m_n & (key >= mid), val, 0.0), axis=0) >= need_near
+        lo_k = tl.where(ok, mid, lo_k)
+        hi_k = tl.where(ok, hi_k, mid)
+    cut = tl.where(n_near > NEAR, near_min, lo_k)
+    band_floor = _monotone_key(a).to(tl.int64) << 32  # every pair of the band
+    cut = tl.where((found > CAP) | (found <= 0), band_floor, cut)
+    cut = tl.where(nothing_needed, 9223372036854775807, cut)
+    tl.store(cutoff_ptr + i_bh, cut)

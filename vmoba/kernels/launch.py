@@ -23,6 +23,7 @@ from .configs import attention_config, gate_config
 LOG2E = 1.4426950408889634
 TOPK_ITER_MAX = 16  # top-k picks per query up to which repeated max beats bisection
 MAX_BLOCKS = 1024  # C_PAD <= 1024: each query's scores are sorted in registers
+NEAR = 4096  # threshold_global: room for the candidates the third histogram level keeps, per head
 
 
 def interpreting() -> bool:
@@ -117,7 +118,6 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
     cfg = gate_config(c_pad, d, interpreting())
     bm = cfg["BM"]
     n_tiles = triton.cdiv(s, bm)
-    n_parts = triton.cdiv(n_tiles, cfg["tiles"])  # programs per sample-head, `tiles` tiles each
     bh = b * h
     dev = q.device
     hi, lo, split = gate_operands(block_means(k, layout), q.dtype, c_pad)
@@ -130,11 +130,12 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
     m_take = 0
     # threshold_global's state; the one-pass modes get empty stand-ins (no allocations, no memsets)
     rows = (bh,) if mode == "threshold_global" else (0,)
-    stats = torch.empty(*rows, n_parts, 4, device=dev, dtype=torch.float32)
+    stats = torch.empty(*rows, n_tiles, 4, device=dev, dtype=torch.float32)
     ranges = torch.zeros(*rows, gate_k.RANGE_SLOTS.value, device=dev, dtype=torch.float32)
     nb = cfg["bins"]
     hist = torch.zeros(*rows, nb, device=dev, dtype=torch.int32)
-    cand = torch.full((*rows, cap), -1, device=dev, dtype=torch.int64)  # keys are >= 0: -1 sorts last
+    cand = torch.empty(*rows, cap, device=dev, dtype=torch.int64)
+    near = torch.empty(*rows, NEAR, device=dev, dtype=torch.int64)
     cand_n = torch.zeros(*rows, device=dev, dtype=torch.int32)
     cutoff = torch.empty(*rows, device=dev, dtype=torch.int64)
     if mode == "threshold_global":  # pairs to take when every gate of a head is equal
@@ -142,60 +143,43 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
     kind_id = {"1d": 1, "2d": 2, "3d": 3}[kind]
 
     def gate_pass(phase: int):
-        gate_k.vmoba_gate_kernel[(n_parts, bh)](
+        gate_k.vmoba_gate_kernel[(n_tiles, bh)](
             q, hi, lo, layout.ids, layout.lengths, bits, attended, stats, ranges, hist,
             cand, cand_n, cutoff, layout.geometry,
             q.stride(0), q.stride(1), q.stride(2),
-            h, s, c, n_tiles, n_parts, float(tau), int(topk), cap, m_take,
-            BM=bm, C_PAD=c_pad, D=d, NB=nb, TILES=cfg["tiles"], STAGES=cfg["stages"], PHASE=phase,
-            MODE_TOPK=mode == "topk",
+            h, s, c, n_tiles, float(tau), int(topk), cap, m_take,
+            BM=bm, C_PAD=c_pad, D=d, NB=nb, PHASE=phase, MODE_TOPK=mode == "topk",
             SPLIT=split, IEEE=q.dtype == torch.float32, KIND=kind_id,
-            TOPK_ITER=mode == "topk" and min(topk, c) - 1 <= TOPK_ITER_MAX, num_warps=cfg["num_warps"],
+            TOPK_ITER=mode == "topk" and min(topk, c) - 1 <= TOPK_ITER_MAX, COMPACT_2D=cfg.get("compact_2d", True),
+            num_warps=cfg["num_warps"],
         )
 
-    np_pad = triton.next_power_of_2(n_parts)
+    nt_pad = triton.next_power_of_2(n_tiles)
 
     def decide(step: int):
         gate_k.vmoba_decide_kernel[(bh,)](
-            hist, stats, ranges, n_parts, float(tau), cap if cfg["direct"] else -1,
-            STEP=step, NB=nb, NP_PAD=np_pad, num_warps=4,
+            hist, stats, ranges, n_tiles, float(tau), cap if cfg["direct"] else -1,
+            STEP=step, NB=nb, NT_PAD=nt_pad, num_warps=4,
         )
 
     if mode in ("topk", "threshold_query"):
         gate_pass(gate_k.PHASE_ROWS)
     else:
         gate_pass(gate_k.PHASE_MINMAX)
-        gate_k.vmoba_range_kernel[(bh,)](stats, ranges, n_parts, NP_PAD=np_pad)
+        gate_k.vmoba_range_kernel[(bh,)](stats, ranges, n_tiles, NT_PAD=nt_pad)
         gate_pass(gate_k.PHASE_HIST1)
         decide(1)
         hist.zero_()
         gate_pass(gate_k.PHASE_HIST2)  # skipped by heads whose first band fits the candidates
         decide(2)
         gate_pass(gate_k.PHASE_COMPACT)
-        exact_cutoff(cand, cand_n, ranges, stats[:, :, 0], out=cutoff)
+        gate_k.vmoba_cutoff_kernel[(bh,)](
+            stats, ranges, cand, cand_n, near, cutoff, n_tiles, cap,
+            NB=nb, NT_PAD=nt_pad, CHUNK=2048 if not interpreting() else 64, NEAR=NEAR, num_warps=8,
+        )
         gate_pass(gate_k.PHASE_MASK)
     per_query = max(1, min(topk, c)) if mode == "topk" else c
     return Selection(bits=bits, attended=attended, layout=layout, max_blocks_per_query=per_query)
-
-
-def exact_cutoff(cand: torch.Tensor, cand_n: torch.Tensor, ranges: torch.Tensor, above: torch.Tensor, out):
-    """threshold_global's cutoff key per head into `out [BH]` int64, from the compacted candidates.
-
-    `cand [BH, CAP]`: keys (value bits high, pair order low; -1 in unused slots), `cand_n` how many
-    were found, `above [BH, n_parts]` the mass above the compacted band per gate program. The cutoff is the
-    largest key whose "take every candidate at or above it" reaches the mass still needed: sort
-    descending, accumulate, count the prefix short of it. Overflow (more candidates than room)
-    or none found: every pair of the band (a superset). Nothing needed: a key no pair reaches.
-    """
-    keys = torch.sort(cand, dim=1, descending=True).values
-    values = torch.where(keys >= 0, (keys >> 32).to(torch.int32).view(torch.float32), 0.0)
-    need = ranges[:, 7].double() - above.double().sum(1)
-    short = (values.double().cumsum(1) < need[:, None]).sum(1)  # the cumulative mass only grows
-    found = cand_n.clamp(max=cand.shape[1]).long()
-    cut = keys.gather(1, torch.minimum(short, found - 1).clamp(min=0)[:, None])[:, 0]
-    band_floor = ranges[:, 5].contiguous().view(torch.int32).long() << 32  # a2 >= 0: its bits are its key
-    cut = torch.where((cand_n > cand.shape[1]) | (cand_n <= 0), band_floor, cut)
-    out.copy_(cut.masked_fill_(need <= 0, torch.iinfo(torch.int64).max))
 
 
 def select_mask(q, k, *, grid, kind: str, config: VMoBAConfig) -> torch.Tensor:
