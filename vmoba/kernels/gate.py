@@ -33,7 +33,7 @@ PHASE_HIST2 = 3  # pass 3
 PHASE_COMPACT = 4  # pass 4
 PHASE_MASK = 5  # pass 5
 
-# per-head state of threshold_global, `range[bh, :RANGE_SLOTS]` fp32: lo, span, flat (0/1), a1, b1
+# per-head state of threshold_global, `range[bh, :RANGE_SLOTS]` fp32: lo, 1/span, flat (0/1), a1, b1
 # (first band), a2, b2 (band compacted), need (mass of other pairs to take), direct (0/1: the
 # first band is compacted as is)
 RANGE_SLOTS = tl.constexpr(16)
@@ -129,8 +129,9 @@ def _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n
     """Write selected blocks as bit words, and the tile's attended-token count."""
     W: tl.constexpr = C_PAD // 32
     o_c = tl.arange(0, C_PAD)
-    bit = tl.where(b_sel, (1 << (o_c % 32)).to(tl.int64)[None, :], 0)  # [BM, C_PAD]
-    words = tl.sum(tl.reshape(bit, [BM, W, 32]), axis=2).to(tl.int32)  # [BM, W]
+    # distinct bits never carry, so an int32 sum is their OR (bit 31 included)
+    bit = tl.where(b_sel, (1 << (o_c % 32))[None, :], 0)  # [BM, C_PAD] int32
+    words = tl.sum(tl.reshape(bit, [BM, W, 32]), axis=2)  # [BM, W]
     o_w = tl.arange(0, W)
     p_m = mask_ptr + (i_bh.to(tl.int64) * S + o_i[:, None]) * W + o_w[None, :]
     tl.store(p_m, words, mask=m_i[:, None])
@@ -146,13 +147,14 @@ def vmoba_gate_kernel(
     stats_ptr,  # [BH, n_tiles, 4] fp32 partials (min/max, or sums)
     range_ptr,  # [BH, RANGE_SLOTS] fp32 (threshold_global)
     hist_ptr,  # [BH, NB] int32
-    cand_ptr, cand_n_ptr, cutoff_ptr,  # candidate keys [BH, CAP] int64, counts [BH], cutoff key [BH]
+    cand_val_ptr, cand_pair_ptr, cand_n_ptr,  # candidates [BH, CAP]: value fp32, pair int32; count [BH]
+    cutoff_ptr,  # cutoff key [BH] int64
     geo_ptr,  # int32 [9]: T, Hg, Wg, ct, ch, cw, nT, nH, nW (effective chunks of the kind)
     stride_qb, stride_qs, stride_qh,
     H, S, C, n_tiles, tau, topk, CAP, m_take,
     BM: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
     PHASE: tl.constexpr, MODE_TOPK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-    KIND: tl.constexpr, TOPK_ITER: tl.constexpr = False, COMPACT_2D: tl.constexpr = True,
+    KIND: tl.constexpr, TOPK_ITER: tl.constexpr = False,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     if PHASE == 3:
@@ -191,7 +193,7 @@ def vmoba_gate_kernel(
             hi = tl.max(tl.where(valid, b_g, -float("inf")), axis=1)
             span = hi - lo
             flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
-            b_val = (b_g - lo[:, None]) / tl.where(flat, 1.0, span)[:, None]
+            b_val = (b_g - lo[:, None]) * (1.0 / tl.where(flat, 1.0, span))[:, None]  # a product, not a division per pair
             b_val = tl.where(flat[:, None], 1.0, b_val)
         n_self = tl.sum(tl.where(is_self, b_val, 0.0), axis=1)
         target = tau * tl.sum(tl.where(valid, b_val, 0.0), axis=1)
@@ -231,9 +233,9 @@ def vmoba_gate_kernel(
     else:
         p_r = range_ptr + i_bh * RANGE_SLOTS
         lo = tl.load(p_r + 0)
-        span = tl.load(p_r + 1)
+        scale = tl.load(p_r + 1)
         flat = tl.load(p_r + 2)
-        b_n = tl.where(flat > 0, 1.0, (b_g - lo) / span)
+        b_n = tl.where(flat > 0, 1.0, (b_g - lo) * scale)
         if PHASE == 2:
             # pass 2: histogram of the other pairs over [0, 1]; exact total and self mass
             b_bin = tl.minimum((b_n * NB).to(tl.int32), NB - 1)
@@ -248,14 +250,13 @@ def vmoba_gate_kernel(
             a1 = tl.load(p_r + 3)
             b1 = tl.load(p_r + 4)
             inside = other & (b_n >= a1) & (b_n < b1)
-            b_bin = ((b_n - a1) / (b1 - a1) * NB).to(tl.int32)
+            b_bin = ((b_n - a1) * (NB / (b1 - a1))).to(tl.int32)
             b_bin = tl.maximum(tl.minimum(b_bin, NB - 1), 0)
             _add_histogram(hist_ptr, i_bh, b_bin, inside, BM, C_PAD, NB)
             above = tl.sum(tl.sum(tl.where(other & (b_n >= b1), b_n, 0.0), axis=1), axis=0)
             tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
         else:
-            o_pair = o_c[None, :].to(tl.int64) * S + o_i[:, None]  # block-major pair index
-            key = (_monotone_key(b_n).to(tl.int64) << 32) | (0xFFFFFFFF - o_pair)
+            o_pair = o_c[None, :].to(tl.int64) * S + o_i[:, None]  # block-major pair index (< 2**32)
             if PHASE == 4:
                 # pass 4: compact the pairs in [a2, b2); exact mass at or above b2
                 a2 = tl.load(p_r + 5)
@@ -263,23 +264,19 @@ def vmoba_gate_kernel(
                 inside = other & (b_n >= a2) & (b_n < b2)
                 above = tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
                 tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
-                count = tl.sum(tl.sum(inside.to(tl.int32), axis=1), axis=0)
-                if count > 0:  # tiles without a pair in the band skip the scan
-                    base = tl.atomic_add(cand_n_ptr + i_bh, count)
-                    if COMPACT_2D:
-                        # slot of each pair: pairs of earlier rows, then earlier pairs of its row
-                        in_row = inside.to(tl.int32)
-                        row_n = tl.sum(in_row, axis=1)
-                        pos = base + (tl.cumsum(row_n, axis=0) - row_n)[:, None] + tl.cumsum(in_row, axis=1) - 1
-                        tl.store(cand_ptr + i_bh.to(tl.int64) * CAP + pos, key, mask=inside & (pos < CAP))
-                    else:
-                        flat_in = tl.reshape(inside, [BM * C_PAD]).to(tl.int32)
-                        pos = base + tl.cumsum(flat_in, axis=0) - 1
-                        keep = (flat_in > 0) & (pos < CAP)
-                        tl.store(cand_ptr + i_bh.to(tl.int64) * CAP + pos, tl.reshape(key, [BM * C_PAD]),
-                                 mask=keep)
+                n_in = tl.sum(tl.sum(inside.to(tl.int32), axis=1), axis=0)
+                if flat == 0:  # (a degenerate head needs no cutoff)
+                    if n_in > 0:  # most tiles hold a few
+                        # a slot per pair from one counter per head (cheaper than a scan of the tile)
+                        slot = tl.atomic_add(cand_n_ptr + i_bh + tl.zeros([BM, C_PAD], dtype=tl.int32), 1,
+                                             mask=inside, sem="relaxed")
+                        keep = inside & (slot < CAP)
+                        p_c = i_bh.to(tl.int64) * CAP + slot
+                        tl.store(cand_val_ptr + p_c, b_n, mask=keep)
+                        tl.store(cand_pair_ptr + p_c, o_pair.to(tl.int32), mask=keep)  # the low 32 bits
             else:
                 # pass 5: the mask; a degenerate head ranks pairs by (block, query) alone
+                key = (_monotone_key(b_n).to(tl.int64) << 32) | (0xFFFFFFFF - o_pair)
                 cut = tl.load(cutoff_ptr + i_bh)
                 if flat > 0:
                     rank = _degenerate_rank(geo_ptr, o_i, o_c, S, KIND)
@@ -357,7 +354,7 @@ def _degenerate_rank(geo_ptr, o_i, o_c, S, KIND: tl.constexpr):
 
 @triton.jit
 def vmoba_range_kernel(stats_ptr, range_ptr, n_tiles, NT_PAD: tl.constexpr):
-    """Per head: `lo`, `span` and the degenerate flag from pass 1's per-tile min/max."""
+    """Per head: `lo`, `1 / span` and the degenerate flag from pass 1's per-tile min/max."""
     i_bh = tl.program_id(0)
     p_r = range_ptr + i_bh * RANGE_SLOTS
     o_t = tl.arange(0, NT_PAD)
@@ -368,7 +365,7 @@ def vmoba_range_kernel(stats_ptr, range_ptr, n_tiles, NT_PAD: tl.constexpr):
     span = hi - lo
     flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
     tl.store(p_r + 0, lo)
-    tl.store(p_r + 1, tl.where(flat, 1.0, span))
+    tl.store(p_r + 1, 1.0 / tl.where(flat, 1.0, span))  # every pass multiplies by it
     tl.store(p_r + 2, flat.to(tl.float32))
 
 
@@ -441,23 +438,28 @@ def vmoba_decide_kernel(
 
 
 @triton.jit
-def _candidate_bins(key, a, b, NB: tl.constexpr):
-    """Bin over `[a, b)` of each candidate key's normalised value (its high 32 bits; values >= 0)."""
-    val = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    return tl.maximum(tl.minimum(((val - a) / (b - a) * NB).to(tl.int32), NB - 1), 0), val
+def _candidates(val_ptr, pair_ptr, o_k, m_k, a, b, NB: tl.constexpr):
+    """Candidates `o_k`: their 64-bit keys (value bits high, pair order low: ties are exact),
+    values, and bins over `[a, b)`."""
+    val = tl.load(val_ptr + o_k, mask=m_k, other=0.0)
+    pair = tl.load(pair_ptr + o_k, mask=m_k, other=0).to(tl.uint32).to(tl.int64)  # zero-extended
+    key = (val.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0xFFFFFFFF - pair)  # values >= 0
+    bins = tl.maximum(tl.minimum(((val - a) * (NB / (b - a))).to(tl.int32), NB - 1), 0)
+    return key, val, bins
 
 
 @triton.jit
 def vmoba_cutoff_kernel(
-    stats_ptr, range_ptr, cand_ptr, cand_n_ptr, near_ptr, cutoff_ptr,
+    stats_ptr, range_ptr, cand_val_ptr, cand_pair_ptr, cand_n_ptr, near_ptr, cutoff_ptr,
     n_tiles, CAP,
-    NB: tl.constexpr, NT_PAD: tl.constexpr, CHUNK: tl.constexpr, NEAR: tl.constexpr,
+    NB: tl.constexpr, NT_PAD: tl.constexpr, CHUNK: tl.constexpr, NEAR: tl.constexpr, JB: tl.constexpr,
 ):
     """Per head: the exact cutoff key from pass 4's candidates (the pairs of the band [a2, b2)).
 
     A third histogram level, over the candidates, keeps the few near the cutoff (`near`, room for
-    `NEAR` a head); a bisection over their 64-bit keys (value high, pair order low: ties are
-    exact) finds the largest key whose "take every pair at or above it" reaches the mass needed.
+    `NEAR` a head). For each of those, the mass of the near pairs at or above it (fp64: sums of
+    values this close are exact, so the order of the candidates does not matter); the cutoff is
+    the largest key whose "take every pair at or above it" reaches the mass still needed.
     Fallbacks take a superset: the whole band if the candidates overflowed (or none were found),
     the whole third-level band if it overflowed; nothing beyond self pairs if nothing is needed.
     """
@@ -466,53 +468,53 @@ def vmoba_cutoff_kernel(
     o_t = tl.arange(0, NT_PAD)
     above = tl.sum(tl.load(stats_ptr + (i_bh * n_tiles + o_t) * 4, mask=o_t < n_tiles, other=0.0).to(tl.float64),
                    axis=0)
-    need = tl.load(p_r + 7).to(tl.float64) - above  # the mass still to take (fp64: candidates are subtracted)
+    need = tl.load(p_r + 7).to(tl.float64) - above  # the mass still to take
     nothing_needed = need <= 0
     a = tl.load(p_r + 5)
     b = tl.load(p_r + 6)
     found = tl.load(cand_n_ptr + i_bh)
     count = tl.minimum(found, CAP)
-    p_c = cand_ptr + i_bh.to(tl.int64) * CAP
+    p_val = cand_val_ptr + i_bh.to(tl.int64) * CAP
+    p_pair = cand_pair_ptr + i_bh.to(tl.int64) * CAP
     o_k = tl.arange(0, CHUNK)
     o_j = tl.arange(0, NB)
     # level 3: histogram of the candidates over [a, b) (left-out slots counted into bin 0, then removed)
     hist = tl.zeros([NB], dtype=tl.int32)
     for k0 in range(0, count, CHUNK):
         m_k = k0 + o_k < count
-        key = tl.load(p_c + k0 + o_k, mask=m_k, other=0)
-        bins, val = _candidate_bins(key, a, b, NB)
+        key, val, bins = _candidates(p_val, p_pair, k0 + o_k, m_k, a, b, NB)
         hist += tl.histogram(tl.where(m_k, bins, 0), NB)
         hist -= tl.where(o_j == 0, CHUNK - tl.sum(m_k.to(tl.int32), axis=0), 0)
     j_lo, j_hi, w = _cutoff_bins(hist, a, b, need.to(tl.float32), NB)
-    # keep the candidates of bins [j_lo, j_hi]; add up the mass of those above
+    # keep the candidates of bins [j_lo, j_hi]; take off the mass of those above
     p_n = near_ptr + i_bh.to(tl.int64) * NEAR
     n_near = 0
     near_min = 9223372036854775807
     for k0 in range(0, count, CHUNK):
         m_k = k0 + o_k < count
-        key = tl.load(p_c + k0 + o_k, mask=m_k, other=0)
-        bins, val = _candidate_bins(key, a, b, NB)
+        key, val, bins = _candidates(p_val, p_pair, k0 + o_k, m_k, a, b, NB)
         inside = m_k & (bins >= j_lo) & (bins <= j_hi)
-        need -= tl.sum(tl.where(m_k & (bins > j_hi), val, 0.0), axis=0).to(tl.float64)
+        need -= tl.sum(tl.where(m_k & (bins > j_hi), val.to(tl.float64), 0.0), axis=0)
         pos = n_near + tl.cumsum(inside.to(tl.int32), axis=0) - 1
         tl.store(p_n + pos, key, mask=inside & (pos < NEAR))
         n_near += tl.sum(inside.to(tl.int32), axis=0)
         near_min = tl.minimum(near_min, tl.min(tl.where(inside, key, 9223372036854775807), axis=0))
-    # the largest near key whose "take every near key at or above it" reaches what is still
-    # needed, by bisection over the 64-bit keys (or the lowest, if even all fall short)
+    # mass at or above each near key, over blocks of JB near keys
+    n_kept = tl.minimum(n_near, NEAR)
     o_n = tl.arange(0, NEAR)
-    m_n = o_n < tl.minimum(n_near, NEAR)
-    key = tl.load(p_n + o_n, mask=m_n, other=0)
-    val = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    need_near = need.to(tl.float32)
-    lo_k = tl.min(tl.where(m_n, key, 9223372036854775807), axis=0)
-    hi_k = tl.max(tl.where(m_n, key, 0), axis=0) + 1
-    for _ in range(64):  # keys are non-negative int64
-        mid = lo_k + (hi_k - lo_k) // 2
-        ok = tl.sum(tl.where(m_n & (key >= mid), val, 0.0), axis=0) >= need_near
-        lo_k = tl.where(ok, mid, lo_k)
-        hi_k = tl.where(ok, hi_k, mid)
-    cut = tl.where(n_near > NEAR, near_min, lo_k)
+    key_i = tl.load(p_n + o_n, mask=o_n < n_kept, other=-1)
+    mass = tl.zeros([NEAR], dtype=tl.float64)
+    o_b = tl.arange(0, JB)
+    for j0 in range(0, n_kept, JB):
+        key_j = tl.load(p_n + j0 + o_b, mask=j0 + o_b < n_kept, other=-1)
+        val_j = (key_j >> 32).to(tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
+        ge = (key_j[None, :] >= key_i[:, None]) & (key_j[None, :] >= 0)
+        mass += tl.sum(tl.where(ge, val_j[None, :], 0.0), axis=1)
+    # the largest key that reaches it (or the lowest, if even all fall short)
+    reach = (o_n < n_kept) & (mass >= need)
+    cut = tl.max(tl.where(reach, key_i, -1), axis=0)
+    cut = tl.where(cut < 0, tl.min(tl.where(o_n < n_kept, key_i, 9223372036854775807), axis=0), cut)
+    cut = tl.where(n_near > NEAR, near_min, cut)
     band_floor = _monotone_key(a).to(tl.int64) << 32  # every pair of the band
     cut = tl.where((found > CAP) | (found <= 0), band_floor, cut)
     cut = tl.where(nothing_needed, 9223372036854775807, cut)

@@ -23,7 +23,7 @@ from .configs import attention_config, gate_config
 LOG2E = 1.4426950408889634
 TOPK_ITER_MAX = 16  # top-k picks per query up to which repeated max beats bisection
 MAX_BLOCKS = 1024  # C_PAD <= 1024: each query's scores are sorted in registers
-NEAR = 4096  # threshold_global: room for the candidates the third histogram level keeps, per head
+NEAR = 1024  # threshold_global: room for the candidates the third histogram level keeps, per head
 
 
 def interpreting() -> bool:
@@ -134,7 +134,8 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
     ranges = torch.zeros(*rows, gate_k.RANGE_SLOTS.value, device=dev, dtype=torch.float32)
     nb = cfg["bins"]
     hist = torch.zeros(*rows, nb, device=dev, dtype=torch.int32)
-    cand = torch.empty(*rows, cap, device=dev, dtype=torch.int64)
+    cand_val = torch.empty(*rows, cap, device=dev, dtype=torch.float32)
+    cand_pair = torch.empty(*rows, cap, device=dev, dtype=torch.int32)
     near = torch.empty(*rows, NEAR, device=dev, dtype=torch.int64)
     cand_n = torch.zeros(*rows, device=dev, dtype=torch.int32)
     cutoff = torch.empty(*rows, device=dev, dtype=torch.int64)
@@ -145,13 +146,12 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
     def gate_pass(phase: int):
         gate_k.vmoba_gate_kernel[(n_tiles, bh)](
             q, hi, lo, layout.ids, layout.lengths, bits, attended, stats, ranges, hist,
-            cand, cand_n, cutoff, layout.geometry,
+            cand_val, cand_pair, cand_n, cutoff, layout.geometry,
             q.stride(0), q.stride(1), q.stride(2),
             h, s, c, n_tiles, float(tau), int(topk), cap, m_take,
             BM=bm, C_PAD=c_pad, D=d, NB=nb, PHASE=phase, MODE_TOPK=mode == "topk",
             SPLIT=split, IEEE=q.dtype == torch.float32, KIND=kind_id,
-            TOPK_ITER=mode == "topk" and min(topk, c) - 1 <= TOPK_ITER_MAX, COMPACT_2D=cfg.get("compact_2d", True),
-            num_warps=cfg["num_warps"],
+            TOPK_ITER=mode == "topk" and min(topk, c) - 1 <= TOPK_ITER_MAX, num_warps=cfg["num_warps"],
         )
 
     nt_pad = triton.next_power_of_2(n_tiles)
@@ -174,8 +174,8 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
         decide(2)
         gate_pass(gate_k.PHASE_COMPACT)
         gate_k.vmoba_cutoff_kernel[(bh,)](
-            stats, ranges, cand, cand_n, near, cutoff, n_tiles, cap,
-            NB=nb, NT_PAD=nt_pad, CHUNK=2048 if not interpreting() else 64, NEAR=NEAR, num_warps=8,
+            stats, ranges, cand_val, cand_pair, cand_n, near, cutoff, n_tiles, cap,
+            NB=nb, NT_PAD=nt_pad, CHUNK=4096 if not interpreting() else 64, NEAR=NEAR, JB=16, num_warps=8,
         )
         gate_pass(gate_k.PHASE_MASK)
     per_query = max(1, min(topk, c)) if mode == "topk" else c
