@@ -20,7 +20,7 @@ from vmoba.kernels import gate as gate_k
 
 PTR_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "km_hi_ptr": "*bf16",
              "km_lo_ptr": "*bf16", "acc_ptr": "*fp32", "ml_ptr": "*fp32", "stats_ptr": "*fp32",
-             "range_ptr": "*fp32", "att_ptr": "*fp32", "cand_val_ptr": "*fp32", "near_ptr": "*i64", "cutoff_ptr": "*i64",
+             "range_ptr": "*fp32", "att_ptr": "*fp32", "cand_val_ptr": "*fp32", "near_ptr": "*i64", "near_min_ptr": "*i64", "above_ptr": "*fp64", "cutoff_ptr": "*i64",
              "ids_ptr": "*i64", "out_ptr": "*fp32", "seg_start_ptr": "*i64",
              "tile_base_ptr": "*i64"}
 FLOAT_ARGS = {"qk_scale", "tau"}
@@ -79,7 +79,9 @@ def main():
         ("gate compact C64", gate_k.vmoba_gate_kernel,
          dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=4, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=2), 4, 1),
         ("decide step 1", gate_k.vmoba_decide_kernel, dict(STEP=1, NB=256, NT_PAD=2048), 4, 1),
-        ("cutoff", gate_k.vmoba_cutoff_kernel, dict(NB=256, NT_PAD=2048, CHUNK=4096, NEAR=1024, JB=16), 8, 1),
+        ("band hist", gate_k.vmoba_band_hist_kernel, dict(NB=256, CHUNK=1024), 4, 1),
+        ("near", gate_k.vmoba_near_kernel, dict(NB=256, CHUNK=1024, NEAR=1024), 4, 1),
+        ("cutoff", gate_k.vmoba_cutoff_kernel, dict(NT_PAD=2048, NEAR=1024), 1, 1),
         ("gate mask C64", gate_k.vmoba_gate_kernel,
          dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=5, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=2), 4, 1),
         ("count W4", attn_k.vmoba_count_kernel, dict(W=4, BLK=1024), 4, 1),

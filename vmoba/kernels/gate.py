@@ -392,7 +392,8 @@ def vmoba_decide_kernel(
     hist_ptr, stats_ptr, range_ptr, n_tiles, tau, direct_max,
     STEP: tl.constexpr, NB: tl.constexpr, NT_PAD: tl.constexpr,
 ):
-    """Per head: narrow the cutoff range from pass 2's histogram (STEP 1) or pass 3's (STEP 2).
+    """Per head: narrow the cutoff range from pass 2's histogram (STEP 1), pass 3's (STEP 2) or the
+    candidates' (STEP 3: the bins j3 of [a2, b2) that can hold the cutoff).
 
     `need` is the mass of other pairs still to take (`tau * total - self`), in normalised units.
     STEP 1 marks the head direct when its first band holds at most `direct_max` pairs: the band is
@@ -414,8 +415,8 @@ def vmoba_decide_kernel(
     else:
         above = tl.sum(tl.load(p_s + 0, mask=m_t, other=0.0).to(tl.float64), axis=0)
         need = (tl.load(p_r + 7).to(tl.float64) - above).to(tl.float32)
-        a = tl.load(p_r + 3)
-        b = tl.load(p_r + 4)
+        a = tl.load(p_r + 3 if STEP == 2 else p_r + 5)
+        b = tl.load(p_r + 4 if STEP == 2 else p_r + 6)
         direct = tl.load(p_r + 8) > 0
     o_j = tl.arange(0, NB)
     cnt_i = tl.load(hist_ptr + i_bh * NB + o_j)
@@ -431,35 +432,82 @@ def vmoba_decide_kernel(
         # the band pass 4 compacts; STEP 2 narrows it unless the head is direct
         tl.store(p_r + 5, band_lo)
         tl.store(p_r + 6, band_hi)
-    else:
+    elif STEP == 2:
         band_hi = tl.where(j_hi == NB - 1, b, a + (j_hi + 1) * w)
         tl.store(p_r + 5, band_lo, mask=~direct)
         tl.store(p_r + 6, band_hi, mask=~direct)
+    else:
+        tl.store(p_r + 9, j_lo.to(tl.float32))
+        tl.store(p_r + 10, j_hi.to(tl.float32))
 
 
 @triton.jit
-def _candidates(val_ptr, pair_ptr, o_k, m_k, a, b, NB: tl.constexpr):
-    """Candidates `o_k`: their 64-bit keys (value bits high, pair order low: ties are exact),
-    values, and bins over `[a, b)`."""
-    val = tl.load(val_ptr + o_k, mask=m_k, other=0.0)
-    pair = tl.load(pair_ptr + o_k, mask=m_k, other=0).to(tl.uint32).to(tl.int64)  # zero-extended
-    key = (val.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0xFFFFFFFF - pair)  # values >= 0
-    bins = tl.maximum(tl.minimum(((val - a) * (NB / (b - a))).to(tl.int32), NB - 1), 0)
-    return key, val, bins
+def _candidate_bins(val, a, b, NB: tl.constexpr):
+    """Bins over `[a, b)` of candidate values."""
+    return tl.maximum(tl.minimum(((val - a) * (NB / (b - a))).to(tl.int32), NB - 1), 0)
+
+
+@triton.jit
+def _candidate_keys(val, pair):
+    """64-bit keys of candidates: value bits high (values >= 0), pair order low, so ties are exact."""
+    pair = pair.to(tl.uint32).to(tl.int64)  # zero-extended: pair indices are below 2**32
+    return (val.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0xFFFFFFFF - pair)
+
+
+@triton.jit
+def vmoba_band_hist_kernel(range_ptr, cand_val_ptr, cand_n_ptr, hist_ptr, CAP,
+                           NB: tl.constexpr, CHUNK: tl.constexpr):
+    """Level 3: histogram over [a2, b2) of one chunk of a head's candidates (programs past the
+    candidates return at once)."""
+    i_k, i_bh = tl.program_id(0), tl.program_id(1)
+    count = tl.minimum(tl.load(cand_n_ptr + i_bh), CAP)
+    if i_k * CHUNK >= count:
+        return
+    p_r = range_ptr + i_bh * RANGE_SLOTS
+    o_k = i_k * CHUNK + tl.arange(0, CHUNK)
+    m_k = o_k < count
+    val = tl.load(cand_val_ptr + i_bh.to(tl.int64) * CAP + o_k, mask=m_k, other=0.0)
+    bins = _candidate_bins(val, tl.load(p_r + 5), tl.load(p_r + 6), NB)
+    o_j = tl.arange(0, NB)
+    hist = tl.histogram(tl.where(m_k, bins, 0), NB) - tl.where(o_j == 0, CHUNK - tl.sum(m_k.to(tl.int32), axis=0), 0)
+    tl.atomic_add(hist_ptr + i_bh * NB + o_j, hist, mask=hist > 0)
+
+
+@triton.jit
+def vmoba_near_kernel(range_ptr, cand_val_ptr, cand_pair_ptr, cand_n_ptr, near_ptr, near_n_ptr, near_min_ptr,
+                      above_ptr, CAP, NB: tl.constexpr, CHUNK: tl.constexpr, NEAR: tl.constexpr):
+    """Level 3: the candidates of one chunk in bins [j_lo, j_hi] go to `near` (their keys), the
+    mass of those above is added to `above` (fp64: sums of values this close are exact, so the
+    order of the additions does not matter)."""
+    i_k, i_bh = tl.program_id(0), tl.program_id(1)
+    count = tl.minimum(tl.load(cand_n_ptr + i_bh), CAP)
+    if i_k * CHUNK >= count:
+        return
+    p_r = range_ptr + i_bh * RANGE_SLOTS
+    o_k = i_k * CHUNK + tl.arange(0, CHUNK)
+    m_k = o_k < count
+    base = i_bh.to(tl.int64) * CAP
+    val = tl.load(cand_val_ptr + base + o_k, mask=m_k, other=0.0)
+    bins = _candidate_bins(val, tl.load(p_r + 5), tl.load(p_r + 6), NB)
+    j_lo = tl.load(p_r + 9).to(tl.int32)
+    j_hi = tl.load(p_r + 10).to(tl.int32)
+    inside = m_k & (bins >= j_lo) & (bins <= j_hi)
+    tl.atomic_add(above_ptr + i_bh, tl.sum(tl.where(m_k & (bins > j_hi), val.to(tl.float64), 0.0), axis=0))
+    if tl.sum(inside.to(tl.int32), axis=0) > 0:
+        key = _candidate_keys(val, tl.load(cand_pair_ptr + base + o_k, mask=m_k, other=0))
+        slot = tl.atomic_add(near_n_ptr + i_bh + tl.zeros([CHUNK], dtype=tl.int32), 1, mask=inside, sem="relaxed")
+        tl.store(near_ptr + i_bh.to(tl.int64) * NEAR + slot, key, mask=inside & (slot < NEAR))
+        tl.atomic_min(near_min_ptr + i_bh, tl.min(tl.where(inside, key, 9223372036854775807), axis=0))
 
 
 @triton.jit
 def vmoba_cutoff_kernel(
-    stats_ptr, range_ptr, cand_val_ptr, cand_pair_ptr, cand_n_ptr, near_ptr, cutoff_ptr,
-    n_tiles, CAP,
-    NB: tl.constexpr, NT_PAD: tl.constexpr, CHUNK: tl.constexpr, NEAR: tl.constexpr, JB: tl.constexpr,
+    stats_ptr, range_ptr, cand_n_ptr, near_ptr, near_n_ptr, near_min_ptr, above_ptr, cutoff_ptr,
+    n_tiles, CAP, NT_PAD: tl.constexpr, NEAR: tl.constexpr,
 ):
-    """Per head: the exact cutoff key from pass 4's candidates (the pairs of the band [a2, b2)).
-
-    A third histogram level, over the candidates, keeps the few near the cutoff (`near`, room for
-    `NEAR` a head). For each of those, the mass of the near pairs at or above it (fp64: sums of
-    values this close are exact, so the order of the candidates does not matter); the cutoff is
-    the largest key whose "take every pair at or above it" reaches the mass still needed.
+    """Per head: the exact cutoff key from the candidates kept near it: the largest key whose
+    "take every pair at or above it" reaches the mass still needed, by bisection over the 64-bit
+    keys (value high, pair order low: ties are exact; fp64 sums: exact, in any order).
     Fallbacks take a superset: the whole band if the candidates overflowed (or none were found),
     the whole third-level band if it overflowed; nothing beyond self pairs if nothing is needed.
     """
@@ -468,54 +516,25 @@ def vmoba_cutoff_kernel(
     o_t = tl.arange(0, NT_PAD)
     above = tl.sum(tl.load(stats_ptr + (i_bh * n_tiles + o_t) * 4, mask=o_t < n_tiles, other=0.0).to(tl.float64),
                    axis=0)
-    need = tl.load(p_r + 7).to(tl.float64) - above  # the mass still to take
+    need = tl.load(p_r + 7).to(tl.float64) - above  # the mass still to take beyond the band
     nothing_needed = need <= 0
-    a = tl.load(p_r + 5)
-    b = tl.load(p_r + 6)
-    found = tl.load(cand_n_ptr + i_bh)
-    count = tl.minimum(found, CAP)
-    p_val = cand_val_ptr + i_bh.to(tl.int64) * CAP
-    p_pair = cand_pair_ptr + i_bh.to(tl.int64) * CAP
-    o_k = tl.arange(0, CHUNK)
-    o_j = tl.arange(0, NB)
-    # level 3: histogram of the candidates over [a, b) (left-out slots counted into bin 0, then removed)
-    hist = tl.zeros([NB], dtype=tl.int32)
-    for k0 in range(0, count, CHUNK):
-        m_k = k0 + o_k < count
-        key, val, bins = _candidates(p_val, p_pair, k0 + o_k, m_k, a, b, NB)
-        hist += tl.histogram(tl.where(m_k, bins, 0), NB)
-        hist -= tl.where(o_j == 0, CHUNK - tl.sum(m_k.to(tl.int32), axis=0), 0)
-    j_lo, j_hi, w = _cutoff_bins(hist, a, b, need.to(tl.float32), NB)
-    # keep the candidates of bins [j_lo, j_hi]; take off the mass of those above
-    p_n = near_ptr + i_bh.to(tl.int64) * NEAR
-    n_near = 0
-    near_min = 9223372036854775807
-    for k0 in range(0, count, CHUNK):
-        m_k = k0 + o_k < count
-        key, val, bins = _candidates(p_val, p_pair, k0 + o_k, m_k, a, b, NB)
-        inside = m_k & (bins >= j_lo) & (bins <= j_hi)
-        need -= tl.sum(tl.where(m_k & (bins > j_hi), val.to(tl.float64), 0.0), axis=0)
-        pos = n_near + tl.cumsum(inside.to(tl.int32), axis=0) - 1
-        tl.store(p_n + pos, key, mask=inside & (pos < NEAR))
-        n_near += tl.sum(inside.to(tl.int32), axis=0)
-        near_min = tl.minimum(near_min, tl.min(tl.where(inside, key, 9223372036854775807), axis=0))
-    # mass at or above each near key, over blocks of JB near keys
-    n_kept = tl.minimum(n_near, NEAR)
+    need -= tl.load(above_ptr + i_bh)  # ... and beyond the near candidates
+    n_near = tl.load(near_n_ptr + i_bh)
     o_n = tl.arange(0, NEAR)
-    key_i = tl.load(p_n + o_n, mask=o_n < n_kept, other=-1)
-    mass = tl.zeros([NEAR], dtype=tl.float64)
-    o_b = tl.arange(0, JB)
-    for j0 in range(0, n_kept, JB):
-        key_j = tl.load(p_n + j0 + o_b, mask=j0 + o_b < n_kept, other=-1)
-        val_j = (key_j >> 32).to(tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
-        ge = (key_j[None, :] >= key_i[:, None]) & (key_j[None, :] >= 0)
-        mass += tl.sum(tl.where(ge, val_j[None, :], 0.0), axis=1)
-    # the largest key that reaches it (or the lowest, if even all fall short)
-    reach = (o_n < n_kept) & (mass >= need)
-    cut = tl.max(tl.where(reach, key_i, -1), axis=0)
-    cut = tl.where(cut < 0, tl.min(tl.where(o_n < n_kept, key_i, 9223372036854775807), axis=0), cut)
-    cut = tl.where(n_near > NEAR, near_min, cut)
-    band_floor = _monotone_key(a).to(tl.int64) << 32  # every pair of the band
-    cut = tl.where((found > CAP) | (found <= 0), band_floor, cut)
+    m_n = o_n < tl.minimum(n_near, NEAR)
+    key = tl.load(near_ptr + i_bh.to(tl.int64) * NEAR + o_n, mask=m_n, other=0)
+    val = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
+    lo_k = tl.min(tl.where(m_n, key, 9223372036854775807), axis=0)
+    hi_k = tl.max(tl.where(m_n, key, 0), axis=0) + 1
+    for _ in range(64):  # keys are non-negative int64
+        mid = lo_k + (hi_k - lo_k) // 2
+        ok = tl.sum(tl.where(m_n & (key >= mid), val, 0.0), axis=0) >= need
+        lo_k = tl.where(ok, mid, lo_k)
+        hi_k = tl.where(ok, hi_k, mid)
+    # lo_k: the cutoff (or the lowest near key, if even all fall short)
+    cut = tl.where(n_near > NEAR, tl.load(near_min_ptr + i_bh), lo_k)
+    found = tl.load(cand_n_ptr + i_bh)
+    band_floor = _monotone_key(tl.load(p_r + 5)).to(tl.int64) << 32  # every pair of the band
+    cut = tl.where((found > CAP) | (found <= 0) | (n_near <= 0), band_floor, cut)
     cut = tl.where(nothing_needed, 9223372036854775807, cut)
     tl.store(cutoff_ptr + i_bh, cut)

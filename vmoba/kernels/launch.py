@@ -137,6 +137,9 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
     cand_val = torch.empty(*rows, cap, device=dev, dtype=torch.float32)
     cand_pair = torch.empty(*rows, cap, device=dev, dtype=torch.int32)
     near = torch.empty(*rows, NEAR, device=dev, dtype=torch.int64)
+    near_n = torch.zeros(*rows, device=dev, dtype=torch.int32)
+    near_min = torch.full(rows, torch.iinfo(torch.int64).max, device=dev, dtype=torch.int64)
+    near_above = torch.zeros(*rows, device=dev, dtype=torch.float64)
     cand_n = torch.zeros(*rows, device=dev, dtype=torch.int32)
     cutoff = torch.empty(*rows, device=dev, dtype=torch.int64)
     if mode == "threshold_global":  # pairs to take when every gate of a head is equal
@@ -173,10 +176,16 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
         gate_pass(gate_k.PHASE_HIST2)  # skipped by heads whose first band fits the candidates
         decide(2)
         gate_pass(gate_k.PHASE_COMPACT)
-        gate_k.vmoba_cutoff_kernel[(bh,)](
-            stats, ranges, cand_val, cand_pair, cand_n, near, cutoff, n_tiles, cap,
-            NB=nb, NT_PAD=nt_pad, CHUNK=4096 if not interpreting() else 64, NEAR=NEAR, JB=16, num_warps=8,
-        )
+        # level 3 over the candidates, in chunks, then the exact cutoff among the few near it
+        chunk = 1024 if not interpreting() else 64
+        chunks = (triton.cdiv(cap, chunk), bh)
+        hist.zero_()
+        gate_k.vmoba_band_hist_kernel[chunks](ranges, cand_val, cand_n, hist, cap, NB=nb, CHUNK=chunk)
+        decide(3)
+        gate_k.vmoba_near_kernel[chunks](ranges, cand_val, cand_pair, cand_n, near, near_n, near_min, near_above,
+                                         cap, NB=nb, CHUNK=chunk, NEAR=NEAR)
+        gate_k.vmoba_cutoff_kernel[(bh,)](stats, ranges, cand_n, near, near_n, near_min, near_above, cutoff,
+                                          n_tiles, cap, NT_PAD=nt_pad, NEAR=NEAR, num_warps=1)
         gate_pass(gate_k.PHASE_MASK)
     per_query = max(1, min(topk, c)) if mode == "topk" else c
     return Selection(bits=bits, attended=attended, layout=layout, max_blocks_per_query=per_query)
