@@ -82,6 +82,7 @@ def main():
         ("band hist", gate_k.vmoba_band_hist_kernel, dict(NB=256, CHUNK=1024), 4, 1),
         ("near", gate_k.vmoba_near_kernel, dict(NB=256, CHUNK=1024, NEAR=1024), 4, 1),
         ("cutoff", gate_k.vmoba_cutoff_kernel, dict(NT_PAD=2048, NEAR=1024), 1, 1),
+        ("patch", gate_k.vmoba_patch_kernel, dict(BM=64, W=2, CHUNK=1024), 4, 1),
         ("gate mask C64", gate_k.vmoba_gate_kernel,
          dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=5, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=2), 4, 1),
         ("count W4", attn_k.vmoba_count_kernel, dict(W=4, BLK=1024), 4, 1),

@@ -12,9 +12,12 @@ per query tile) instead of being stored: storing them would cost `S*C` floats pe
   instead takes the best remaining block k-1 times.
 - `threshold_global`: the cutoff over all `S*C` pairs of a head is found without a full sort:
   pass 1 min/max, pass 2 an NB-bin histogram of normalised scores (plus exact sums), pass 3 an
-  NB-bin histogram inside the bins that can hold the cutoff, pass 4 compacts the pairs left near
-  the cutoff, which are sorted to find the exact cutoff key, pass 5 writes the mask. A head whose
-  first band already fits the candidate buffer skips pass 3 (its programs do no work).
+  NB-bin histogram inside the bins that can hold the cutoff (skipped by a head whose first band
+  already fits the candidate buffer), pass 4 writes the mask of every pair outside the band and
+  compacts the band's pairs (candidates). A third histogram level over the candidates keeps the
+  few near the cutoff, a one-warp kernel finds the exact cutoff key among them, and the
+  candidates at or above it are added to the mask. Pass 5 writes the whole mask only for a
+  degenerate head or one whose candidates overflowed.
 
 Half-precision inputs: the fp32 block means are split into a high and a low half-precision part,
 so the gate is two tensor-core dots accumulated in fp32 (about 22 mantissa bits instead of 24).
@@ -160,6 +163,10 @@ def vmoba_gate_kernel(
     if PHASE == 3:
         if tl.load(range_ptr + i_bh * RANGE_SLOTS + 8) > 0:
             return  # the head's first band is compacted as is
+    if PHASE == 5:
+        if tl.load(cand_n_ptr + i_bh) <= CAP:
+            if tl.load(range_ptr + i_bh * RANGE_SLOTS + 2) == 0:
+                return  # pass 4 and the patch wrote the mask
     i_b, i_h = i_bh // H, i_bh % H
     o_i = i_t * BM + tl.arange(0, BM)
     m_i = o_i < S
@@ -258,14 +265,16 @@ def vmoba_gate_kernel(
         else:
             o_pair = o_c[None, :].to(tl.int64) * S + o_i[:, None]  # block-major pair index (< 2**32)
             if PHASE == 4:
-                # pass 4: compact the pairs in [a2, b2); exact mass at or above b2
+                # pass 4: compact the pairs in [a2, b2); exact mass at or above b2; the mask of every
+                # pair but those (a degenerate head ranks pairs by (block, query) alone)
                 a2 = tl.load(p_r + 5)
                 b2 = tl.load(p_r + 6)
                 inside = other & (b_n >= a2) & (b_n < b2)
                 above = tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
                 tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
                 n_in = tl.sum(tl.sum(inside.to(tl.int32), axis=1), axis=0)
-                if flat == 0:  # (a degenerate head needs no cutoff)
+                if flat == 0:  # (a degenerate head's mask is pass 5's)
+                    b_sel = is_self | (other & (b_n >= b2))  # pairs of the band are added later
                     if n_in > 0:  # most tiles hold a few
                         # a slot per pair from one counter per head (cheaper than a scan of the tile)
                         slot = tl.atomic_add(cand_n_ptr + i_bh + tl.zeros([BM, C_PAD], dtype=tl.int32), 1,
@@ -274,15 +283,17 @@ def vmoba_gate_kernel(
                         p_c = i_bh.to(tl.int64) * CAP + slot
                         tl.store(cand_val_ptr + p_c, b_n, mask=keep)
                         tl.store(cand_pair_ptr + p_c, o_pair.to(tl.int32), mask=keep)  # the low 32 bits
+                    _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel & valid, i_bh, i_t, o_i, m_i, S, n_tiles, C,
+                                BM, C_PAD)
             else:
-                # pass 5: the mask; a degenerate head ranks pairs by (block, query) alone
-                key = (_monotone_key(b_n).to(tl.int64) << 32) | (0xFFFFFFFF - o_pair)
-                cut = tl.load(cutoff_ptr + i_bh)
+                # pass 5, only for a degenerate head (it ranks pairs by (block, query) alone) or one
+                # whose candidates overflowed: the whole mask
                 if flat > 0:
                     rank = _degenerate_rank(geo_ptr, o_i, o_c, S, KIND)
                     b_sel = is_self | (other & (rank < m_take))
                 else:
-                    b_sel = is_self | (other & (key >= cut))
+                    key = (_monotone_key(b_n).to(tl.int64) << 32) | (0xFFFFFFFF - o_pair)
+                    b_sel = is_self | (other & (key >= tl.load(cutoff_ptr + i_bh)))
                 _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel & valid, i_bh, i_t, o_i, m_i, S, n_tiles, C,
                             BM, C_PAD)
 
@@ -538,3 +549,26 @@ def vmoba_cutoff_kernel(
     cut = tl.where((found > CAP) | (found <= 0) | (n_near <= 0), band_floor, cut)
     cut = tl.where(nothing_needed, 9223372036854775807, cut)
     tl.store(cutoff_ptr + i_bh, cut)
+
+
+@triton.jit
+def vmoba_patch_kernel(cand_val_ptr, cand_pair_ptr, cand_n_ptr, cutoff_ptr, lengths_ptr, mask_ptr, att_ptr,
+                       S, n_tiles, CAP, BM: tl.constexpr, W: tl.constexpr, CHUNK: tl.constexpr):
+    """Add the candidates at or above the cutoff to the mask pass 4 wrote, and their blocks' tokens
+    to their tiles' attended counts (integer sums: exact in fp32 below 2**24, whatever the order)."""
+    i_k, i_bh = tl.program_id(0), tl.program_id(1)
+    count = tl.minimum(tl.load(cand_n_ptr + i_bh), CAP)
+    if i_k * CHUNK >= count:
+        return
+    o_k = i_k * CHUNK + tl.arange(0, CHUNK)
+    m_k = o_k < count
+    base = i_bh.to(tl.int64) * CAP
+    val = tl.load(cand_val_ptr + base + o_k, mask=m_k, other=0.0)
+    pair = tl.load(cand_pair_ptr + base + o_k, mask=m_k, other=0)
+    take = m_k & (_candidate_keys(val, pair) >= tl.load(cutoff_ptr + i_bh))
+    pair = pair.to(tl.uint32).to(tl.int64)
+    c = (pair // S).to(tl.int32)
+    i = pair % S
+    tl.atomic_or(mask_ptr + (i_bh.to(tl.int64) * S + i) * W + c // 32, 1 << (c % 32), mask=take, sem="relaxed")
+    b_len = tl.load(lengths_ptr + c, mask=take, other=0).to(tl.float32)
+    tl.atomic_add(att_ptr + i_bh * n_tiles + (i // BM).to(tl.int32), b_len, mask=take, sem="relaxed")

@@ -186,7 +186,9 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
                                          cap, NB=nb, CHUNK=chunk, NEAR=NEAR)
         gate_k.vmoba_cutoff_kernel[(bh,)](stats, ranges, cand_n, near, near_n, near_min, near_above, cutoff,
                                           n_tiles, cap, NT_PAD=nt_pad, NEAR=NEAR, num_warps=1)
-        gate_pass(gate_k.PHASE_MASK)
+        gate_k.vmoba_patch_kernel[chunks](cand_val, cand_pair, cand_n, cutoff, layout.lengths, bits, attended,
+                                          s, n_tiles, cap, BM=bm, W=c_pad // 32, CHUNK=chunk)
+        gate_pass(gate_k.PHASE_MASK)  # only degenerate heads and those whose candidates overflowed
     per_query = max(1, min(topk, c)) if mode == "topk" else c
     return Selection(bits=bits, attended=attended, layout=layout, max_blocks_per_query=per_query)
 
