@@ -43,7 +43,9 @@ def main():
             cases.append((f"{kind} topk{kk}/{c}", paper.replace(select="topk", topk=(kk, kk, kk)), kind))
         cases.append((f"{kind} threshold_global", paper.replace(select="threshold_global"), kind))
     for cand in candidates:
-        os.environ["VMOBA_GATE_CONFIG"] = json.dumps(cand)
+        # {"pool": {...}} goes to the pooling kernel, the rest to the gate kernels
+        os.environ["VMOBA_POOL_CONFIG"] = json.dumps(cand.get("pool", {}))
+        os.environ["VMOBA_GATE_CONFIG"] = json.dumps({k: v for k, v in cand.items() if k != "pool"})
         for label, cfg, kind in cases:
             layout = block_layout(grid, kind, cfg, device="cuda")
             try:

@@ -21,6 +21,18 @@ _GATE_GPU = {"num_warps": 4, "CAP": 65536, "bins": 256, "direct": True}
 _GATE_INTERPRETER = {"num_warps": 4, "CAP": 1024, "bins": 256, "direct": True}
 
 
+# Block-mean pooling: programs sum `split` tokens of a block, `BT` at a time.
+_POOL_GPU = {"split": 1024, "BT": 64, "num_warps": 4}
+_POOL_INTERPRETER = {"split": 64, "BT": 32, "num_warps": 4}
+
+
+def pool_config(interpreter: bool) -> dict:
+    if interpreter:
+        return dict(_POOL_INTERPRETER)
+    # tuning hook for bench/tune_selection.py: VMOBA_POOL_CONFIG='{"split": 256}'
+    return {**_POOL_GPU, **json.loads(os.environ.get("VMOBA_POOL_CONFIG", "{}"))}
+
+
 def gate_config(c_pad: int, head_dim: int, interpreter: bool) -> dict:
     base = dict(_GATE_INTERPRETER if interpreter else _GATE_GPU)
     # the [BM, C_PAD] score tile and its sort keys live in registers

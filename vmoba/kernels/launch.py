@@ -18,12 +18,15 @@ from ..config import VMoBAConfig
 from ..partition import BlockLayout, block_layout
 from . import attention as attn_k
 from . import gate as gate_k
-from .configs import attention_config, gate_config
+from .configs import attention_config, gate_config, pool_config
 
 LOG2E = 1.4426950408889634
 TOPK_ITER_MAX = 16  # top-k picks per query up to which repeated max beats bisection
 MAX_BLOCKS = 1024  # C_PAD <= 1024: each query's scores are sorted in registers
-NEAR = 1024  # threshold_global: room for the candidates the third histogram level keeps, per head
+# threshold_global's third level: its bins over the candidates, and room for those it keeps per head
+# (a few hundred at most with 1024 bins and 50-100K candidates)
+NEAR_BINS = 1024
+NEAR = 1024
 
 
 def interpreting() -> bool:
@@ -85,14 +88,15 @@ def _pad_blocks(num_blocks: int) -> int:
 def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Mean key of every block, `[B*H, C, D]` fp32, deterministic (fixed-split partial sums)."""
     b, s, h, d = k.shape
-    split_len = 1024 if not interpreting() else 64
+    cfg = pool_config(interpreting())
+    split_len = cfg["split"]
     n_split = max(1, math.ceil(layout.max_len / split_len))
     partial = torch.empty(b * h, layout.num_blocks, n_split, d, device=k.device, dtype=torch.float32)
     gate_k.vmoba_pool_kernel[(b * h, layout.num_blocks, n_split)](
         k, layout.perm, layout.starts, layout.lengths, partial,
         k.stride(0), k.stride(1), k.stride(2),
         h, layout.num_blocks, split_len,
-        D=d, BT=32 if interpreting() else 64,
+        D=d, BT=cfg["BT"], num_warps=cfg["num_warps"],
     )
     return partial.sum(2) / layout.lengths.to(torch.float32)[None, :, None]
 
@@ -159,10 +163,10 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
 
     nt_pad = triton.next_power_of_2(n_tiles)
 
-    def decide(step: int):
+    def decide(step: int, counts=hist):
         gate_k.vmoba_decide_kernel[(bh,)](
-            hist, stats, ranges, n_tiles, float(tau), cap if cfg["direct"] else -1,
-            STEP=step, NB=nb, NT_PAD=nt_pad, num_warps=4,
+            counts, stats, ranges, n_tiles, float(tau), cap if cfg["direct"] else -1,
+            STEP=step, NB=counts.shape[-1], NT_PAD=nt_pad, num_warps=4,
         )
 
     if mode in ("topk", "threshold_query"):
@@ -179,11 +183,11 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
         # level 3 over the candidates, in chunks, then the exact cutoff among the few near it
         chunk = 1024 if not interpreting() else 64
         chunks = (triton.cdiv(cap, chunk), bh)
-        hist.zero_()
-        gate_k.vmoba_band_hist_kernel[chunks](ranges, cand_val, cand_n, hist, cap, NB=nb, CHUNK=chunk)
-        decide(3)
+        hist3 = torch.zeros(bh, NEAR_BINS, device=dev, dtype=torch.int32)
+        gate_k.vmoba_band_hist_kernel[chunks](ranges, cand_val, cand_n, hist3, cap, NB=NEAR_BINS, CHUNK=chunk)
+        decide(3, hist3)
         gate_k.vmoba_near_kernel[chunks](ranges, cand_val, cand_pair, cand_n, near, near_n, near_min, near_above,
-                                         cap, NB=nb, CHUNK=chunk, NEAR=NEAR)
+                                         cap, NB=NEAR_BINS, CHUNK=chunk, NEAR=NEAR)
         gate_k.vmoba_cutoff_kernel[(bh,)](stats, ranges, cand_n, near, near_n, near_min, near_above, cutoff,
                                           n_tiles, cap, NT_PAD=nt_pad, NEAR=NEAR, num_warps=1)
         gate_k.vmoba_patch_kernel[chunks](cand_val, cand_pair, cand_n, cutoff, layout.lengths, bits, attended,
