@@ -12,17 +12,20 @@ import os
 
 # Gate/selection kernels: BM queries per program against all C_PAD block means.
 # bins: histogram bins of each of threshold_global's two levels (Triton's histogram costs about in
-# proportion to its bins). CAP: per-head room for the pairs left near the cutoff, which are sorted.
-# direct: a head whose first-level band fits CAP skips the second level. Wan 720p (locality inputs,
-# CPU count): the first band holds 1.2-1.4K pairs of a head in 1D, 25-34K in 2D, 123-278K in 3D;
-# the second 3-1,100. H200, 720p: 128 bins with CAP 8192 took 1,370 us for 2D (256 bins: 1,509) but
-# 1,688 us for 3D (1,526) in the same run, so 256 stays.
+# proportion to its bins). CAP: per-head room for the pairs of the band that holds the cutoff
+# (candidates). direct: a head whose first-level band fits CAP skips the second level. H200, Wan
+# 720p with the paper's chunks (locality inputs): first bands of 21-56K pairs a head in 2D and 3D,
+# so every head is direct (1,249 / 1,267 us for 2D / 3D vs 1,425 / 1,444 two-level, same run).
+# 128 bins (CAP 128K) or 64 bins (CAP 256K) were no faster (1,616 / 1,514 and 1,319 / 1,284 us vs
+# 1,271 / 1,282, one noisy run).
 _GATE_GPU = {"num_warps": 4, "CAP": 65536, "bins": 256, "direct": True}
 _GATE_INTERPRETER = {"num_warps": 4, "CAP": 1024, "bins": 256, "direct": True}
 
 
-# Block-mean pooling: programs sum `split` tokens of a block, `BT` at a time.
-_POOL_GPU = {"split": 1024, "BT": 64, "num_warps": 4}
+# Block-mean pooling: programs sum `split` tokens of a block, `BT` at a time. H200, 720p (same run,
+# noisy): split 256 took 2D top-k 10/40 594 us, 3D top-k 9/36 562 us (split 1024: 604, 589); 128
+# about the same; BT 128 with 8 warps or BT 32 slower.
+_POOL_GPU = {"split": 256, "BT": 64, "num_warps": 4}
 _POOL_INTERPRETER = {"split": 64, "BT": 32, "num_warps": 4}
 
 
