@@ -83,6 +83,16 @@ def reference_on(q, k, v, grid, layer, cfg, selected, scale=None):
     return reference.masked_attention(q, k, v, selected, ids, scale or 1 / math.sqrt(q.shape[-1]))
 
 
+def assert_every_layer_matches(q, k, v, grid, cfg):
+    """Selection and output of the kernels against the reference for the three layer kinds."""
+    for layer in range(3):
+        sel, out = run_triton(q, k, v, grid, layer, cfg)
+        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
+        ref = reference_on(q, k, v, grid, layer, cfg, sel.to_bool())
+        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[q.dtype], rtol=RTOL[q.dtype])
+
+
 @pytest.mark.parametrize("grid", [(3, 5, 7), (5, 4, 4)])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -109,12 +119,7 @@ def test_odd_shapes_single_head_and_tiny_blocks():
     cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(1, 2), st_chunk=(3, 3, 2), select="threshold_global",
                       threshold=0.4)
     q, k, v = qkv(grid, DTYPES[0], b=1, h=1)
-    for layer in range(3):
-        sel, out = run_triton(q, k, v, grid, layer, cfg)
-        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
-        assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
-        ref = reference_on(q, k, v, grid, layer, cfg, sel.to_bool())
-        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=RTOL[DTYPES[0]])
+    assert_every_layer_matches(q, k, v, grid, cfg)
 
 
 @pytest.mark.parametrize("mode", ["topk", "threshold_global"])
@@ -233,12 +238,7 @@ def test_threshold_global_direct_and_two_level_paths(monkeypatch, direct, cap):
     q, k, v = qkv(grid, DTYPES[0], b=1, h=3)
     real = launch.gate_config
     monkeypatch.setattr(launch, "gate_config", lambda *a: {**real(*a), "CAP": cap, "direct": direct})
-    for layer in range(3):
-        sel, out = run_triton(q, k, v, grid, layer, cfg)
-        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
-        assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
-        ref = reference_on(q, k, v, grid, layer, cfg, sel.to_bool())
-        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=RTOL[DTYPES[0]])
+    assert_every_layer_matches(q, k, v, grid, cfg)
 
 
 @pytest.mark.parametrize("room", ["candidates", "near"])

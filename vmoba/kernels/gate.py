@@ -38,7 +38,7 @@ PHASE_MASK = 5  # pass 5
 
 # per-head state of threshold_global, `range[bh, :RANGE_SLOTS]` fp32: lo, 1/span, flat (0/1), a1, b1
 # (first band), a2, b2 (band compacted), need (mass of other pairs to take), direct (0/1: the
-# first band is compacted as is)
+# first band is compacted as is), j_lo, j_hi (the third level's bins that can hold the cutoff)
 RANGE_SLOTS = tl.constexpr(16)
 DEGENERATE_RANGE = 1e-6  # same rule as reference.DEGENERATE_RANGE
 INT32_MAX = 2147483647
@@ -466,17 +466,22 @@ def _candidate_keys(val, pair):
 
 
 @triton.jit
+def _candidate_chunk(cand_n_ptr, i_bh, i_k, CAP, CHUNK: tl.constexpr):
+    """Slots of chunk `i_k` of a head's candidates, which of them hold one, and how many it has."""
+    count = tl.minimum(tl.load(cand_n_ptr + i_bh), CAP)
+    o_k = i_k * CHUNK + tl.arange(0, CHUNK)
+    return o_k, o_k < count, count
+
+
+@triton.jit
 def vmoba_band_hist_kernel(range_ptr, cand_val_ptr, cand_n_ptr, hist_ptr, CAP,
                            NB: tl.constexpr, CHUNK: tl.constexpr):
-    """Level 3: histogram over [a2, b2) of one chunk of a head's candidates (programs past the
-    candidates return at once)."""
+    """Level 3: histogram over [a2, b2) of one chunk of a head's candidates."""
     i_k, i_bh = tl.program_id(0), tl.program_id(1)
-    count = tl.minimum(tl.load(cand_n_ptr + i_bh), CAP)
+    o_k, m_k, count = _candidate_chunk(cand_n_ptr, i_bh, i_k, CAP, CHUNK)
     if i_k * CHUNK >= count:
-        return
+        return  # past the head's candidates
     p_r = range_ptr + i_bh * RANGE_SLOTS
-    o_k = i_k * CHUNK + tl.arange(0, CHUNK)
-    m_k = o_k < count
     val = tl.load(cand_val_ptr + i_bh.to(tl.int64) * CAP + o_k, mask=m_k, other=0.0)
     bins = _candidate_bins(val, tl.load(p_r + 5), tl.load(p_r + 6), NB)
     o_j = tl.arange(0, NB)
@@ -491,12 +496,10 @@ def vmoba_near_kernel(range_ptr, cand_val_ptr, cand_pair_ptr, cand_n_ptr, near_p
     mass of those above is added to `above` (fp64: sums of values this close are exact, so the
     order of the additions does not matter)."""
     i_k, i_bh = tl.program_id(0), tl.program_id(1)
-    count = tl.minimum(tl.load(cand_n_ptr + i_bh), CAP)
+    o_k, m_k, count = _candidate_chunk(cand_n_ptr, i_bh, i_k, CAP, CHUNK)
     if i_k * CHUNK >= count:
-        return
+        return  # past the head's candidates
     p_r = range_ptr + i_bh * RANGE_SLOTS
-    o_k = i_k * CHUNK + tl.arange(0, CHUNK)
-    m_k = o_k < count
     base = i_bh.to(tl.int64) * CAP
     val = tl.load(cand_val_ptr + base + o_k, mask=m_k, other=0.0)
     bins = _candidate_bins(val, tl.load(p_r + 5), tl.load(p_r + 6), NB)
@@ -557,11 +560,9 @@ def vmoba_patch_kernel(cand_val_ptr, cand_pair_ptr, cand_n_ptr, cutoff_ptr, leng
     """Add the candidates at or above the cutoff to the mask pass 4 wrote, and their blocks' tokens
     to their tiles' attended counts (integer sums: exact in fp32 below 2**24, whatever the order)."""
     i_k, i_bh = tl.program_id(0), tl.program_id(1)
-    count = tl.minimum(tl.load(cand_n_ptr + i_bh), CAP)
+    o_k, m_k, count = _candidate_chunk(cand_n_ptr, i_bh, i_k, CAP, CHUNK)
     if i_k * CHUNK >= count:
-        return
-    o_k = i_k * CHUNK + tl.arange(0, CHUNK)
-    m_k = o_k < count
+        return  # past the head's candidates
     base = i_bh.to(tl.int64) * CAP
     val = tl.load(cand_val_ptr + base + o_k, mask=m_k, other=0.0)
     pair = tl.load(cand_pair_ptr + base + o_k, mask=m_k, other=0)

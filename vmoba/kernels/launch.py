@@ -140,10 +140,6 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
     hist = torch.zeros(*rows, nb, device=dev, dtype=torch.int32)
     cand_val = torch.empty(*rows, cap, device=dev, dtype=torch.float32)
     cand_pair = torch.empty(*rows, cap, device=dev, dtype=torch.int32)
-    near = torch.empty(*rows, NEAR, device=dev, dtype=torch.int64)
-    near_n = torch.zeros(*rows, device=dev, dtype=torch.int32)
-    near_min = torch.full(rows, torch.iinfo(torch.int64).max, device=dev, dtype=torch.int64)
-    near_above = torch.zeros(*rows, device=dev, dtype=torch.float64)
     cand_n = torch.zeros(*rows, device=dev, dtype=torch.int32)
     cutoff = torch.empty(*rows, device=dev, dtype=torch.int64)
     if mode == "threshold_global":  # pairs to take when every gate of a head is equal
@@ -179,22 +175,32 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
         hist.zero_()
         gate_pass(gate_k.PHASE_HIST2)  # skipped by heads whose first band fits the candidates
         decide(2)
-        gate_pass(gate_k.PHASE_COMPACT)
+        gate_pass(gate_k.PHASE_COMPACT)  # the mask outside the band; the band's pairs as candidates
         # level 3 over the candidates, in chunks, then the exact cutoff among the few near it
         chunk = 1024 if not interpreting() else 64
         chunks = (triton.cdiv(cap, chunk), bh)
         hist3 = torch.zeros(bh, NEAR_BINS, device=dev, dtype=torch.int32)
         gate_k.vmoba_band_hist_kernel[chunks](ranges, cand_val, cand_n, hist3, cap, NB=NEAR_BINS, CHUNK=chunk)
         decide(3, hist3)
-        gate_k.vmoba_near_kernel[chunks](ranges, cand_val, cand_pair, cand_n, near, near_n, near_min, near_above,
-                                         cap, NB=NEAR_BINS, CHUNK=chunk, NEAR=NEAR)
-        gate_k.vmoba_cutoff_kernel[(bh,)](stats, ranges, cand_n, near, near_n, near_min, near_above, cutoff,
-                                          n_tiles, cap, NT_PAD=nt_pad, NEAR=NEAR, num_warps=1)
+        near = _near_buffers(bh, dev)
+        gate_k.vmoba_near_kernel[chunks](ranges, cand_val, cand_pair, cand_n, *near, cap,
+                                         NB=NEAR_BINS, CHUNK=chunk, NEAR=NEAR)
+        gate_k.vmoba_cutoff_kernel[(bh,)](stats, ranges, cand_n, *near, cutoff, n_tiles, cap,
+                                          NT_PAD=nt_pad, NEAR=NEAR, num_warps=1)
         gate_k.vmoba_patch_kernel[chunks](cand_val, cand_pair, cand_n, cutoff, layout.lengths, bits, attended,
                                           s, n_tiles, cap, BM=bm, W=c_pad // 32, CHUNK=chunk)
         gate_pass(gate_k.PHASE_MASK)  # only degenerate heads and those whose candidates overflowed
     per_query = max(1, min(topk, c)) if mode == "topk" else c
     return Selection(bits=bits, attended=attended, layout=layout, max_blocks_per_query=per_query)
+
+
+def _near_buffers(bh: int, dev):
+    """The third level's state per head: near-cutoff keys, their count, the lowest of them, and
+    the mass of the candidates above them."""
+    return (torch.empty(bh, NEAR, device=dev, dtype=torch.int64),
+            torch.zeros(bh, device=dev, dtype=torch.int32),
+            torch.full((bh,), torch.iinfo(torch.int64).max, device=dev, dtype=torch.int64),
+            torch.zeros(bh, device=dev, dtype=torch.float64))
 
 
 def select_mask(q, k, *, grid, kind: str, config: VMoBAConfig) -> torch.Tensor:
