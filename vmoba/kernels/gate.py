@@ -164,9 +164,10 @@ def vmoba_gate_kernel(
         if tl.load(range_ptr + i_bh * RANGE_SLOTS + 8) > 0:
             return  # the head's first band is compacted as is
     if PHASE == 5:
-        if tl.load(cand_n_ptr + i_bh) <= CAP:
-            if tl.load(range_ptr + i_bh * RANGE_SLOTS + 2) == 0:
-                return  # pass 4 and the patch wrote the mask
+        found = tl.load(cand_n_ptr + i_bh)
+        degenerate = tl.load(range_ptr + i_bh * RANGE_SLOTS + 2)  # both loads in flight at once
+        if (found <= CAP) & (degenerate == 0):
+            return  # pass 4 and the patch wrote the mask
     i_b, i_h = i_bh // H, i_bh % H
     o_i = i_t * BM + tl.arange(0, BM)
     m_i = o_i < S
@@ -540,7 +541,7 @@ def vmoba_cutoff_kernel(
     val = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
     lo_k = tl.min(tl.where(m_n, key, 9223372036854775807), axis=0)
     hi_k = tl.max(tl.where(m_n, key, 0), axis=0) + 1
-    for _ in range(64):  # keys are non-negative int64
+    while hi_k - lo_k > 1:  # log2 of the keys' spread: about 40 steps, not 64
         mid = lo_k + (hi_k - lo_k) // 2
         ok = tl.sum(tl.where(m_n & (key >= mid), val, 0.0), axis=0) >= need
         lo_k = tl.where(ok, mid, lo_k)
