@@ -20,7 +20,8 @@ from vmoba.kernels import gate as gate_k
 
 PTR_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "km_hi_ptr": "*bf16",
              "km_lo_ptr": "*bf16", "acc_ptr": "*fp32", "ml_ptr": "*fp32", "stats_ptr": "*fp32",
-             "range_ptr": "*fp32", "att_ptr": "*fp32", "cand_val_ptr": "*fp32", "near_ptr": "*i64", "near_min_ptr": "*i64", "above_ptr": "*fp64", "cutoff_ptr": "*i64",
+             "range_ptr": "*fp32", "att_ptr": "*fp32", "cand_val_ptr": "*fp32", "near_ptr": "*i64",
+             "near_min_ptr": "*i64", "above_ptr": "*fp64", "cutoff_ptr": "*i64",
              "ids_ptr": "*i64", "out_ptr": "*fp32", "seg_start_ptr": "*i64",
              "tile_base_ptr": "*i64"}
 FLOAT_ARGS = {"qk_scale", "tau"}

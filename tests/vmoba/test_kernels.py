@@ -229,9 +229,9 @@ def test_public_api_uses_the_kernels_and_isolates_samples():
 
 @pytest.mark.parametrize("direct,cap", [(True, 1024), (False, 1024), (True, 48)])
 def test_threshold_global_direct_and_two_level_paths(monkeypatch, direct, cap):
-    """Heads whose first histogram band fits the candidate room sort it at once; the others (all
-    with direct off; some with room for 48) narrow it with a second histogram first. Both give
-    the reference's selection."""
+    """Heads whose first histogram band fits the candidate room compact it at once; the others
+    (all with direct off; some with room for 48) narrow it with a second histogram first. Both
+    give the reference's selection."""
     grid = (4, 9, 11)
     cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(3, 4), st_chunk=(2, 3, 4), select="threshold_global",
                       threshold=float(torch.empty(()).uniform_(0.15, 0.6)))

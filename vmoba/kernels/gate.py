@@ -36,10 +36,16 @@ PHASE_HIST2 = 3  # pass 3
 PHASE_COMPACT = 4  # pass 4
 PHASE_MASK = 5  # pass 5
 
-# per-head state of threshold_global, `range[bh, :RANGE_SLOTS]` fp32: lo, 1/span, flat (0/1), a1, b1
-# (first band), a2, b2 (band compacted), need (mass of other pairs to take), direct (0/1: the
-# first band is compacted as is), j_lo, j_hi (the third level's bins that can hold the cutoff)
+# per-head state of threshold_global, `range[bh, :RANGE_SLOTS]` fp32, by slot
 RANGE_SLOTS = tl.constexpr(16)
+R_LO = tl.constexpr(0)  # the head's lowest gate
+R_SCALE = tl.constexpr(1)  # 1 / (highest - lowest)
+R_FLAT = tl.constexpr(2)  # 1: a degenerate head (every gate equal)
+R_A1, R_B1 = tl.constexpr(3), tl.constexpr(4)  # the first histogram's band that holds the cutoff
+R_A2, R_B2 = tl.constexpr(5), tl.constexpr(6)  # the band compacted as candidates
+R_NEED = tl.constexpr(7)  # mass of other pairs to take
+R_DIRECT = tl.constexpr(8)  # 1: the first band is compacted as is (no second histogram)
+R_J_LO, R_J_HI = tl.constexpr(9), tl.constexpr(10)  # the third level's bins that can hold the cutoff
 DEGENERATE_RANGE = 1e-6  # same rule as reference.DEGENERATE_RANGE
 INT32_MAX = 2147483647
 
@@ -108,19 +114,35 @@ def _gate_tile(q_ptr, km_hi_ptr, km_lo_ptr, i_b, i_h, i_bh, o_i, m_i, stride_qb,
 
 
 @triton.jit
-def _add_histogram(hist_ptr, i_bh, b_bin, b_keep, BM: tl.constexpr, C_PAD: tl.constexpr, NB: tl.constexpr):
-    """`hist[bh, :NB] += counts of b_bin` over the kept elements.
+def _pair_keys(val, pair):
+    """64-bit keys of (normalised value >= 0, block-major pair index < 2**32, int64): value bits
+    high, pair order low, so sorting by key breaks ties by pair as the reference does."""
+    return (val.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0xFFFFFFFF - pair)
 
-    Excluded elements are counted into bin 0 and taken out again instead of using
-    `tl.histogram(mask=...)`: with Triton 3.6 on an H200 that mask was applied to the wrong
-    elements when its layout differed from the input's (counts right, bins wrong). (A junk bin
-    `NB` of a `2*NB`-bin histogram did the same at twice the histogram's cost.)
+
+@triton.jit
+def _stored_pairs(pair):
+    """Pair indices stored as int32 (their low 32 bits) back to int64."""
+    return pair.to(tl.uint32).to(tl.int64)
+
+
+@triton.jit
+def _without_left_out(hist, n_out, NB: tl.constexpr):
+    """A histogram `[NB]` whose `n_out` left-out elements were counted into bin 0, without them.
+
+    Used instead of `tl.histogram(mask=...)`: with Triton 3.6 on an H200 that mask was applied to
+    the wrong elements when its layout differed from the input's (counts right, bins wrong). (A junk
+    bin `NB` of a `2*NB`-bin histogram did the same at twice the histogram's cost.)
     """
-    b_bin = tl.where(b_keep, b_bin, 0)
-    hist = tl.histogram(tl.reshape(b_bin, [BM * C_PAD]), NB)
+    return hist - tl.where(tl.arange(0, NB) == 0, n_out, 0)
+
+
+@triton.jit
+def _add_histogram(hist_ptr, i_bh, b_bin, b_keep, BM: tl.constexpr, C_PAD: tl.constexpr, NB: tl.constexpr):
+    """`hist[bh, :NB] += counts of b_bin` over the kept elements."""
+    hist = tl.histogram(tl.reshape(tl.where(b_keep, b_bin, 0), [BM * C_PAD]), NB)
+    hist = _without_left_out(hist, BM * C_PAD - tl.sum(tl.sum(b_keep.to(tl.int32), axis=1), axis=0), NB)
     o_b = tl.arange(0, NB)
-    n_out = BM * C_PAD - tl.sum(tl.sum(b_keep.to(tl.int32), axis=1), axis=0)
-    hist = hist - tl.where(o_b == 0, n_out, 0)
     # only the bins this tile hit: a tile's pairs fall in few of them, and every program of the
     # head adds into the same NB counters
     tl.atomic_add(hist_ptr + i_bh * NB + o_b, hist, mask=hist > 0)
@@ -161,11 +183,11 @@ def vmoba_gate_kernel(
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     if PHASE == 3:
-        if tl.load(range_ptr + i_bh * RANGE_SLOTS + 8) > 0:
+        if tl.load(range_ptr + i_bh * RANGE_SLOTS + R_DIRECT) > 0:
             return  # the head's first band is compacted as is
     if PHASE == 5:
         found = tl.load(cand_n_ptr + i_bh)
-        degenerate = tl.load(range_ptr + i_bh * RANGE_SLOTS + 2)  # both loads in flight at once
+        degenerate = tl.load(range_ptr + i_bh * RANGE_SLOTS + R_FLAT)  # both loads in flight at once
         if (found <= CAP) & (degenerate == 0):
             return  # pass 4 and the patch wrote the mask
     i_b, i_h = i_bh // H, i_bh % H
@@ -240,9 +262,9 @@ def vmoba_gate_kernel(
 
     else:
         p_r = range_ptr + i_bh * RANGE_SLOTS
-        lo = tl.load(p_r + 0)
-        scale = tl.load(p_r + 1)
-        flat = tl.load(p_r + 2)
+        lo = tl.load(p_r + R_LO)
+        scale = tl.load(p_r + R_SCALE)
+        flat = tl.load(p_r + R_FLAT)
         b_n = tl.where(flat > 0, 1.0, (b_g - lo) * scale)
         if PHASE == 2:
             # pass 2: histogram of the other pairs over [0, 1]; exact total and self mass
@@ -255,8 +277,8 @@ def vmoba_gate_kernel(
             tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 1, slf)
         elif PHASE == 3:
             # pass 3: histogram inside [a1, b1); exact mass of the pairs at or above b1
-            a1 = tl.load(p_r + 3)
-            b1 = tl.load(p_r + 4)
+            a1 = tl.load(p_r + R_A1)
+            b1 = tl.load(p_r + R_B1)
             inside = other & (b_n >= a1) & (b_n < b1)
             b_bin = ((b_n - a1) * (NB / (b1 - a1))).to(tl.int32)
             b_bin = tl.maximum(tl.minimum(b_bin, NB - 1), 0)
@@ -268,8 +290,8 @@ def vmoba_gate_kernel(
             if PHASE == 4:
                 # pass 4: compact the pairs in [a2, b2); exact mass at or above b2; the mask of every
                 # pair but those (a degenerate head ranks pairs by (block, query) alone)
-                a2 = tl.load(p_r + 5)
-                b2 = tl.load(p_r + 6)
+                a2 = tl.load(p_r + R_A2)
+                b2 = tl.load(p_r + R_B2)
                 inside = other & (b_n >= a2) & (b_n < b2)
                 above = tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
                 tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
@@ -293,8 +315,7 @@ def vmoba_gate_kernel(
                     rank = _degenerate_rank(geo_ptr, o_i, o_c, S, KIND)
                     b_sel = is_self | (other & (rank < m_take))
                 else:
-                    key = (_monotone_key(b_n).to(tl.int64) << 32) | (0xFFFFFFFF - o_pair)
-                    b_sel = is_self | (other & (key >= tl.load(cutoff_ptr + i_bh)))
+                    b_sel = is_self | (other & (_pair_keys(b_n, o_pair) >= tl.load(cutoff_ptr + i_bh)))
                 _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel & valid, i_bh, i_t, o_i, m_i, S, n_tiles, C,
                             BM, C_PAD)
 
@@ -376,9 +397,9 @@ def vmoba_range_kernel(stats_ptr, range_ptr, n_tiles, NT_PAD: tl.constexpr):
     hi = tl.max(tl.load(p_s + 1, mask=m_t, other=-float("inf")), axis=0)
     span = hi - lo
     flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
-    tl.store(p_r + 0, lo)
-    tl.store(p_r + 1, 1.0 / tl.where(flat, 1.0, span))  # every pass multiplies by it
-    tl.store(p_r + 2, flat.to(tl.float32))
+    tl.store(p_r + R_LO, lo)
+    tl.store(p_r + R_SCALE, 1.0 / tl.where(flat, 1.0, span))  # every pass multiplies by it
+    tl.store(p_r + R_FLAT, flat.to(tl.float32))
 
 
 @triton.jit
@@ -421,15 +442,15 @@ def vmoba_decide_kernel(
         tot = tl.sum(tl.load(p_s + 0, mask=m_t, other=0.0).to(tl.float64), axis=0)
         slf = tl.sum(tl.load(p_s + 1, mask=m_t, other=0.0).to(tl.float64), axis=0)
         need = (tau * tot - slf).to(tl.float32)
-        tl.store(p_r + 7, need)  # mass of other pairs to take, fixed from here on
+        tl.store(p_r + R_NEED, need)  # mass of other pairs to take, fixed from here on
         a = 0.0
         b = 1.0
     else:
         above = tl.sum(tl.load(p_s + 0, mask=m_t, other=0.0).to(tl.float64), axis=0)
-        need = (tl.load(p_r + 7).to(tl.float64) - above).to(tl.float32)
-        a = tl.load(p_r + 3 if STEP == 2 else p_r + 5)
-        b = tl.load(p_r + 4 if STEP == 2 else p_r + 6)
-        direct = tl.load(p_r + 8) > 0
+        need = (tl.load(p_r + R_NEED).to(tl.float64) - above).to(tl.float32)
+        a = tl.load(p_r + R_A1 if STEP == 2 else p_r + R_A2)
+        b = tl.load(p_r + R_B1 if STEP == 2 else p_r + R_B2)
+        direct = tl.load(p_r + R_DIRECT) > 0
     o_j = tl.arange(0, NB)
     cnt_i = tl.load(hist_ptr + i_bh * NB + o_j)
     j_lo, j_hi, w = _cutoff_bins(cnt_i, a, b, need, NB)
@@ -438,32 +459,25 @@ def vmoba_decide_kernel(
         band_hi = tl.where(j_hi == NB - 1, 2.0, a + (j_hi + 1) * w)
         band_n = tl.sum(tl.where((o_j >= j_lo) & (o_j <= j_hi), cnt_i, 0), axis=0)
         direct = band_n <= direct_max
-        tl.store(p_r + 3, band_lo)
-        tl.store(p_r + 4, band_hi)
-        tl.store(p_r + 8, direct.to(tl.float32))
+        tl.store(p_r + R_A1, band_lo)
+        tl.store(p_r + R_B1, band_hi)
+        tl.store(p_r + R_DIRECT, direct.to(tl.float32))
         # the band pass 4 compacts; STEP 2 narrows it unless the head is direct
-        tl.store(p_r + 5, band_lo)
-        tl.store(p_r + 6, band_hi)
+        tl.store(p_r + R_A2, band_lo)
+        tl.store(p_r + R_B2, band_hi)
     elif STEP == 2:
         band_hi = tl.where(j_hi == NB - 1, b, a + (j_hi + 1) * w)
-        tl.store(p_r + 5, band_lo, mask=~direct)
-        tl.store(p_r + 6, band_hi, mask=~direct)
+        tl.store(p_r + R_A2, band_lo, mask=~direct)
+        tl.store(p_r + R_B2, band_hi, mask=~direct)
     else:
-        tl.store(p_r + 9, j_lo.to(tl.float32))
-        tl.store(p_r + 10, j_hi.to(tl.float32))
+        tl.store(p_r + R_J_LO, j_lo.to(tl.float32))
+        tl.store(p_r + R_J_HI, j_hi.to(tl.float32))
 
 
 @triton.jit
 def _candidate_bins(val, a, b, NB: tl.constexpr):
     """Bins over `[a, b)` of candidate values."""
     return tl.maximum(tl.minimum(((val - a) * (NB / (b - a))).to(tl.int32), NB - 1), 0)
-
-
-@triton.jit
-def _candidate_keys(val, pair):
-    """64-bit keys of candidates: value bits high (values >= 0), pair order low, so ties are exact."""
-    pair = pair.to(tl.uint32).to(tl.int64)  # zero-extended: pair indices are below 2**32
-    return (val.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0xFFFFFFFF - pair)
 
 
 @triton.jit
@@ -484,10 +498,10 @@ def vmoba_band_hist_kernel(range_ptr, cand_val_ptr, cand_n_ptr, hist_ptr, CAP,
         return  # past the head's candidates
     p_r = range_ptr + i_bh * RANGE_SLOTS
     val = tl.load(cand_val_ptr + i_bh.to(tl.int64) * CAP + o_k, mask=m_k, other=0.0)
-    bins = _candidate_bins(val, tl.load(p_r + 5), tl.load(p_r + 6), NB)
-    o_j = tl.arange(0, NB)
-    hist = tl.histogram(tl.where(m_k, bins, 0), NB) - tl.where(o_j == 0, CHUNK - tl.sum(m_k.to(tl.int32), axis=0), 0)
-    tl.atomic_add(hist_ptr + i_bh * NB + o_j, hist, mask=hist > 0)
+    bins = _candidate_bins(val, tl.load(p_r + R_A2), tl.load(p_r + R_B2), NB)
+    hist = tl.histogram(tl.where(m_k, bins, 0), NB)
+    hist = _without_left_out(hist, CHUNK - tl.sum(m_k.to(tl.int32), axis=0), NB)
+    tl.atomic_add(hist_ptr + i_bh * NB + tl.arange(0, NB), hist, mask=hist > 0)
 
 
 @triton.jit
@@ -503,13 +517,13 @@ def vmoba_near_kernel(range_ptr, cand_val_ptr, cand_pair_ptr, cand_n_ptr, near_p
     p_r = range_ptr + i_bh * RANGE_SLOTS
     base = i_bh.to(tl.int64) * CAP
     val = tl.load(cand_val_ptr + base + o_k, mask=m_k, other=0.0)
-    bins = _candidate_bins(val, tl.load(p_r + 5), tl.load(p_r + 6), NB)
-    j_lo = tl.load(p_r + 9).to(tl.int32)
-    j_hi = tl.load(p_r + 10).to(tl.int32)
+    bins = _candidate_bins(val, tl.load(p_r + R_A2), tl.load(p_r + R_B2), NB)
+    j_lo = tl.load(p_r + R_J_LO).to(tl.int32)
+    j_hi = tl.load(p_r + R_J_HI).to(tl.int32)
     inside = m_k & (bins >= j_lo) & (bins <= j_hi)
     tl.atomic_add(above_ptr + i_bh, tl.sum(tl.where(m_k & (bins > j_hi), val.to(tl.float64), 0.0), axis=0))
     if tl.sum(inside.to(tl.int32), axis=0) > 0:
-        key = _candidate_keys(val, tl.load(cand_pair_ptr + base + o_k, mask=m_k, other=0))
+        key = _pair_keys(val, _stored_pairs(tl.load(cand_pair_ptr + base + o_k, mask=m_k, other=0)))
         slot = tl.atomic_add(near_n_ptr + i_bh + tl.zeros([CHUNK], dtype=tl.int32), 1, mask=inside, sem="relaxed")
         tl.store(near_ptr + i_bh.to(tl.int64) * NEAR + slot, key, mask=inside & (slot < NEAR))
         tl.atomic_min(near_min_ptr + i_bh, tl.min(tl.where(inside, key, 9223372036854775807), axis=0))
@@ -531,7 +545,7 @@ def vmoba_cutoff_kernel(
     o_t = tl.arange(0, NT_PAD)
     above = tl.sum(tl.load(stats_ptr + (i_bh * n_tiles + o_t) * 4, mask=o_t < n_tiles, other=0.0).to(tl.float64),
                    axis=0)
-    need = tl.load(p_r + 7).to(tl.float64) - above  # the mass still to take beyond the band
+    need = tl.load(p_r + R_NEED).to(tl.float64) - above  # the mass still to take beyond the band
     nothing_needed = need <= 0
     need -= tl.load(above_ptr + i_bh)  # ... and beyond the near candidates
     n_near = tl.load(near_n_ptr + i_bh)
@@ -549,7 +563,7 @@ def vmoba_cutoff_kernel(
     # lo_k: the cutoff (or the lowest near key, if even all fall short)
     cut = tl.where(n_near > NEAR, tl.load(near_min_ptr + i_bh), lo_k)
     found = tl.load(cand_n_ptr + i_bh)
-    band_floor = _monotone_key(tl.load(p_r + 5)).to(tl.int64) << 32  # every pair of the band
+    band_floor = _monotone_key(tl.load(p_r + R_A2)).to(tl.int64) << 32  # every pair of the band
     cut = tl.where((found > CAP) | (found <= 0) | (n_near <= 0), band_floor, cut)
     cut = tl.where(nothing_needed, 9223372036854775807, cut)
     tl.store(cutoff_ptr + i_bh, cut)
@@ -566,9 +580,8 @@ def vmoba_patch_kernel(cand_val_ptr, cand_pair_ptr, cand_n_ptr, cutoff_ptr, leng
         return  # past the head's candidates
     base = i_bh.to(tl.int64) * CAP
     val = tl.load(cand_val_ptr + base + o_k, mask=m_k, other=0.0)
-    pair = tl.load(cand_pair_ptr + base + o_k, mask=m_k, other=0)
-    take = m_k & (_candidate_keys(val, pair) >= tl.load(cutoff_ptr + i_bh))
-    pair = pair.to(tl.uint32).to(tl.int64)
+    pair = _stored_pairs(tl.load(cand_pair_ptr + base + o_k, mask=m_k, other=0))
+    take = m_k & (_pair_keys(val, pair) >= tl.load(cutoff_ptr + i_bh))
     c = (pair // S).to(tl.int32)
     i = pair % S
     tl.atomic_or(mask_ptr + (i_bh.to(tl.int64) * S + i) * W + c // 32, 1 << (c % 32), mask=take, sem="relaxed")
