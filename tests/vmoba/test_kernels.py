@@ -241,6 +241,23 @@ def test_threshold_global_direct_and_two_level_paths(monkeypatch, direct, cap):
     assert_every_layer_matches(q, k, v, grid, cfg)
 
 
+@pytest.mark.parametrize("grid", [(3, 6, 8), (4, 4, 4)])
+def test_threshold_global_scores_blocks_in_column_groups(grid):
+    """threshold_global's passes score blocks in groups of 32 plus a tail of 16 or 32. One-token
+    blocks: (3, 6, 8) has 48 in 2D (a group and a tail) and 144 in 3D (four groups, a tail, and
+    three of the eight mask words past the last block); (4, 4, 4) has 16 in 2D (a tail alone) and
+    64 in 3D (two groups, no tail). Head 0 is degenerate (zero queries: every gate equal)."""
+    cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(1, 1), st_chunk=(1, 1, 1), select="threshold_global",
+                      threshold=float(torch.empty(()).uniform_(0.15, 0.6)))
+    q, k, v = qkv(grid, DTYPES[0], b=1, h=3)
+    q[:, :, 0] = 0
+    assert_every_layer_matches(q, k, v, grid, cfg)
+    layout = block_layout(grid, "3d", cfg, device=q.device)
+    bits = launch.select_bits(q, k, layout, cfg, "3d").bits
+    every_bit = (bits.unsqueeze(-1) >> torch.arange(32, device=q.device, dtype=torch.int32)) & 1
+    assert not every_bit.flatten(-2)[..., layout.num_blocks:].any(), "bits past the last block must be zero"
+
+
 @pytest.mark.parametrize("room", ["candidates", "near"])
 def test_candidate_overflow_takes_the_whole_range(monkeypatch, room):
     """Most gates tie exactly at the cutoff (zero queries). With the default room the tie is

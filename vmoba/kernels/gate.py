@@ -94,15 +94,21 @@ def _row_condition(b_key, b_val, other, cut, n_self, target, topk, MODE_TOPK: tl
 
 
 @triton.jit
-def _gate_tile(q_ptr, km_hi_ptr, km_lo_ptr, i_b, i_h, i_bh, o_i, m_i, stride_qb, stride_qs, stride_qh,
-               C_PAD: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
-    """Gate scores `[BM, C_PAD]` (fp32) of the queries `o_i` against every block mean."""
+def _query_tile(q_ptr, i_b, i_h, o_i, m_i, stride_qb, stride_qs, stride_qh, D: tl.constexpr):
+    """The queries `o_i` of one head, `[BM, D]`."""
     o_d = tl.arange(0, D)
-    o_c = tl.arange(0, C_PAD)
     p_q = q_ptr + i_b.to(tl.int64) * stride_qb + o_i[:, None].to(tl.int64) * stride_qs + i_h * stride_qh + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_i[:, None], other=0.0)  # [BM, D]
+    return tl.load(p_q, mask=m_i[:, None], other=0.0)
+
+
+@triton.jit
+def _gate_scores(b_q, km_hi_ptr, km_lo_ptr, i_bh, c0, CW: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr,
+                 SPLIT: tl.constexpr, IEEE: tl.constexpr):
+    """Gate scores `[BM, CW]` (fp32) of a query tile against the block means `[c0, c0 + CW)`."""
+    o_d = tl.arange(0, D)
+    o_c = c0 + tl.arange(0, CW)
     p_km = (i_bh * C_PAD + o_c[:, None]).to(tl.int64) * D + o_d[None, :]
-    b_hi = tl.load(km_hi_ptr + p_km)  # [C_PAD, D], rows >= C are zero
+    b_hi = tl.load(km_hi_ptr + p_km)  # [CW, D], rows >= C are zero
     if IEEE:
         b_g = tl.dot(b_q, tl.trans(b_hi), input_precision="ieee")
     else:
@@ -110,7 +116,7 @@ def _gate_tile(q_ptr, km_hi_ptr, km_lo_ptr, i_b, i_h, i_bh, o_i, m_i, stride_qb,
     if SPLIT:
         b_lo = tl.load(km_lo_ptr + p_km)
         b_g += tl.dot(b_q, tl.trans(b_lo))
-    return b_g  # [BM, C_PAD]
+    return b_g
 
 
 @triton.jit
@@ -138,14 +144,10 @@ def _without_left_out(hist, n_out, NB: tl.constexpr):
 
 
 @triton.jit
-def _add_histogram(hist_ptr, i_bh, b_bin, b_keep, BM: tl.constexpr, C_PAD: tl.constexpr, NB: tl.constexpr):
-    """`hist[bh, :NB] += counts of b_bin` over the kept elements."""
-    hist = tl.histogram(tl.reshape(tl.where(b_keep, b_bin, 0), [BM * C_PAD]), NB)
-    hist = _without_left_out(hist, BM * C_PAD - tl.sum(tl.sum(b_keep.to(tl.int32), axis=1), axis=0), NB)
-    o_b = tl.arange(0, NB)
-    # only the bins this tile hit: a tile's pairs fall in few of them, and every program of the
-    # head adds into the same NB counters
-    tl.atomic_add(hist_ptr + i_bh * NB + o_b, hist, mask=hist > 0)
+def _histogram(b_bin, b_keep, N: tl.constexpr, NB: tl.constexpr):
+    """Counts `[NB]` of the `N` elements `b_bin` over the kept ones."""
+    hist = tl.histogram(tl.reshape(tl.where(b_keep, b_bin, 0), [N]), NB)
+    return _without_left_out(hist, N - tl.sum(tl.sum(b_keep.to(tl.int32), axis=1), axis=0), NB)
 
 
 @triton.jit
@@ -166,6 +168,100 @@ def _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n
 
 
 @triton.jit
+def _store_word(mask_ptr, lengths_ptr, b_sel, i_bh, o_i, m_i, S, C, c0, CW: tl.constexpr, W: tl.constexpr):
+    """Write the selection of the blocks `[c0, c0 + CW)` (CW <= 32: one bit word a query); return
+    the tokens they attend."""
+    o_c = c0 + tl.arange(0, CW)
+    # distinct bits never carry, so an int32 sum is their OR (bit 31 included)
+    word = tl.sum(tl.where(b_sel, (1 << (o_c % 32))[None, :], 0), axis=1)  # [BM] int32
+    tl.store(mask_ptr + (i_bh.to(tl.int64) * S + o_i) * W + c0 // 32, word, mask=m_i)
+    b_len = tl.load(lengths_ptr + o_c, mask=o_c < C, other=0).to(tl.float32)
+    return tl.sum(tl.sum(tl.where(b_sel & m_i[:, None], b_len[None, :], 0.0), axis=1), axis=0)
+
+
+@triton.jit
+def _global_columns(
+    b_q, km_hi_ptr, km_lo_ptr, lengths_ptr, mask_ptr, range_ptr, cand_val_ptr, cand_pair_ptr, cand_n_ptr,
+    cutoff_ptr, geo_ptr, i_bh, o_i, m_i, self_c, S, C, CAP, m_take, c0,
+    CW: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, NB: tl.constexpr, W: tl.constexpr,
+    PHASE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, KIND: tl.constexpr,
+):
+    """threshold_global's pass PHASE over the blocks `[c0, c0 + CW)` of a query tile.
+
+    Returns `(s0, s1, attended, hist)`: pass 1 min and max; pass 2 total and self mass and the
+    histogram; pass 3 the mass at or above the band and the histogram; pass 4 that mass and the
+    attended tokens; pass 5 the attended tokens (zeros where a pass has nothing to return).
+    """
+    BM: tl.constexpr = b_q.shape[0]
+    o_c = c0 + tl.arange(0, CW)
+    b_g = _gate_scores(b_q, km_hi_ptr, km_lo_ptr, i_bh, c0, CW, C_PAD, D, SPLIT, IEEE)
+    is_self = o_c[None, :] == self_c[:, None]  # [BM, CW]
+    valid = m_i[:, None] & (o_c < C)[None, :]
+    other = valid & ~is_self
+    s0 = tl.full([], 0.0, tl.float32)
+    s1 = s0
+    attended = s0
+    hist = tl.zeros([NB], dtype=tl.int32)
+    if PHASE == 1:
+        s0 = tl.min(tl.min(tl.where(valid, b_g, float("inf")), axis=1), axis=0)
+        s1 = tl.max(tl.max(tl.where(valid, b_g, -float("inf")), axis=1), axis=0)
+    else:
+        p_r = range_ptr + i_bh * RANGE_SLOTS
+        flat = tl.load(p_r + R_FLAT)
+        b_n = tl.where(flat > 0, 1.0, (b_g - tl.load(p_r + R_LO)) * tl.load(p_r + R_SCALE))
+        if PHASE == 2:
+            # pass 2: histogram of the other pairs over [0, 1]; exact total and self mass
+            b_bin = tl.maximum(tl.minimum((b_n * NB).to(tl.int32), NB - 1), 0)
+            hist = _histogram(b_bin, other, BM * CW, NB)
+            s0 = tl.sum(tl.sum(tl.where(valid, b_n, 0.0), axis=1), axis=0)
+            s1 = tl.sum(tl.sum(tl.where(valid & is_self, b_n, 0.0), axis=1), axis=0)
+        elif PHASE == 3:
+            # pass 3: histogram inside [a1, b1); exact mass of the pairs at or above b1
+            a1 = tl.load(p_r + R_A1)
+            b1 = tl.load(p_r + R_B1)
+            inside = other & (b_n >= a1) & (b_n < b1)
+            b_bin = ((b_n - a1) * (NB / (b1 - a1))).to(tl.int32)
+            hist = _histogram(tl.maximum(tl.minimum(b_bin, NB - 1), 0), inside, BM * CW, NB)
+            s0 = tl.sum(tl.sum(tl.where(other & (b_n >= b1), b_n, 0.0), axis=1), axis=0)
+        else:
+            o_pair = o_c[None, :].to(tl.int64) * S + o_i[:, None]  # block-major pair index (< 2**32)
+            if PHASE == 4:
+                # pass 4: compact the pairs in [a2, b2); exact mass at or above b2; the mask of every
+                # pair but those (a degenerate head's mask is rewritten by pass 5)
+                a2 = tl.load(p_r + R_A2)
+                b2 = tl.load(p_r + R_B2)
+                s0 = tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
+                inside = other & (b_n >= a2) & (b_n < b2)
+                if flat == 0:
+                    if tl.sum(tl.sum(inside.to(tl.int32), axis=1), axis=0) > 0:  # most tiles hold a few
+                        # a slot per pair from one counter per head (cheaper than a scan of the tile)
+                        slot = tl.atomic_add(cand_n_ptr + i_bh + tl.zeros([BM, CW], dtype=tl.int32), 1,
+                                             mask=inside, sem="relaxed")
+                        keep = inside & (slot < CAP)
+                        p_c = i_bh.to(tl.int64) * CAP + slot
+                        tl.store(cand_val_ptr + p_c, b_n, mask=keep)
+                        tl.store(cand_pair_ptr + p_c, o_pair.to(tl.int32), mask=keep)  # the low 32 bits
+                b_sel = valid & (is_self | (other & (b_n >= b2)))  # pairs of the band are added later
+                attended = _store_word(mask_ptr, lengths_ptr, b_sel, i_bh, o_i, m_i, S, C, c0, CW, W)
+            else:
+                # pass 5: the whole mask (a degenerate head ranks pairs by (block, query) alone)
+                if flat > 0:
+                    b_sel = is_self | (other & (_degenerate_rank(geo_ptr, o_i, o_c, S, KIND) < m_take))
+                else:
+                    b_sel = is_self | (other & (_pair_keys(b_n, o_pair) >= tl.load(cutoff_ptr + i_bh)))
+                attended = _store_word(mask_ptr, lengths_ptr, b_sel & valid, i_bh, o_i, m_i, S, C, c0, CW, W)
+    return s0, s1, attended, hist
+
+
+@triton.jit
+def _combine(s0, s1, attended, hist, r0, r1, r_att, r_hist, PHASE: tl.constexpr):
+    """Add one column group's partials to a tile's."""
+    if PHASE == 1:
+        return tl.minimum(s0, r0), tl.maximum(s1, r1), attended, hist
+    return s0 + r0, s1 + r1, attended + r_att, hist + r_hist
+
+
+@triton.jit
 def vmoba_gate_kernel(
     q_ptr, km_hi_ptr, km_lo_ptr, ids_ptr, lengths_ptr,
     mask_ptr, att_ptr,  # outputs of the mask-writing phases
@@ -180,7 +276,14 @@ def vmoba_gate_kernel(
     BM: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
     PHASE: tl.constexpr, MODE_TOPK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     KIND: tl.constexpr, TOPK_ITER: tl.constexpr = False,
+    GROUPS: tl.constexpr = 0, TAIL: tl.constexpr = 0, WORDS: tl.constexpr = 0,
 ):
+    """Pass PHASE of the selection over one query tile of one head.
+
+    Pass 0 (per-query modes) scores a `[BM, C_PAD]` tile. threshold_global's passes 1-5 score the
+    blocks in `GROUPS` groups of 32 and one of `TAIL` (0, 16 or 32), `WORDS` mask words in all: C =
+    40 pads to 48 instead of 64, and these passes cost in proportion to the pairs they touch.
+    """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     if PHASE == 3:
         if tl.load(range_ptr + i_bh * RANGE_SLOTS + R_DIRECT) > 0:
@@ -193,16 +296,49 @@ def vmoba_gate_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     o_i = i_t * BM + tl.arange(0, BM)
     m_i = o_i < S
-    o_c = tl.arange(0, C_PAD)
-    m_c = o_c < C
-    b_g = _gate_tile(q_ptr, km_hi_ptr, km_lo_ptr, i_b, i_h, i_bh, o_i, m_i, stride_qb, stride_qs, stride_qh,
-                     C_PAD, D, SPLIT, IEEE)
+    b_q = _query_tile(q_ptr, i_b, i_h, o_i, m_i, stride_qb, stride_qs, stride_qh, D)
     self_c = tl.load(ids_ptr + o_i, mask=m_i, other=0).to(tl.int32)
-    is_self = o_c[None, :] == self_c[:, None]  # [BM, C_PAD]
-    valid = m_i[:, None] & m_c[None, :]
-    other = valid & ~is_self
 
-    if PHASE == 0 and TOPK_ITER:
+    if PHASE > 0:
+        W: tl.constexpr = C_PAD // 32
+        s0, s1, attended, hist = _global_columns(
+            b_q, km_hi_ptr, km_lo_ptr, lengths_ptr, mask_ptr, range_ptr, cand_val_ptr, cand_pair_ptr, cand_n_ptr,
+            cutoff_ptr, geo_ptr, i_bh, o_i, m_i, self_c, S, C, CAP, m_take, 0,
+            32 if GROUPS > 0 else TAIL, C_PAD, D, NB, W, PHASE, SPLIT, IEEE, KIND)
+        for g in tl.static_range(1, GROUPS):
+            r0, r1, r_att, r_hist = _global_columns(
+                b_q, km_hi_ptr, km_lo_ptr, lengths_ptr, mask_ptr, range_ptr, cand_val_ptr, cand_pair_ptr,
+                cand_n_ptr, cutoff_ptr, geo_ptr, i_bh, o_i, m_i, self_c, S, C, CAP, m_take, g * 32,
+                32, C_PAD, D, NB, W, PHASE, SPLIT, IEEE, KIND)
+            s0, s1, attended, hist = _combine(s0, s1, attended, hist, r0, r1, r_att, r_hist, PHASE)
+        if GROUPS > 0 and TAIL > 0:
+            r0, r1, r_att, r_hist = _global_columns(
+                b_q, km_hi_ptr, km_lo_ptr, lengths_ptr, mask_ptr, range_ptr, cand_val_ptr, cand_pair_ptr,
+                cand_n_ptr, cutoff_ptr, geo_ptr, i_bh, o_i, m_i, self_c, S, C, CAP, m_take, GROUPS * 32,
+                TAIL, C_PAD, D, NB, W, PHASE, SPLIT, IEEE, KIND)
+            s0, s1, attended, hist = _combine(s0, s1, attended, hist, r0, r1, r_att, r_hist, PHASE)
+        p_s = stats_ptr + (i_bh * n_tiles + i_t) * 4
+        if PHASE <= 4:
+            tl.store(p_s + 0, s0)
+        if PHASE <= 2:
+            tl.store(p_s + 1, s1)
+        if PHASE == 2 or PHASE == 3:
+            # only the bins this tile hit: a tile's pairs fall in few of them, and every program of
+            # the head adds into the same NB counters
+            tl.atomic_add(hist_ptr + i_bh * NB + tl.arange(0, NB), hist, mask=hist > 0)
+        if PHASE >= 4:
+            tl.store(att_ptr + i_bh * n_tiles + i_t, attended)
+            for w in tl.static_range(WORDS, W):  # words past the last block
+                tl.store(mask_ptr + (i_bh.to(tl.int64) * S + o_i) * W + w, tl.zeros([BM], dtype=tl.int32), mask=m_i)
+        return
+
+    # ---- per-query selection (topk, threshold_query): one [BM, C_PAD] tile ----
+    o_c = tl.arange(0, C_PAD)
+    b_g = _gate_scores(b_q, km_hi_ptr, km_lo_ptr, i_bh, 0, C_PAD, C_PAD, D, SPLIT, IEEE)
+    is_self = o_c[None, :] == self_c[:, None]  # [BM, C_PAD]
+    valid = m_i[:, None] & (o_c < C)[None, :]
+    other = valid & ~is_self
+    if TOPK_ITER:
         # ---- top-k with small k: take the best remaining other block k-1 times ----
         # (keys are unique: value bits high, C_PAD-1-c low, so equal values go to the lower
         # block; one row reduction a step, cheaper than the 33-step bisection below while k is small)
@@ -213,111 +349,43 @@ def vmoba_gate_kernel(
             b_unique = tl.where(b_unique == best[:, None], -9223372036854775807 - 1, b_unique)
         b_sel = valid & (is_self | (other & (b_unique == -9223372036854775807 - 1)))
         _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
-
-    elif PHASE == 0:
-        # ---- per-query selection (topk, threshold_query) ----
-        if MODE_TOPK:
-            b_val = b_g
-        else:
-            lo = tl.min(tl.where(valid, b_g, float("inf")), axis=1)
-            hi = tl.max(tl.where(valid, b_g, -float("inf")), axis=1)
-            span = hi - lo
-            flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
-            b_val = (b_g - lo[:, None]) * (1.0 / tl.where(flat, 1.0, span))[:, None]  # a product, not a division per pair
-            b_val = tl.where(flat[:, None], 1.0, b_val)
-        n_self = tl.sum(tl.where(is_self, b_val, 0.0), axis=1)
-        target = tau * tl.sum(tl.where(valid, b_val, 0.0), axis=1)
-        b_key = _monotone_key(b_val)
-        # the cutoff value: the largest key whose "take every other block at or above it" meets
-        # the condition, found by bisection on the 32-bit keys (no sort)
-        lo_k = tl.min(tl.where(other, b_key, 2147483647), axis=1).to(tl.int64)
-        hi_k = tl.max(tl.where(other, b_key, -2147483647 - 1), axis=1).to(tl.int64) + 1
-        ok_hi = _row_condition(b_key, b_val, other, hi_k, n_self, target, topk, MODE_TOPK)
-        for _ in range(33):  # keys span < 2**33 values
-            mid = lo_k + (hi_k - lo_k) // 2
-            ok = _row_condition(b_key, b_val, other, mid, n_self, target, topk, MODE_TOPK)
-            lo_k = tl.where(ok, mid, lo_k)
-            hi_k = tl.where(ok, hi_k, mid)
-        # lo_k is now the cutoff value (or the lowest key, if even every block falls short)
-        cut = tl.where(ok_hi, 2147483647, lo_k).to(tl.int32)
-        above = other & (b_key > cut[:, None])
-        ties = other & (b_key == cut[:, None])
-        rank = tl.cumsum(ties.to(tl.int32), axis=1) - 1  # lower block first among equal values
-        if MODE_TOPK:
-            room = tl.minimum(topk, C) - 1 - tl.sum(above.to(tl.int32), axis=1)
-            take_tie = ties & (rank < room[:, None])
-        else:
-            have = n_self + tl.sum(tl.where(above, b_val, 0.0), axis=1)
-            tie_val = tl.max(tl.where(ties, b_val, 0.0), axis=1)
-            take_tie = ties & ((have[:, None] + rank.to(tl.float32) * tie_val[:, None]) < target[:, None])
-        b_sel = (is_self | above | take_tie) & valid
-        _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
-
-    elif PHASE == 1:
-        # ---- threshold_global pass 1: min and max over the head's pairs ----
-        lo = tl.min(tl.min(tl.where(valid, b_g, float("inf")), axis=1), axis=0)
-        hi = tl.max(tl.max(tl.where(valid, b_g, -float("inf")), axis=1), axis=0)
-        tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, lo)
-        tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 1, hi)
-
+        return
+    if MODE_TOPK:
+        b_val = b_g
     else:
-        p_r = range_ptr + i_bh * RANGE_SLOTS
-        lo = tl.load(p_r + R_LO)
-        scale = tl.load(p_r + R_SCALE)
-        flat = tl.load(p_r + R_FLAT)
-        b_n = tl.where(flat > 0, 1.0, (b_g - lo) * scale)
-        if PHASE == 2:
-            # pass 2: histogram of the other pairs over [0, 1]; exact total and self mass
-            b_bin = tl.minimum((b_n * NB).to(tl.int32), NB - 1)
-            b_bin = tl.maximum(b_bin, 0)
-            _add_histogram(hist_ptr, i_bh, b_bin, other, BM, C_PAD, NB)
-            tot = tl.sum(tl.sum(tl.where(valid, b_n, 0.0), axis=1), axis=0)
-            slf = tl.sum(tl.sum(tl.where(valid & is_self, b_n, 0.0), axis=1), axis=0)
-            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, tot)
-            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 1, slf)
-        elif PHASE == 3:
-            # pass 3: histogram inside [a1, b1); exact mass of the pairs at or above b1
-            a1 = tl.load(p_r + R_A1)
-            b1 = tl.load(p_r + R_B1)
-            inside = other & (b_n >= a1) & (b_n < b1)
-            b_bin = ((b_n - a1) * (NB / (b1 - a1))).to(tl.int32)
-            b_bin = tl.maximum(tl.minimum(b_bin, NB - 1), 0)
-            _add_histogram(hist_ptr, i_bh, b_bin, inside, BM, C_PAD, NB)
-            above = tl.sum(tl.sum(tl.where(other & (b_n >= b1), b_n, 0.0), axis=1), axis=0)
-            tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
-        else:
-            o_pair = o_c[None, :].to(tl.int64) * S + o_i[:, None]  # block-major pair index (< 2**32)
-            if PHASE == 4:
-                # pass 4: compact the pairs in [a2, b2); exact mass at or above b2; the mask of every
-                # pair but those (a degenerate head ranks pairs by (block, query) alone)
-                a2 = tl.load(p_r + R_A2)
-                b2 = tl.load(p_r + R_B2)
-                inside = other & (b_n >= a2) & (b_n < b2)
-                above = tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
-                tl.store(stats_ptr + (i_bh * n_tiles + i_t) * 4 + 0, above)
-                n_in = tl.sum(tl.sum(inside.to(tl.int32), axis=1), axis=0)
-                if flat == 0:  # (a degenerate head's mask is pass 5's)
-                    b_sel = is_self | (other & (b_n >= b2))  # pairs of the band are added later
-                    if n_in > 0:  # most tiles hold a few
-                        # a slot per pair from one counter per head (cheaper than a scan of the tile)
-                        slot = tl.atomic_add(cand_n_ptr + i_bh + tl.zeros([BM, C_PAD], dtype=tl.int32), 1,
-                                             mask=inside, sem="relaxed")
-                        keep = inside & (slot < CAP)
-                        p_c = i_bh.to(tl.int64) * CAP + slot
-                        tl.store(cand_val_ptr + p_c, b_n, mask=keep)
-                        tl.store(cand_pair_ptr + p_c, o_pair.to(tl.int32), mask=keep)  # the low 32 bits
-                    _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel & valid, i_bh, i_t, o_i, m_i, S, n_tiles, C,
-                                BM, C_PAD)
-            else:
-                # pass 5, only for a degenerate head (it ranks pairs by (block, query) alone) or one
-                # whose candidates overflowed: the whole mask
-                if flat > 0:
-                    rank = _degenerate_rank(geo_ptr, o_i, o_c, S, KIND)
-                    b_sel = is_self | (other & (rank < m_take))
-                else:
-                    b_sel = is_self | (other & (_pair_keys(b_n, o_pair) >= tl.load(cutoff_ptr + i_bh)))
-                _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel & valid, i_bh, i_t, o_i, m_i, S, n_tiles, C,
-                            BM, C_PAD)
+        lo = tl.min(tl.where(valid, b_g, float("inf")), axis=1)
+        hi = tl.max(tl.where(valid, b_g, -float("inf")), axis=1)
+        span = hi - lo
+        flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
+        b_val = (b_g - lo[:, None]) * (1.0 / tl.where(flat, 1.0, span))[:, None]  # a product, not a division per pair
+        b_val = tl.where(flat[:, None], 1.0, b_val)
+    n_self = tl.sum(tl.where(is_self, b_val, 0.0), axis=1)
+    target = tau * tl.sum(tl.where(valid, b_val, 0.0), axis=1)
+    b_key = _monotone_key(b_val)
+    # the cutoff value: the largest key whose "take every other block at or above it" meets
+    # the condition, found by bisection on the 32-bit keys (no sort)
+    lo_k = tl.min(tl.where(other, b_key, 2147483647), axis=1).to(tl.int64)
+    hi_k = tl.max(tl.where(other, b_key, -2147483647 - 1), axis=1).to(tl.int64) + 1
+    ok_hi = _row_condition(b_key, b_val, other, hi_k, n_self, target, topk, MODE_TOPK)
+    for _ in range(33):  # keys span < 2**33 values
+        mid = lo_k + (hi_k - lo_k) // 2
+        ok = _row_condition(b_key, b_val, other, mid, n_self, target, topk, MODE_TOPK)
+        lo_k = tl.where(ok, mid, lo_k)
+        hi_k = tl.where(ok, hi_k, mid)
+    # lo_k is now the cutoff value (or the lowest key, if even every block falls short)
+    cut = tl.where(ok_hi, 2147483647, lo_k).to(tl.int32)
+    above = other & (b_key > cut[:, None])
+    ties = other & (b_key == cut[:, None])
+    rank = tl.cumsum(ties.to(tl.int32), axis=1) - 1  # lower block first among equal values
+    if MODE_TOPK:
+        room = tl.minimum(topk, C) - 1 - tl.sum(above.to(tl.int32), axis=1)
+        take_tie = ties & (rank < room[:, None])
+    else:
+        have = n_self + tl.sum(tl.where(above, b_val, 0.0), axis=1)
+        tie_val = tl.max(tl.where(ties, b_val, 0.0), axis=1)
+        take_tie = ties & ((have[:, None] + rank.to(tl.float32) * tie_val[:, None]) < target[:, None])
+    b_sel = (is_self | above | take_tie) & valid
+    _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
 
 
 @triton.jit

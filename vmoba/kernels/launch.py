@@ -102,6 +102,13 @@ def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     return partial.sum(2) / layout.lengths.to(torch.float32)[None, :, None]
 
 
+def column_groups(num_blocks: int) -> tuple[int, int]:
+    """threshold_global's passes score blocks in groups of 32 plus a tail of 16 or 32 (a matmul's
+    smallest width is 16): `(groups of 32, tail width or 0)`. C = 40 -> (1, 16)."""
+    full, rest = divmod(num_blocks, 32)
+    return full, (0 if rest == 0 else max(16, triton.next_power_of_2(rest)))
+
+
 def gate_operands(kmean: torch.Tensor, dtype: torch.dtype, c_pad: int):
     """Zero-padded `[B*H, C_PAD, D]` gate operands: fp32 as is, or a high and a low half part."""
     bh, c, d = kmean.shape
@@ -146,6 +153,7 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
     if mode == "threshold_global":  # pairs to take when every gate of a head is equal
         m_take = min(max(math.ceil(tau * s * c - s), 0), s * (c - 1))
     kind_id = {"1d": 1, "2d": 2, "3d": 3}[kind]
+    groups, tail = column_groups(c)
 
     def gate_pass(phase: int):
         gate_k.vmoba_gate_kernel[(n_tiles, bh)](
@@ -155,7 +163,8 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
             h, s, c, n_tiles, float(tau), int(topk), cap, m_take,
             BM=bm, C_PAD=c_pad, D=d, NB=nb, PHASE=phase, MODE_TOPK=mode == "topk",
             SPLIT=split, IEEE=q.dtype == torch.float32, KIND=kind_id,
-            TOPK_ITER=mode == "topk" and min(topk, c) - 1 <= TOPK_ITER_MAX, num_warps=cfg["num_warps"],
+            TOPK_ITER=mode == "topk" and min(topk, c) - 1 <= TOPK_ITER_MAX,
+            GROUPS=groups, TAIL=tail, WORDS=groups + (tail > 0), num_warps=cfg["num_warps"],
         )
 
     nt_pad = triton.next_power_of_2(n_tiles)
