@@ -11,7 +11,8 @@ per query tile) instead of being stored: storing them would cost `S*C` floats pe
   cutoff is found by bisection on the keys, ties go to the lower block. Top-k with small k
   instead takes the best remaining block k-1 times.
 - `threshold_global`: the cutoff over all `S*C` pairs of a head is found without a full sort:
-  pass 1 min/max, pass 2 an NB-bin histogram of normalised scores (plus exact sums), pass 3 an
+  each pass scores a query tile's blocks in groups of 32 (plus a tail of 16 or 32: fewer padded
+  pairs than one power-of-two tile); pass 1 min/max, pass 2 an NB-bin histogram of normalised scores (plus exact sums), pass 3 an
   NB-bin histogram inside the bins that can hold the cutoff (skipped by a head whose first band
   already fits the candidate buffer), pass 4 writes the mask of every pair outside the band and
   compacts the band's pairs (candidates). A third histogram level over the candidates keeps the
@@ -254,6 +255,16 @@ def _global_columns(
 
 
 @triton.jit
+def _no_columns(NB: tl.constexpr, PHASE: tl.constexpr):
+    """The partials of no blocks: `_global_columns`'s results before the first group."""
+    zero = tl.full([], 0.0, tl.float32)
+    hist = tl.zeros([NB], dtype=tl.int32)
+    if PHASE == 1:
+        return zero + float("inf"), zero - float("inf"), zero, hist
+    return zero, zero, zero, hist
+
+
+@triton.jit
 def _combine(s0, s1, attended, hist, r0, r1, r_att, r_hist, PHASE: tl.constexpr):
     """Add one column group's partials to a tile's."""
     if PHASE == 1:
@@ -276,13 +287,13 @@ def vmoba_gate_kernel(
     BM: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
     PHASE: tl.constexpr, MODE_TOPK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     KIND: tl.constexpr, TOPK_ITER: tl.constexpr = False,
-    GROUPS: tl.constexpr = 0, TAIL: tl.constexpr = 0, WORDS: tl.constexpr = 0,
+    GROUPS: tl.constexpr = 0, TAIL: tl.constexpr = 0,
 ):
     """Pass PHASE of the selection over one query tile of one head.
 
     Pass 0 (per-query modes) scores a `[BM, C_PAD]` tile. threshold_global's passes 1-5 score the
-    blocks in `GROUPS` groups of 32 and one of `TAIL` (0, 16 or 32), `WORDS` mask words in all: C =
-    40 pads to 48 instead of 64, and these passes cost in proportion to the pairs they touch.
+    blocks in `GROUPS` groups of 32 and one of `TAIL` (0, 16 or 32), a mask word each: C = 40 pads
+    to 48 instead of 64, and these passes cost in proportion to the pairs they touch.
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     if PHASE == 3:
@@ -301,21 +312,12 @@ def vmoba_gate_kernel(
 
     if PHASE > 0:
         W: tl.constexpr = C_PAD // 32
-        s0, s1, attended, hist = _global_columns(
-            b_q, km_hi_ptr, km_lo_ptr, lengths_ptr, mask_ptr, range_ptr, cand_val_ptr, cand_pair_ptr, cand_n_ptr,
-            cutoff_ptr, geo_ptr, i_bh, o_i, m_i, self_c, S, C, CAP, m_take, 0,
-            32 if GROUPS > 0 else TAIL, C_PAD, D, NB, W, PHASE, SPLIT, IEEE, KIND)
-        for g in tl.static_range(1, GROUPS):
+        s0, s1, attended, hist = _no_columns(NB, PHASE)
+        for g in tl.static_range(GROUPS + (TAIL > 0)):
             r0, r1, r_att, r_hist = _global_columns(
                 b_q, km_hi_ptr, km_lo_ptr, lengths_ptr, mask_ptr, range_ptr, cand_val_ptr, cand_pair_ptr,
                 cand_n_ptr, cutoff_ptr, geo_ptr, i_bh, o_i, m_i, self_c, S, C, CAP, m_take, g * 32,
-                32, C_PAD, D, NB, W, PHASE, SPLIT, IEEE, KIND)
-            s0, s1, attended, hist = _combine(s0, s1, attended, hist, r0, r1, r_att, r_hist, PHASE)
-        if GROUPS > 0 and TAIL > 0:
-            r0, r1, r_att, r_hist = _global_columns(
-                b_q, km_hi_ptr, km_lo_ptr, lengths_ptr, mask_ptr, range_ptr, cand_val_ptr, cand_pair_ptr,
-                cand_n_ptr, cutoff_ptr, geo_ptr, i_bh, o_i, m_i, self_c, S, C, CAP, m_take, GROUPS * 32,
-                TAIL, C_PAD, D, NB, W, PHASE, SPLIT, IEEE, KIND)
+                32 if g < GROUPS else TAIL, C_PAD, D, NB, W, PHASE, SPLIT, IEEE, KIND)
             s0, s1, attended, hist = _combine(s0, s1, attended, hist, r0, r1, r_att, r_hist, PHASE)
         p_s = stats_ptr + (i_bh * n_tiles + i_t) * 4
         if PHASE <= 4:
@@ -328,7 +330,7 @@ def vmoba_gate_kernel(
             tl.atomic_add(hist_ptr + i_bh * NB + tl.arange(0, NB), hist, mask=hist > 0)
         if PHASE >= 4:
             tl.store(att_ptr + i_bh * n_tiles + i_t, attended)
-            for w in tl.static_range(WORDS, W):  # words past the last block
+            for w in tl.static_range(GROUPS + (TAIL > 0), W):  # words past the last block
                 tl.store(mask_ptr + (i_bh.to(tl.int64) * S + o_i) * W + w, tl.zeros([BM], dtype=tl.int32), mask=m_i)
         return
 

@@ -164,7 +164,7 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
             BM=bm, C_PAD=c_pad, D=d, NB=nb, PHASE=phase, MODE_TOPK=mode == "topk",
             SPLIT=split, IEEE=q.dtype == torch.float32, KIND=kind_id,
             TOPK_ITER=mode == "topk" and min(topk, c) - 1 <= TOPK_ITER_MAX,
-            GROUPS=groups, TAIL=tail, WORDS=groups + (tail > 0), num_warps=cfg["num_warps"],
+            GROUPS=groups, TAIL=tail, num_warps=cfg["num_warps"],
         )
 
     nt_pad = triton.next_power_of_2(n_tiles)
