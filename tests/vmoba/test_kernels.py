@@ -242,11 +242,18 @@ def test_threshold_global_direct_and_two_level_paths(monkeypatch, direct, cap):
 
 
 @pytest.mark.parametrize("grid", [(3, 6, 8), (4, 4, 4)])
-def test_threshold_global_scores_blocks_in_column_groups(grid):
+def test_threshold_global_scores_blocks_in_column_groups(monkeypatch, grid):
     """threshold_global's passes score blocks in groups of 32 plus a tail of 16 or 32. One-token
     blocks: (3, 6, 8) has 48 in 2D (a group and a tail) and 144 in 3D (four groups, a tail, and
     three of the eight mask words past the last block); (4, 4, 4) has 16 in 2D (a tail alone) and
-    64 in 3D (two groups, no tail). Head 0 is degenerate (zero queries: every gate equal)."""
+    64 in 3D (two groups, no tail). Head 0 is degenerate (zero queries: every gate equal).
+
+    A query here merges dozens of one-token blocks; with the default fp16 running output each merge
+    rounds it once, which drifted past `ATOL` on an H200 (0.0107 at |out| ~ 2, one element of
+    27,648), so this test keeps the running output in fp32 (Wan's chunks give a query at most 40
+    blocks)."""
+    real = launch.attention_config
+    monkeypatch.setattr(launch, "attention_config", lambda *a: {**real(*a), "partial_dtype": "float32"})
     cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(1, 1), st_chunk=(1, 1, 1), select="threshold_global",
                       threshold=float(torch.empty(()).uniform_(0.15, 0.6)))
     q, k, v = qkv(grid, DTYPES[0], b=1, h=3)
