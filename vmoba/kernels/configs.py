@@ -11,13 +11,14 @@ import json
 import os
 
 # Gate/selection kernels: BM queries per program against all C_PAD block means.
-# bins: histogram bins of each of threshold_global's two levels (Triton's histogram costs about in
-# proportion to its bins). CAP: per-head room for the pairs of the band that holds the cutoff
+# bins: histogram bins of each of threshold_global's two levels. CAP: per-head room for the pairs of the band that holds the cutoff
 # (candidates). direct: a head whose first-level band fits CAP skips the second level. H200, Wan
 # 720p with the paper's chunks (locality inputs): first bands of 21-56K pairs a head in 2D and 3D,
 # so every head is direct (1,249 / 1,267 us for 2D / 3D vs 1,425 / 1,444 two-level, same run).
 # 128 bins (CAP 128K) or 64 bins (CAP 256K) were no faster (1,616 / 1,514 and 1,319 / 1,284 us vs
-# 1,271 / 1,282, one noisy run).
+# 1,271 / 1,282, one noisy run). With column groups (run 27): the histogram pass took 350 / 284 / 271
+# us at 256 / 128 / 64 bins (min/max alone 131: Triton's histogram has a floor), while compaction,
+# band histogram and patch grew with the band (349 -> 365 / 411, 11 -> 16 / 20, 12 -> 23 / 37 us).
 _GATE_GPU = {"num_warps": 4, "CAP": 65536, "bins": 256, "direct": True}
 _GATE_INTERPRETER = {"num_warps": 4, "CAP": 1024, "bins": 256, "direct": True}
 

@@ -152,20 +152,30 @@ def _histogram(b_bin, b_keep, N: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
+def _selection_bits(b_sel, o_c):
+    """Bit `c % 32` of each selected block `o_c` (int32; a row's bits of one word sum to its word:
+    distinct bits never carry, bit 31 included)."""
+    return tl.where(b_sel, (1 << (o_c % 32))[None, :], 0)
+
+
+@triton.jit
+def _attended_tokens(lengths_ptr, b_sel, m_i, o_c, C):
+    """Tokens the selected blocks `o_c` hold, summed over the tile's valid queries (fp32)."""
+    b_len = tl.load(lengths_ptr + o_c, mask=o_c < C, other=0).to(tl.float32)
+    return tl.sum(tl.sum(tl.where(b_sel & m_i[:, None], b_len[None, :], 0.0), axis=1), axis=0)
+
+
+@triton.jit
 def _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C,
                 BM: tl.constexpr, C_PAD: tl.constexpr):
     """Write selected blocks as bit words, and the tile's attended-token count."""
     W: tl.constexpr = C_PAD // 32
     o_c = tl.arange(0, C_PAD)
-    # distinct bits never carry, so an int32 sum is their OR (bit 31 included)
-    bit = tl.where(b_sel, (1 << (o_c % 32))[None, :], 0)  # [BM, C_PAD] int32
-    words = tl.sum(tl.reshape(bit, [BM, W, 32]), axis=2)  # [BM, W]
+    words = tl.sum(tl.reshape(_selection_bits(b_sel, o_c), [BM, W, 32]), axis=2)  # [BM, W]
     o_w = tl.arange(0, W)
     p_m = mask_ptr + (i_bh.to(tl.int64) * S + o_i[:, None]) * W + o_w[None, :]
     tl.store(p_m, words, mask=m_i[:, None])
-    b_len = tl.load(lengths_ptr + o_c, mask=o_c < C, other=0).to(tl.float32)
-    attended = tl.sum(tl.sum(tl.where(b_sel & m_i[:, None], b_len[None, :], 0.0), axis=1), axis=0)
-    tl.store(att_ptr + i_bh * n_tiles + i_t, attended)
+    tl.store(att_ptr + i_bh * n_tiles + i_t, _attended_tokens(lengths_ptr, b_sel, m_i, o_c, C))
 
 
 @triton.jit
@@ -173,11 +183,9 @@ def _store_word(mask_ptr, lengths_ptr, b_sel, i_bh, o_i, m_i, S, C, c0, CW: tl.c
     """Write the selection of the blocks `[c0, c0 + CW)` (CW <= 32: one bit word a query); return
     the tokens they attend."""
     o_c = c0 + tl.arange(0, CW)
-    # distinct bits never carry, so an int32 sum is their OR (bit 31 included)
-    word = tl.sum(tl.where(b_sel, (1 << (o_c % 32))[None, :], 0), axis=1)  # [BM] int32
+    word = tl.sum(_selection_bits(b_sel, o_c), axis=1)  # [BM]
     tl.store(mask_ptr + (i_bh.to(tl.int64) * S + o_i) * W + c0 // 32, word, mask=m_i)
-    b_len = tl.load(lengths_ptr + o_c, mask=o_c < C, other=0).to(tl.float32)
-    return tl.sum(tl.sum(tl.where(b_sel & m_i[:, None], b_len[None, :], 0.0), axis=1), axis=0)
+    return _attended_tokens(lengths_ptr, b_sel, m_i, o_c, C)
 
 
 @triton.jit
@@ -312,8 +320,9 @@ def vmoba_gate_kernel(
 
     if PHASE > 0:
         W: tl.constexpr = C_PAD // 32
+        N_GROUPS: tl.constexpr = GROUPS + (TAIL > 0)  # one mask word each
         s0, s1, attended, hist = _no_columns(NB, PHASE)
-        for g in tl.static_range(GROUPS + (TAIL > 0)):
+        for g in tl.static_range(N_GROUPS):
             r0, r1, r_att, r_hist = _global_columns(
                 b_q, km_hi_ptr, km_lo_ptr, lengths_ptr, mask_ptr, range_ptr, cand_val_ptr, cand_pair_ptr,
                 cand_n_ptr, cutoff_ptr, geo_ptr, i_bh, o_i, m_i, self_c, S, C, CAP, m_take, g * 32,
@@ -330,7 +339,7 @@ def vmoba_gate_kernel(
             tl.atomic_add(hist_ptr + i_bh * NB + tl.arange(0, NB), hist, mask=hist > 0)
         if PHASE >= 4:
             tl.store(att_ptr + i_bh * n_tiles + i_t, attended)
-            for w in tl.static_range(GROUPS + (TAIL > 0), W):  # words past the last block
+            for w in tl.static_range(N_GROUPS, W):  # words past the last block
                 tl.store(mask_ptr + (i_bh.to(tl.int64) * S + o_i) * W + w, tl.zeros([BM], dtype=tl.int32), mask=m_i)
         return
 
