@@ -180,8 +180,10 @@ def main(argv=None) -> int:
     import redis
     from rq import Queue
 
-    from service.jobs import JobStore, new_job_id
-    from service.schemas import GenerateRequest, Limits, make_payload
+    from contract.enqueue import enqueue
+    from contract.keys import new_job_id
+    from contract.request import GenerateRequest, Limits
+    from contract.store import JobStore
 
     body = dict(prompt="a sailing boat on a stormy sea, cinematic, 4k", seed=args.seed,
                 num_frames=args.frames, width=args.width, height=args.height,
@@ -189,7 +191,8 @@ def main(argv=None) -> int:
                 attention=json.loads(args.attention))
     limits = Limits(model=args.model, max_num_frames=max(129, args.frames),
                     max_pixels=max(1280 * 720, args.width * args.height))
-    request = GenerateRequest.model_validate(body, context={"limits": limits})
+    request = GenerateRequest.model_validate(body, context={"limits": limits}).validated(
+        seed=args.seed)
 
     redis_binary = find_redis_server(args.redis_server)
     work = Path(tempfile.mkdtemp(prefix="worker-e2e-"))
@@ -201,8 +204,6 @@ def main(argv=None) -> int:
         "WARMUP_SIZE": args.warmup_size, "LOG_LEVEL": "INFO",
         # The first job at a new shape also autotunes kernels: no timeout from a cold estimate.
         "JOB_TIMEOUT_MIN_S": str(args.timeout_s),
-        # The worker validates the job again with the API's limits: the same ones.
-        "MAX_NUM_FRAMES": str(limits.max_num_frames), "MAX_PIXELS": str(limits.max_pixels),
     }
     env["CUDA_VISIBLE_DEVICES"] = first_gpu() if args.device == "cuda" else ""
     log_path = work / "worker.log"
@@ -231,9 +232,8 @@ def main(argv=None) -> int:
 
         job_id = new_job_id()
         store.create(request.model_dump(mode="json"), model=args.model, seed=request.seed, job_id=job_id)
-        Queue("vmoba", connection=client).enqueue_call(
-            "worker.jobs.generate_video", args=(make_payload(job_id, request),), job_id=job_id,
-            timeout=int(args.timeout_s) + 600, result_ttl=3600)
+        enqueue(Queue("vmoba", connection=client), job_id, request.to_payload(job_id),
+                result_ttl_s=3600)
         t_submit = time.monotonic()
         last_step = -1
         while True:

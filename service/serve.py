@@ -15,7 +15,6 @@ signal, so nothing outlives a supervisor killed with SIGKILL.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -28,6 +27,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from contract.supervise import Backoff, describe_exit, spawn
 
 from .settings import ServiceSettings
 
@@ -43,15 +44,6 @@ STOP_REDIS_S = 10.0
 
 def log(message: str) -> None:
     print(f"[serve] {message}", file=sys.stderr, flush=True)
-
-
-def _set_pdeathsig() -> None:
-    """In the child: get SIGTERM when the supervisor dies (Linux), so nothing is orphaned."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def redis_server_binary() -> str:
@@ -115,7 +107,7 @@ class Child:
     env: dict
     proc: Optional[subprocess.Popen] = None
     started_at: float = 0.0
-    backoff_s: float = 1.0
+    backoff: Backoff = field(default_factory=lambda: Backoff(RESTART_BACKOFF_MAX_S))
     restart_at: float = 0.0
     restarts: int = 0
     log_path: Optional[Path] = None
@@ -126,9 +118,7 @@ class Child:
         if self.log_path is not None:
             self._log = open(self.log_path, "ab")
             out = self._log
-        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True,
-                                     preexec_fn=_set_pdeathsig, stdout=out,
-                                     stderr=subprocess.STDOUT if out else None)
+        self.proc = spawn(self.argv, self.env, output=out)
         self.started_at = time.time()
 
     def alive(self) -> bool:
@@ -161,15 +151,14 @@ class Child:
     def supervise(self) -> None:
         """Restart the process if it has exited (after its back-off)."""
         if self.alive():
-            if time.time() - self.started_at > 60:
-                self.backoff_s = 1.0
             return
         now = time.time()
         if self.restart_at == 0.0:
             code = self.proc.returncode if self.proc else None
-            log(f"{self.name} exited (code {code}); restarting in {self.backoff_s:g} s")
-            self.restart_at = now + self.backoff_s
-            self.backoff_s = min(self.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+            delay = self.backoff.delay_s(code, now - self.started_at)
+            how = describe_exit(code) if code is not None else "not started"
+            log(f"{self.name} ended ({how}); restarting in {delay:g} s")
+            self.restart_at = now + delay
         elif now >= self.restart_at:
             self.restart_at = 0.0
             self.restarts += 1

@@ -1,7 +1,6 @@
 """Settings of the API process (one pydantic-settings class, read from the environment).
 
-Names shared with the worker (`REDIS_URL`, `DATA_DIR`, `QUEUE_NAME`, `RETENTION_S`, `MODEL`) mean
-the same thing in both processes. Units are in the names (`_S` seconds, `_PX` pixels). Every default
+Units are in the names (`_S` seconds, `_PX` pixels). Every default
 is documented where it is defined.
 
 ```python
@@ -16,60 +15,17 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
 
-TINY_MODEL = "tiny"
-
-# Generation defaults per model family. The tiny random-weight model runs on a CPU in seconds, so
-# its defaults are small; the real Wan 2.1 defaults are the model card's 81 x 480 x 832.
-TINY_DEFAULTS = dict(num_frames=17, width=128, height=128, num_inference_steps=4)
-WAN_DEFAULTS = dict(num_frames=81, width=832, height=480, num_inference_steps=50)
+from contract.files import job_dir
+from contract.request import TINY_DEFAULTS, TINY_MODEL, WAN_DEFAULTS, Limits
+from contract.settings import SharedSettings
 
 
-class Limits(BaseModel):
-    """What a `GenerateRequest` may ask for, and the values used for fields it omits.
-
-    Built from settings by `ServiceSettings.limits()`; `GenerateRequest` validates against it.
-    """
-
-    model: str = TINY_MODEL
-    max_prompt_chars: int = 2000
-    min_num_frames: int = 5
-    max_num_frames: int = 129
-    min_side_px: int = 32
-    max_side_px: int = 1920
-    max_pixels: int = 1280 * 720
-    max_steps: int = 100
-    max_guidance_scale: float = 20.0
-    max_fps: int = 60
-    max_topk: int = 1024
-    default_num_frames: int = TINY_DEFAULTS["num_frames"]
-    default_width: int = TINY_DEFAULTS["width"]
-    default_height: int = TINY_DEFAULTS["height"]
-    default_steps: int = TINY_DEFAULTS["num_inference_steps"]
-    default_guidance_scale: float = 5.0
-    default_fps: int = 16
-
-
-class ServiceSettings(BaseSettings):
-    """Environment of the API process. Field names are the environment variable names."""
-
-    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", env_file=None)
-
-    # -- shared with the worker ----------------------------------------------------------------
-    # Redis holding the RQ queue and our job records. `make serve` starts a private server and sets
-    # this when it is not given.
-    REDIS_URL: str = "redis://127.0.0.1:6379/0"
-    # Results root: `DATA_DIR/jobs/<job_id>/{video.mp4,thumbnail.jpg,meta.json}` (a shared volume
-    # between api and worker containers).
-    DATA_DIR: Path = Path("./var/data")
-    # RQ queue the API enqueues to and the workers listen on.
-    QUEUE_NAME: str = "vmoba"
-    # How long a finished job's record and files are kept after it ends (24 h).
-    RETENTION_S: int = Field(24 * 3600, ge=60)
-    # The pipeline the workers run: "tiny" (random-weight, in code), a hub id or a local directory.
-    MODEL: str = TINY_MODEL
+class ServiceSettings(SharedSettings):
+    """Environment of the API process. Field names are the environment variable names; the
+    settings shared with the workers (`REDIS_URL`, `DATA_DIR`, `QUEUE_NAME`, `RETENTION_S`,
+    `MODEL`) come from `contract.settings.SharedSettings`."""
 
     # -- HTTP ----------------------------------------------------------------------------------
     # Interface and port of the API (`make serve` prints the URL).
@@ -90,9 +46,6 @@ class ServiceSettings(BaseSettings):
     MAX_QUEUE_DEPTH: int = Field(64, ge=1)
     # Retry-After sent with 429, seconds.
     RETRY_AFTER_S: int = Field(10, ge=1)
-    # RQ's own job timeout, a generous backstop only: the worker enforces the real one, derived
-    # from the request's size and its measured speed (1 day).
-    JOB_TIMEOUT_BACKSTOP_S: int = Field(24 * 3600, ge=60)
     # How long an Idempotency-Key maps to its job (1 day).
     IDEMPOTENCY_TTL_S: int = Field(24 * 3600, ge=1)
     # `openai-poll-after-ms` sent on status GETs.
@@ -158,10 +111,8 @@ class ServiceSettings(BaseSettings):
         )
 
     def job_dir(self, job_id: str) -> Path:
-        """Where a job's files live. `job_id` must be a server-made id (see `jobs.is_job_id`)."""
-        from .jobs import check_job_id
-
-        return Path(self.DATA_DIR) / "jobs" / check_job_id(job_id)
+        """Where a job's files live. `job_id` must be a server-made id."""
+        return job_dir(self.DATA_DIR, job_id)
 
 
 @lru_cache(maxsize=1)

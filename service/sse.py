@@ -28,7 +28,9 @@ from typing import AsyncIterator, Optional
 
 import anyio
 
-from .jobs import TERMINAL, events_channel
+from contract.keys import events_channel
+from contract.status import TERMINAL_VALUES
+
 from .state import AppState
 from .views import job_view
 
@@ -57,7 +59,7 @@ async def job_events(state: AppState, job_id: str,
             last_seq = last_event_id
             for ev in await store.events_since(job_id, last_event_id):
                 last_seq = max(last_seq, ev["seq"])
-                if ev["type"] in TERMINAL:
+                if ev["type"] in TERMINAL_VALUES:
                     yield sse(ev["type"], job_view(rec, pos, cancel_requested=cancel), ev["seq"])
                     return
                 yield sse(ev["type"], ev, ev["seq"])
@@ -79,7 +81,7 @@ async def job_events(state: AppState, job_id: str,
             if seq <= last_seq:
                 continue
             last_seq = seq
-            if ev.get("type") in TERMINAL:
+            if ev.get("type") in TERMINAL_VALUES:
                 rec, pos, cancel = await store.get_full(job_id)
                 body = job_view(rec, pos, cancel_requested=cancel) if rec else ev
                 yield sse(ev["type"], body, seq)

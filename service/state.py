@@ -12,11 +12,10 @@ import redis.asyncio as aredis
 from fastapi import Request
 from rq import Queue
 
-from .jobs import AsyncJobStore
-from .settings import Limits, ServiceSettings
+from contract.request import Limits
+from contract.store import AsyncJobStore
 
-# The dotted path RQ imports in the worker; the API never imports it (no torch here).
-JOB_FUNCTION = "worker.jobs.generate_video"
+from .settings import ServiceSettings
 
 
 @dataclass

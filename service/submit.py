@@ -1,10 +1,10 @@
 """Creating jobs, shared by `POST /generate` and `POST /v1/videos`: validate, reserve, enqueue.
 
 1. Validate the body into a `GenerateRequest` against the settings' limits (400 on bad input).
-2. Resolve the seed, then create the record atomically with the queue-depth check (429 +
+2. Resolve the seed into the frozen `ValidatedRequest` (what is enqueued), then create the record atomically with the queue-depth check (429 +
    Retry-After when full, before anything is enqueued) and the Idempotency-Key mapping (the same
    key and body give the same job; the same key with another body is a 409).
-3. Enqueue `worker.jobs.generate_video(payload)` in RQ by dotted path. RQ is synchronous, so it
+3. Enqueue it in RQ (`contract.enqueue`, the job function by dotted path). RQ is synchronous, so it
    writes its commands into a pipeline that is never executed (`enqueue_call(pipeline=...)`), and
    those commands go to Redis in one MULTI on the async client: the event loop never blocks and
    no thread hop is paid. If that fails the record is marked failed and the client gets a 503.
@@ -16,13 +16,16 @@ import logging
 import time
 from typing import Optional
 
-from rq.job import Job
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+
+from contract.enqueue import enqueue as rq_enqueue
+from contract.keys import idempotency_key, new_job_id, new_seed, request_sha
+from contract.record import JobRecord
+from contract.request import GenerateRequest
 
 from .errors import APIError
-from .jobs import JobRecord, idempotency_key, new_job_id, new_seed, request_sha
-from .schemas import GenerateRequest, make_payload
-from .state import JOB_FUNCTION, AppState
+from .state import AppState
 
 log = logging.getLogger("service")
 
@@ -43,13 +46,12 @@ async def submit(state: AppState, req: GenerateRequest, *, idem_key: Optional[st
         raise APIError(400, f"Idempotency-Key must have 1 to {MAX_IDEMPOTENCY_KEY_CHARS} "
                             f"characters, got {len(idem_key)}", param="Idempotency-Key")
     sha = request_sha(req.model_dump(mode="json"))  # before the seed is resolved
-    if req.seed is None:
-        req = req.model_copy(update={"seed": new_seed()})
+    job = req.validated(seed=new_seed())
     job_id, now = new_job_id(), time.time()
-    payload = make_payload(job_id, req)
-    request = {k: v for k, v in payload.items() if k != "job_id"}
+    payload = job.to_payload(job_id)
+    request = job.model_dump(mode="json")
     result = await state.store.create(
-        request, model=settings.MODEL, seed=req.seed, job_id=job_id,
+        request, model=settings.MODEL, seed=job.seed, job_id=job_id,
         idempotency_key=idempotency_key(idem_key, auth_scope) if idem_key else None,
         idempotency_ttl_s=settings.IDEMPOTENCY_TTL_S, max_queued=settings.MAX_QUEUE_DEPTH,
         sha=sha, now=now)
@@ -78,20 +80,17 @@ async def submit(state: AppState, req: GenerateRequest, *, idem_key: Optional[st
             log.exception("could not mark %s failed", job_id)
         raise APIError(503, "the job could not be queued (Redis unavailable); retry shortly",
                        headers={"Retry-After": "5"})
-    rec = JobRecord(id=job_id, request=request, seed=req.seed, model=settings.MODEL,
-                    created_at=now, total_steps=req.num_inference_steps, request_sha=sha)
+    rec = JobRecord(id=job_id, request=request, seed=job.seed, model=settings.MODEL,
+                    created_at=now, total_steps=job.num_inference_steps, request_sha=sha)
     return rec, result.position, True
 
 
 def rq_commands(state: AppState, job_id: str, payload: dict) -> list:
     """The Redis commands with which RQ would enqueue the job (recorded, not run)."""
-    s = state.settings
     pipe = state.sync_redis.pipeline(transaction=True)
     try:
-        state.queue.enqueue_call(
-            JOB_FUNCTION, args=(payload,), job_id=job_id, timeout=s.JOB_TIMEOUT_BACKSTOP_S,
-            result_ttl=s.RETENTION_S, failure_ttl=s.RETENTION_S,
-            description=f"generate {job_id}", pipeline=pipe)
+        rq_enqueue(state.queue, job_id, payload, result_ttl_s=state.settings.RETENTION_S,
+                   pipeline=pipe)
         return list(pipe.command_stack)
     finally:
         pipe.reset()

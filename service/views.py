@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .jobs import JobRecord
-from .schemas import format_seconds, openai_status
-from .settings import TINY_MODEL
+from contract.record import JobRecord
+from contract.request import TINY_MODEL, format_seconds
+from contract.status import openai_status
 
 TINY_NOTE = ("tiny random-weight Wan pipeline (MODEL=tiny): the video is noise, "
              "for tests and demos")

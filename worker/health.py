@@ -14,7 +14,7 @@ import sys
 def main() -> int:
     import redis
 
-    from service.jobs import JobStore
+    from contract.store import JobStore
 
     from .settings import WorkerSettings
 

@@ -33,15 +33,18 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from service.jobs import JobStore, job_key
-from service.schemas import ErrorCode
+from contract.enqueue import enqueue
+from contract.keys import JANITOR_LOCK_KEY, QUEUED_KEY, job_key
+from contract.record import as_text
+from contract.status import ErrorCode
+from contract.store import JobStore
+from contract.supervise import setup_logging
 
 from .settings import WorkerSettings
 from .storage import ResultStorage
 
 log = logging.getLogger("worker.janitor")
 
-LOCK_KEY = "vmoba:janitor:lock"
 # A queued record younger than this may still be on its way into RQ (the API creates the record,
 # then enqueues): leave it alone.
 ORPHAN_GRACE_S = 60.0
@@ -49,7 +52,6 @@ ORPHAN_GRACE_S = 60.0
 EXPIRED_BATCH = 500
 # RQ keeps failures of lost jobs this long (they are diagnostics; our record is the truth).
 RQ_FAILURE_TTL_S = 7 * 24 * 3600
-JOB_FUNC = "worker.jobs.generate_video"
 
 
 @dataclass
@@ -85,7 +87,7 @@ class Janitor:
         the lock."""
         ttl = max(5, int(self.settings.JANITOR_INTERVAL_S * 3))
         token = f"{time.time()}"
-        if not self.redis.set(LOCK_KEY, token, nx=True, ex=ttl):
+        if not self.redis.set(JANITOR_LOCK_KEY, token, nx=True, ex=ttl):
             return None
         try:
             report = SweepReport()
@@ -98,8 +100,8 @@ class Janitor:
                 log.info("janitor: %s", {k: v for k, v in report.__dict__.items() if v})
             return report
         finally:
-            if self.redis.get(LOCK_KEY) in (token, token.encode()):
-                self.redis.delete(LOCK_KEY)
+            if self.redis.get(JANITOR_LOCK_KEY) in (token, token.encode()):
+                self.redis.delete(JANITOR_LOCK_KEY)
 
     def reap_worker(self, name: str, reason: str = "exited") -> SweepReport:
         """Worker `name` is known dead (the launcher saw it exit): forget its heartbeat and deal
@@ -185,9 +187,7 @@ class Janitor:
     def fail_orphans(self, report: SweepReport, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
         cutoff = now - ORPHAN_GRACE_S
-        from service.jobs import QUEUED_KEY
-
-        ids = [_s(x) for x in self.redis.zrangebyscore(QUEUED_KEY, "-inf", cutoff)]
+        ids = [as_text(x) for x in self.redis.zrangebyscore(QUEUED_KEY, "-inf", cutoff)]
         for job_id in ids:
             job = self._fetch(job_id)
             status = job.get_status(refresh=False) if job is not None else None
@@ -245,7 +245,7 @@ class Janitor:
         for queue in self.queues:
             registry = StartedJobRegistry(queue=queue)
             stale = [m for m in self.redis.zrange(registry.key, 0, -1)
-                     if _s(m).split(":", 1)[0] == job_id]
+                     if as_text(m).split(":", 1)[0] == job_id]
             if stale:
                 self.redis.zrem(registry.key, *stale)
 
@@ -255,15 +255,10 @@ class Janitor:
         if job is not None:
             queue.enqueue_job(job, at_front=True)
             return
-        # RQ's job is gone (expired or deleted): enqueue it again from our record.
-        from service.settings import get_settings
-
-        payload = {**rec.request, "job_id": rec.id}
-        if rec.seed is not None:
-            payload["seed"] = rec.seed
-        queue.enqueue(JOB_FUNC, payload, job_id=rec.id, at_front=True,
-                      job_timeout=get_settings().JOB_TIMEOUT_BACKSTOP_S,
-                      result_ttl=self.settings.RQ_RESULT_TTL_S)
+        # RQ's job is gone (expired or deleted): enqueue it again from our record, which holds
+        # the validated request as it was enqueued.
+        enqueue(queue, rec.id, {**rec.request, "job_id": rec.id}, at_front=True,
+                result_ttl_s=self.settings.RQ_RESULT_TTL_S)
 
     def _rq_fail(self, job_id: str, job: Job | None, message: str) -> None:
         self._drop_started_entries(job_id)
@@ -283,15 +278,9 @@ class Janitor:
         return self.queues[0]
 
 
-def _s(value):
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def main() -> int:
     """`python -m worker.janitor`: one sweep now, report printed as JSON."""
     import json
-
-    from .launcher import setup_logging
 
     settings = WorkerSettings()
     setup_logging(settings.LOG_LEVEL)

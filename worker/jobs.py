@@ -1,11 +1,12 @@
 """The job function: `worker.jobs.generate_video(payload)`, enqueued by the API by dotted path.
 
-`payload` is one JSON-able dict, `service.schemas.make_payload(job_id, request)`: the validated
-`GenerateRequest` fields plus `job_id`. The job record in Redis (`service.jobs.JobStore`) is what
-users see; RQ only carries the work. A run:
+`payload` is one JSON-able dict, `contract.request.ValidatedRequest.to_payload(job_id)`: the
+request the API validated, plus `job_id`. The job record in Redis (`contract.store.JobStore`) is
+what users see; RQ only carries the work. A run:
 
 1. skips a job whose record is gone or finished, and cancels one whose cancel flag is up;
-2. validates the payload again (`invalid_request` on failure: the worker trusts nothing);
+2. decodes the payload (`invalid_request` if it is malformed; the API's limits are not checked
+   again) and merges the attention settings: model defaults < `ATTENTION_DEFAULTS` < request;
 3. `queued -> in_progress` (`mark_started`; False means someone else took it or it was cancelled);
 4. runs the pipeline with the request's VMoBA settings for this call only. After every denoising
    step it publishes progress and checks, in one Redis round trip, the cancel flag and that the
@@ -45,13 +46,15 @@ from dataclasses import dataclass
 from rq import Retry
 from rq.timeouts import JobTimeoutException
 
-from service.jobs import cancel_key, is_job_id, job_key, new_seed
-from service.schemas import ErrorCode, Stage, split_payload
+from contract.files import META_FILE, RESULT_FILES, THUMBNAIL_FILE, VIDEO_FILE
+from contract.keys import cancel_key, is_job_id, job_key
+from contract.record import as_text
+from contract.request import ValidatedRequest
+from contract.status import ErrorCode, Stage
 
 from . import runtime as runtime_mod
 from .runtime import CurrentJob, free_memory
 from .speed import Shape
-from .storage import META_FILE, THUMBNAIL_FILE, VIDEO_FILE
 from .video import encode_mp4, write_thumbnail
 
 log = logging.getLogger("worker.jobs")
@@ -136,8 +139,8 @@ class JobRun:
         try:
             body = dict(self.payload)
             hooks = FaultHooks.parse(body.pop("_test", None), self.settings.ENABLE_TEST_HOOKS)
-            _, request = split_payload(body)
-            attention = self.rt.attention_settings(request.attention.model_dump(mode="json"))
+            _, request = ValidatedRequest.from_payload(body)
+            attention, sources = self.rt.attention_settings(request.attention)
         except ValueError as exc:
             message = f"invalid request: {_describe_invalid(exc)}"
             log.warning("job %s: %s", job_id, message)
@@ -159,7 +162,7 @@ class JobRun:
         log.info("job %s: %d frames %dx%d, %d steps, timeout %.0f s", job_id, shape.num_frames,
                  shape.width, shape.height, shape.steps, timeout_s)
         try:
-            return self._run_started(request, attention, hooks, rec.attempts + 1)
+            return self._run_started(request, attention, sources, hooks, rec.attempts + 1)
         except JobCancelled:
             store.mark_cancelled(job_id, f"cancelled while running, at step {self.cur.step} of "
                                          f"{self.cur.total_steps}")
@@ -190,14 +193,12 @@ class JobRun:
             self.rt.end_job()
             free_memory(self.rt.device)
 
-    def _run_started(self, request, attention, hooks: FaultHooks, attempt: int) -> dict:
+    def _run_started(self, request: ValidatedRequest, attention, sources: dict,
+                     hooks: FaultHooks, attempt: int) -> dict:
         rt, store, job_id, cur = self.rt, self.store, self.job_id, self.cur
         seed = request.seed
-        if seed is None:
-            seed = new_seed()
-            store.update(job_id, seed=seed)
         gen = rt.generate(cur.shape, prompt=request.prompt, negative_prompt=request.negative_prompt,
-                          seed=seed, attention=attention,
+                          seed=seed, flow_shift=request.flow_shift, attention=attention,
                           on_step=lambda done, total: self._on_step(done, total, hooks))
         if self._check_owner():
             raise JobCancelled()
@@ -211,12 +212,12 @@ class JobRun:
             timings["encoding_s"] = time.perf_counter() - t_enc
             timings["total_s"] = time.monotonic() - cur.started
             density = gen.attention.get("density")
-            staged.write_json(META_FILE, self._sidecar(request, seed, attention, gen, video, thumb,
-                                                       timings, attempt))
+            staged.write_json(META_FILE, self._sidecar(request, attention, sources, gen, video,
+                                                       thumb, timings, attempt))
             if self._check_owner():  # a cancel during decode/encode still wins before publishing
                 raise JobCancelled()
             staged.publish()
-        files = [VIDEO_FILE, THUMBNAIL_FILE, META_FILE]
+        files = list(RESULT_FILES)
         if not store.mark_completed(job_id, files=files, timings=timings, density=density):
             if store.get(job_id) is None:  # deleted while we worked: leave no files behind
                 rt.storage.remove(job_id)
@@ -269,7 +270,7 @@ class JobRun:
         pipe.exists(cancel_key(self.job_id))
         pipe.hmget(job_key(self.job_id), "status", "worker")
         flag, (status, worker) = pipe.execute()
-        status, worker = _s(status), _s(worker)
+        status, worker = as_text(status), as_text(worker)
         if status is None:
             raise JobTakenAway("its record was deleted")
         if status != "in_progress" or worker != self.rt.name:
@@ -297,18 +298,20 @@ class JobRun:
                 f"{self.rt.model_info.get('model')}: {_one_line(exc)}. Ask for fewer frames or a "
                 "smaller size.")
 
-    def _sidecar(self, request, seed, attention, gen, video, thumb, timings, attempt) -> dict:
+    def _sidecar(self, request: ValidatedRequest, attention, sources: dict, gen, video, thumb,
+                 timings, attempt) -> dict:
         rt = self.rt
         return {
             "id": self.job_id,
             "created_at": time.time(),
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
-            "seed": seed,
+            "seed": request.seed,
             "generator": "torch.Generator('cpu').manual_seed(seed), the initial noise",
-            "request": {**request.model_dump(mode="json"), "seed": seed},
+            "request": request.model_dump(mode="json"),
             "model": rt.model_info,
             "attention": attention.to_dict(),
+            "attention_sources": sources,
             "attention_stats": gen.attention,
             "density": gen.attention.get("density"),
             "timings": timings,
@@ -351,7 +354,3 @@ def _describe_invalid(exc: ValueError) -> str:
 def _one_line(exc) -> str:
     text = " ".join(str(exc).split())
     return text[:600] + ("..." if len(text) > 600 else "")
-
-
-def _s(value):
-    return value.decode() if isinstance(value, bytes) else value

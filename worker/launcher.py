@@ -20,7 +20,6 @@ The launcher itself never imports torch (it stays small and cannot hold a CUDA c
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import re
@@ -33,14 +32,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from contract.supervise import EXIT_RESTART, Backoff, describe_exit, setup_logging, spawn
+
 from .settings import WorkerSettings
 
 log = logging.getLogger("worker.launcher")
 
-# Exit code of a worker that asks to be restarted with a fresh process (sysexits' EX_TEMPFAIL).
-EXIT_RESTART = 75
-# A worker that ran this long before exiting was healthy: its next restart has no back-off.
-HEALTHY_UPTIME_S = 60.0
 POLL_S = 0.2
 
 
@@ -53,7 +50,7 @@ class Slot:
     proc: subprocess.Popen | None = None
     name: str = ""
     started_at: float = 0.0
-    quick_failures: int = 0
+    backoff: Backoff = field(default_factory=lambda: Backoff(30.0))
     start_after: float = 0.0
     restarts: int = 0
     history: list = field(default_factory=list)
@@ -103,14 +100,6 @@ def plan_slots(settings: WorkerSettings, env: dict) -> list[Slot]:
     return [Slot("cpu", cpu_env)]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
-    except OSError:
-        pass
-
-
 class Launcher:
     """Runs the planned worker processes until told to stop (see the module docstring)."""
 
@@ -129,14 +118,13 @@ class Launcher:
     def start(self, slot: Slot) -> None:
         slot.name = f"{self.host}.{slot.label}.{os.getpid()}.{secrets.token_hex(3)}"
         env = {**os.environ, **slot.env, "WORKER_NAME": slot.name}
-        slot.proc = subprocess.Popen(self.command, env=env, start_new_session=True,
-                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        slot.proc = spawn(self.command, env)
         slot.started_at = time.monotonic()
         log.info("started worker %s (pid %d) on %s", slot.name, slot.proc.pid, slot.label)
 
     def on_exit(self, slot: Slot, code: int) -> None:
         uptime = time.monotonic() - slot.started_at
-        how = f"signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+        how = describe_exit(code)
         slot.history.append((slot.name, code))
         (log.info if code in (0, EXIT_RESTART) else log.warning)(
             "worker %s (pid %d) ended after %.1f s with %s", slot.name, slot.proc.pid, uptime, how)
@@ -149,14 +137,8 @@ class Launcher:
         if self.stopping:
             return
         slot.restarts += 1
-        if code == EXIT_RESTART:
-            delay = 0.0
-        elif uptime >= HEALTHY_UPTIME_S:
-            slot.quick_failures = 0
-            delay = 1.0
-        else:
-            slot.quick_failures += 1
-            delay = min(self.settings.RESTART_BACKOFF_MAX_S, 2.0 ** (slot.quick_failures - 1))
+        slot.backoff.max_s = self.settings.RESTART_BACKOFF_MAX_S
+        delay = slot.backoff.delay_s(code, uptime)
         slot.start_after = time.monotonic() + delay
         log.info("restarting %s in %.0f s", slot.label, delay)
 
@@ -204,18 +186,6 @@ class Launcher:
                 except Exception:
                     log.exception("janitor sweep failed")
             time.sleep(POLL_S)
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return str(number)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
 
 
 def main() -> int:

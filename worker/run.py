@@ -29,7 +29,7 @@ import redis as redis_lib
 from rq import SimpleWorker
 
 from . import runtime as runtime_mod
-from .launcher import EXIT_RESTART, setup_logging
+from contract.supervise import EXIT_RESTART, setup_logging
 from .runtime import Runtime
 from .settings import WorkerSettings
 

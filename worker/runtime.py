@@ -4,7 +4,8 @@ measured speed, and the state the heartbeat thread reports (and the watchdog act
 ```python
 rt = Runtime.load(WorkerSettings())      # loads the model, installs VMoBA, warms up, measures
 install(rt)                              # worker.jobs.generate_video uses it
-result = rt.generate(shape, prompt="a cat", seed=1, attention=AttentionSettings(), on_step=cb)
+attention, sources = rt.attention_settings({"select": "topk"})   # model < operator < request
+result = rt.generate(shape, prompt="a cat", seed=1, flow_shift=3.0, attention=attention, on_step=cb)
 ```
 
 `generate` is the one place the pipeline runs: the prompt is encoded first (timed on its own),
@@ -25,9 +26,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
+
+from contract.request import default_flow_shift
 
 from .settings import WorkerSettings, parse_size
 from .speed import Shape, SpeedModel
@@ -66,7 +69,7 @@ class Runtime:
     settings: WorkerSettings
     name: str
     redis: object
-    store: object  # service.jobs.JobStore
+    store: object  # contract.store.JobStore
     storage: object  # worker.storage.ResultStorage
     pipe: object
     handle: object  # vmoba.diffusers.VMoBAHandle
@@ -74,6 +77,8 @@ class Runtime:
     model_info: dict
     speed: SpeedModel
     versions: dict
+    # The model's own VMoBA defaults (the first layer of `attention_settings`).
+    model_attention_defaults: dict = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     jobs_done: int = 0
     current: Optional[CurrentJob] = None
@@ -87,7 +92,7 @@ class Runtime:
         """Connect, load the model on this process's device, install VMoBA and warm up."""
         import redis as redis_lib
 
-        from service.jobs import JobStore
+        from contract.store import JobStore
         from vmoba.diffusers import AttentionSettings, install_vmoba
 
         from .storage import ResultStorage
@@ -121,8 +126,9 @@ class Runtime:
         frames, height, width = warmup_size(self.settings)
         shape = Shape(frames, height, width, self.settings.WARMUP_STEPS, 5.0)
         t0 = time.perf_counter()
+        attention, _ = self.attention_settings({})
         gen = self.generate(shape, prompt=WARMUP_PROMPT, negative_prompt="", seed=0,
-                            attention=self.attention_settings({}))
+                            flow_shift=default_flow_shift(width, height), attention=attention)
         # encode like a job would, into a scratch file, to time the encoder as well
         from .video import encode_mp4
 
@@ -144,20 +150,22 @@ class Runtime:
         free_memory(self.device)
 
     # -- running the pipeline ------------------------------------------------------------------
-    def attention_settings(self, request_attention: dict):
-        """`AttentionSettings` for one call: `ATTENTION_DEFAULTS` under the request's own values,
-        the kernel from `ATTENTION_KERNEL` unless the defaults name one."""
-        from vmoba.diffusers import AttentionSettings
+    def attention_settings(self, request_attention: dict) -> tuple[Any, dict]:
+        """The `AttentionSettings` of one call and where each field came from: model defaults <
+        the operator's `ATTENTION_DEFAULTS` (the kernel from `ATTENTION_KERNEL` unless those name
+        one) < the request's own fields. `ValueError` names a bad field."""
+        from vmoba.diffusers import merge_attention_settings
 
-        merged = {"kernel": self.settings.ATTENTION_KERNEL, **self.settings.ATTENTION_DEFAULTS}
-        merged.update({k: v for k, v in (request_attention or {}).items() if v is not None})
-        return AttentionSettings.from_dict(merged)
+        operator = {"kernel": self.settings.ATTENTION_KERNEL, **self.settings.ATTENTION_DEFAULTS}
+        return merge_attention_settings(self.model_attention_defaults, operator,
+                                        request_attention or {})
 
-    def generate(self, shape: Shape, *, prompt: str, negative_prompt: str, seed: int, attention,
+    def generate(self, shape: Shape, *, prompt: str, negative_prompt: str, seed: int,
+                 flow_shift: float, attention,
                  on_step: Optional[Callable[[int, int], None]] = None) -> Generation:
         """Run the pipeline once (see the module docstring). `on_step(done, total)` runs after
         every denoising step; an exception from it aborts the call before the VAE decode."""
-        with cpu_threads(self.device, self.settings):
+        with cpu_threads(self.device, self.settings), flow_shift_set(self.pipe, flow_shift):
             return self._generate(shape, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                                   attention=attention, on_step=on_step)
 
@@ -287,6 +295,21 @@ def cpu_threads(device: str, settings: WorkerSettings):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def flow_shift_set(pipe, flow_shift: float):
+    """The pipeline's scheduler with `flow_shift` for one call (schedulers read it from their
+    config when they set their timesteps), restored afterwards."""
+    base = pipe.scheduler
+    if getattr(base.config, "flow_shift", flow_shift) == flow_shift:
+        yield
+        return
+    pipe.scheduler = type(base).from_config(base.config, flow_shift=float(flow_shift))
+    try:
+        yield
+    finally:
+        pipe.scheduler = base
 
 
 def sync(cuda: bool) -> None:

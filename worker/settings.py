@@ -1,36 +1,24 @@
 """Settings of the worker processes (`python -m worker` and each worker it starts).
 
 One pydantic-settings class, read from the environment; field names are the environment variable
-names (`REDIS_URL`, `HEARTBEAT_TTL_S`), units are in the names (`_S` seconds). Names shared with the API (`REDIS_URL`, `DATA_DIR`,
-`QUEUE_NAME`, `RETENTION_S`, `MODEL`) mean the same thing in both processes. Each default is
-explained where it is defined.
+names (`HEARTBEAT_TTL_S`), units are in the names (`_S` seconds). Each default is explained where
+it is defined.
 """
 
 from __future__ import annotations
 
 import json
 import socket
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contract.settings import SharedSettings
 
 
-class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", env_file=None)
-
-    # --- shared with the API -----------------------------------------------------------------
-    REDIS_URL: str = "redis://127.0.0.1:6379/0"
-    """Redis holding the RQ queue, our job records, heartbeats and events."""
-    QUEUE_NAME: str = "vmoba"
-    """RQ queue(s) to work on; a comma-separated list is worked in priority order."""
-    DATA_DIR: Path = Path("./var/data")
-    """Results root (`jobs/<id>/video.mp4` ...), a volume shared with the API."""
-    RETENTION_S: int = Field(24 * 3600, ge=60)
-    """How long a finished job's record and files are kept (its `expires_at`); 1 day."""
-    MODEL: str = "tiny"
-    """`tiny` (the random-weight model built in code), a hub id or a local diffusers directory."""
+class WorkerSettings(SharedSettings):
+    """Environment of a worker process; the settings shared with the API (`REDIS_URL`,
+    `DATA_DIR`, `QUEUE_NAME`, `RETENTION_S`, `MODEL`) come from `SharedSettings`."""
 
     # --- the model on this worker ------------------------------------------------------------
     WORKER_DEVICE: Literal["auto", "cpu", "cuda"] = "auto"
@@ -43,9 +31,9 @@ class WorkerSettings(BaseSettings):
     ATTENTION_KERNEL: Literal["auto", "triton", "reference"] = "auto"
     """VMoBA implementation: `auto` = Triton on CUDA, the plain PyTorch reference on CPU."""
     ATTENTION_DEFAULTS: dict = Field(default_factory=dict)
-    """JSON object of `vmoba.diffusers.AttentionSettings` fields a request does not carry
-    (chunk sizes, `collect_timing`, ...), e.g. `{"temporal_chunk": 3}`; the request's own
-    `attention` values win."""
+    """The operator's JSON object of `vmoba.AttentionSettings` fields, e.g.
+    `{"select": "topk", "topk": [2, 6, 18]}`: over the model's defaults, under what a request
+    sets (model < operator < request)."""
     WARMUP_STEPS: int = Field(2, ge=0)
     """Denoising steps of the start-up generation that loads kernels and measures speed; 0 skips
     it (speed then comes from the first job)."""

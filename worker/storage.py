@@ -1,13 +1,4 @@
-"""Where a job's files live, and how they appear all at once.
-
-Layout under `DATA_DIR` (a volume shared with the API, which serves the files):
-
-```
-DATA_DIR/jobs/<job_id>/video.mp4        H.264 mp4
-DATA_DIR/jobs/<job_id>/thumbnail.jpg    preview image
-DATA_DIR/jobs/<job_id>/meta.json        sidecar: everything needed to reproduce and judge the result
-DATA_DIR/staging/<job_id>.<random>/     a job's files while they are being written
-```
+"""How a job's files appear all at once under `DATA_DIR` (layout: `contract.files`).
 
 A job writes into its own staging directory and publishes it with one `rename` onto
 `jobs/<job_id>`, so readers never see a half-written result: either the directory is complete or
@@ -19,25 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import time
 from pathlib import Path
 
-VIDEO_FILE = "video.mp4"
-THUMBNAIL_FILE = "thumbnail.jpg"
-META_FILE = "meta.json"
-
-# The API makes ids as `video_` + uuid4().hex; nothing else may name a directory.
-JOB_ID_PATTERN = re.compile(r"video_[0-9a-f]{32}")
-
-
-def check_job_id(job_id) -> str:
-    """`job_id` if it is a server-made id, else `ValueError` (it is about to become a path)."""
-    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
-        raise ValueError(f"job id must look like 'video_<32 lowercase hex>', got {job_id!r}")
-    return job_id
+from contract.files import JOBS_DIR, STAGING_DIR, VIDEO_FILE, job_dir
+from contract.keys import JOB_ID_RE, check_job_id
 
 
 class Staged:
@@ -93,11 +72,11 @@ class ResultStorage:
 
     def __init__(self, data_dir: str | Path):
         self.root = Path(data_dir)
-        self.jobs_dir = self.root / "jobs"
-        self.staging_dir = self.root / "staging"
+        self.jobs_dir = self.root / JOBS_DIR
+        self.staging_dir = self.root / STAGING_DIR
 
     def job_dir(self, job_id: str) -> Path:
-        return self.jobs_dir / check_job_id(job_id)
+        return job_dir(self.root, job_id)
 
     def stage(self, job_id: str) -> Staged:
         """A fresh staging directory for `job_id`; use as a context manager (discarded unless
@@ -123,7 +102,7 @@ class ResultStorage:
         """Ids of the published job directories (anything else in `jobs/` is ignored)."""
         if not self.jobs_dir.is_dir():
             return []
-        return sorted(n for n in os.listdir(self.jobs_dir) if JOB_ID_PATTERN.fullmatch(n))
+        return sorted(n for n in os.listdir(self.jobs_dir) if JOB_ID_RE.fullmatch(n))
 
     def age_s(self, job_id: str) -> float:
         """Seconds since the job's directory was last modified (0 if it is gone)."""

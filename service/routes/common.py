@@ -9,17 +9,18 @@ import anyio
 from fastapi import Request
 from starlette.responses import FileResponse
 
+from contract.files import THUMBNAIL_FILE, VIDEO_FILE
+from contract.keys import is_job_id
+from contract.record import JobRecord
+from contract.status import JobStatus
+
 from .. import metrics
 from ..auth import key_of
 from ..errors import APIError, not_found
-from ..jobs import JobRecord, is_job_id
 from ..responses import JSON
-from ..schemas import JobStatus
 from ..state import AppState
 from ..submit import cancel_in_rq, submit
 
-VIDEO_FILE = "video.mp4"
-THUMBNAIL_FILE = "thumbnail.jpg"
 MAX_LIST_LIMIT = 100
 
 
@@ -97,7 +98,7 @@ async def cancel(state: AppState, job_id: str) -> tuple[JobRecord, Optional[int]
         raise APIError(409, f"job {job_id} already ended as {rec.status}; nothing to cancel",
                        param="id")
     await state.store.request_cancel(job_id)
-    if await state.store.mark_cancelled(job_id):
+    if await state.store.mark_cancelled(job_id, allowed=(JobStatus.queued,)):
         await anyio.to_thread.run_sync(cancel_in_rq, state, job_id)
     return await load(state, job_id)
 
@@ -111,7 +112,8 @@ async def delete(state: AppState, job_id: str) -> None:
                        param="id")
     if rec.status == JobStatus.queued:
         await state.store.request_cancel(job_id)
-        if not await state.store.mark_cancelled(job_id, "deleted while queued"):
+        if not await state.store.mark_cancelled(job_id, "deleted while queued",
+                                                allowed=(JobStatus.queued,)):
             raise APIError(409, f"job {job_id} has just started; cancel it first", param="id")
         await anyio.to_thread.run_sync(cancel_in_rq, state, job_id)
     await anyio.to_thread.run_sync(

@@ -10,7 +10,9 @@ from fastapi.responses import StreamingResponse
 from ..bodies import parse_json_object, read_body
 from ..errors import APIError
 from ..responses import JSON
-from ..schemas import ErrorBody, GenerateRequest, JobObject, request_body
+from contract.request import GenerateRequest
+
+from ..schemas import ErrorBody, JobObject, request_body
 from ..sse import job_events
 from ..state import get_state
 from ..submit import validate_request

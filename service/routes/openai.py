@@ -17,15 +17,9 @@ from fastapi import APIRouter, Query, Request
 from ..bodies import parse_form_or_json, read_body
 from ..errors import APIError
 from ..responses import JSON
-from ..schemas import (
-    ErrorBody,
-    VideoCreateForm,
-    VideoObject,
-    _to_float,
-    _to_int,
-    frames_for_seconds,
-    request_body,
-)
+from contract.request import frames_for_seconds, to_float, to_int
+
+from ..schemas import ErrorBody, VideoCreateForm, VideoObject, request_body
 from ..state import AppState, get_state
 from ..submit import validate_request
 from ..views import video_view
@@ -60,14 +54,14 @@ def from_openai(state: AppState, body: dict) -> dict:
         if "num_frames" in body:
             raise APIError(400, "give either seconds or num_frames, not both", param="seconds")
         try:
-            value = _to_float(seconds)
+            value = to_float(seconds)
         except ValueError:
             value = -1.0
         if value <= 0:
             raise APIError(400, f"seconds must be a positive number (e.g. \"4\"), got "
                                 f"{str(seconds)[:40]!r}", param="seconds")
         try:
-            fps = _to_int(body.get("fps", state.limits.default_fps))
+            fps = to_int(body.get("fps", state.limits.default_fps))
         except ValueError:
             fps = state.limits.default_fps  # the fps error itself is reported by validation
         fps = max(1, fps)

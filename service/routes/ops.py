@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from contract.request import TINY_MODEL
+
 from .. import metrics
 from ..responses import JSON
-from ..settings import TINY_MODEL
 from ..state import get_state
 from ..views import model_note
 

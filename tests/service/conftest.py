@@ -1,6 +1,6 @@
 """Fixtures for the API tests: a real uvicorn serving `service.app` on a free port, on the
 session's private redis-server, with a fresh DATA_DIR. No workers: tests play the worker's part
-through `service.jobs.JobStore` where they need one."""
+through `contract.store.JobStore` where they need one."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import redis
 import uvicorn
 
 from service.app import create_app
-from service.jobs import JobStore
+from contract.store import JobStore
 from service.settings import ServiceSettings
 from service.serve import free_port
 

@@ -9,12 +9,8 @@ import time
 
 import pytest
 
-from service.jobs import (
-    JobStore,
-    events_channel,
-    is_job_id,
-    new_job_id,
-)
+from contract.keys import events_channel, is_job_id, new_job_id
+from contract.store import JobStore
 
 
 @pytest.fixture
@@ -121,13 +117,13 @@ def test_list_pages_cover_everything_once(store):
     seen, after = [], None
     while True:
         page, more = store.list(limit=3, after=after)
-        seen += [r.id for r in page]
+        seen += [r.id for r, _ in page]
         if not more:
             break
-        after = page[-1].id
+        after = page[-1][0].id
     assert seen == ids[::-1]
     asc, _ = store.list(limit=10, order="asc")
-    assert [r.id for r in asc] == ids
+    assert [r.id for r, _ in asc] == ids
     with pytest.raises(KeyError):
         store.list(after=new_job_id())
 

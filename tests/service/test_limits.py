@@ -10,7 +10,7 @@ import openai
 import pytest
 from rq import Queue
 
-from service.jobs import JobStore
+from contract.store import JobStore
 
 
 def test_queue_full_is_429_before_enqueueing(make_server, redis_client):

@@ -7,13 +7,9 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from service.schemas import (
-    GenerateRequest,
-    JobStatus,
-    frames_for_seconds,
-    openai_status,
-)
-from service.settings import Limits, ServiceSettings
+from contract.request import GenerateRequest, Limits, ValidatedRequest, frames_for_seconds
+from contract.status import JobStatus, openai_status
+from service.settings import ServiceSettings
 
 LIMITS = Limits(max_num_frames=81, max_pixels=832 * 480, max_steps=50, max_prompt_chars=100)
 
@@ -29,19 +25,33 @@ def message(**body) -> str:
 
 
 def test_defaults_fill_every_field():
-    req = validate(prompt="a cat")
+    req = validate(prompt="a cat").validated(seed=11)
     dumped = req.model_dump(mode="json")
-    assert None not in [dumped[k] for k in ("num_frames", "width", "height",
-                                             "num_inference_steps", "guidance_scale", "fps")]
+    assert None not in dumped.values()
     assert dumped["num_frames"] == LIMITS.default_num_frames
-    assert dumped["attention"] == {"backend": "vmoba", "select": "threshold_global",
-                                   "threshold": 0.25, "topk": [2, 6, 18], "dense_steps": 0.25,
-                                   "temporal_chunk": None, "spatial_chunk": None,
-                                   "st_chunk": None}
-    assert dumped["seed"] is None
-    # The dumped payload validates again to the same thing (what the worker does).
-    again = GenerateRequest.model_validate(dumped, context={"limits": LIMITS})
-    assert again.model_dump(mode="json") == dumped
+    # The request carries only the attention fields its caller set: the worker merges the rest.
+    assert dumped["attention"] == {}
+    assert dumped["seed"] == 11
+    assert dumped["flow_shift"] == 3.0  # below 720p
+    # The validated request is frozen.
+    with pytest.raises(ValidationError):
+        req.num_frames = 5  # type: ignore[misc]
+
+
+def test_flow_shift_defaults_per_resolution_and_is_checked():
+    wide = Limits(max_pixels=1280 * 720)
+    at_720p = GenerateRequest.model_validate({"prompt": "p", "width": 1280, "height": 720},
+                                             context={"limits": wide})
+    assert at_720p.flow_shift == 5.0
+    assert validate(prompt="p", width=832, height=480).flow_shift == 3.0
+    assert validate(prompt="p", flow_shift="7.5").flow_shift == 7.5
+    assert "flow_shift must be in (0, 20]" in message(prompt="p", flow_shift=0)
+    assert "flow_shift must be in (0, 20]" in message(prompt="p", flow_shift=21)
+
+
+def test_attention_carries_only_what_was_set():
+    req = validate(prompt="p", attention={"select": "topk", "topk": "2,10,9"})
+    assert req.validated(seed=0).attention == {"select": "topk", "topk": [2, 10, 9]}
 
 
 def test_valid_random_requests_round_trip():
@@ -124,20 +134,20 @@ def test_limits_come_from_settings():
 def test_seconds_and_status_mapping():
     assert frames_for_seconds(4, 16) == 65 and frames_for_seconds(5, 16) == 81
     assert frames_for_seconds(1, 16) == 17
-    assert validate(prompt="p", num_frames=65, fps=16).seconds == "4"
+    assert validate(prompt="p", num_frames=65, fps=16).validated(seed=0).seconds == "4"
     assert openai_status(JobStatus.cancelled) == "failed"
     assert openai_status("in_progress") == "in_progress"
 
 
 def test_payload_round_trip():
-    from service.jobs import new_job_id
-    from service.schemas import make_payload, split_payload
+    from contract.keys import new_job_id
 
     job_id = new_job_id()
-    req = validate(prompt="a dog", seed=7, attention={"backend": "dense"})
-    payload = make_payload(job_id, req)
+    req = validate(prompt="a dog", seed=7, attention={"backend": "dense"}).validated(seed=1)
+    payload = req.to_payload(job_id)
     assert payload["job_id"] == job_id and payload["seed"] == 7
-    got_id, got = split_payload(payload, LIMITS)
+    assert payload["attention"] == {"backend": "dense"}  # only what the caller set
+    got_id, got = ValidatedRequest.from_payload(payload)
     assert got_id == job_id and got == req
     with pytest.raises(ValueError):
-        split_payload({"prompt": "no id"}, LIMITS)
+        ValidatedRequest.from_payload({"prompt": "no id"})

@@ -12,10 +12,13 @@ from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from service.jobs import JobStore, new_job_id
-from worker.janitor import LOCK_KEY, Janitor
+from contract.keys import new_job_id
+from contract.store import JobStore
+from contract.keys import JANITOR_LOCK_KEY as LOCK_KEY
+from worker.janitor import Janitor
 from worker.settings import WorkerSettings
-from worker.storage import VIDEO_FILE, ResultStorage
+from contract.files import VIDEO_FILE
+from worker.storage import ResultStorage
 from worker_helpers import submit, worker_env
 
 

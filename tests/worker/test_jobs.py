@@ -17,7 +17,7 @@ from PIL import Image
 from rq import Queue
 from rq.job import Job
 
-from service.jobs import JobStore
+from contract.store import JobStore
 from worker_helpers import configure, events, run_worker, submit, wait_for
 from worker.video import mp4_top_level_boxes
 

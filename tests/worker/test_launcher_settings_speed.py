@@ -60,7 +60,7 @@ def test_restart_policy(monkeypatch):
     slot = Slot("cpu", {})
     assert exit_with(slot, EXIT_RESTART, 2.0) == 0
     assert [exit_with(slot, 1, 2.0) for _ in range(5)] == [1, 2, 4, 8, 8]
-    assert exit_with(slot, -9, 3600.0) == 1 and slot.quick_failures == 0
+    assert exit_with(slot, -9, 3600.0) == 1 and slot.backoff.quick_failures == 0
     launcher.stopping = True
     slot.start_after = 0
     exit_with(slot, 0, 1.0)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from service.jobs import JobStore
+from contract.store import JobStore
 from worker_helpers import events, submit, wait_for, worker_env
 
 pytestmark = pytest.mark.timeout(180)

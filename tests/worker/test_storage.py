@@ -9,7 +9,9 @@ import uuid
 
 import pytest
 
-from worker.storage import META_FILE, VIDEO_FILE, ResultStorage, check_job_id
+from contract.files import META_FILE, VIDEO_FILE
+from contract.keys import check_job_id
+from worker.storage import ResultStorage
 
 
 def new_id() -> str:

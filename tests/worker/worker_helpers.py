@@ -46,23 +46,26 @@ def submit(redis_client, *, test_hooks=None, queue="vmoba", job_timeout=3600, ra
     """
     from rq import Queue
 
-    from service.jobs import JobStore, new_job_id
-    from service.schemas import GenerateRequest, make_payload
+    from contract.enqueue import JOB_FUNCTION
+    from contract.keys import new_job_id
+    from contract.request import GenerateRequest, Limits
+    from contract.store import JobStore
 
     body.setdefault("prompt", "a red ball on a wooden floor")
     body.setdefault("num_frames", 5)
     body.setdefault("width", 32)
     body.setdefault("height", 32)
     body.setdefault("num_inference_steps", 2)
-    request = GenerateRequest.model_validate(body)
+    request = GenerateRequest.model_validate(body, context={"limits": Limits()}).validated(
+        seed=body.get("seed", 0))
     job_id = new_job_id()
     JobStore(redis_client).create(request.model_dump(mode="json"), model="tiny", seed=request.seed,
                                   job_id=job_id)
-    payload = make_payload(job_id, request) if raw is None else {**raw, "job_id": job_id}
+    payload = request.to_payload(job_id) if raw is None else {**raw, "job_id": job_id}
     if test_hooks:
         payload["_test"] = test_hooks
     Queue(queue, connection=redis_client).enqueue(
-        "worker.jobs.generate_video", payload, job_id=job_id, job_timeout=job_timeout,
+        JOB_FUNCTION, payload, job_id=job_id, job_timeout=job_timeout,
         result_ttl=600)
     return job_id
 
@@ -84,7 +87,7 @@ def run_worker(rt, *, burst=True):
 
 
 def events(redis_client, job_id):
-    from service.jobs import JobStore
+    from contract.store import JobStore
 
     return JobStore(redis_client).events_since(job_id)
 
