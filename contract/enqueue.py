@@ -17,11 +17,25 @@ JOB_FUNCTION = "worker.jobs.generate_video"
 RQ_TIMEOUT_BACKSTOP_S = 24 * 3600
 
 
-def enqueue(queue: Queue, job_id: str, payload: dict, *, result_ttl_s: int,
-            at_front: bool = False, pipeline: Optional[Any] = None) -> Job:
+def enqueue(
+    queue: Queue,
+    job_id: str,
+    payload: dict,
+    *,
+    result_ttl_s: int,
+    at_front: bool = False,
+    pipeline: Optional[Any] = None,
+) -> Job:
     """Enqueue `JOB_FUNCTION(payload)` as RQ job `job_id` (on `pipeline` when given: RQ then only
     records its commands)."""
     return queue.enqueue_call(
-        JOB_FUNCTION, args=(payload,), job_id=job_id, timeout=RQ_TIMEOUT_BACKSTOP_S,
-        result_ttl=result_ttl_s, failure_ttl=result_ttl_s, description=f"generate {job_id}",
-        at_front=at_front, pipeline=pipeline)
+        JOB_FUNCTION,
+        args=(payload,),
+        job_id=job_id,
+        timeout=RQ_TIMEOUT_BACKSTOP_S,
+        result_ttl=result_ttl_s,
+        failure_ttl=result_ttl_s,
+        description=f"generate {job_id}",
+        at_front=at_front,
+        pipeline=pipeline,
+    )

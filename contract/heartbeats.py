@@ -23,8 +23,13 @@ HEARTBEAT_TTL_S = 30
 def beat(name: str, info: Optional[dict] = None, ttl_s: float = HEARTBEAT_TTL_S) -> Ops[None]:
     """Say that worker `name` is alive for `ttl_s` more seconds. `info` is free-form JSON, by
     convention `{queue, model, device, pid, host, job_id, speed, ...}`."""
-    body = {"name": name, "ts": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
-            **(info or {})}
+    body = {
+        "name": name,
+        "ts": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        **(info or {}),
+    }
 
     def build(pipe: Any) -> None:
         pipe.set(worker_key(name), json.dumps(body), ex=max(1, int(ttl_s)))

@@ -37,8 +37,9 @@ def record_end(rec: JobRecord | None, status: str) -> Ops[None]:
             if name.endswith("_s"):
                 _observe(pipe, METRICS_STAGE_KEY + name[:-2], seconds, STAGE_BUCKETS_S)
         if status == "completed" and rec.timings.get("denoising_s") and rec.total_steps:
-            _observe(pipe, METRICS_STEP_KEY, rec.timings["denoising_s"] / rec.total_steps,
-                     STEP_BUCKETS_S)
+            _observe(
+                pipe, METRICS_STEP_KEY, rec.timings["denoising_s"] / rec.total_steps, STEP_BUCKETS_S
+            )
 
     yield pipelined(build)
 
@@ -69,6 +70,7 @@ def snapshot() -> Ops[dict]:
         "queue_depth": int(queued),
         "running": int(running),
         "step_seconds": _histogram(step, STEP_BUCKETS_S),
-        "stage_seconds": {stage: _histogram(raw, STAGE_BUCKETS_S)
-                          for stage, raw in zip(STAGE_METRICS, stages)},
+        "stage_seconds": {
+            stage: _histogram(raw, STAGE_BUCKETS_S) for stage, raw in zip(STAGE_METRICS, stages)
+        },
     }

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from .status import TERMINAL_VALUES, JobStatus, Stage, enum_value
 
+
 @dataclass
 class JobRecord:
     """One job as stored in `vmoba:job:<id>`. Times are unix seconds (float)."""
@@ -117,12 +118,18 @@ def make_event(rec_fields: dict, job_id: str, type_: str, **extra) -> dict:
     `seq` (the SSE id) is added by the Lua transition.
     """
     ev = {"type": type_, "job_id": job_id, "ts": time.time()}
-    for name in ("status", "stage", "progress", "step", "total_steps", "error_code",
-                 "error_message", "worker"):
+    for name in (
+        "status",
+        "stage",
+        "progress",
+        "step",
+        "total_steps",
+        "error_code",
+        "error_message",
+        "worker",
+    ):
         if name in rec_fields and rec_fields[name] is not None:
             value = rec_fields[name]
             ev[name] = enum_value(value) if isinstance(value, (JobStatus, Stage)) else value
     ev.update(extra)
     return ev
-
-

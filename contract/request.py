@@ -102,9 +102,7 @@ def to_int(value: Any) -> Any:
 def to_float(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError(f"must be a number, got the boolean {value!r}")
-    if isinstance(value, (int, float)):
-        value = float(value)
-    elif isinstance(value, str) and _FLOAT_RE.fullmatch(value):
+    if isinstance(value, (int, float)) or isinstance(value, str) and _FLOAT_RE.fullmatch(value):
         value = float(value)
     else:
         raise ValueError(f"must be a number, got {value!r}")
@@ -183,13 +181,17 @@ class AttentionRequest(BaseModel):
         if self.topk is not None:
             values = (self.topk,) if isinstance(self.topk, int) else self.topk
             if any(not 1 <= v <= limit for v in values):
-                raise ValueError(f"attention.topk values must be in [1, {limit}], got {self.topk!r}")
+                raise ValueError(
+                    f"attention.topk values must be in [1, {limit}], got {self.topk!r}"
+                )
         for name in ("temporal_chunk", "spatial_chunk", "st_chunk"):
             value = getattr(self, name)
             values = () if value is None else (value,) if isinstance(value, int) else value
             if any(not 1 <= v <= MAX_CHUNK for v in values):
-                raise ValueError(f"attention.{name} values must be in [1, {MAX_CHUNK}] (latent "
-                                 f"units), got {value!r}")
+                raise ValueError(
+                    f"attention.{name} values must be in [1, {MAX_CHUNK}] (latent "
+                    f"units), got {value!r}"
+                )
         return self
 
     def overrides(self) -> dict:
@@ -219,18 +221,22 @@ class GenerateRequest(BaseModel):
     guidance_scale: Optional[Float] = None
     fps: Optional[Int] = None
     flow_shift: Optional[Float] = Field(
-        None, description="UniPC flow shift; default 3.0 below 720p, 5.0 from 720p (Wan's)")
+        None, description="UniPC flow shift; default 3.0 below 720p, 5.0 from 720p (Wan's)"
+    )
     attention: AttentionRequest = Field(default_factory=AttentionRequest)
 
     @model_validator(mode="after")
     def _complete_and_check(self, info: ValidationInfo) -> GenerateRequest:
         lim = _limits(info)
         # Defaults first, so that defaults are checked like given values.
-        for name, default in (("num_frames", lim.default_num_frames), ("width", lim.default_width),
-                              ("height", lim.default_height),
-                              ("num_inference_steps", lim.default_steps),
-                              ("guidance_scale", lim.default_guidance_scale),
-                              ("fps", lim.default_fps)):
+        for name, default in (
+            ("num_frames", lim.default_num_frames),
+            ("width", lim.default_width),
+            ("height", lim.default_height),
+            ("num_inference_steps", lim.default_steps),
+            ("guidance_scale", lim.default_guidance_scale),
+            ("fps", lim.default_fps),
+        ):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
         if self.flow_shift is None:
@@ -241,8 +247,9 @@ class GenerateRequest(BaseModel):
         for name in ("prompt", "negative_prompt"):
             n_chars = len(getattr(self, name))
             if n_chars > lim.max_prompt_chars:
-                raise ValueError(f"{name} has {n_chars} characters; at most "
-                                 f"{lim.max_prompt_chars} allowed")
+                raise ValueError(
+                    f"{name} has {n_chars} characters; at most {lim.max_prompt_chars} allowed"
+                )
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**63-1], got {self.seed}")
         n = self.num_frames
@@ -277,8 +284,9 @@ class GenerateRequest(BaseModel):
         if not 1 <= self.fps <= lim.max_fps:
             raise ValueError(f"fps must be in [1, {lim.max_fps}], got {self.fps}")
         if not 0.0 < self.flow_shift <= MAX_FLOW_SHIFT:
-            raise ValueError(f"flow_shift must be in (0, {MAX_FLOW_SHIFT:g}], "
-                             f"got {self.flow_shift:g}")
+            raise ValueError(
+                f"flow_shift must be in (0, {MAX_FLOW_SHIFT:g}], got {self.flow_shift:g}"
+            )
         return self
 
     def validated(self, *, seed: int) -> ValidatedRequest:
@@ -287,11 +295,18 @@ class GenerateRequest(BaseModel):
         assert self.num_inference_steps is not None and self.guidance_scale is not None
         assert self.fps is not None and self.flow_shift is not None
         return ValidatedRequest(
-            prompt=self.prompt, negative_prompt=self.negative_prompt,
-            seed=self.seed if self.seed is not None else seed, num_frames=self.num_frames,
-            width=self.width, height=self.height, num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale, fps=self.fps, flow_shift=self.flow_shift,
-            attention=self.attention.overrides())
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            seed=self.seed if self.seed is not None else seed,
+            num_frames=self.num_frames,
+            width=self.width,
+            height=self.height,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            fps=self.fps,
+            flow_shift=self.flow_shift,
+            attention=self.attention.overrides(),
+        )
 
 
 class ValidatedRequest(BaseModel):

@@ -14,7 +14,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
-from .keys import EXPIRY_KEY, INDEX_KEY, PREFIX, QUEUED_KEY, RUNNING_KEY, events_channel, job_key, replay_key
+from .keys import (
+    EXPIRY_KEY,
+    INDEX_KEY,
+    PREFIX,
+    QUEUED_KEY,
+    RUNNING_KEY,
+    events_channel,
+    job_key,
+    replay_key,
+)
 from .record import as_text, fields_json, make_event
 from .status import JobStatus, Stage, enum_value
 
@@ -42,7 +51,9 @@ end
 #       idempotency ttl s, request sha, fields (a JSON object of strings: one argument instead of
 #       dozens, which costs the client less to encode)
 # Returns {"created"|"existing"|"conflict"|"full", job id, queue rank or -1}.
-CREATE_LUA = FLAT_LUA + """
+CREATE_LUA = (
+    FLAT_LUA
+    + """
 if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[4])
   if existing then
@@ -67,6 +78,7 @@ if ARGV[4] == '1' then
 end
 return {'created', ARGV[1], redis.call('ZRANK', KEYS[3], ARGV[1])}
 """
+)
 
 # Move a job between states atomically and publish the event.
 # KEYS: job hash, replay list, queued zset, running zset, expiry zset
@@ -81,7 +93,9 @@ return {'created', ARGV[1], redis.call('ZRANK', KEYS[3], ARGV[1])}
 # ARGV[13] hash field to increment by 1 ('' = none)
 # ARGV[14] fields to set, a JSON object of strings ('{}' = none)
 # Returns the event's seq, 0 if the job does not exist, -1 if its status was not allowed.
-TRANSITION_LUA = FLAT_LUA + """
+TRANSITION_LUA = (
+    FLAT_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' then
   local cur = redis.call('HGET', KEYS[1], 'status')
@@ -113,6 +127,7 @@ if ttl > 0 then
 end
 return seq
 """
+)
 
 
 class CreateResult(NamedTuple):
@@ -130,7 +145,6 @@ def create_result(out: Any) -> CreateResult:
     return CreateResult(as_text(outcome), as_text(jid), rank + 1 if rank >= 0 else None)
 
 
-
 @dataclass(frozen=True)
 class ScriptCall:
     """Keys and arguments of one script call."""
@@ -139,42 +153,99 @@ class ScriptCall:
     args: list
 
 
-def create_call(job_id: str, request: dict, *, model: str, seed: Optional[int],
-                idempotency_key: Optional[str], idempotency_ttl_s: int, max_queued: int, sha: str,
-                now: float) -> ScriptCall:
+def create_call(
+    job_id: str,
+    request: dict,
+    *,
+    model: str,
+    seed: Optional[int],
+    idempotency_key: Optional[str],
+    idempotency_ttl_s: int,
+    max_queued: int,
+    sha: str,
+    now: float,
+) -> ScriptCall:
     """Arguments of `CREATE_LUA` for a new queued job."""
     fields = {
-        "status": JobStatus.queued, "stage": Stage.queued, "progress": 0, "step": 0,
-        "total_steps": int(request.get("num_inference_steps") or 0), "request": request,
-        "seed": seed, "model": model, "created_at": now, "attempts": 0, "seq": 0,
-        "request_sha": sha, "files": [],
+        "status": JobStatus.queued,
+        "stage": Stage.queued,
+        "progress": 0,
+        "step": 0,
+        "total_steps": int(request.get("num_inference_steps") or 0),
+        "request": request,
+        "seed": seed,
+        "model": model,
+        "created_at": now,
+        "attempts": 0,
+        "seq": 0,
+        "request_sha": sha,
+        "files": [],
     }
     keys = [job_key(job_id), INDEX_KEY, QUEUED_KEY, idempotency_key or f"{PREFIX}idem:-"]
-    args = [job_id, repr(now), int(max_queued or 0), "1" if idempotency_key else "0",
-            int(idempotency_ttl_s), sha, fields_json(fields)]
+    args = [
+        job_id,
+        repr(now),
+        int(max_queued or 0),
+        "1" if idempotency_key else "0",
+        int(idempotency_ttl_s),
+        sha,
+        fields_json(fields),
+    ]
     return ScriptCall(keys, args)
 
 
-def transition_call(job_id: str, *, allowed: Iterable[Any] = (), event: str = "",
-                    fields: Optional[dict] = None, queued: str = "", running: str = "",
-                    expiry: str = "", score: float = 0.0, ttl_s: int = 0, incr: str = "",
-                    **event_extra: Any) -> ScriptCall:
+def transition_call(
+    job_id: str,
+    *,
+    allowed: Iterable[Any] = (),
+    event: str = "",
+    fields: Optional[dict] = None,
+    queued: str = "",
+    running: str = "",
+    expiry: str = "",
+    score: float = 0.0,
+    ttl_s: int = 0,
+    incr: str = "",
+    **event_extra: Any,
+) -> ScriptCall:
     """Arguments of `TRANSITION_LUA`: allowed current statuses, the event to publish (none when
     `event` is empty), fields to set, index set operations (`"add"`/`"rem"`) at `score`."""
     fields = dict(fields or {})
     ev = json.dumps(make_event(fields, job_id, event, **event_extra)) if event else ""
     keys = [job_key(job_id), replay_key(job_id), QUEUED_KEY, RUNNING_KEY, EXPIRY_KEY]
-    args = [",".join(enum_value(s) for s in allowed), ev, events_channel(job_id), REPLAY_LEN,
-            int(ttl_s), job_id, queued, repr(score), running, repr(score), expiry, repr(score),
-            incr, fields_json(fields)]
+    args = [
+        ",".join(enum_value(s) for s in allowed),
+        ev,
+        events_channel(job_id),
+        REPLAY_LEN,
+        int(ttl_s),
+        job_id,
+        queued,
+        repr(score),
+        running,
+        repr(score),
+        expiry,
+        repr(score),
+        incr,
+        fields_json(fields),
+    ]
     return ScriptCall(keys, args)
 
 
-def end_call(job_id: str, status: JobStatus, allowed: Iterable[Any], retention_s: int,
-             **extra: Any) -> ScriptCall:
+def end_call(
+    job_id: str, status: JobStatus, allowed: Iterable[Any], retention_s: int, **extra: Any
+) -> ScriptCall:
     """`allowed` -> a terminal `status`: kept `retention_s`, out of the queued/running indexes."""
     now = time.time()
     fields = {"status": status, "completed_at": now, "expires_at": now + retention_s, **extra}
-    return transition_call(job_id, allowed=allowed, event=status.value, fields=fields,
-                           queued="rem", running="rem", expiry="add", score=fields["expires_at"],
-                           ttl_s=retention_s + RECORD_GRACE_S)
+    return transition_call(
+        job_id,
+        allowed=allowed,
+        event=status.value,
+        fields=fields,
+        queued="rem",
+        running="rem",
+        expiry="add",
+        score=fields["expires_at"],
+        ttl_s=retention_s + RECORD_GRACE_S,
+    )

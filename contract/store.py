@@ -77,17 +77,32 @@ class _JobOps:
 
     # -- create / read --------------------------------------------------------------------------
 
-    def _create(self, request: dict, *, model: str, seed: Optional[int] = None,
-                job_id: Optional[str] = None, idempotency_key: Optional[str] = None,
-                idempotency_ttl_s: int = 24 * 3600, max_queued: int = 0,
-                sha: Optional[str] = None, now: Optional[float] = None) -> Ops[CreateResult]:
+    def _create(
+        self,
+        request: dict,
+        *,
+        model: str,
+        seed: Optional[int] = None,
+        job_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        idempotency_ttl_s: int = 24 * 3600,
+        max_queued: int = 0,
+        sha: Optional[str] = None,
+        now: Optional[float] = None,
+    ) -> Ops[CreateResult]:
         """Store a new queued job, unless `idempotency_key` already names one or `max_queued`
         jobs are waiting. `sha` fingerprints the request for idempotency (default: of `request`)."""
         call = create_call(
-            check_job_id(job_id) if job_id else new_job_id(), request, model=model, seed=seed,
-            idempotency_key=idempotency_key, idempotency_ttl_s=idempotency_ttl_s,
-            max_queued=max_queued, sha=sha or request_sha(request),
-            now=time.time() if now is None else now)
+            check_job_id(job_id) if job_id else new_job_id(),
+            request,
+            model=model,
+            seed=seed,
+            idempotency_key=idempotency_key,
+            idempotency_ttl_s=idempotency_ttl_s,
+            max_queued=max_queued,
+            sha=sha or request_sha(request),
+            now=time.time() if now is None else now,
+        )
         return create_result((yield self._script(self._create_script, call)))
 
     def _get(self, job_id: str) -> Ops[Optional[JobRecord]]:
@@ -109,8 +124,13 @@ class _JobOps:
         raw, rank, cancel = yield pipelined(build)
         return decode_record(job_id, raw), _position(rank), bool(cancel)
 
-    def _list(self, *, limit: int = 20, after: Optional[str] = None, order: str = "desc",
-              ) -> Ops[tuple[list[tuple[JobRecord, Optional[int]]], bool]]:
+    def _list(
+        self,
+        *,
+        limit: int = 20,
+        after: Optional[str] = None,
+        order: str = "desc",
+    ) -> Ops[tuple[list[tuple[JobRecord, Optional[int]]], bool]]:
         """Jobs newest first (`order="desc"`) or oldest first, starting after job `after`, each
         with its queue position. Returns `(items, has_more)`; `KeyError` for an unknown `after`."""
         desc = order == "desc"
@@ -120,7 +140,9 @@ class _JobOps:
             if rank is None:
                 raise KeyError(after)
             start = int(rank) + 1
-        raw_ids = yield lambda r: (r.zrevrange if desc else r.zrange)(INDEX_KEY, start, start + limit)
+        raw_ids = yield lambda r: (r.zrevrange if desc else r.zrange)(
+            INDEX_KEY, start, start + limit
+        )
         ids = [as_text(x) for x in raw_ids]
         has_more = len(ids) > limit
         ids = ids[:limit]
@@ -177,71 +199,139 @@ class _JobOps:
         the worker must then skip the job."""
         now = time.time()
         created = yield lambda r: r.hget(job_key(job_id), "created_at")
-        fields: dict[str, Any] = {"status": JobStatus.in_progress, "stage": Stage.denoising,
-                                  "progress": 0, "step": 0, "started_at": now, "worker": worker}
+        fields: dict[str, Any] = {
+            "status": JobStatus.in_progress,
+            "stage": Stage.denoising,
+            "progress": 0,
+            "step": 0,
+            "started_at": now,
+            "worker": worker,
+        }
         if created is not None:
             fields["timings"] = {"queued_s": max(0.0, now - float(as_text(created)))}
-        call = transition_call(job_id, allowed=[JobStatus.queued], event="started", fields=fields,
-                               queued="rem", running="add", score=now, incr="attempts")
+        call = transition_call(
+            job_id,
+            allowed=[JobStatus.queued],
+            event="started",
+            fields=fields,
+            queued="rem",
+            running="add",
+            score=now,
+            incr="attempts",
+        )
         return (yield from self._transition(call)) > 0
 
     def _mark_progress(self, job_id: str, step: int, total_steps: int) -> Ops[bool]:
         """Denoising step `step` of `total_steps` done (progress 0-90 %)."""
         total = max(1, int(total_steps))
         percent = int(DENOISING_PERCENT * min(int(step), total) / total)
-        fields = {"stage": Stage.denoising, "step": int(step), "total_steps": total,
-                  "progress": percent}
-        call = transition_call(job_id, allowed=[JobStatus.in_progress], event="progress",
-                               fields=fields)
+        fields = {
+            "stage": Stage.denoising,
+            "step": int(step),
+            "total_steps": total,
+            "progress": percent,
+        }
+        call = transition_call(
+            job_id, allowed=[JobStatus.in_progress], event="progress", fields=fields
+        )
         return (yield from self._transition(call)) > 0
 
     def _mark_stage(self, job_id: str, stage: Stage | str) -> Ops[bool]:
         """Entered `decoding` or `encoding` (progress 92 / 96 %)."""
         stage = Stage(stage)
         fields = {"stage": stage, "progress": STAGE_PERCENT.get(stage, 0)}
-        call = transition_call(job_id, allowed=[JobStatus.in_progress], event="stage",
-                               fields=fields)
+        call = transition_call(
+            job_id, allowed=[JobStatus.in_progress], event="stage", fields=fields
+        )
         return (yield from self._transition(call)) > 0
 
-    def _mark_completed(self, job_id: str, *, files: list[str], timings: Optional[dict] = None,
-                        density: Optional[float] = None) -> Ops[bool]:
+    def _mark_completed(
+        self,
+        job_id: str,
+        *,
+        files: list[str],
+        timings: Optional[dict] = None,
+        density: Optional[float] = None,
+    ) -> Ops[bool]:
         """in_progress -> completed; results kept for `retention_s`."""
-        return (yield from self._end(job_id, JobStatus.completed, [JobStatus.in_progress],
-                                     stage=Stage.done, progress=100, files=list(files),
-                                     timings=timings or {}, density=density))
+        return (
+            yield from self._end(
+                job_id,
+                JobStatus.completed,
+                [JobStatus.in_progress],
+                stage=Stage.done,
+                progress=100,
+                files=list(files),
+                timings=timings or {},
+                density=density,
+            )
+        )
 
-    def _mark_failed(self, job_id: str, code: ErrorCode | str, message: str,
-                     timings: Optional[dict] = None) -> Ops[bool]:
+    def _mark_failed(
+        self, job_id: str, code: ErrorCode | str, message: str, timings: Optional[dict] = None
+    ) -> Ops[bool]:
         """queued|in_progress -> failed with an error code (`status.ErrorCode`)."""
-        return (yield from self._end(job_id, JobStatus.failed, RUNNABLE,
-                                     error_code=enum_value(code), error_message=str(message),
-                                     timings=timings or {}))
+        return (
+            yield from self._end(
+                job_id,
+                JobStatus.failed,
+                RUNNABLE,
+                error_code=enum_value(code),
+                error_message=str(message),
+                timings=timings or {},
+            )
+        )
 
-    def _mark_cancelled(self, job_id: str, message: str = "cancelled by request",
-                        allowed: Iterable[JobStatus] = RUNNABLE) -> Ops[bool]:
+    def _mark_cancelled(
+        self,
+        job_id: str,
+        message: str = "cancelled by request",
+        allowed: Iterable[JobStatus] = RUNNABLE,
+    ) -> Ops[bool]:
         """`allowed` (queued|in_progress) -> cancelled (error code `cancelled`). The API cancels
         only waiting jobs itself (`allowed=(JobStatus.queued,)`); a running one is cancelled by
         its worker, which sees the flag set by `request_cancel`."""
-        return (yield from self._end(job_id, JobStatus.cancelled, allowed,
-                                     error_code=ErrorCode.cancelled.value,
-                                     error_message=str(message)))
+        return (
+            yield from self._end(
+                job_id,
+                JobStatus.cancelled,
+                allowed,
+                error_code=ErrorCode.cancelled.value,
+                error_message=str(message),
+            )
+        )
 
     def _mark_requeued(self, job_id: str, reason: str = "") -> Ops[bool]:
         """in_progress -> queued again (SIGTERM, or a retry after `worker_lost`). The caller
         enqueues the RQ job again."""
         created = yield lambda r: r.hget(job_key(job_id), "created_at")
         score = float(as_text(created)) if created is not None else time.time()
-        fields = {"status": JobStatus.queued, "stage": Stage.queued, "progress": 0, "step": 0,
-                  "worker": None, "started_at": None}
-        call = transition_call(job_id, allowed=[JobStatus.in_progress], event="requeued",
-                               fields=fields, queued="add", running="rem", score=score,
-                               reason=reason)
+        fields = {
+            "status": JobStatus.queued,
+            "stage": Stage.queued,
+            "progress": 0,
+            "step": 0,
+            "worker": None,
+            "started_at": None,
+        }
+        call = transition_call(
+            job_id,
+            allowed=[JobStatus.in_progress],
+            event="requeued",
+            fields=fields,
+            queued="add",
+            running="rem",
+            score=score,
+            reason=reason,
+        )
         return (yield from self._transition(call)) > 0
 
-    def _end(self, job_id: str, status: JobStatus, allowed: Iterable[JobStatus],
-             **extra: Any) -> Ops[bool]:
-        seq = yield from self._transition(end_call(job_id, status, allowed, self.retention_s,
-                                                   **extra))
+    def _end(
+        self, job_id: str, status: JobStatus, allowed: Iterable[JobStatus], **extra: Any
+    ) -> Ops[bool]:
+        seq = yield from self._transition(
+            end_call(job_id, status, allowed, self.retention_s, **extra)
+        )
         if seq > 0:
             rec = yield from self._get(job_id)
             yield from metrics.record_end(rec, status.value)
@@ -258,8 +348,9 @@ class _JobOps:
 
     # -- workers --------------------------------------------------------------------------------
 
-    def _heartbeat(self, name: str, info: Optional[dict] = None,
-                   ttl_s: float = heartbeats.HEARTBEAT_TTL_S) -> Ops[None]:
+    def _heartbeat(
+        self, name: str, info: Optional[dict] = None, ttl_s: float = heartbeats.HEARTBEAT_TTL_S
+    ) -> Ops[None]:
         """Worker `name` is alive for `ttl_s` more seconds (see `contract.heartbeats`)."""
         yield from heartbeats.beat(name, info, ttl_s)
 

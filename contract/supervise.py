@@ -33,9 +33,13 @@ def spawn(argv: list[str], env: dict, *, output: Optional[IO[bytes]] = None) -> 
     """Start a child in its own session (a terminal's Ctrl-C reaches only the supervisor, which
     stops children in order) that dies with its parent; `output` takes stdout and stderr."""
     return subprocess.Popen(
-        argv, env=env, start_new_session=True,
+        argv,
+        env=env,
+        start_new_session=True,
         preexec_fn=die_with_parent if sys.platform == "linux" else None,
-        stdout=output, stderr=subprocess.STDOUT if output is not None else None)
+        stdout=output,
+        stderr=subprocess.STDOUT if output is not None else None,
+    )
 
 
 class Backoff:

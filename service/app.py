@@ -44,9 +44,13 @@ def create_app(settings: Optional[ServiceSettings] = None) -> FastAPI:
         finally:
             await state.close()
 
-    app = FastAPI(title="vmoba-serve", version="0.1.0", lifespan=lifespan,
-                  description="Text-to-video with Wan + VMoBA sparse attention. Native routes "
-                              "and the OpenAI Videos format (/v1/videos).")
+    app = FastAPI(
+        title="vmoba-serve",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Text-to-video with Wan + VMoBA sparse attention. Native routes "
+        "and the OpenAI Videos format (/v1/videos).",
+    )
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(openai.router)

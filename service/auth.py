@@ -9,8 +9,9 @@ import hmac
 
 from .errors import APIError, error_response
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc",
-                        "/openapi.json"})
+OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
 
 
 def key_of(scope) -> str:
@@ -39,7 +40,10 @@ class AuthMiddleware:
             ok |= hmac.compare_digest(given, key)
         if ok:
             return await self.app(scope, receive, send)
-        message = ("missing API key: send 'Authorization: Bearer <key>'" if not given
-                   else "invalid API key")
+        message = (
+            "missing API key: send 'Authorization: Bearer <key>'"
+            if not given
+            else "invalid API key"
+        )
         response = error_response(APIError(401, message, headers={"WWW-Authenticate": "Bearer"}))
         await response(scope, receive, send)

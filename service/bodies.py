@@ -8,7 +8,7 @@ are refused (this server is text-to-video only).
 
 from __future__ import annotations
 
-from typing import AsyncGenerator
+from collections.abc import AsyncGenerator
 
 import orjson
 from fastapi import Request
@@ -41,8 +41,11 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def parse_json_object(body: bytes) -> dict:
     if not body.strip():
-        raise APIError(400, "request body is empty; send a JSON object like "
-                            '{"prompt": "a red fox running through snow"}')
+        raise APIError(
+            400,
+            "request body is empty; send a JSON object like "
+            '{"prompt": "a red fox running through snow"}',
+        )
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -62,18 +65,26 @@ def _nest(items: list[tuple[str, object]]) -> dict:
     for key, value in items:
         if isinstance(value, UploadFile):
             if key == "input_reference":
-                raise APIError(400, "input_reference (image-to-video) is not supported: this "
-                                    "server generates video from text only", param=key)
+                raise APIError(
+                    400,
+                    "input_reference (image-to-video) is not supported: this "
+                    "server generates video from text only",
+                    param=key,
+                )
             raise APIError(400, f"file uploads are not accepted (field {key!r})", param=key)
         if "[" in key and key.endswith("]"):
             outer, inner = key[:-1].split("[", 1)
             if "[" in inner or "]" in inner or not outer or not inner:
-                raise APIError(400, f"form field name {key!r} is not of the form name[key]",
-                               param=key)
+                raise APIError(
+                    400, f"form field name {key!r} is not of the form name[key]", param=key
+                )
             target = out.setdefault(outer, {})
             if not isinstance(target, dict):
-                raise APIError(400, f"form field {outer!r} given both as a value and as "
-                                    f"{outer}[...]", param=outer)
+                raise APIError(
+                    400,
+                    f"form field {outer!r} given both as a value and as {outer}[...]",
+                    param=outer,
+                )
             if inner in target:
                 raise APIError(400, f"form field {key!r} is given more than once", param=key)
             target[inner] = value
@@ -93,16 +104,24 @@ async def parse_form_or_json(request: Request, body: bytes) -> dict:
     """A dict from a JSON, multipart/form-data or urlencoded body (by Content-Type)."""
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data"):
-        parser = MultiPartParser(request.headers, _once(body), max_files=1,
-                                 max_fields=MAX_FORM_FIELDS, max_part_size=len(body) + 1)
+        parser = MultiPartParser(
+            request.headers,
+            _once(body),
+            max_files=1,
+            max_fields=MAX_FORM_FIELDS,
+            max_part_size=len(body) + 1,
+        )
     elif ctype.startswith("application/x-www-form-urlencoded"):
         parser = FormParser(request.headers, _once(body))
     elif ctype.startswith("application/json") or not ctype:
         return parse_json_object(body)
     else:
-        raise APIError(415, f"Content-Type {ctype[:80]!r} is not accepted; send "
-                            "multipart/form-data, application/x-www-form-urlencoded or "
-                            "application/json")
+        raise APIError(
+            415,
+            f"Content-Type {ctype[:80]!r} is not accepted; send "
+            "multipart/form-data, application/x-www-form-urlencoded or "
+            "application/json",
+        )
     try:
         form = await parser.parse()
     except MultiPartException as e:

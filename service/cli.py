@@ -20,8 +20,9 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import httpx
 
@@ -123,8 +124,7 @@ class Client:
                 return r.json()
             if r.status_code in (429, 503) and attempt < SUBMIT_ATTEMPTS - 1:
                 wait = float(r.headers.get("retry-after", 5))
-                print(f"server busy ({_error_message(r)}); retrying in {wait:g} s",
-                      file=sys.stderr)
+                print(f"server busy ({_error_message(r)}); retrying in {wait:g} s", file=sys.stderr)
                 time.sleep(wait)
                 continue
             raise Refused(f"{r.status_code}: {_error_message(r)}")
@@ -149,8 +149,12 @@ class Client:
         while True:
             headers = {"Last-Event-ID": str(last_id)} if last_id is not None else {}
             try:
-                with self.http.stream("GET", f"/jobs/{job_id}/events", headers=headers,
-                                      timeout=httpx.Timeout(30, read=120)) as r:
+                with self.http.stream(
+                    "GET",
+                    f"/jobs/{job_id}/events",
+                    headers=headers,
+                    timeout=httpx.Timeout(30, read=120),
+                ) as r:
                     if r.status_code != 200:
                         raise Refused(f"{r.status_code}: {r.read().decode()[:300]}")
                     for event, id_, data in parse_sse(r.iter_lines()):
@@ -168,7 +172,7 @@ class Client:
                 failures += 1
                 if failures > 5:  # streams keep breaking (a proxy?): poll instead
                     return self.poll(job_id, bar)
-                time.sleep(min(2 ** failures, 10))
+                time.sleep(min(2**failures, 10))
             job = self.job(job_id)  # the stream ended without a final state: check
             if job["status"] in ("completed", "failed", "cancelled"):
                 bar.show(job)
@@ -201,9 +205,14 @@ class Client:
 
 def build_body(args) -> dict:
     body: dict = {"prompt": args.prompt}
-    for field, value in (("negative_prompt", args.negative), ("seed", args.seed),
-                         ("num_frames", args.frames), ("num_inference_steps", args.steps),
-                         ("guidance_scale", args.guidance), ("fps", args.fps)):
+    for field, value in (
+        ("negative_prompt", args.negative),
+        ("seed", args.seed),
+        ("num_frames", args.frames),
+        ("num_inference_steps", args.steps),
+        ("guidance_scale", args.guidance),
+        ("fps", args.fps),
+    ):
         if value is not None:
             body[field] = value
     if args.size:
@@ -213,9 +222,13 @@ def build_body(args) -> dict:
         except ValueError:
             raise SystemExit(f"--size must be WIDTHxHEIGHT, e.g. 832x480; got {args.size!r}")
     attention = {}
-    for field, value in (("backend", args.attention), ("select", args.select),
-                         ("threshold", args.threshold), ("topk", args.topk),
-                         ("dense_steps", args.dense_steps)):
+    for field, value in (
+        ("backend", args.attention),
+        ("select", args.select),
+        ("threshold", args.threshold),
+        ("topk", args.topk),
+        ("dense_steps", args.dense_steps),
+    ):
         if value is not None:
             attention[field] = value
     if attention:
@@ -251,8 +264,10 @@ def cmd_generate(args) -> int:
     bar.done()
     if final["status"] != "completed":
         err = final.get("error") or {}
-        print(f"job {job_id} {final['status']}: {err.get('code')}: {err.get('message')}",
-              file=sys.stderr)
+        print(
+            f"job {job_id} {final['status']}: {err.get('code')}: {err.get('message')}",
+            file=sys.stderr,
+        )
         return 1
     out = Path(args.output)
     size = client.download(job_id, out)
@@ -268,10 +283,16 @@ def cmd_generate(args) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmoba", description="vmoba-serve command-line client")
-    p.add_argument("--url", default=os.environ.get("VMOBA_URL", DEFAULT_URL),
-                   help=f"server URL (env VMOBA_URL, default {DEFAULT_URL})")
-    p.add_argument("--api-key", default=os.environ.get("VMOBA_API_KEY"),
-                   help="bearer API key (env VMOBA_API_KEY)")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("VMOBA_URL", DEFAULT_URL),
+        help=f"server URL (env VMOBA_URL, default {DEFAULT_URL})",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("VMOBA_API_KEY"),
+        help="bearer API key (env VMOBA_API_KEY)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate a video from a prompt and save it")
     g.add_argument("prompt")

@@ -26,29 +26,54 @@ from .responses import JSON
 log = logging.getLogger("service")
 
 _TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
-    413: "invalid_request_error", 415: "invalid_request_error", 416: "invalid_request_error",
-    422: "invalid_request_error", 429: "rate_limit_error",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    416: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
 }
-_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found",
-          405: "method_not_allowed", 409: "conflict", 413: "request_too_large",
-          415: "unsupported_media_type", 429: "queue_full", 503: "unavailable"}
+_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    429: "queue_full",
+    503: "unavailable",
+}
 
 
 class APIError(Exception):
     """An error answer: HTTP `status`, a message naming the bad value and what is allowed."""
 
-    def __init__(self, status: int, message: str, *, code: Optional[str] = None,
-                 param: Optional[str] = None, type_: Optional[str] = None,
-                 headers: Optional[dict] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: Optional[str] = None,
+        param: Optional[str] = None,
+        type_: Optional[str] = None,
+        headers: Optional[dict] = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.code = code or _CODES.get(status, "invalid_request" if status < 500 else "internal_error")
+        self.code = code or _CODES.get(
+            status, "invalid_request" if status < 500 else "internal_error"
+        )
         self.param = param
-        self.type = type_ or _TYPES.get(status, "invalid_request_error" if status < 500
-                                        else "server_error")
+        self.type = type_ or _TYPES.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
         self.headers = headers or {}
 
 
@@ -57,20 +82,31 @@ def error_body(message: str, *, type_: str, code: Optional[str], param: Optional
 
 
 def error_response(err: APIError) -> JSON:
-    return JSON(error_body(err.message, type_=err.type, code=err.code, param=err.param),
-                status_code=err.status, headers=err.headers)
+    return JSON(
+        error_body(err.message, type_=err.type, code=err.code, param=err.param),
+        status_code=err.status,
+        headers=err.headers,
+    )
 
 
 def not_found(job_id: Any) -> APIError:
-    return APIError(404, f"no job with id {str(job_id)[:100]!r} (ids look like video_<32 hex>; "
-                         "finished jobs are kept until their expires_at)", param="id")
+    return APIError(
+        404,
+        f"no job with id {str(job_id)[:100]!r} (ids look like video_<32 hex>; "
+        "finished jobs are kept until their expires_at)",
+        param="id",
+    )
 
 
 def _loc(loc) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     # Union members show up as type names in locations (e.g. "topk.int"); they help nobody.
-    parts = [p for p in parts if p not in ("int", "tuple[int, int, int]", "function-after[...]")
-             and not p.startswith("function-")]
+    parts = [
+        p
+        for p in parts
+        if p not in ("int", "tuple[int, int, int]", "function-after[...]")
+        and not p.startswith("function-")
+    ]
     return ".".join(parts)
 
 
@@ -82,7 +118,7 @@ def validation_message(errors: list[dict]) -> tuple[str, Optional[str]]:
         msg = str(e.get("msg", "invalid value"))
         for prefix in ("Value error, ", "Assertion failed, "):
             if msg.startswith(prefix):
-                msg = msg[len(prefix):]
+                msg = msg[len(prefix) :]
         if e.get("type") == "extra_forbidden":
             msg = "unknown field (not allowed)"
         elif e.get("type") == "missing":
@@ -127,11 +163,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RedisTimeoutError)
     async def _redis_down(request: Request, exc: Exception):
         log.warning("redis unavailable: %s", exc)
-        return error_response(APIError(503, "the job store (Redis) is unreachable; retry shortly",
-                                       headers={"Retry-After": "5"}))
+        return error_response(
+            APIError(
+                503,
+                "the job store (Redis) is unreachable; retry shortly",
+                headers={"Retry-After": "5"},
+            )
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, "internal error (logged on the server)",
-                                       code="internal_error"))
+        return error_response(
+            APIError(500, "internal error (logged on the server)", code="internal_error")
+        )

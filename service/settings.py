@@ -90,7 +90,7 @@ class ServiceSettings(SharedSettings):
     def limits(self) -> Limits:
         """Request limits and defaults for this model."""
         base = TINY_DEFAULTS if self.is_tiny else WAN_DEFAULTS
-        pick = lambda value, key: base[key] if value is None else value  # noqa: E731
+        pick = lambda value, key: base[key] if value is None else value
         return Limits(
             model=self.MODEL,
             max_prompt_chars=self.MAX_PROMPT_CHARS,

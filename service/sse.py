@@ -24,7 +24,8 @@ already covered by the snapshot (seq not above it) are skipped.
 from __future__ import annotations
 
 import json
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Optional
 
 import anyio
 
@@ -40,8 +41,9 @@ def sse(event: str, data: dict, id_: Optional[int] = None) -> bytes:
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def job_events(state: AppState, job_id: str,
-                     last_event_id: Optional[int] = None) -> AsyncIterator[bytes]:
+async def job_events(
+    state: AppState, job_id: str, last_event_id: Optional[int] = None
+) -> AsyncIterator[bytes]:
     store = state.store
     pubsub = state.redis.pubsub()
     await pubsub.subscribe(events_channel(job_id))
@@ -68,8 +70,9 @@ async def job_events(state: AppState, job_id: str,
                     yield sse(rec.status, job_view(rec, pos, cancel_requested=cancel), rec.seq)
                 return
         while True:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True,
-                                           timeout=state.settings.SSE_PING_S)
+            msg = await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=state.settings.SSE_PING_S
+            )
             if msg is None:
                 if await store.get(job_id) is None:
                     yield sse("deleted", {"id": job_id})

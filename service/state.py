@@ -38,8 +38,9 @@ class AppState:
 
 
 def open_state(settings: ServiceSettings) -> AppState:
-    pool = aredis.ConnectionPool.from_url(settings.REDIS_URL,
-                                          max_connections=settings.REDIS_MAX_CONNECTIONS)
+    pool = aredis.ConnectionPool.from_url(
+        settings.REDIS_URL, max_connections=settings.REDIS_MAX_CONNECTIONS
+    )
     client = aredis.Redis(connection_pool=pool)
     sync_client = redis.Redis.from_url(settings.REDIS_URL)
     return AppState(

@@ -37,37 +37,57 @@ def validate_request(state: AppState, body: dict) -> GenerateRequest:
     return GenerateRequest.model_validate(body, context={"limits": state.limits})
 
 
-async def submit(state: AppState, req: GenerateRequest, *, idem_key: Optional[str] = None,
-                 auth_scope: str = "") -> tuple[JobRecord, Optional[int], bool]:
+async def submit(
+    state: AppState, req: GenerateRequest, *, idem_key: Optional[str] = None, auth_scope: str = ""
+) -> tuple[JobRecord, Optional[int], bool]:
     """Create and enqueue a job. Returns `(record, queue position, created)`; `created` is False
     when an idempotent retry found its earlier job."""
     settings = state.settings
     if idem_key is not None and not 1 <= len(idem_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
-        raise APIError(400, f"Idempotency-Key must have 1 to {MAX_IDEMPOTENCY_KEY_CHARS} "
-                            f"characters, got {len(idem_key)}", param="Idempotency-Key")
+        raise APIError(
+            400,
+            f"Idempotency-Key must have 1 to {MAX_IDEMPOTENCY_KEY_CHARS} "
+            f"characters, got {len(idem_key)}",
+            param="Idempotency-Key",
+        )
     sha = request_sha(req.model_dump(mode="json"))  # before the seed is resolved
     job = req.validated(seed=new_seed())
     job_id, now = new_job_id(), time.time()
     payload = job.to_payload(job_id)
     request = job.model_dump(mode="json")
     result = await state.store.create(
-        request, model=settings.MODEL, seed=job.seed, job_id=job_id,
+        request,
+        model=settings.MODEL,
+        seed=job.seed,
+        job_id=job_id,
         idempotency_key=idempotency_key(idem_key, auth_scope) if idem_key else None,
-        idempotency_ttl_s=settings.IDEMPOTENCY_TTL_S, max_queued=settings.MAX_QUEUE_DEPTH,
-        sha=sha, now=now)
+        idempotency_ttl_s=settings.IDEMPOTENCY_TTL_S,
+        max_queued=settings.MAX_QUEUE_DEPTH,
+        sha=sha,
+        now=now,
+    )
     if result.outcome == "full":
-        raise APIError(429, f"the queue is full ({settings.MAX_QUEUE_DEPTH} jobs waiting); "
-                            f"retry after {settings.RETRY_AFTER_S} s",
-                       headers={"Retry-After": str(settings.RETRY_AFTER_S)})
+        raise APIError(
+            429,
+            f"the queue is full ({settings.MAX_QUEUE_DEPTH} jobs waiting); "
+            f"retry after {settings.RETRY_AFTER_S} s",
+            headers={"Retry-After": str(settings.RETRY_AFTER_S)},
+        )
     if result.outcome == "conflict":
-        raise APIError(409, f"Idempotency-Key was already used for job {result.job_id} with a "
-                            "different request; use a new key for a new request",
-                       param="Idempotency-Key")
+        raise APIError(
+            409,
+            f"Idempotency-Key was already used for job {result.job_id} with a "
+            "different request; use a new key for a new request",
+            param="Idempotency-Key",
+        )
     if result.outcome == "existing":
         rec = await state.store.get(result.job_id)
         if rec is None:  # deleted between the two reads
-            raise APIError(409, f"job {result.job_id} of this Idempotency-Key was just deleted; "
-                                "retry", param="Idempotency-Key")
+            raise APIError(
+                409,
+                f"job {result.job_id} of this Idempotency-Key was just deleted; retry",
+                param="Idempotency-Key",
+            )
         return rec, result.position, False
 
     try:
@@ -78,10 +98,20 @@ async def submit(state: AppState, req: GenerateRequest, *, idem_key: Optional[st
             await state.store.mark_failed(job_id, "internal_error", f"could not enqueue: {e}")
         except Exception:
             log.exception("could not mark %s failed", job_id)
-        raise APIError(503, "the job could not be queued (Redis unavailable); retry shortly",
-                       headers={"Retry-After": "5"})
-    rec = JobRecord(id=job_id, request=request, seed=job.seed, model=settings.MODEL,
-                    created_at=now, total_steps=job.num_inference_steps, request_sha=sha)
+        raise APIError(
+            503,
+            "the job could not be queued (Redis unavailable); retry shortly",
+            headers={"Retry-After": "5"},
+        )
+    rec = JobRecord(
+        id=job_id,
+        request=request,
+        seed=job.seed,
+        model=settings.MODEL,
+        created_at=now,
+        total_steps=job.num_inference_steps,
+        request_sha=sha,
+    )
     return rec, result.position, True
 
 
@@ -89,8 +119,9 @@ def rq_commands(state: AppState, job_id: str, payload: dict) -> list:
     """The Redis commands with which RQ would enqueue the job (recorded, not run)."""
     pipe = state.sync_redis.pipeline(transaction=True)
     try:
-        rq_enqueue(state.queue, job_id, payload, result_ttl_s=state.settings.RETENTION_S,
-                   pipeline=pipe)
+        rq_enqueue(
+            state.queue, job_id, payload, result_ttl_s=state.settings.RETENTION_S, pipeline=pipe
+        )
         return list(pipe.command_stack)
     finally:
         pipe.reset()

@@ -12,8 +12,7 @@ from contract.record import JobRecord
 from contract.request import TINY_MODEL, format_seconds
 from contract.status import openai_status
 
-TINY_NOTE = ("tiny random-weight Wan pipeline (MODEL=tiny): the video is noise, "
-             "for tests and demos")
+TINY_NOTE = "tiny random-weight Wan pipeline (MODEL=tiny): the video is noise, for tests and demos"
 
 
 def _int(t: Optional[float]) -> Optional[int]:
@@ -30,8 +29,9 @@ def _error(rec: JobRecord) -> Optional[dict]:
     return {"code": rec.error_code or "internal_error", "message": rec.error_message or ""}
 
 
-def job_view(rec: JobRecord, position: Optional[int] = None, *,
-             cancel_requested: bool = False) -> dict:
+def job_view(
+    rec: JobRecord, position: Optional[int] = None, *, cancel_requested: bool = False
+) -> dict:
     """The native job object (`GET /jobs/{id}`)."""
     base = f"/jobs/{rec.id}"
     urls = {"self": base, "events": f"{base}/events"}

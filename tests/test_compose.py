@@ -22,7 +22,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "docker-compose.yml"
 CPU = ROOT / "docker-compose.cpu.yml"
-DOCKERFILES = {"api": ROOT / "docker" / "api.Dockerfile", "worker": ROOT / "docker" / "worker.Dockerfile"}
+DOCKERFILES = {
+    "api": ROOT / "docker" / "api.Dockerfile",
+    "worker": ROOT / "docker" / "worker.Dockerfile",
+}
 
 
 def compose_binary() -> str:
@@ -49,11 +52,26 @@ def compose_config(*files: Path, env: dict | None = None) -> dict:
         args += ["-f", str(f)]
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
     # Settings a developer may have exported must not leak into the defaults checked here.
-    for name in ("MODEL", "PORT", "QUEUE_NAME", "RETENTION_S", "WORKER_GPUS", "API_KEYS",
-                 "STOP_GRACE_S", "WORKER_DEVICE", "REDIS_URL"):
+    for name in (
+        "MODEL",
+        "PORT",
+        "QUEUE_NAME",
+        "RETENTION_S",
+        "WORKER_GPUS",
+        "API_KEYS",
+        "STOP_GRACE_S",
+        "WORKER_DEVICE",
+        "REDIS_URL",
+    ):
         clean.pop(name, None)
-    out = subprocess.run(args + ["config", "--format", "json"], capture_output=True, text=True,
-                         cwd=ROOT, env={**clean, **(env or {})}, timeout=60)
+    out = subprocess.run(
+        args + ["config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**clean, **(env or {})},
+        timeout=60,
+    )
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
     return json.loads(out.stdout)
 
@@ -70,7 +88,9 @@ def test_services_depend_on_healthy_redis_with_persistence(base):
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"  # queued jobs survive restarts
-    assert any(v["target"] == "/data" and v["type"] == "volume" for v in services["redis"]["volumes"])
+    assert any(
+        v["target"] == "/data" and v["type"] == "volume" for v in services["redis"]["volumes"]
+    )
     for name, svc in services.items():
         assert svc["healthcheck"]["test"], name
         assert svc["restart"] == "unless-stopped", name
@@ -96,29 +116,46 @@ def test_api_and_worker_share_results_and_settings(base):
     assert data_dir == worker["environment"]["DATA_DIR"]
     assert mounts(api)[data_dir] == mounts(worker)[data_dir] == "results"
     assert mounts(worker)["/models"] == "model-cache"
-    shared = ("REDIS_URL", "QUEUE_NAME", "RETENTION_S", "MODEL", "MAX_NUM_FRAMES", "MAX_PIXELS")
+    shared = ("REDIS_URL", "QUEUE_NAME", "RETENTION_S", "MODEL")
     for name in shared:
         assert api["environment"][name] == worker["environment"][name], name
     assert api["environment"]["REDIS_URL"] == "redis://redis:6379/0"
     assert base["services"]["api"]["ports"][0]["target"] == 8000
 
 
-def test_worker_validates_with_the_api_limits(base):
-    """The worker checks every payload again with `GenerateRequest`: it must see the same limits."""
+def test_each_container_gets_only_its_own_settings(base):
+    """Request limits are the API's alone (workers trust the validated job); the settings both
+    read are the contract's shared ones, and every other name a container gets is its own."""
+    from contract.settings import SharedSettings
     from service.settings import ServiceSettings
+    from worker.settings import WorkerSettings
 
     worker_env = base["services"]["worker"]["environment"]
     api_env = base["services"]["api"]["environment"]
-    limits = [n for n in ServiceSettings.model_fields
-              if n.startswith(("MAX_", "MIN_")) and n not in ("MAX_QUEUE_DEPTH", "MAX_BODY_BYTES")]
-    assert limits
-    for name in limits:
-        assert name in worker_env and worker_env[name] == api_env.get(name), name
+    limits = [
+        n
+        for n in ServiceSettings.model_fields
+        if n.startswith(("MAX_", "MIN_")) and n not in ("MAX_QUEUE_DEPTH", "MAX_BODY_BYTES")
+    ]
+    assert limits and all(name in api_env for name in limits)
+    shared = set(SharedSettings.model_fields) | {"LOG_LEVEL"}
+    worker_only = set(worker_env) - shared - {"HF_TOKEN", "HF_HOME"}
+    assert worker_only and worker_only <= set(WorkerSettings.model_fields), worker_only
+    api_only = set(api_env) - shared
+    assert api_only <= set(ServiceSettings.model_fields), api_only
 
 
 def test_settings_come_from_the_environment():
-    config = compose_config(BASE, env={"MODEL": "/models/my-wan", "PORT": "9000", "WORKER_GPUS": "1",
-                                       "API_KEYS": "k1,k2", "RETENTION_S": "3600"})
+    config = compose_config(
+        BASE,
+        env={
+            "MODEL": "/models/my-wan",
+            "PORT": "9000",
+            "WORKER_GPUS": "1",
+            "API_KEYS": "k1,k2",
+            "RETENTION_S": "3600",
+        },
+    )
     api, worker = config["services"]["api"], config["services"]["worker"]
     assert api["environment"]["MODEL"] == worker["environment"]["MODEL"] == "/models/my-wan"
     assert api["environment"]["API_KEYS"] == "k1,k2"
@@ -136,19 +173,27 @@ def test_cpu_override_runs_the_tiny_model_without_a_gpu():
     assert "cpu" in worker["build"]["args"]["TORCH_INDEX_URL"]
 
 
-@pytest.mark.parametrize("old,new,error", [
-    ("condition: service_healthy", "condition: sometimes", "condition"),
-    ("  api:\n", "  api:\n    bogus_key: 1\n", "bogus_key"),
-    ("    depends_on:\n      redis:", "    depends_on:\n      rediss:", "rediss"),
-])
+@pytest.mark.parametrize(
+    "old,new,error",
+    [
+        ("condition: service_healthy", "condition: sometimes", "condition"),
+        ("  api:\n", "  api:\n    bogus_key: 1\n", "bogus_key"),
+        ("    depends_on:\n      redis:", "    depends_on:\n      rediss:", "rediss"),
+    ],
+)
 def test_the_validator_rejects_broken_files(tmp_path, old, new, error):
     """The validation above is real: schema errors and bad references fail."""
     broken = tmp_path / "compose.yml"
     text = BASE.read_text()
     assert old in text
     broken.write_text(text.replace(old, new, 1))
-    out = subprocess.run([compose_binary(), "-f", str(broken), "config"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=60)
+    out = subprocess.run(
+        [compose_binary(), "-f", str(broken), "config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert out.returncode != 0 and error in out.stderr
 
 
@@ -171,15 +216,20 @@ def instructions(path: Path) -> list[tuple[str, str]]:
 def test_every_copied_file_exists(image):
     copies = [args for word, args in instructions(DOCKERFILES[image]) if word in ("COPY", "ADD")]
     assert copies
-    ignored = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
-               if p.strip() and not p.startswith("#")]
+    ignored = [
+        p.strip()
+        for p in (ROOT / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
     for args in copies:
         parts = [p for p in shlex.split(args) if not p.startswith("--")]
         assert not args.startswith("--from"), args
         for src in parts[:-1]:
             path = ROOT / src
             assert path.exists(), f"{DOCKERFILES[image].name}: COPY source {src} does not exist"
-            assert not any(path.relative_to(ROOT).match(p) for p in ignored), f"{src} is in .dockerignore"
+            assert not any(path.relative_to(ROOT).match(p) for p in ignored), (
+                f"{src} is in .dockerignore"
+            )
 
 
 def test_api_image_runs_the_asgi_factory_without_torch():
@@ -188,11 +238,19 @@ def test_api_image_runs_the_asgi_factory_without_torch():
     match = re.search(r"--factory\s+([\w.]+):(\w+)", entry)
     assert match, "the entrypoint names no app factory"
     module, attr = match.groups()
-    code = (f"import sys, {module}; app = {module}.{attr}(); "
-            "assert type(app).__name__ == 'FastAPI', type(app); "
-            "assert 'torch' not in sys.modules, 'the API imported torch'")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    code = (
+        f"import sys, {module}; app = {module}.{attr}(); "
+        "assert type(app).__name__ == 'FastAPI', type(app); "
+        "assert 'torch' not in sys.modules, 'the API imported torch'"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     # The image installs the `service` extra only: no torch in it.
     run = " ".join(args for word, args in instructions(DOCKERFILES["api"]) if word == "RUN")
@@ -206,12 +264,20 @@ def test_worker_image_entry_commands_exist_in_the_package():
     assert cmd == ["python", "-m", "worker"]
     health = json.loads(dict(ins)["HEALTHCHECK"].split("CMD", 1)[1])
     assert health == ["python", "-m", "worker.health"]
-    code = ("import importlib.util as u; "
-            "assert u.find_spec('worker.__main__'), 'worker.__main__'; "
-            "assert u.find_spec('worker.health'), 'worker.health'; "
-            "import worker.launcher, worker.health; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    code = (
+        "import importlib.util as u; "
+        "assert u.find_spec('worker.__main__'), 'worker.__main__'; "
+        "assert u.find_spec('worker.health'), 'worker.health'; "
+        "import worker.launcher, worker.health; print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
     assert dict(ins)["USER"] != "root"
     run = " ".join(args for word, args in ins if word == "RUN")

@@ -54,17 +54,22 @@ def top(name: str) -> str:
     return name.split(".")[0]
 
 
-@pytest.mark.parametrize("package,forbidden", [
-    ("service", ("worker",) + HEAVY),
-    ("worker", ("service",)),
-    ("contract", ("service", "worker", "vmoba", "fastapi", "starlette") + HEAVY),
-    ("vmoba", ("service", "worker", "contract", "fastapi", "rq", "redis")),
-])
+@pytest.mark.parametrize(
+    "package,forbidden",
+    [
+        ("service", ("worker",) + HEAVY),
+        ("worker", ("service",)),
+        ("contract", ("service", "worker", "vmoba", "fastapi", "starlette") + HEAVY),
+        ("vmoba", ("service", "worker", "contract", "fastapi", "rq", "redis")),
+    ],
+)
 def test_package_imports_stay_in_their_layer(package, forbidden):
     bad = sorted(
         f"{name} imports {imported}"
-        for name, path in MODULES.items() if top(name) == package
-        for imported in imports_of(path) if top(imported) in forbidden
+        for name, path in MODULES.items()
+        if top(name) == package
+        for imported in imports_of(path)
+        if top(imported) in forbidden
     )
     assert not bad, "layering broken:\n" + "\n".join(bad)
 
@@ -80,7 +85,7 @@ def test_no_import_cycles():
             if dep == name or name.startswith(dep + "."):
                 continue  # a package's own __init__ seen from inside: not a cycle
             if state.get(dep) == 1:
-                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+                cycles.append(" -> ".join(stack[stack.index(dep) :] + [dep]))
             elif dep not in state:
                 visit(dep, [*stack, dep])
         state[name] = 2
@@ -93,9 +98,11 @@ def test_no_import_cycles():
 
 def test_the_api_process_never_loads_torch():
     """What actually runs: importing the app, the CLI and `make serve` loads no heavy module."""
-    code = ("import sys, service.app, service.cli, service.serve, contract.store; "
-            f"bad = [m for m in {HEAVY!r} if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, service.app, service.cli, service.serve, contract.store; "
+        f"bad = [m for m in {HEAVY!r} if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 

@@ -21,7 +21,9 @@ def main() -> int:
     settings = WorkerSettings()
     host = socket.gethostname()
     try:
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+        client = redis.Redis.from_url(
+            settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5
+        )
         live = [w for w in JobStore(client).live_workers() if w.get("host") == host]
     except redis.RedisError as exc:
         print(f"unhealthy: Redis at {settings.REDIS_URL} unreachable ({exc})")
@@ -29,8 +31,10 @@ def main() -> int:
     if not live:
         print(f"unhealthy: no live worker on host {host} (still loading the model, or crashed)")
         return 1
-    print(f"healthy: {len(live)} worker(s) on {host}: "
-          + ", ".join(f"{w.get('name')} ({w.get('state')})" for w in live))
+    print(
+        f"healthy: {len(live)} worker(s) on {host}: "
+        + ", ".join(f"{w.get('name')} ({w.get('state')})" for w in live)
+    )
     return 0
 
 

@@ -78,8 +78,12 @@ class Janitor:
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> Janitor:
         client = redis_lib.Redis.from_url(settings.REDIS_URL, socket_timeout=30)
-        return cls(client, JobStore(client, retention_s=settings.RETENTION_S),
-                   ResultStorage(settings.DATA_DIR), settings)
+        return cls(
+            client,
+            JobStore(client, retention_s=settings.RETENTION_S),
+            ResultStorage(settings.DATA_DIR),
+            settings,
+        )
 
     # -- entry points --------------------------------------------------------------------------
     def sweep(self, *, now: float | None = None) -> SweepReport | None:
@@ -112,8 +116,9 @@ class Janitor:
         return report
 
     # -- 1. dead workers -----------------------------------------------------------------------
-    def reap_dead(self, report: SweepReport, *, only: str | None = None,
-                  reason: str = "its heartbeat stopped") -> None:
+    def reap_dead(
+        self, report: SweepReport, *, only: str | None = None, reason: str = "its heartbeat stopped"
+    ) -> None:
         alive: dict[str, bool] = {}
 
         def is_alive(worker: str | None) -> bool:
@@ -173,10 +178,15 @@ class Janitor:
                 report.requeued.append(rec.id)
                 log.warning("job %s re-queued: %s (attempt %d)", rec.id, why, started)
             return
-        message = (f"{why} while running the job (at step {rec.step} of {rec.total_steps}, "
-                   f"attempt {started}); "
-                   + ("not retried (LOST_JOB_RETRIES=0)" if self.settings.LOST_JOB_RETRIES == 0
-                      else f"already retried {started - 1} time(s)"))
+        message = (
+            f"{why} while running the job (at step {rec.step} of {rec.total_steps}, "
+            f"attempt {started}); "
+            + (
+                "not retried (LOST_JOB_RETRIES=0)"
+                if self.settings.LOST_JOB_RETRIES == 0
+                else f"already retried {started - 1} time(s)"
+            )
+        )
         if self.store.mark_failed(rec.id, ErrorCode.worker_lost.value, message):
             self.storage.remove(rec.id)
             report.lost.append(rec.id)
@@ -191,8 +201,12 @@ class Janitor:
         for job_id in ids:
             job = self._fetch(job_id)
             status = job.get_status(refresh=False) if job is not None else None
-            if status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED,
-                          JobStatus.DEFERRED):
+            if status in (
+                JobStatus.QUEUED,
+                JobStatus.STARTED,
+                JobStatus.SCHEDULED,
+                JobStatus.DEFERRED,
+            ):
                 continue
             if status == JobStatus.CANCELED:
                 if self.store.mark_cancelled(job_id, "cancelled in the queue"):
@@ -244,8 +258,11 @@ class Janitor:
         otherwise fail the job again when the entry's day-long TTL runs out)."""
         for queue in self.queues:
             registry = StartedJobRegistry(queue=queue)
-            stale = [m for m in self.redis.zrange(registry.key, 0, -1)
-                     if as_text(m).split(":", 1)[0] == job_id]
+            stale = [
+                m
+                for m in self.redis.zrange(registry.key, 0, -1)
+                if as_text(m).split(":", 1)[0] == job_id
+            ]
             if stale:
                 self.redis.zrem(registry.key, *stale)
 
@@ -257,8 +274,13 @@ class Janitor:
             return
         # RQ's job is gone (expired or deleted): enqueue it again from our record, which holds
         # the validated request as it was enqueued.
-        enqueue(queue, rec.id, {**rec.request, "job_id": rec.id}, at_front=True,
-                result_ttl_s=self.settings.RQ_RESULT_TTL_S)
+        enqueue(
+            queue,
+            rec.id,
+            {**rec.request, "job_id": rec.id},
+            at_front=True,
+            result_ttl_s=self.settings.RQ_RESULT_TTL_S,
+        )
 
     def _rq_fail(self, job_id: str, job: Job | None, message: str) -> None:
         self._drop_started_entries(job_id)
@@ -266,7 +288,9 @@ class Janitor:
             return
         with self.redis.pipeline() as pipe:
             job.set_status(JobStatus.FAILED, pipeline=pipe)
-            job.failed_job_registry.add(job, ttl=RQ_FAILURE_TTL_S, exc_string=message, pipeline=pipe)
+            job.failed_job_registry.add(
+                job, ttl=RQ_FAILURE_TTL_S, exc_string=message, pipeline=pipe
+            )
             pipe.execute()
 
     def _queue_for(self, job: Job | None) -> Queue:
@@ -285,7 +309,11 @@ def main() -> int:
     settings = WorkerSettings()
     setup_logging(settings.LOG_LEVEL)
     report = Janitor.from_settings(settings).sweep()
-    print(json.dumps(report.__dict__ if report is not None else {"skipped": "another janitor is running"}))
+    print(
+        json.dumps(
+            report.__dict__ if report is not None else {"skipped": "another janitor is running"}
+        )
+    )
     return 0
 
 

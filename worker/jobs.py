@@ -99,9 +99,14 @@ class FaultHooks:
             log.warning("ignoring payload test hooks %r: ENABLE_TEST_HOOKS is off", raw)
             return cls()
         if not isinstance(raw, dict) or set(raw) - {"step_delay_s", "oom_at_step", "fail_at_step"}:
-            raise ValueError(f"_test must be an object with step_delay_s/oom_at_step/fail_at_step, got {raw!r}")
-        return cls(float(raw.get("step_delay_s", 0)), int(raw.get("oom_at_step", 0)),
-                   int(raw.get("fail_at_step", 0)))
+            raise ValueError(
+                f"_test must be an object with step_delay_s/oom_at_step/fail_at_step, got {raw!r}"
+            )
+        return cls(
+            float(raw.get("step_delay_s", 0)),
+            int(raw.get("oom_at_step", 0)),
+            int(raw.get("fail_at_step", 0)),
+        )
 
 
 def generate_video(payload: dict) -> dict | Retry:
@@ -152,20 +157,33 @@ class JobRun:
 
         shape = Shape.of(request)
         timeout_s = self.rt.speed.timeout_s(
-            shape, factor=self.settings.JOB_TIMEOUT_FACTOR, min_s=self.settings.JOB_TIMEOUT_MIN_S,
-            max_s=self.settings.JOB_TIMEOUT_MAX_S)
+            shape,
+            factor=self.settings.JOB_TIMEOUT_FACTOR,
+            min_s=self.settings.JOB_TIMEOUT_MIN_S,
+            max_s=self.settings.JOB_TIMEOUT_MAX_S,
+        )
         now = time.monotonic()
-        self.cur = CurrentJob(job_id, started=now, deadline=now + timeout_s, shape=shape,
-                              total_steps=shape.steps)
+        self.cur = CurrentJob(
+            job_id, started=now, deadline=now + timeout_s, shape=shape, total_steps=shape.steps
+        )
         self.timeout_s = timeout_s
         self.rt.begin_job(self.cur)
-        log.info("job %s: %d frames %dx%d, %d steps, timeout %.0f s", job_id, shape.num_frames,
-                 shape.width, shape.height, shape.steps, timeout_s)
+        log.info(
+            "job %s: %d frames %dx%d, %d steps, timeout %.0f s",
+            job_id,
+            shape.num_frames,
+            shape.width,
+            shape.height,
+            shape.steps,
+            timeout_s,
+        )
         try:
             return self._run_started(request, attention, sources, hooks, rec.attempts + 1)
         except JobCancelled:
-            store.mark_cancelled(job_id, f"cancelled while running, at step {self.cur.step} of "
-                                         f"{self.cur.total_steps}")
+            store.mark_cancelled(
+                job_id,
+                f"cancelled while running, at step {self.cur.step} of {self.cur.total_steps}",
+            )
             return {"job_id": job_id, "status": "cancelled"}
         except JobTimedOut as exc:
             store.mark_failed(job_id, ErrorCode.timeout.value, str(exc))
@@ -175,7 +193,7 @@ class JobRun:
             return {"job_id": job_id, "status": "taken"}
         except (JobRequeued, SystemExit, KeyboardInterrupt) as exc:
             return self._requeue(exc)
-        except Exception as exc:  # noqa: BLE001 - every failure must end the record
+        except Exception as exc:
             if _is_out_of_memory(exc):
                 message = self._oom_message(exc)
                 log.error("job %s: %s", job_id, message)
@@ -186,34 +204,49 @@ class JobRun:
                 store.mark_failed(job_id, ErrorCode.timeout.value, f"timed out: {_one_line(exc)}")
                 return {"job_id": job_id, "status": "failed", "error": "timeout"}
             log.exception("job %s failed", job_id)
-            store.mark_failed(job_id, ErrorCode.internal_error.value,
-                              f"{type(exc).__name__}: {_one_line(exc)}")
+            store.mark_failed(
+                job_id, ErrorCode.internal_error.value, f"{type(exc).__name__}: {_one_line(exc)}"
+            )
             return {"job_id": job_id, "status": "failed", "error": "internal_error"}
         finally:
             self.rt.end_job()
             free_memory(self.rt.device)
 
-    def _run_started(self, request: ValidatedRequest, attention, sources: dict,
-                     hooks: FaultHooks, attempt: int) -> dict:
+    def _run_started(
+        self, request: ValidatedRequest, attention, sources: dict, hooks: FaultHooks, attempt: int
+    ) -> dict:
         rt, store, job_id, cur = self.rt, self.store, self.job_id, self.cur
         seed = request.seed
-        gen = rt.generate(cur.shape, prompt=request.prompt, negative_prompt=request.negative_prompt,
-                          seed=seed, flow_shift=request.flow_shift, attention=attention,
-                          on_step=lambda done, total: self._on_step(done, total, hooks))
+        gen = rt.generate(
+            cur.shape,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seed=seed,
+            flow_shift=request.flow_shift,
+            attention=attention,
+            on_step=lambda done, total: self._on_step(done, total, hooks),
+        )
         if self._check_owner():
             raise JobCancelled()
         store.mark_stage(job_id, Stage.encoding)
         timings = dict(gen.timings)
         t_enc = time.perf_counter()
         with rt.storage.stage(job_id) as staged:
-            video = encode_mp4(gen.frames, staged.file(VIDEO_FILE), fps=request.fps,
-                               crf=self.settings.ENCODE_CRF, preset=self.settings.ENCODE_PRESET)
+            video = encode_mp4(
+                gen.frames,
+                staged.file(VIDEO_FILE),
+                fps=request.fps,
+                crf=self.settings.ENCODE_CRF,
+                preset=self.settings.ENCODE_PRESET,
+            )
             thumb = write_thumbnail(gen.frames, staged.file(THUMBNAIL_FILE))
             timings["encoding_s"] = time.perf_counter() - t_enc
             timings["total_s"] = time.monotonic() - cur.started
             density = gen.attention.get("density")
-            staged.write_json(META_FILE, self._sidecar(request, attention, sources, gen, video,
-                                                       thumb, timings, attempt))
+            staged.write_json(
+                META_FILE,
+                self._sidecar(request, attention, sources, gen, video, thumb, timings, attempt),
+            )
             if self._check_owner():  # a cancel during decode/encode still wins before publishing
                 raise JobCancelled()
             staged.publish()
@@ -221,11 +254,16 @@ class JobRun:
         if not store.mark_completed(job_id, files=files, timings=timings, density=density):
             if store.get(job_id) is None:  # deleted while we worked: leave no files behind
                 rt.storage.remove(job_id)
-            log.warning("job %s: finished, but its record was gone or no longer in progress", job_id)
+            log.warning(
+                "job %s: finished, but its record was gone or no longer in progress", job_id
+            )
             return {"job_id": job_id, "status": "taken"}
-        rt.speed.observe(cur.shape, denoise_s=timings["denoising_s"],
-                         decode_encode_s=timings["decoding_s"] + timings["encoding_s"],
-                         fixed_s=timings["text_encoder_s"])
+        rt.speed.observe(
+            cur.shape,
+            denoise_s=timings["denoising_s"],
+            decode_encode_s=timings["decoding_s"] + timings["encoding_s"],
+            fixed_s=timings["text_encoder_s"],
+        )
         rt.jobs_done += 1
         log.info("job %s completed in %.2f s (density %s)", job_id, timings["total_s"], density)
         return {"job_id": job_id, "status": "completed", "timings": timings}
@@ -239,7 +277,8 @@ class JobRun:
 
             raise torch.OutOfMemoryError(
                 "CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test hook "
-                f"_test.oom_at_step={done})")
+                f"_test.oom_at_step={done})"
+            )
         if hooks.fail_at_step == done:
             raise RuntimeError(f"injected failure at step {done} (test hook _test.fail_at_step)")
         if hooks.step_delay_s:
@@ -255,12 +294,15 @@ class JobRun:
                 f"timed out after {now - cur.started:.1f} s at step {done} of {total}: the limit for "
                 f"{s.num_frames} frames at {s.width}x{s.height} with {s.steps} steps on this worker "
                 f"is {self.timeout_s:.0f} s ({self.settings.JOB_TIMEOUT_FACTOR:g}x its estimate, at "
-                f"least {self.settings.JOB_TIMEOUT_MIN_S:g} s)")
+                f"least {self.settings.JOB_TIMEOUT_MIN_S:g} s)"
+            )
         if self.rt.stop_requested_at is not None:
             left = self._remaining_s(done, total, now)
             if left > self.settings.STOP_GRACE_S:
-                raise JobRequeued(f"worker shutting down with about {left:.0f} s of work left "
-                                  f"(more than STOP_GRACE_S={self.settings.STOP_GRACE_S:g})")
+                raise JobRequeued(
+                    f"worker shutting down with about {left:.0f} s of work left "
+                    f"(more than STOP_GRACE_S={self.settings.STOP_GRACE_S:g})"
+                )
         if done == total:
             self.store.mark_stage(self.job_id, Stage.decoding)
 
@@ -283,7 +325,9 @@ class JobRun:
 
     # -- endings -------------------------------------------------------------------------------
     def _requeue(self, exc: BaseException):
-        reason = str(exc) if isinstance(exc, JobRequeued) else f"worker stopped ({type(exc).__name__})"
+        reason = (
+            str(exc) if isinstance(exc, JobRequeued) else f"worker stopped ({type(exc).__name__})"
+        )
         if self.store.mark_requeued(self.job_id, reason=reason):
             log.warning("job %s re-queued: %s", self.job_id, reason)
             # RQ puts the job back at the front of its queue when a job returns Retry.
@@ -292,14 +336,25 @@ class JobRun:
 
     def _oom_message(self, exc: BaseException) -> str:
         s = self.cur.shape
-        return (f"out of GPU memory generating {s.num_frames} frames at {s.width}x{s.height} "
-                f"({s.tokens} latent tokens, {s.steps} steps"
-                f"{', classifier-free guidance' if s.passes == 2 else ''}) on "
-                f"{self.rt.model_info.get('model')}: {_one_line(exc)}. Ask for fewer frames or a "
-                "smaller size.")
+        return (
+            f"out of GPU memory generating {s.num_frames} frames at {s.width}x{s.height} "
+            f"({s.tokens} latent tokens, {s.steps} steps"
+            f"{', classifier-free guidance' if s.passes == 2 else ''}) on "
+            f"{self.rt.model_info.get('model')}: {_one_line(exc)}. Ask for fewer frames or a "
+            "smaller size."
+        )
 
-    def _sidecar(self, request: ValidatedRequest, attention, sources: dict, gen, video, thumb,
-                 timings, attempt) -> dict:
+    def _sidecar(
+        self,
+        request: ValidatedRequest,
+        attention,
+        sources: dict,
+        gen,
+        video,
+        thumb,
+        timings,
+        attempt,
+    ) -> dict:
         rt = self.rt
         return {
             "id": self.job_id,
@@ -316,14 +371,27 @@ class JobRun:
             "density": gen.attention.get("density"),
             "timings": timings,
             "peak_gpu_memory_bytes": gen.peak_memory_bytes,
-            "video": {"file": VIDEO_FILE, "codec": "h264", "pix_fmt": "yuv420p", "faststart": True,
-                      "num_frames": video.num_frames, "width": video.width, "height": video.height,
-                      "fps": video.fps, "duration_s": video.num_frames / video.fps,
-                      "size_bytes": video.size_bytes, "crf": self.settings.ENCODE_CRF},
+            "video": {
+                "file": VIDEO_FILE,
+                "codec": "h264",
+                "pix_fmt": "yuv420p",
+                "faststart": True,
+                "num_frames": video.num_frames,
+                "width": video.width,
+                "height": video.height,
+                "fps": video.fps,
+                "duration_s": video.num_frames / video.fps,
+                "size_bytes": video.size_bytes,
+                "crf": self.settings.ENCODE_CRF,
+            },
             "thumbnail": {"file": THUMBNAIL_FILE, "width": thumb[0], "height": thumb[1]},
-            "worker": {"name": rt.name, "device": rt.versions.get("gpu") or rt.device,
-                       "attempt": attempt, "timeout_s": self.timeout_s,
-                       "speed": rt.speed.to_dict()},
+            "worker": {
+                "name": rt.name,
+                "device": rt.versions.get("gpu") or rt.device,
+                "attempt": attempt,
+                "timeout_s": self.timeout_s,
+                "speed": rt.speed.to_dict(),
+            },
             "versions": rt.versions,
         }
 
@@ -335,7 +403,9 @@ def _is_out_of_memory(exc: BaseException) -> bool:
         return True
     # cuBLAS/cuDNN report failed allocations as plain RuntimeErrors.
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text.lower() or "ALLOC_FAILED" in text
+    )
 
 
 def _describe_invalid(exc: ValueError) -> str:

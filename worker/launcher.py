@@ -81,7 +81,7 @@ def detect_gpus(env: dict) -> list[str]:
         nodes = [n for n in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", n)]
     except OSError:
         nodes = []
-    return sorted((n[len("nvidia"):] for n in nodes), key=int)
+    return sorted((n[len("nvidia") :] for n in nodes), key=int)
 
 
 def plan_slots(settings: WorkerSettings, env: dict) -> list[Slot]:
@@ -89,13 +89,20 @@ def plan_slots(settings: WorkerSettings, env: dict) -> list[Slot]:
     if settings.WORKER_DEVICE != "cpu":
         gpus = detect_gpus(env)
         if gpus:
-            return [Slot(f"gpu{g}", {"CUDA_VISIBLE_DEVICES": g, "WORKER_DEVICE": "cuda"}) for g in gpus]
+            return [
+                Slot(f"gpu{g}", {"CUDA_VISIBLE_DEVICES": g, "WORKER_DEVICE": "cuda"}) for g in gpus
+            ]
         if settings.WORKER_DEVICE == "cuda":
-            raise SystemExit("WORKER_DEVICE=cuda but no GPU is visible (CUDA_VISIBLE_DEVICES, nvidia-smi)")
+            raise SystemExit(
+                "WORKER_DEVICE=cuda but no GPU is visible (CUDA_VISIBLE_DEVICES, nvidia-smi)"
+            )
     cpu_env = {"CUDA_VISIBLE_DEVICES": "", "WORKER_DEVICE": "cpu"}
     if settings.WORKER_DEVICE == "auto" and settings.MODEL != "tiny":
-        log.warning("no GPU visible: running one CPU worker with MODEL=tiny instead of MODEL=%s "
-                    "(set WORKER_DEVICE=cpu to run that model on the CPU anyway)", settings.MODEL)
+        log.warning(
+            "no GPU visible: running one CPU worker with MODEL=tiny instead of MODEL=%s "
+            "(set WORKER_DEVICE=cpu to run that model on the CPU anyway)",
+            settings.MODEL,
+        )
         cpu_env["MODEL"] = "tiny"
     return [Slot("cpu", cpu_env)]
 
@@ -103,8 +110,14 @@ def plan_slots(settings: WorkerSettings, env: dict) -> list[Slot]:
 class Launcher:
     """Runs the planned worker processes until told to stop (see the module docstring)."""
 
-    def __init__(self, settings: WorkerSettings, slots: list[Slot], *, janitor=None,
-                 command: list[str] | None = None):
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        slots: list[Slot],
+        *,
+        janitor=None,
+        command: list[str] | None = None,
+    ):
         self.settings = settings
         self.slots = slots
         self.janitor = janitor
@@ -127,7 +140,8 @@ class Launcher:
         how = describe_exit(code)
         slot.history.append((slot.name, code))
         (log.info if code in (0, EXIT_RESTART) else log.warning)(
-            "worker %s (pid %d) ended after %.1f s with %s", slot.name, slot.proc.pid, uptime, how)
+            "worker %s (pid %d) ended after %.1f s with %s", slot.name, slot.proc.pid, uptime, how
+        )
         if self.janitor is not None:
             try:
                 self.janitor.reap_worker(slot.name, reason=how)
@@ -154,8 +168,11 @@ class Launcher:
     def request_stop(self, signum, frame) -> None:
         self.signals += 1
         self.stopping = True
-        log.info("got %s: stopping workers (%s)", signal.Signals(signum).name,
-                 "they finish or re-queue their jobs" if self.signals == 1 else "re-queue now")
+        log.info(
+            "got %s: stopping workers (%s)",
+            signal.Signals(signum).name,
+            "they finish or re-queue their jobs" if self.signals == 1 else "re-queue now",
+        )
         self.forward(signal.SIGTERM)
 
     def run(self) -> int:
@@ -195,6 +212,11 @@ def main() -> int:
     from .janitor import Janitor
 
     janitor = Janitor.from_settings(settings)
-    log.info("launching %d worker(s) on queue(s) %s, model %s: %s", len(slots), settings.QUEUE_NAME,
-             settings.MODEL, ", ".join(s.label for s in slots))
+    log.info(
+        "launching %d worker(s) on queue(s) %s, model %s: %s",
+        len(slots),
+        settings.QUEUE_NAME,
+        settings.MODEL,
+        ", ".join(s.label for s in slots),
+    )
     return Launcher(settings, slots, janitor=janitor).run()

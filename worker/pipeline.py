@@ -44,7 +44,9 @@ def resolve_dtype(dtype, device: str) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be 'auto', one of {sorted(DTYPES)} or a torch dtype, got {dtype!r}")
+    raise ValueError(
+        f"dtype must be 'auto', one of {sorted(DTYPES)} or a torch dtype, got {dtype!r}"
+    )
 
 
 def load_pipeline(model: str, *, device: str = "cpu", dtype=None, seed: int = 0):
@@ -61,7 +63,9 @@ def load_pipeline(model: str, *, device: str = "cpu", dtype=None, seed: int = 0)
     try:
         torch_device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from exc
+        raise ValueError(
+            f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}"
+        ) from exc
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for but CUDA is not available")
 
@@ -85,7 +89,9 @@ def load_pipeline(model: str, *, device: str = "cpu", dtype=None, seed: int = 0)
             # diffusers 0.42 renames `torch_dtype` to `dtype`; older ones (GPU images) know only
             # `torch_dtype`, which still works here.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32)
+            vae = AutoencoderKLWan.from_pretrained(
+                model, subfolder="vae", torch_dtype=torch.float32
+            )
             pipe = WanPipeline.from_pretrained(model, vae=vae, torch_dtype=torch_dtype)
         name = model
     pipe.to(torch_device)

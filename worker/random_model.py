@@ -23,32 +23,60 @@ import torch
 
 # transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers
 WAN21_T2V_1_3B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-    out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
-    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
 )
 # text_encoder/config.json of the same repository (google/umt5-xxl's encoder)
 UMT5_XXL = dict(
-    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-    relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
-    feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1,
-    decoder_start_token_id=0, tie_word_embeddings=False,
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.0,
+    feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+    tie_word_embeddings=False,
 )
 ARCHITECTURES = {
-    "wan2.1-1.3b-random": dict(transformer=WAN21_T2V_1_3B, text_encoder=UMT5_XXL, vae={},
-                               flow_shift=3.0),
+    "wan2.1-1.3b-random": dict(
+        transformer=WAN21_T2V_1_3B, text_encoder=UMT5_XXL, vae={}, flow_shift=3.0
+    ),
 }
 INIT_STD = 0.02
 
 
-def build_random_pipeline(name: str, *, device: str = "cuda", dtype=None, seed: int = 0,
-                          architectures: dict | None = None):
+def build_random_pipeline(
+    name: str, *, device: str = "cuda", dtype=None, seed: int = 0, architectures: dict | None = None
+):
     """The random-weight `WanPipeline` called `name` (see `ARCHITECTURES`) on `device`.
 
     `dtype` (default bf16 on CUDA, fp32 on CPU) applies to the transformer and text encoder;
     the VAE stays fp32. `architectures` replaces the table (tests build scaled-down ones).
     """
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
     from .pipeline import resolve_dtype
@@ -69,10 +97,19 @@ def build_random_pipeline(name: str, *, device: str = "cuda", dtype=None, seed: 
             _trained_scale_init(module, generator)
     _cast_keeping_fp32(transformer, torch_dtype)
     text_encoder.to(torch_dtype)
-    scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
-                                        use_flow_sigmas=True, flow_shift=arch["flow_shift"])
-    pipe = WanPipeline(tokenizer=build_tokenizer(), text_encoder=text_encoder.eval(),
-                       transformer=transformer.eval(), vae=vae.eval(), scheduler=scheduler)
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=arch["flow_shift"],
+    )
+    pipe = WanPipeline(
+        tokenizer=build_tokenizer(),
+        text_encoder=text_encoder.eval(),
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        scheduler=scheduler,
+    )
     for module in (transformer, text_encoder, vae):
         module.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)

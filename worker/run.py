@@ -28,8 +28,9 @@ import time
 import redis as redis_lib
 from rq import SimpleWorker
 
-from . import runtime as runtime_mod
 from contract.supervise import EXIT_RESTART, setup_logging
+
+from . import runtime as runtime_mod
 from .runtime import Runtime
 from .settings import WorkerSettings
 
@@ -47,8 +48,11 @@ class GenerationWorker(SimpleWorker):
     def execute_job(self, job, queue):
         super().execute_job(job, queue)
         if self.runtime.restart_reason:
-            self.log.warning("Worker %s: restarting for a clean context after %s", self.name,
-                             self.runtime.restart_reason)
+            self.log.warning(
+                "Worker %s: restarting for a clean context after %s",
+                self.name,
+                self.runtime.restart_reason,
+            )
             self._stop_requested = True
 
     def request_stop(self, signum, frame):
@@ -66,8 +70,11 @@ class Heartbeat(threading.Thread):
         self.stop_event = threading.Event()
 
     def beat(self) -> None:
-        self.rt.store.heartbeat(self.rt.name, self.rt.heartbeat_info(),
-                                ttl_s=max(1, round(self.rt.settings.HEARTBEAT_TTL_S)))
+        self.rt.store.heartbeat(
+            self.rt.name,
+            self.rt.heartbeat_info(),
+            ttl_s=max(1, round(self.rt.settings.HEARTBEAT_TTL_S)),
+        )
 
     def run(self) -> None:
         interval = self.rt.settings.HEARTBEAT_INTERVAL_S
@@ -85,9 +92,11 @@ class Heartbeat(threading.Thread):
         grace = self.rt.settings.HARD_TIMEOUT_GRACE_S
         if cur is None or time.monotonic() < cur.deadline + grace:
             return
-        message = (f"timed out: no progress for {time.monotonic() - cur.started:.0f} s at step "
-                   f"{cur.step} of {cur.total_steps} ({grace:g} s past the job's limit); the "
-                   "worker process was restarted")
+        message = (
+            f"timed out: no progress for {time.monotonic() - cur.started:.0f} s at step "
+            f"{cur.step} of {cur.total_steps} ({grace:g} s past the job's limit); the "
+            "worker process was restarted"
+        )
         log.error("job %s: %s", cur.job_id, message)
         try:
             self.rt.store.mark_failed(cur.job_id, "timeout", message)
@@ -111,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     # of its own, unused until RQ configures it, keeps an idle worker from timing out, backing off
     # (up to a minute) and picking up new jobs late.
     rq_connection = redis_lib.Redis.from_url(settings.REDIS_URL)
-    worker = GenerationWorker(settings.queues, connection=rq_connection, name=rt.name, runtime=rt,
-                              default_result_ttl=settings.RQ_RESULT_TTL_S)
+    worker = GenerationWorker(
+        settings.queues,
+        connection=rq_connection,
+        name=rt.name,
+        runtime=rt,
+        default_result_ttl=settings.RQ_RESULT_TTL_S,
+    )
     try:
         worker.work(burst=settings.WORKER_BURST, logging_level=settings.LOG_LEVEL.upper())
     finally:

@@ -23,10 +23,11 @@ import platform
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -108,13 +109,25 @@ class Runtime:
         load_s = time.perf_counter() - t0
         client = redis_client or redis_lib.Redis.from_url(settings.REDIS_URL)
         rt = cls(
-            settings=settings, name=settings.name(), redis=client,
+            settings=settings,
+            name=settings.name(),
+            redis=client,
             store=JobStore(client, retention_s=settings.RETENTION_S),
-            storage=ResultStorage(settings.DATA_DIR), pipe=pipe, handle=handle, device=device,
-            model_info=info, speed=SpeedModel.prior(device), versions=collect_versions(device),
+            storage=ResultStorage(settings.DATA_DIR),
+            pipe=pipe,
+            handle=handle,
+            device=device,
+            model_info=info,
+            speed=SpeedModel.prior(device),
+            versions=collect_versions(device),
         )
-        log.info("loaded %s on %s in %.1f s (%s parameters)", settings.MODEL, device_label(device),
-                 load_s, f"{info.get('param_count', 0):,}")
+        log.info(
+            "loaded %s on %s in %.1f s (%s parameters)",
+            settings.MODEL,
+            device_label(device),
+            load_s,
+            f"{info.get('param_count', 0):,}",
+        )
         rt.warm_up()
         return rt
 
@@ -127,8 +140,14 @@ class Runtime:
         shape = Shape(frames, height, width, self.settings.WARMUP_STEPS, 5.0)
         t0 = time.perf_counter()
         attention, _ = self.attention_settings({})
-        gen = self.generate(shape, prompt=WARMUP_PROMPT, negative_prompt="", seed=0,
-                            flow_shift=default_flow_shift(width, height), attention=attention)
+        gen = self.generate(
+            shape,
+            prompt=WARMUP_PROMPT,
+            negative_prompt="",
+            seed=0,
+            flow_shift=default_flow_shift(width, height),
+            attention=attention,
+        )
         # encode like a job would, into a scratch file, to time the encoder as well
         from .video import encode_mp4
 
@@ -136,17 +155,32 @@ class Runtime:
         scratch.parent.mkdir(parents=True, exist_ok=True)
         t_enc = time.perf_counter()
         try:
-            encode_mp4(gen.frames, scratch, fps=16, crf=self.settings.ENCODE_CRF,
-                       preset=self.settings.ENCODE_PRESET)
+            encode_mp4(
+                gen.frames,
+                scratch,
+                fps=16,
+                crf=self.settings.ENCODE_CRF,
+                preset=self.settings.ENCODE_PRESET,
+            )
         finally:
             scratch.unlink(missing_ok=True)
         encode_s = time.perf_counter() - t_enc
         self.speed.ref_tokens = shape.tokens
-        self.speed.observe(shape, denoise_s=gen.timings["denoising_s"],
-                           decode_encode_s=gen.timings["decoding_s"] + encode_s,
-                           fixed_s=gen.timings["text_encoder_s"])
-        log.info("warm-up %dx%dx%d, %d steps in %.2f s: %s", frames, height, width, shape.steps,
-                 time.perf_counter() - t0, self.speed.to_dict())
+        self.speed.observe(
+            shape,
+            denoise_s=gen.timings["denoising_s"],
+            decode_encode_s=gen.timings["decoding_s"] + encode_s,
+            fixed_s=gen.timings["text_encoder_s"],
+        )
+        log.info(
+            "warm-up %dx%dx%d, %d steps in %.2f s: %s",
+            frames,
+            height,
+            width,
+            shape.steps,
+            time.perf_counter() - t0,
+            self.speed.to_dict(),
+        )
         free_memory(self.device)
 
     # -- running the pipeline ------------------------------------------------------------------
@@ -157,17 +191,32 @@ class Runtime:
         from vmoba.diffusers import merge_attention_settings
 
         operator = {"kernel": self.settings.ATTENTION_KERNEL, **self.settings.ATTENTION_DEFAULTS}
-        return merge_attention_settings(self.model_attention_defaults, operator,
-                                        request_attention or {})
+        return merge_attention_settings(
+            self.model_attention_defaults, operator, request_attention or {}
+        )
 
-    def generate(self, shape: Shape, *, prompt: str, negative_prompt: str, seed: int,
-                 flow_shift: float, attention,
-                 on_step: Optional[Callable[[int, int], None]] = None) -> Generation:
+    def generate(
+        self,
+        shape: Shape,
+        *,
+        prompt: str,
+        negative_prompt: str,
+        seed: int,
+        flow_shift: float,
+        attention,
+        on_step: Optional[Callable[[int, int], None]] = None,
+    ) -> Generation:
         """Run the pipeline once (see the module docstring). `on_step(done, total)` runs after
         every denoising step; an exception from it aborts the call before the VAE decode."""
         with cpu_threads(self.device, self.settings), flow_shift_set(self.pipe, flow_shift):
-            return self._generate(shape, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
-                                  attention=attention, on_step=on_step)
+            return self._generate(
+                shape,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                seed=seed,
+                attention=attention,
+                on_step=on_step,
+            )
 
     def _generate(self, shape, *, prompt, negative_prompt, seed, attention, on_step) -> Generation:
         import torch
@@ -179,8 +228,11 @@ class Runtime:
         t0 = time.perf_counter()
         with torch.no_grad():
             prompt_embeds, negative_embeds = pipe.encode_prompt(
-                prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=cfg,
-                device=torch.device(self.device))
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                do_classifier_free_guidance=cfg,
+                device=torch.device(self.device),
+            )
         sync(cuda)
         t1 = time.perf_counter()
         marks = {}
@@ -198,10 +250,16 @@ class Runtime:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         with self.handle.use(attention) as stats:
             out = pipe(
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds if cfg else None,
-                num_frames=shape.num_frames, height=shape.height, width=shape.width,
-                num_inference_steps=shape.steps, guidance_scale=shape.guidance_scale,
-                generator=generator, output_type="np", callback_on_step_end=callback,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds if cfg else None,
+                num_frames=shape.num_frames,
+                height=shape.height,
+                width=shape.width,
+                num_inference_steps=shape.steps,
+                guidance_scale=shape.guidance_scale,
+                generator=generator,
+                output_type="np",
+                callback_on_step_end=callback,
             )
         sync(cuda)
         t3 = time.perf_counter()
@@ -230,12 +288,17 @@ class Runtime:
         with self.lock:
             cur = self.current
             info = {
-                "queue": self.settings.queues[0], "queues": self.settings.queues,
-                "model": self.settings.MODEL, "tiny": bool(self.model_info.get("tiny")),
-                "device": device_label(self.device), "state": "busy" if cur else "idle",
-                "job_id": cur.job_id if cur else None, "step": cur.step if cur else None,
+                "queue": self.settings.queues[0],
+                "queues": self.settings.queues,
+                "model": self.settings.MODEL,
+                "tiny": bool(self.model_info.get("tiny")),
+                "device": device_label(self.device),
+                "state": "busy" if cur else "idle",
+                "job_id": cur.job_id if cur else None,
+                "step": cur.step if cur else None,
                 "total_steps": cur.total_steps if cur else None,
-                "speed": self.speed.to_dict(), "jobs_done": self.jobs_done,
+                "speed": self.speed.to_dict(),
+                "jobs_done": self.jobs_done,
                 "started_at": self.started_at,
                 "stopping": self.stop_requested_at is not None,
             }
@@ -334,8 +397,12 @@ def collect_versions(device: str) -> dict:
     import torch
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
     try:
         import triton
 
@@ -358,8 +425,13 @@ def collect_versions(device: str) -> dict:
 
 def _git_commit() -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

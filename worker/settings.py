@@ -100,7 +100,9 @@ class WorkerSettings(SharedSettings):
             try:
                 value = json.loads(value or "{}")
             except json.JSONDecodeError as exc:
-                raise ValueError(f"ATTENTION_DEFAULTS must be a JSON object, got {value!r}") from exc
+                raise ValueError(
+                    f"ATTENTION_DEFAULTS must be a JSON object, got {value!r}"
+                ) from exc
         if not isinstance(value, dict):
             raise ValueError(f"ATTENTION_DEFAULTS must be a JSON object, got {value!r}")
         return value
@@ -130,7 +132,9 @@ def parse_size(text: str) -> tuple[int, int, int]:
     try:
         frames, height, width = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"size must be FRAMESxHEIGHTxWIDTH like 17x480x832, got {text!r}") from None
+        raise ValueError(
+            f"size must be FRAMESxHEIGHTxWIDTH like 17x480x832, got {text!r}"
+        ) from None
     if frames < 1 or (frames - 1) % 4 or height % 16 or width % 16 or height <= 0 or width <= 0:
         raise ValueError(f"size {text!r}: frames must be 4k+1, height and width multiples of 16")
     return frames, height, width

@@ -30,7 +30,11 @@ EMA_WEIGHT = 0.3
 
 def latent_tokens(num_frames: int, height: int, width: int) -> int:
     """Tokens the transformer sees: `T*Hg*Wg` (81x480x832 -> 21*30*52 = 32760)."""
-    return (1 + (num_frames - 1) // TEMPORAL_STRIDE) * (height // SPATIAL_STRIDE) * (width // SPATIAL_STRIDE)
+    return (
+        (1 + (num_frames - 1) // TEMPORAL_STRIDE)
+        * (height // SPATIAL_STRIDE)
+        * (width // SPATIAL_STRIDE)
+    )
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,13 @@ class Shape:
 
     @classmethod
     def of(cls, request) -> Shape:
-        return cls(request.num_frames, request.height, request.width, request.num_inference_steps,
-                   request.guidance_scale)
+        return cls(
+            request.num_frames,
+            request.height,
+            request.width,
+            request.num_inference_steps,
+            request.guidance_scale,
+        )
 
     @property
     def tokens(self) -> int:
@@ -77,13 +86,18 @@ class SpeedModel:
     samples: int = 0
 
     def estimate_s(self, shape: Shape) -> float:
-        return (self.fixed_s + shape.denoise_units(self.ref_tokens) * self.s_per_unit
-                + shape.megapixels * self.s_per_mpx)
+        return (
+            self.fixed_s
+            + shape.denoise_units(self.ref_tokens) * self.s_per_unit
+            + shape.megapixels * self.s_per_mpx
+        )
 
     def timeout_s(self, shape: Shape, *, factor: float, min_s: float, max_s: float) -> float:
         return min(max_s, max(min_s, factor * self.estimate_s(shape)))
 
-    def observe(self, shape: Shape, *, denoise_s: float, decode_encode_s: float, fixed_s: float) -> None:
+    def observe(
+        self, shape: Shape, *, denoise_s: float, decode_encode_s: float, fixed_s: float
+    ) -> None:
         """Fold one measured generation into the averages (the first one replaces the prior)."""
         unit = denoise_s / max(shape.denoise_units(self.ref_tokens), 1e-9)
         mpx = decode_encode_s / max(shape.megapixels, 1e-9)

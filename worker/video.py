@@ -58,7 +58,9 @@ def to_uint8_frames(frames) -> np.ndarray:
     arr = np.asarray(frames)
     if arr.ndim == 5:
         if arr.shape[0] != 1:
-            raise ValueError(f"expected one video, got a batch of {arr.shape[0]} (shape {arr.shape})")
+            raise ValueError(
+                f"expected one video, got a batch of {arr.shape[0]} (shape {arr.shape})"
+            )
         arr = arr[0]
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"frames must be [F, H, W, 3] or [1, F, H, W, 3], got shape {arr.shape}")
@@ -93,15 +95,41 @@ def encode_mp4(
     num_frames, height, width, _ = video.shape
     path = Path(path)
     cmd = [
-        ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
-        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", f"{fps}",
-        "-i", "pipe:0",
-        "-an", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2",
-        "-c:v", "libx264", "-preset", preset, "-crf", str(int(crf)),
-        "-pix_fmt", "yuv420p", "-profile:v", "high",
-        "-movflags", "+faststart",
+        ffmpeg_exe(),
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-nostdin",
+        "-y",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-s",
+        f"{width}x{height}",
+        "-framerate",
+        f"{fps}",
+        "-i",
+        "pipe:0",
+        "-an",
+        "-vf",
+        "pad=ceil(iw/2)*2:ceil(ih/2)*2",
+        "-c:v",
+        "libx264",
+        "-preset",
+        preset,
+        "-crf",
+        str(int(crf)),
+        "-pix_fmt",
+        "yuv420p",
+        "-profile:v",
+        "high",
+        "-movflags",
+        "+faststart",
         # ffmpeg picks the container from the extension; be explicit so `.part` names work.
-        "-f", "mp4", str(path),
+        "-f",
+        "mp4",
+        str(path),
     ]
     try:
         proc = subprocess.run(cmd, input=video.tobytes(), capture_output=True, timeout=timeout_s)
@@ -111,8 +139,12 @@ def encode_mp4(
         tail = proc.stderr.decode(errors="replace").strip()[-2000:]
         raise EncodeError(f"ffmpeg exited with {proc.returncode}: {tail}")
     return EncodedVideo(
-        path=path, num_frames=num_frames, width=width + width % 2, height=height + height % 2,
-        fps=float(fps), size_bytes=path.stat().st_size,
+        path=path,
+        num_frames=num_frames,
+        width=width + width % 2,
+        height=height + height % 2,
+        fps=float(fps),
+        size_bytes=path.stat().st_size,
     )
 
 

@@ -9,7 +9,6 @@ import anyio
 from fastapi import Request
 from starlette.responses import FileResponse
 
-from contract.files import THUMBNAIL_FILE, VIDEO_FILE
 from contract.keys import is_job_id
 from contract.record import JobRecord
 from contract.status import JobStatus
@@ -33,7 +32,9 @@ def idempotency(request: Request) -> tuple[Optional[str], str]:
     return request.headers.get("idempotency-key"), key_of(request.scope)
 
 
-async def submit_job(state: AppState, request: Request, req, location: str) -> tuple[JobRecord, Optional[int], dict]:
+async def submit_job(
+    state: AppState, request: Request, req, location: str
+) -> tuple[JobRecord, Optional[int], dict]:
     """Queue a validated request (idempotently), count it, and give the response headers:
     `Location: {location}{id}`, plus `Idempotent-Replayed` when an earlier job was returned."""
     key, scope = idempotency(request)
@@ -67,8 +68,9 @@ def list_args(limit: int, order: str, after: Optional[str]) -> None:
     if order not in ("asc", "desc"):
         raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
     if after is not None and not is_job_id(after):
-        raise APIError(400, f"after must be a job id (video_<32 hex>), got {after[:100]!r}",
-                       param="after")
+        raise APIError(
+            400, f"after must be a job id (video_<32 hex>), got {after[:100]!r}", param="after"
+        )
 
 
 async def list_jobs(state: AppState, limit: int, order: str, after: Optional[str]):
@@ -76,16 +78,22 @@ async def list_jobs(state: AppState, limit: int, order: str, after: Optional[str
     try:
         return await state.store.list(limit=limit, after=after, order=order)
     except KeyError:
-        raise APIError(400, f"after={after!r} is not a job on this server (deleted or expired?)",
-                       param="after")
+        raise APIError(
+            400, f"after={after!r} is not a job on this server (deleted or expired?)", param="after"
+        )
 
 
 async def list_page(state: AppState, limit: int, order: str, after: Optional[str], view) -> dict:
     """One cursor page, `{object: "list", data, first_id, last_id, has_more}`, items via `view`."""
     items, has_more = await list_jobs(state, limit, order, after)
     data = [view(rec, pos) for rec, pos in items]
-    return {"object": "list", "data": data, "has_more": has_more,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 async def cancel(state: AppState, job_id: str) -> tuple[JobRecord, Optional[int], bool]:
@@ -95,8 +103,9 @@ async def cancel(state: AppState, job_id: str) -> tuple[JobRecord, Optional[int]
     if rec.status == JobStatus.cancelled:
         return await load(state, job_id)
     if rec.is_terminal:
-        raise APIError(409, f"job {job_id} already ended as {rec.status}; nothing to cancel",
-                       param="id")
+        raise APIError(
+            409, f"job {job_id} already ended as {rec.status}; nothing to cancel", param="id"
+        )
     await state.store.request_cancel(job_id)
     if await state.store.mark_cancelled(job_id, allowed=(JobStatus.queued,)):
         await anyio.to_thread.run_sync(cancel_in_rq, state, job_id)
@@ -107,34 +116,49 @@ async def delete(state: AppState, job_id: str) -> None:
     """Delete a finished or waiting job with its files; a running one is a 409."""
     rec, _, _ = await load(state, job_id)
     if rec.status == JobStatus.in_progress:
-        raise APIError(409, f"job {job_id} is in_progress; cancel it first (POST "
-                            f"/jobs/{job_id}/cancel) and delete it once it has stopped",
-                       param="id")
+        raise APIError(
+            409,
+            f"job {job_id} is in_progress; cancel it first (POST "
+            f"/jobs/{job_id}/cancel) and delete it once it has stopped",
+            param="id",
+        )
     if rec.status == JobStatus.queued:
         await state.store.request_cancel(job_id)
-        if not await state.store.mark_cancelled(job_id, "deleted while queued",
-                                                allowed=(JobStatus.queued,)):
+        if not await state.store.mark_cancelled(
+            job_id, "deleted while queued", allowed=(JobStatus.queued,)
+        ):
             raise APIError(409, f"job {job_id} has just started; cancel it first", param="id")
         await anyio.to_thread.run_sync(cancel_in_rq, state, job_id)
     await anyio.to_thread.run_sync(
-        lambda: shutil.rmtree(state.settings.job_dir(job_id), ignore_errors=True))
+        lambda: shutil.rmtree(state.settings.job_dir(job_id), ignore_errors=True)
+    )
     await state.store.delete(job_id)
 
 
-async def file_response(state: AppState, job_id: str, name: str, media_type: str,
-                        download_name: Optional[str] = None) -> FileResponse:
+async def file_response(
+    state: AppState, job_id: str, name: str, media_type: str, download_name: Optional[str] = None
+) -> FileResponse:
     """A finished job's file, with HTTP Range support (206 / 416)."""
     rec, _, _ = await load(state, job_id)
     if rec.status != JobStatus.completed:
         detail = f" ({rec.error_code}: {rec.error_message})" if rec.error_code else ""
-        raise APIError(409, f"job {job_id} is {rec.status}{detail}; its files exist once it is "
-                            "completed", param="id", code="not_ready")
+        raise APIError(
+            409,
+            f"job {job_id} is {rec.status}{detail}; its files exist once it is completed",
+            param="id",
+            code="not_ready",
+        )
     path = state.settings.job_dir(job_id) / name
     if not await anyio.Path(path).is_file():
-        raise APIError(404, f"{name} of job {job_id} is missing (expired or removed)",
-                       param="id", code="file_missing")
-    return FileResponse(path, media_type=media_type, filename=download_name,
-                        content_disposition_type="inline")
+        raise APIError(
+            404,
+            f"{name} of job {job_id} is missing (expired or removed)",
+            param="id",
+            code="file_missing",
+        )
+    return FileResponse(
+        path, media_type=media_type, filename=download_name, content_disposition_type="inline"
+    )
 
 
 def deleted_response(job_id: str, obj: str) -> JSON:

@@ -7,11 +7,11 @@ from typing import Optional
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
+from contract.request import GenerateRequest
+
 from ..bodies import parse_json_object, read_body
 from ..errors import APIError
 from ..responses import JSON
-from contract.request import GenerateRequest
-
 from ..schemas import ErrorBody, JobObject, request_body
 from ..sse import job_events
 from ..state import get_state
@@ -23,20 +23,31 @@ router = APIRouter(tags=["native"])
 ERRORS = {c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 429)}
 
 
-@router.post("/generate", status_code=202, response_model=JobObject, responses=ERRORS,
-             openapi_extra=request_body({"application/json": GenerateRequest}))
+@router.post(
+    "/generate",
+    status_code=202,
+    response_model=JobObject,
+    responses=ERRORS,
+    openapi_extra=request_body({"application/json": GenerateRequest}),
+)
 async def generate(request: Request):
     """Queue a text-to-video job (JSON body: `GenerateRequest`). 202 with the job and
     `Location: /jobs/{id}`; 429 + Retry-After when the queue is full."""
     state = get_state(request)
     body = parse_json_object(await read_body(request, state.settings.MAX_BODY_BYTES))
-    rec, pos, headers = await common.submit_job(state, request, validate_request(state, body), "/jobs/")
+    rec, pos, headers = await common.submit_job(
+        state, request, validate_request(state, body), "/jobs/"
+    )
     return JSON(job_view(rec, pos), status_code=202, headers=headers)
 
 
 @router.get("/jobs", responses=ERRORS)
-async def list_jobs(request: Request, limit: int = Query(20), order: str = Query("desc"),
-                    after: Optional[str] = Query(None)):
+async def list_jobs(
+    request: Request,
+    limit: int = Query(20),
+    order: str = Query("desc"),
+    after: Optional[str] = Query(None),
+):
     """Jobs newest first; page with `after=<last id>` while `has_more`."""
     state = get_state(request)
     page = await common.list_page(state, limit, order, after, job_view)
@@ -52,8 +63,9 @@ async def get_job(request: Request, job_id: str):
 
 
 @router.get("/jobs/{job_id}/events", responses=ERRORS)
-async def job_events_route(request: Request, job_id: str,
-                           last_event_id: Optional[str] = Header(None)):
+async def job_events_route(
+    request: Request, job_id: str, last_event_id: Optional[str] = Header(None)
+):
     """Server-Sent Events: a snapshot, then live progress, until the job ends (see `service.sse`)."""
     state = get_state(request)
     await common.load(state, job_id)
@@ -62,26 +74,34 @@ async def job_events_route(request: Request, job_id: str,
         try:
             resume = int(last_event_id)
         except ValueError:
-            raise APIError(400, f"Last-Event-ID must be an integer, got {last_event_id[:40]!r}",
-                           param="Last-Event-ID")
-    return StreamingResponse(job_events(state, job_id, resume), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            raise APIError(
+                400,
+                f"Last-Event-ID must be an integer, got {last_event_id[:40]!r}",
+                param="Last-Event-ID",
+            )
+    return StreamingResponse(
+        job_events(state, job_id, resume),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.get("/jobs/{job_id}/video", responses=ERRORS)
 @router.head("/jobs/{job_id}/video", include_in_schema=False)
 async def job_video(request: Request, job_id: str):
     """The mp4 (H.264, yuv420p, faststart); HTTP Range gives 206 partial content."""
-    return await common.file_response(get_state(request), job_id, common.VIDEO_FILE,
-                                      "video/mp4", f"{job_id}.mp4")
+    return await common.file_response(
+        get_state(request), job_id, common.VIDEO_FILE, "video/mp4", f"{job_id}.mp4"
+    )
 
 
 @router.get("/jobs/{job_id}/thumbnail", responses=ERRORS)
 @router.head("/jobs/{job_id}/thumbnail", include_in_schema=False)
 async def job_thumbnail(request: Request, job_id: str):
     """A JPEG preview frame."""
-    return await common.file_response(get_state(request), job_id, common.THUMBNAIL_FILE,
-                                      "image/jpeg")
+    return await common.file_response(
+        get_state(request), job_id, common.THUMBNAIL_FILE, "image/jpeg"
+    )
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobObject, responses=ERRORS)
@@ -90,8 +110,9 @@ async def cancel_job(request: Request, job_id: str):
     (202, `cancel_requested: true`); a finished one is a 409."""
     state = get_state(request)
     rec, pos, flag = await common.cancel(state, job_id)
-    return JSON(job_view(rec, pos, cancel_requested=flag),
-                status_code=200 if rec.is_terminal else 202)
+    return JSON(
+        job_view(rec, pos, cancel_requested=flag), status_code=200 if rec.is_terminal else 202
+    )
 
 
 @router.delete("/jobs/{job_id}", responses=ERRORS)

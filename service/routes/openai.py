@@ -14,11 +14,11 @@ from typing import Optional
 
 from fastapi import APIRouter, Query, Request
 
+from contract.request import frames_for_seconds, to_float, to_int
+
 from ..bodies import parse_form_or_json, read_body
 from ..errors import APIError
 from ..responses import JSON
-from contract.request import frames_for_seconds, to_float, to_int
-
 from ..schemas import ErrorBody, VideoCreateForm, VideoObject, request_body
 from ..state import AppState, get_state
 from ..submit import validate_request
@@ -37,17 +37,24 @@ def from_openai(state: AppState, body: dict) -> dict:
     served = state.settings.MODEL
     model = body.pop("model", None)
     if model not in (None, "", served):
-        raise APIError(400, f"model {str(model)[:100]!r} is not served here; available: "
-                            f"[{served!r}] (or omit model)", param="model",
-                       code="model_not_found")
+        raise APIError(
+            400,
+            f"model {str(model)[:100]!r} is not served here; available: "
+            f"[{served!r}] (or omit model)",
+            param="model",
+            code="model_not_found",
+        )
     size = body.pop("size", None)
     if size is not None:
         if "width" in body or "height" in body:
             raise APIError(400, "give either size or width/height, not both", param="size")
         m = SIZE_RE.fullmatch(str(size))
         if not m:
-            raise APIError(400, f"size must be 'WIDTHxHEIGHT' in pixels (e.g. '832x480'), got "
-                                f"{str(size)[:40]!r}", param="size")
+            raise APIError(
+                400,
+                f"size must be 'WIDTHxHEIGHT' in pixels (e.g. '832x480'), got {str(size)[:40]!r}",
+                param="size",
+            )
         body["width"], body["height"] = int(m.group(1)), int(m.group(2))
     seconds = body.pop("seconds", None)
     if seconds is not None:
@@ -58,8 +65,11 @@ def from_openai(state: AppState, body: dict) -> dict:
         except ValueError:
             value = -1.0
         if value <= 0:
-            raise APIError(400, f"seconds must be a positive number (e.g. \"4\"), got "
-                                f"{str(seconds)[:40]!r}", param="seconds")
+            raise APIError(
+                400,
+                f'seconds must be a positive number (e.g. "4"), got {str(seconds)[:40]!r}',
+                param="seconds",
+            )
         try:
             fps = to_int(body.get("fps", state.limits.default_fps))
         except ValueError:
@@ -68,30 +78,44 @@ def from_openai(state: AppState, body: dict) -> dict:
         frames = frames_for_seconds(value, fps) if value < 1e6 else 10**9
         lim = state.limits
         if not lim.min_num_frames <= frames <= lim.max_num_frames:
-            raise APIError(400, f"seconds={seconds} means {frames} frames at {fps} fps; "
-                                f"{lim.min_num_frames} to {lim.max_num_frames} frames "
-                                f"({(lim.min_num_frames - 1) / fps:g} to "
-                                f"{(lim.max_num_frames - 1) / fps:g} s) allowed",
-                           param="seconds")
+            raise APIError(
+                400,
+                f"seconds={seconds} means {frames} frames at {fps} fps; "
+                f"{lim.min_num_frames} to {lim.max_num_frames} frames "
+                f"({(lim.min_num_frames - 1) / fps:g} to "
+                f"{(lim.max_num_frames - 1) / fps:g} s) allowed",
+                param="seconds",
+            )
         body["num_frames"] = frames
     return body
 
 
-@router.post("/videos", response_model=VideoObject, responses=ERRORS,
-             openapi_extra=request_body({"multipart/form-data": VideoCreateForm,
-                                         "application/json": VideoCreateForm}))
+@router.post(
+    "/videos",
+    response_model=VideoObject,
+    responses=ERRORS,
+    openapi_extra=request_body(
+        {"multipart/form-data": VideoCreateForm, "application/json": VideoCreateForm}
+    ),
+)
 async def create_video(request: Request):
     """Create a video job (multipart, urlencoded or JSON)."""
     state = get_state(request)
     raw = await read_body(request, state.settings.MAX_BODY_BYTES)
     body = from_openai(state, await parse_form_or_json(request, raw))
-    rec, pos, headers = await common.submit_job(state, request, validate_request(state, body), "/v1/videos/")
+    rec, pos, headers = await common.submit_job(
+        state, request, validate_request(state, body), "/v1/videos/"
+    )
     return JSON(video_view(rec, pos), headers=headers)
 
 
 @router.get("/videos", responses=ERRORS)
-async def list_videos(request: Request, limit: int = Query(20), order: str = Query("desc"),
-                      after: Optional[str] = Query(None)):
+async def list_videos(
+    request: Request,
+    limit: int = Query(20),
+    order: str = Query("desc"),
+    after: Optional[str] = Query(None),
+):
     """Cursor list: `{object: "list", data, first_id, last_id, has_more}`."""
     state = get_state(request)
     page = await common.list_page(state, limit, order, after, video_view)
@@ -111,12 +135,16 @@ async def video_content(request: Request, video_id: str, variant: str = Query("v
     """The mp4 (`variant=video`, HTTP Range supported) or the JPEG thumbnail."""
     state = get_state(request)
     if variant == "video":
-        return await common.file_response(state, video_id, common.VIDEO_FILE, "video/mp4",
-                                          f"{video_id}.mp4")
+        return await common.file_response(
+            state, video_id, common.VIDEO_FILE, "video/mp4", f"{video_id}.mp4"
+        )
     if variant == "thumbnail":
         return await common.file_response(state, video_id, common.THUMBNAIL_FILE, "image/jpeg")
-    raise APIError(400, f"variant must be 'video' or 'thumbnail' (no spritesheets here), got "
-                        f"{variant[:40]!r}", param="variant")
+    raise APIError(
+        400,
+        f"variant must be 'video' or 'thumbnail' (no spritesheets here), got {variant[:40]!r}",
+        param="variant",
+    )
 
 
 @router.delete("/videos/{video_id}", responses=ERRORS)

@@ -30,14 +30,21 @@ async def readyz(request: Request):
         await state.redis.ping()
         workers = await state.store.live_workers(state.settings.QUEUE_NAME)
     except Exception as e:  # any Redis failure means not ready
-        return JSON({"ready": False, "reason": f"redis unreachable: {type(e).__name__}"},
-                    status_code=503)
+        return JSON(
+            {"ready": False, "reason": f"redis unreachable: {type(e).__name__}"}, status_code=503
+        )
     if not workers:
-        return JSON({"ready": False, "reason": f"no live worker on queue "
-                                               f"{state.settings.QUEUE_NAME!r}", "workers": 0},
-                    status_code=503)
-    return JSON({"ready": True, "workers": len(workers),
-                 "worker_names": [w.get("name") for w in workers]})
+        return JSON(
+            {
+                "ready": False,
+                "reason": f"no live worker on queue {state.settings.QUEUE_NAME!r}",
+                "workers": 0,
+            },
+            status_code=503,
+        )
+    return JSON(
+        {"ready": True, "workers": len(workers), "worker_names": [w.get("name") for w in workers]}
+    )
 
 
 @router.get("/metrics")
@@ -55,13 +62,22 @@ async def models(request: Request):
     state = get_state(request)
     s, lim = state.settings, state.limits
     workers = await state.store.live_workers(s.QUEUE_NAME)
-    return JSON({"object": "list", "data": [{
-        "id": s.MODEL,
-        "object": "model",
-        "owned_by": "vmoba-serve",
-        "tiny": s.MODEL == TINY_MODEL,
-        "note": model_note(s.MODEL),
-        "limits": lim.model_dump(exclude={"model"}),
-        "workers": [{k: w.get(k) for k in ("name", "device", "model", "job_id")}
-                    for w in workers],
-    }]})
+    return JSON(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": s.MODEL,
+                    "object": "model",
+                    "owned_by": "vmoba-serve",
+                    "tiny": s.MODEL == TINY_MODEL,
+                    "note": model_note(s.MODEL),
+                    "limits": lim.model_dump(exclude={"model"}),
+                    "workers": [
+                        {k: w.get(k) for k in ("name", "device", "model", "job_id")}
+                        for w in workers
+                    ],
+                }
+            ],
+        }
+    )

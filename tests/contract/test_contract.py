@@ -23,7 +23,9 @@ def test_attention_choices_match_vmoba():
     fields = AttentionRequest.model_fields
     assert fields["backend"].annotation is not None
     literal_choices = {
-        name: tuple(arg for arg in fields[name].annotation.__args__[0].__args__)  # Optional[Literal]
+        name: tuple(
+            arg for arg in fields[name].annotation.__args__[0].__args__
+        )  # Optional[Literal]
         for name in ("backend", "select")
     }
     assert literal_choices == {"backend": config.ATTENTION_BACKENDS, "select": config.SELECT_MODES}
@@ -57,22 +59,30 @@ def test_sync_and_async_stores_agree(redis_client, async_client):
     job_id = new_job_id()
 
     async def flow():
-        created = await async_store.create({"prompt": "p", "num_inference_steps": 3},
-                                           model="tiny", seed=5, job_id=job_id)
+        created = await async_store.create(
+            {"prompt": "p", "num_inference_steps": 3}, model="tiny", seed=5, job_id=job_id
+        )
         assert created.outcome == "created" and created.position == 1
         assert sync_store.mark_started(job_id, worker="w1")
         assert sync_store.mark_progress(job_id, 2, 3)
         rec, pos, cancel = await async_store.get_full(job_id)
-        assert (rec.status, rec.step, rec.worker, pos, cancel) == ("in_progress", 2, "w1", None,
-                                                                    False)
+        assert (rec.status, rec.step, rec.worker, pos, cancel) == (
+            "in_progress",
+            2,
+            "w1",
+            None,
+            False,
+        )
         assert sync_store.get_full(job_id)[0] == rec
         await async_store.request_cancel(job_id)
         assert sync_store.is_cancel_requested(job_id)
         assert not await async_store.mark_cancelled(job_id, allowed=("queued",))
         assert sync_store.mark_cancelled(job_id)
-        assert [e["type"] for e in await async_store.events_since(job_id)] == \
-            [e["type"] for e in sync_store.events_since(job_id)] == \
-            ["started", "progress", "cancelled"]
+        assert (
+            [e["type"] for e in await async_store.events_since(job_id)]
+            == [e["type"] for e in sync_store.events_since(job_id)]
+            == ["started", "progress", "cancelled"]
+        )
         assert (await async_store.metrics_snapshot()) == sync_store.metrics_snapshot()
         await async_client.aclose()
 

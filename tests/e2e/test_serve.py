@@ -19,6 +19,7 @@ import av
 import httpx
 import openai
 import pytest
+
 from service.serve import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -63,11 +64,22 @@ class Stack:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "serve.log"
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "API_KEYS")}
-        env.update(PORT=str(self.port), DATA_DIR=str(tmp / "data"), MODEL="tiny",
-                   POLL_AFTER_MS="100", HEARTBEAT_INTERVAL_S="1", WARMUP_STEPS="1",
-                   PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.serve"], cwd=ROOT, env=env,
-                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        env.update(
+            PORT=str(self.port),
+            DATA_DIR=str(tmp / "data"),
+            MODEL="tiny",
+            POLL_AFTER_MS="100",
+            HEARTBEAT_INTERVAL_S="1",
+            WARMUP_STEPS="1",
+            PYTHONPATH=str(ROOT),
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self) -> None:
         deadline = time.time() + READY_TIMEOUT_S
@@ -126,8 +138,15 @@ def sse_events(url: str, timeout_s: float = 120) -> list[tuple[str, dict]]:
 
 
 def test_native_flow(stack, http, tmp_path):
-    body = {"prompt": "a lighthouse in a storm", "num_frames": 9, "width": 64, "height": 48,
-            "num_inference_steps": 3, "fps": 8, "seed": 1234}
+    body = {
+        "prompt": "a lighthouse in a storm",
+        "num_frames": 9,
+        "width": 64,
+        "height": 48,
+        "num_inference_steps": 3,
+        "fps": 8,
+        "seed": 1234,
+    }
     r = http.post("/generate", json=body)
     assert r.status_code == 202
     job_id = r.json()["id"]
@@ -160,9 +179,16 @@ def test_native_flow(stack, http, tmp_path):
 
 def test_cancel_a_running_job(stack, http):
     # A long job: 100 steps at 256x256 takes far longer than the test waits.
-    job_id = http.post("/generate", json={"prompt": "slow", "num_inference_steps": 100,
-                                          "width": 256, "height": 256, "num_frames": 17}
-                       ).json()["id"]
+    job_id = http.post(
+        "/generate",
+        json={
+            "prompt": "slow",
+            "num_inference_steps": 100,
+            "width": 256,
+            "height": 256,
+            "num_frames": 17,
+        },
+    ).json()["id"]
     deadline = time.time() + 60
     while http.get(f"/jobs/{job_id}").json()["step"] < 1:
         assert time.time() < deadline, "the job never started"
@@ -182,8 +208,9 @@ def test_openai_client(stack, tmp_path):
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        video = client.videos.create_and_poll(prompt="a paper boat", seconds="1", size="64x64",
-                                              extra_body={"num_inference_steps": 2})
+        video = client.videos.create_and_poll(
+            prompt="a paper boat", seconds="1", size="64x64", extra_body={"num_inference_steps": 2}
+        )
         assert video.status == "completed" and video.progress == 100, video
         assert (video.seconds, video.size, video.model) == ("1", "64x64", "tiny")
         data = client.videos.download_content(video.id).read()
@@ -197,19 +224,45 @@ def test_openai_client(stack, tmp_path):
 
 def test_cli(stack, tmp_path):
     out = tmp_path / "cli.mp4"
-    r = subprocess.run([sys.executable, "-m", "service.cli", "generate", "a kite", "-o", str(out),
-                        "--frames", "5", "--size", "32x32", "--steps", "2", "--attention",
-                        "dense", "--url", stack.url, "--json"],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "generate",
+            "a kite",
+            "-o",
+            str(out),
+            "--frames",
+            "5",
+            "--size",
+            "32x32",
+            "--steps",
+            "2",
+            "--attention",
+            "dense",
+            "--url",
+            stack.url,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     assert "100%" in r.stderr and f"saved {out}" in r.stderr
     final = json.loads(r.stdout)
     assert final["status"] == "completed" and final["request"]["attention"]["backend"] == "dense"
     assert decode(out, tmp_path)[:3] == (5, 32, 32)
 
-    bad = subprocess.run([sys.executable, "-m", "service.cli", "generate", "x", "--frames", "6",
-                          "--url", stack.url], capture_output=True, text=True, timeout=60,
-                         cwd=ROOT)
+    bad = subprocess.run(
+        [sys.executable, "-m", "service.cli", "generate", "x", "--frames", "6", "--url", stack.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert bad.returncode == 2 and "4k+1" in bad.stderr
 
 
@@ -222,8 +275,16 @@ def completed_count(http) -> float:
 
 def test_metrics_after_a_job(stack, http):
     before = completed_count(http)
-    job_id = http.post("/generate", json={"prompt": "count", "num_frames": 5, "width": 32,
-                                          "height": 32, "num_inference_steps": 1}).json()["id"]
+    job_id = http.post(
+        "/generate",
+        json={
+            "prompt": "count",
+            "num_frames": 5,
+            "width": 32,
+            "height": 32,
+            "num_inference_steps": 1,
+        },
+    ).json()["id"]
     deadline = time.time() + 60
     while http.get(f"/jobs/{job_id}").json()["status"] != "completed":
         assert time.time() < deadline
@@ -241,8 +302,12 @@ def test_ctrl_c_stops_everything(stack):
     stack.proc.send_signal(signal.SIGINT)
     assert stack.proc.wait(timeout=60) == 0
     time.sleep(0.5)
-    alive = [pid for pid in kids if Path(f"/proc/{pid}").exists()
-             and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+    alive = [
+        pid
+        for pid in kids
+        if Path(f"/proc/{pid}").exists()
+        and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    ]
     assert alive == [], f"left running: {alive}"
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{stack.url}/healthz", timeout=1)

@@ -13,10 +13,10 @@ import pytest
 import redis
 import uvicorn
 
-from service.app import create_app
 from contract.store import JobStore
-from service.settings import ServiceSettings
+from service.app import create_app
 from service.serve import free_port
+from service.settings import ServiceSettings
 
 
 class LiveServer:
@@ -26,12 +26,18 @@ class LiveServer:
         self.settings = settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on", loop="asyncio")
+        config = uvicorn.Config(
+            create_app(settings),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            loop="asyncio",
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def start(self) -> "LiveServer":
+    def start(self) -> LiveServer:
         self.thread.start()
         deadline = time.time() + 10
         while not self.server.started:
@@ -51,8 +57,13 @@ def make_server(redis_url, redis_client, tmp_path):
     servers = []
 
     def make(**overrides) -> LiveServer:
-        values = dict(REDIS_URL=redis_url, DATA_DIR=tmp_path / "data", MODEL="tiny",
-                      POLL_AFTER_MS=50, SSE_PING_S=0.5)
+        values = dict(
+            REDIS_URL=redis_url,
+            DATA_DIR=tmp_path / "data",
+            MODEL="tiny",
+            POLL_AFTER_MS=50,
+            SSE_PING_S=0.5,
+        )
         values.update(overrides)
         server = LiveServer(ServiceSettings(**values)).start()
         servers.append(server)
@@ -71,8 +82,9 @@ def server(make_server):
 @pytest.fixture(scope="module")
 def shared_server(redis_url, tmp_path_factory):
     """One server for a whole module of stateless tests (validation)."""
-    server = LiveServer(ServiceSettings(REDIS_URL=redis_url, MODEL="tiny",
-                                        DATA_DIR=tmp_path_factory.mktemp("data"))).start()
+    server = LiveServer(
+        ServiceSettings(REDIS_URL=redis_url, MODEL="tiny", DATA_DIR=tmp_path_factory.mktemp("data"))
+    ).start()
     yield server
     server.stop()
 
@@ -101,8 +113,15 @@ def run_job(store):
     return run
 
 
-def _run_job(store: JobStore, settings, job_id: str, *, video: bytes | None = None,
-            steps: int = 3, density: float = 0.3) -> bytes:
+def _run_job(
+    store: JobStore,
+    settings,
+    job_id: str,
+    *,
+    video: bytes | None = None,
+    steps: int = 3,
+    density: float = 0.3,
+) -> bytes:
     """Take a queued job through started, progress, decode, encode and completed, writing
     `video.mp4` (random bytes unless given) and a thumbnail. Returns the video bytes."""
     video = os.urandom(50_000) if video is None else video
@@ -116,8 +135,10 @@ def _run_job(store: JobStore, settings, job_id: str, *, video: bytes | None = No
     (d / "video.mp4").write_bytes(video)
     (d / "thumbnail.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(100))
     (d / "meta.json").write_text("{}")
-    assert store.mark_completed(job_id, files=["video.mp4", "thumbnail.jpg", "meta.json"],
-                                timings={"denoising_s": 0.3, "decoding_s": 0.1,
-                                         "encoding_s": 0.05, "total_s": 0.5},
-                                density=density)
+    assert store.mark_completed(
+        job_id,
+        files=["video.mp4", "thumbnail.jpg", "meta.json"],
+        timings={"denoising_s": 0.3, "decoding_s": 0.1, "encoding_s": 0.05, "total_s": 0.5},
+        density=density,
+    )
     return video

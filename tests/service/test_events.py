@@ -19,8 +19,7 @@ def read_events(url: str, headers=None, timeout=10.0) -> list[tuple[str, int | N
                 continue
             if not line:
                 if block:
-                    events.append((block["event"], block.get("id"),
-                                   json.loads(block["data"])))
+                    events.append((block["event"], block.get("id"), json.loads(block["data"])))
                 block = {}
                 continue
             name, _, value = line.partition(": ")
@@ -32,7 +31,8 @@ def test_stream_follows_a_job_to_the_end(server, http, store, run_job):
     job_id = http.post("/generate", json={"prompt": "stream me"}).json()["id"]
     got = []
     reader = threading.Thread(
-        target=lambda: got.extend(read_events(f"{server.url}/jobs/{job_id}/events")))
+        target=lambda: got.extend(read_events(f"{server.url}/jobs/{job_id}/events"))
+    )
     reader.start()
     time.sleep(0.3)  # the reader is subscribed and has its snapshot
     run_job(server.settings, job_id, steps=4)
@@ -40,8 +40,17 @@ def test_stream_follows_a_job_to_the_end(server, http, store, run_job):
     assert not reader.is_alive(), "the stream ends at the terminal state"
 
     names = [e for e, _, _ in got]
-    assert names == ["snapshot", "started", "progress", "progress", "progress", "progress",
-                     "stage", "stage", "completed"]
+    assert names == [
+        "snapshot",
+        "started",
+        "progress",
+        "progress",
+        "progress",
+        "progress",
+        "stage",
+        "stage",
+        "completed",
+    ]
     assert got[0][2]["status"] == "queued" and got[0][2]["object"] == "job"
     steps = [d["step"] for e, _, d in got if e == "progress"]
     assert steps == [1, 2, 3, 4]
@@ -57,18 +66,22 @@ def test_stream_follows_a_job_to_the_end(server, http, store, run_job):
     assert [e for e, _, _ in again] == ["snapshot"] and again[0][2]["status"] == "completed"
 
     # Resuming after event 3 replays what came later.
-    resumed = read_events(f"{server.url}/jobs/{job_id}/events",
-                          headers={"Last-Event-ID": str(ids[3])})
+    resumed = read_events(
+        f"{server.url}/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[3])}
+    )
     assert [e for e, _, _ in resumed] == names[4:]
-    assert read_events(f"{server.url}/jobs/{job_id}/events",
-                       headers={"Last-Event-ID": str(ids[-1])}) == []
+    assert (
+        read_events(f"{server.url}/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[-1])})
+        == []
+    )
 
 
 def test_stream_ends_on_cancel_and_on_delete(server, http, store):
     a = http.post("/generate", json={"prompt": "cancel me"}).json()["id"]
     got = []
     reader = threading.Thread(
-        target=lambda: got.extend(read_events(f"{server.url}/jobs/{a}/events")))
+        target=lambda: got.extend(read_events(f"{server.url}/jobs/{a}/events"))
+    )
     reader.start()
     time.sleep(0.3)
     assert http.post(f"/jobs/{a}/cancel").status_code == 200
@@ -80,7 +93,8 @@ def test_stream_ends_on_cancel_and_on_delete(server, http, store):
     store.mark_started(b, worker="w")
     got = []
     reader = threading.Thread(
-        target=lambda: got.extend(read_events(f"{server.url}/jobs/{b}/events")))
+        target=lambda: got.extend(read_events(f"{server.url}/jobs/{b}/events"))
+    )
     reader.start()
     time.sleep(0.3)
     store.delete(b)  # as the janitor would

@@ -40,8 +40,9 @@ def test_lifecycle_and_events(store, redis_client):
     for step in range(1, 5):
         assert store.mark_progress(job_id, step, 4)
     assert store.mark_stage(job_id, "decoding") and store.mark_stage(job_id, "encoding")
-    assert store.mark_completed(job_id, files=["video.mp4"], density=0.2,
-                                timings={"denoising_s": 0.4, "total_s": 1.0})
+    assert store.mark_completed(
+        job_id, files=["video.mp4"], density=0.2, timings={"denoising_s": 0.4, "total_s": 1.0}
+    )
     assert not store.mark_cancelled(job_id), "a completed job stays completed"
 
     rec = store.get(job_id)
@@ -61,8 +62,16 @@ def test_lifecycle_and_events(store, redis_client):
             if live[-1]["type"] == "completed":
                 break
     types = [e["type"] for e in live]
-    assert types == ["started", "progress", "progress", "progress", "progress", "stage", "stage",
-                     "completed"]
+    assert types == [
+        "started",
+        "progress",
+        "progress",
+        "progress",
+        "progress",
+        "stage",
+        "stage",
+        "completed",
+    ]
     assert [e["progress"] for e in live] == [0, 22, 45, 67, 90, 92, 96, 100]
     assert [e["seq"] for e in live] == sorted(e["seq"] for e in live)
     assert store.events_since(job_id, live[3]["seq"]) == live[4:]
@@ -169,8 +178,9 @@ def test_concurrent_creates_respect_capacity(store):
 
 def test_unicode_and_odd_strings_round_trip(store):
     prompt = 'a 🦊 fox — ünïcode "quoted" \\ back\\slash \n newline \u0000 nul 中文'
-    outcome, job_id, _ = store.create({"prompt": prompt, "attention": {"topk": [2, 6, 18]}},
-                                      model="tiny", seed=2**62)
+    outcome, job_id, _ = store.create(
+        {"prompt": prompt, "attention": {"topk": [2, 6, 18]}}, model="tiny", seed=2**62
+    )
     rec = store.get(job_id)
     assert rec.request["prompt"] == prompt and rec.seed == 2**62
     assert rec.request["attention"] == {"topk": [2, 6, 18]}

@@ -67,8 +67,9 @@ def test_idempotent_retries_give_one_job(server, http, redis_client):
     ids = []
 
     def retry():
-        r = httpx.post(f"{server.url}/generate", json={"prompt": "storm"},
-                       headers={"Idempotency-Key": "storm"})
+        r = httpx.post(
+            f"{server.url}/generate", json={"prompt": "storm"}, headers={"Idempotency-Key": "storm"}
+        )
         ids.append(r.json()["id"])
 
     threads = [threading.Thread(target=retry) for _ in range(8)]
@@ -99,8 +100,9 @@ def test_api_keys(make_server):
         assert http.get("/jobs", headers={"Authorization": "Basic key-one"}).status_code == 401
         assert http.get("/metrics").status_code == 401
         for key in ("key-one", "key-two"):
-            r = http.post("/generate", json={"prompt": "p"},
-                          headers={"Authorization": f"Bearer {key}"})
+            r = http.post(
+                "/generate", json={"prompt": "p"}, headers={"Authorization": f"Bearer {key}"}
+            )
             assert r.status_code == 202
         assert http.get("/healthz").status_code == 200
         assert http.get("/readyz").status_code == 503, "open, and not ready without a worker"
@@ -116,9 +118,14 @@ def test_api_keys(make_server):
 def test_idempotency_keys_are_scoped_by_api_key(make_server):
     server = make_server(API_KEYS="alice,bob")
     with httpx.Client(base_url=server.url) as http:
-        ids = [http.post("/generate", json={"prompt": "same"},
-                         headers={"Authorization": f"Bearer {k}", "Idempotency-Key": "k"}
-                         ).json()["id"] for k in ("alice", "bob")]
+        ids = [
+            http.post(
+                "/generate",
+                json={"prompt": "same"},
+                headers={"Authorization": f"Bearer {k}", "Idempotency-Key": "k"},
+            ).json()["id"]
+            for k in ("alice", "bob")
+        ]
     assert ids[0] != ids[1]
 
 

@@ -37,16 +37,21 @@ def test_metrics_change_after_a_job(server, http, store, run_job):
     assert after[total] == before[total] + 1
     submitted = ("vmoba_jobs_submitted_total", ())
     assert after[submitted] >= before.get(submitted, 0) + 1
-    posts = ("vmoba_http_requests_total",
-             (("method", "POST"), ("route", "/generate"), ("status", "202")))
+    posts = (
+        "vmoba_http_requests_total",
+        (("method", "POST"), ("route", "/generate"), ("status", "202")),
+    )
     assert after[posts] >= before.get(posts, 0) + 1
-    gets = [k for k in after if k[0] == "vmoba_http_requests_total"
-            and ("route", "/metrics") in k[1]]
+    gets = [
+        k for k in after if k[0] == "vmoba_http_requests_total" and ("route", "/metrics") in k[1]
+    ]
     assert gets, "requests are labelled by route template"
 
 
 def test_api_never_imports_torch():
-    code = ("import sys, service.app, service.serve, service.cli; service.app.create_app(); "
-            "print('torch' in sys.modules, 'diffusers' in sys.modules)")
+    code = (
+        "import sys, service.app, service.serve, service.cli; service.app.create_app(); "
+        "print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr

@@ -6,19 +6,30 @@ import random
 
 import pytest
 from rq import Queue
-from rq.job import Job, JobStatus as RQStatus
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
 
 
 def test_generate_enqueues_by_dotted_path(server, http, redis_client):
     seed = random.randint(0, 2**40)
-    body = {"prompt": "a red fox in snow", "seed": seed, "num_frames": 9, "width": 64,
-            "height": 48, "attention": {"backend": "dense"}}
+    body = {
+        "prompt": "a red fox in snow",
+        "seed": seed,
+        "num_frames": 9,
+        "width": 64,
+        "height": 48,
+        "attention": {"backend": "dense"},
+    }
     r = http.post("/generate", json=body)
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["location"] == f"/jobs/{job['id']}"
     assert (job["status"], job["stage"], job["queue_position"], job["seed"]) == (
-        "queued", "queued", 1, seed)
+        "queued",
+        "queued",
+        1,
+        seed,
+    )
     assert job["model"] == "tiny" and "random-weight" in job["model_note"]
     assert job["request"]["num_inference_steps"] == 4, "the tiny model's default"
 
@@ -27,7 +38,8 @@ def test_generate_enqueues_by_dotted_path(server, http, redis_client):
     (payload,) = rq_job.args
     assert payload["job_id"] == job["id"] and payload["seed"] == seed
     assert {k: payload[k] for k in body if k != "attention"} == {
-        k: v for k, v in body.items() if k != "attention"}
+        k: v for k, v in body.items() if k != "attention"
+    }
     assert payload["attention"]["backend"] == "dense"
     assert rq_job.timeout >= 3600, "RQ's timeout is only a generous backstop"
     assert Queue("vmoba", connection=redis_client).job_ids == [job["id"]]
@@ -48,9 +60,15 @@ def test_status_progress_and_download(server, http, store, run_job):
     r = http.get(f"/jobs/{a}")
     assert r.headers["openai-poll-after-ms"] == "50"
     job = r.json()
-    assert (job["status"], job["stage"], job["step"], job["total_steps"], job["progress"],
-            job["queue_position"], job["worker"]) == ("in_progress", "denoising", 2, 4, 45, None,
-                                                      "w0")
+    assert (
+        job["status"],
+        job["stage"],
+        job["step"],
+        job["total_steps"],
+        job["progress"],
+        job["queue_position"],
+        job["worker"],
+    ) == ("in_progress", "denoising", 2, 4, 45, None, "w0")
     assert http.get(f"/jobs/{b}").json()["queue_position"] == 1
     assert http.get(f"/jobs/{a}/video").status_code == 409
 
@@ -78,7 +96,7 @@ def test_range_requests(server, http, run_job):
         end = random.randrange(start, n)
         r = http.get(f"/jobs/{job_id}/video", headers={"Range": f"bytes={start}-{end}"})
         assert r.status_code == 206
-        assert r.content == video[start:end + 1]
+        assert r.content == video[start : end + 1]
         assert r.headers["content-range"] == f"bytes {start}-{end}/{n}"
     r = http.get(f"/jobs/{job_id}/video", headers={"Range": "bytes=-100"})
     assert r.status_code == 206 and r.content == video[-100:]
@@ -164,4 +182,5 @@ def test_openapi_documents_both_families(http):
     assert "attention" in body["schema"]["properties"]
     assert "multipart/form-data" in spec["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
     assert {"/jobs/{job_id}/events", "/v1/videos/{video_id}/content", "/metrics"} <= set(
-        spec["paths"])
+        spec["paths"]
+    )

@@ -41,8 +41,9 @@ def test_create_retrieve_list_download_delete(server, client, store, redis_clien
     others = [client.videos.create(prompt=f"p{i}", seconds="1").id for i in range(3)]
     page = client.videos.list(limit=2)
     assert [v.id for v in page.data] == others[::-1][:2] and page.has_more
-    assert [v.id for v in client.videos.list(limit=2)] == others[::-1] + [video.id], \
+    assert [v.id for v in client.videos.list(limit=2)] == others[::-1] + [video.id], (
         "auto-pagination walks every page"
+    )
 
     deleted = client.videos.delete(video.id)
     assert (deleted.id, deleted.deleted, deleted.object) == (video.id, True, "video.deleted")
@@ -90,9 +91,16 @@ def test_cancelled_is_failed_with_code(client, http):
 
 def test_extra_parameters_through_the_client(client, redis_client):
     video = client.videos.create(
-        prompt="knobs", seconds="2", size="96x64",
-        extra_body={"seed": 42, "num_inference_steps": 3, "fps": 8,
-                    "attention": {"backend": "vmoba", "select": "topk", "topk": 3}})
+        prompt="knobs",
+        seconds="2",
+        size="96x64",
+        extra_body={
+            "seed": 42,
+            "num_inference_steps": 3,
+            "fps": 8,
+            "attention": {"backend": "vmoba", "select": "topk", "topk": 3},
+        },
+    )
     payload = Job.fetch(video.id, connection=redis_client).args[0]
     assert (payload["seed"], payload["num_inference_steps"], payload["fps"]) == (42, 3, 8)
     assert payload["num_frames"] == 17, "2 s at 8 fps"
@@ -106,14 +114,17 @@ def test_json_and_urlencoded_create(server, http):
     assert r.status_code == 200 and r.json()["attention"]["backend"] == "dense"
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(model="sora-2"), ["sora-2", "not served", "tiny"]),
-    (dict(size="big"), ["WIDTHxHEIGHT", "big"]),
-    (dict(size="100x100"), ["multiple of 16", "100"]),
-    (dict(size="1920x1088"), ["1920x1088", "pixels"]),
-    (dict(seconds="12"), ["seconds=12", "193 frames", "129"]),
-    (dict(seconds="0"), ["positive", "'0'"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(model="sora-2"), ["sora-2", "not served", "tiny"]),
+        (dict(size="big"), ["WIDTHxHEIGHT", "big"]),
+        (dict(size="100x100"), ["multiple of 16", "100"]),
+        (dict(size="1920x1088"), ["1920x1088", "pixels"]),
+        (dict(seconds="12"), ["seconds=12", "193 frames", "129"]),
+        (dict(seconds="0"), ["positive", "'0'"]),
+    ],
+)
 def test_bad_create_is_a_400_the_client_can_read(client, kwargs, words):
     with pytest.raises(openai.BadRequestError) as e:
         client.videos.create(prompt="p", **kwargs)
@@ -124,6 +135,9 @@ def test_bad_create_is_a_400_the_client_can_read(client, kwargs, words):
 
 
 def test_input_reference_is_refused(server):
-    r = httpx.post(f"{server.url}/v1/videos", data={"prompt": "p"},
-                   files={"input_reference": ("ref.png", b"\x89PNG....", "image/png")})
+    r = httpx.post(
+        f"{server.url}/v1/videos",
+        data={"prompt": "p"},
+        files={"input_reference": ("ref.png", b"\x89PNG....", "image/png")},
+    )
     assert r.status_code == 400 and "text only" in r.json()["error"]["message"]

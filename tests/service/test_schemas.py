@@ -40,8 +40,9 @@ def test_defaults_fill_every_field():
 
 def test_flow_shift_defaults_per_resolution_and_is_checked():
     wide = Limits(max_pixels=1280 * 720)
-    at_720p = GenerateRequest.model_validate({"prompt": "p", "width": 1280, "height": 720},
-                                             context={"limits": wide})
+    at_720p = GenerateRequest.model_validate(
+        {"prompt": "p", "width": 1280, "height": 720}, context={"limits": wide}
+    )
     assert at_720p.flow_shift == 5.0
     assert validate(prompt="p", width=832, height=480).flow_shift == 3.0
     assert validate(prompt="p", flow_shift="7.5").flow_shift == 7.5
@@ -65,10 +66,13 @@ def test_valid_random_requests_round_trip():
             "height": 16 * rng.randint(2, 30),
             "num_inference_steps": rng.randint(1, 50),
             "guidance_scale": rng.uniform(0, 20),
-            "attention": {"backend": rng.choice(["vmoba", "dense"]),
-                          "select": rng.choice(["topk", "threshold_query", "threshold_global"]),
-                          "threshold": rng.random(), "topk": rng.randint(1, 30),
-                          "dense_steps": rng.random()},
+            "attention": {
+                "backend": rng.choice(["vmoba", "dense"]),
+                "select": rng.choice(["topk", "threshold_query", "threshold_global"]),
+                "threshold": rng.random(),
+                "topk": rng.randint(1, 30),
+                "dense_steps": rng.random(),
+            },
         }
         if body["width"] * body["height"] > LIMITS.max_pixels:
             continue
@@ -77,43 +81,57 @@ def test_valid_random_requests_round_trip():
 
 
 def test_form_strings_are_numbers():
-    req = validate(prompt="p", num_frames="33", width="64", guidance_scale="4.5",
-                   attention={"topk": "2,6,18", "threshold": "0.5"})
+    req = validate(
+        prompt="p",
+        num_frames="33",
+        width="64",
+        guidance_scale="4.5",
+        attention={"topk": "2,6,18", "threshold": "0.5"},
+    )
     assert (req.num_frames, req.width, req.guidance_scale) == (33, 64, 4.5)
     assert req.attention.topk == (2, 6, 18) and req.attention.threshold == 0.5
-    chunks = validate(prompt="p", attention={"spatial_chunk": "5,13", "st_chunk": [7, 5, 13],
-                                             "temporal_chunk": "3"}).attention
-    assert (chunks.temporal_chunk, chunks.spatial_chunk, chunks.st_chunk) == (3, (5, 13), (7, 5, 13))
+    chunks = validate(
+        prompt="p",
+        attention={"spatial_chunk": "5,13", "st_chunk": [7, 5, 13], "temporal_chunk": "3"},
+    ).attention
+    assert (chunks.temporal_chunk, chunks.spatial_chunk, chunks.st_chunk) == (
+        3,
+        (5, 13),
+        (7, 5, 13),
+    )
 
 
-@pytest.mark.parametrize("body, words", [
-    ({"prompt": ""}, ["prompt must not be empty"]),
-    ({"prompt": "   "}, ["prompt must not be empty"]),
-    ({"prompt": "x" * 101}, ["101 characters", "at most 100"]),
-    ({"prompt": 5}, ["prompt", "string"]),
-    ({"prompt": "p", "num_frames": 20}, ["4k+1", "got 20"]),
-    ({"prompt": "p", "num_frames": 85}, ["[5, 81]", "got 85"]),
-    ({"prompt": "p", "num_frames": True}, ["integer", "True"]),
-    ({"prompt": "p", "num_frames": 17.5}, ["whole number"]),
-    ({"prompt": "p", "num_frames": "seventeen"}, ["integer", "seventeen"]),
-    ({"prompt": "p", "width": 100}, ["multiple of 16", "got 100"]),
-    ({"prompt": "p", "width": 16}, ["width", "got 16"]),
-    ({"prompt": "p", "width": 1280, "height": 720}, ["1280x720", "pixels", str(832 * 480)]),
-    ({"prompt": "p", "num_inference_steps": 0}, ["[1, 50]", "got 0"]),
-    ({"prompt": "p", "guidance_scale": float("nan")}, ["finite"]),
-    ({"prompt": "p", "guidance_scale": 50}, ["guidance_scale", "got 50"]),
-    ({"prompt": "p", "fps": 0}, ["fps", "got 0"]),
-    ({"prompt": "p", "seed": -1}, ["seed", "got -1"]),
-    ({"prompt": "p", "colour": "red"}, ["colour", "Extra inputs"]),
-    ({"prompt": "p", "attention": {"backend": "flash"}}, ["backend", "vmoba", "dense"]),
-    ({"prompt": "p", "attention": {"select": "best"}}, ["select", "threshold_global"]),
-    ({"prompt": "p", "attention": {"threshold": 1.5}}, ["threshold", "1"]),
-    ({"prompt": "p", "attention": {"topk": [1, 2]}}, ["three", "2 values"]),
-    ({"prompt": "p", "attention": {"topk": 0}}, ["topk", "got 0"]),
-    ({"prompt": "p", "attention": {"treshold": 0.3}}, ["treshold", "Extra inputs"]),
-    ({"prompt": "p", "attention": {"spatial_chunk": [5]}}, ["2 integers", "[5]"]),
-    ({"prompt": "p", "attention": {"st_chunk": [0, 5, 5]}}, ["st_chunk", "[1, 1024]"]),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ({"prompt": ""}, ["prompt must not be empty"]),
+        ({"prompt": "   "}, ["prompt must not be empty"]),
+        ({"prompt": "x" * 101}, ["101 characters", "at most 100"]),
+        ({"prompt": 5}, ["prompt", "string"]),
+        ({"prompt": "p", "num_frames": 20}, ["4k+1", "got 20"]),
+        ({"prompt": "p", "num_frames": 85}, ["[5, 81]", "got 85"]),
+        ({"prompt": "p", "num_frames": True}, ["integer", "True"]),
+        ({"prompt": "p", "num_frames": 17.5}, ["whole number"]),
+        ({"prompt": "p", "num_frames": "seventeen"}, ["integer", "seventeen"]),
+        ({"prompt": "p", "width": 100}, ["multiple of 16", "got 100"]),
+        ({"prompt": "p", "width": 16}, ["width", "got 16"]),
+        ({"prompt": "p", "width": 1280, "height": 720}, ["1280x720", "pixels", str(832 * 480)]),
+        ({"prompt": "p", "num_inference_steps": 0}, ["[1, 50]", "got 0"]),
+        ({"prompt": "p", "guidance_scale": float("nan")}, ["finite"]),
+        ({"prompt": "p", "guidance_scale": 50}, ["guidance_scale", "got 50"]),
+        ({"prompt": "p", "fps": 0}, ["fps", "got 0"]),
+        ({"prompt": "p", "seed": -1}, ["seed", "got -1"]),
+        ({"prompt": "p", "colour": "red"}, ["colour", "Extra inputs"]),
+        ({"prompt": "p", "attention": {"backend": "flash"}}, ["backend", "vmoba", "dense"]),
+        ({"prompt": "p", "attention": {"select": "best"}}, ["select", "threshold_global"]),
+        ({"prompt": "p", "attention": {"threshold": 1.5}}, ["threshold", "1"]),
+        ({"prompt": "p", "attention": {"topk": [1, 2]}}, ["three", "2 values"]),
+        ({"prompt": "p", "attention": {"topk": 0}}, ["topk", "got 0"]),
+        ({"prompt": "p", "attention": {"treshold": 0.3}}, ["treshold", "Extra inputs"]),
+        ({"prompt": "p", "attention": {"spatial_chunk": [5]}}, ["2 integers", "[5]"]),
+        ({"prompt": "p", "attention": {"st_chunk": [0, 5, 5]}}, ["st_chunk", "[1, 1024]"]),
+    ],
+)
 def test_bad_values_name_value_and_range(body, words):
     text = message(**body)
     for word in words:
@@ -125,8 +143,7 @@ def test_limits_come_from_settings():
     lim = s.limits()
     assert lim.max_num_frames == 33 and lim.default_num_frames == 17
     with pytest.raises(ValidationError):
-        GenerateRequest.model_validate({"prompt": "p", "num_frames": 37},
-                                       context={"limits": lim})
+        GenerateRequest.model_validate({"prompt": "p", "num_frames": 37}, context={"limits": lim})
     wan = ServiceSettings(MODEL="Wan-AI/Wan2.1-T2V-1.3B-Diffusers").limits()
     assert (wan.default_num_frames, wan.default_width, wan.default_height) == (81, 832, 480)
 

@@ -287,7 +287,11 @@ def test_explicit_chunks_override_the_automatic_ones():
     auto = AttentionSettings().vmoba_config((21, 30, 52))
     cfg = s.vmoba_config((21, 30, 52))
     assert cfg.temporal_chunk == 2
-    assert (cfg.spatial_chunk, cfg.st_chunk) == (auto.spatial_chunk, auto.st_chunk) == ((5, 13), (7, 5, 13))
+    assert (
+        (cfg.spatial_chunk, cfg.st_chunk)
+        == (auto.spatial_chunk, auto.st_chunk)
+        == ((5, 13), (7, 5, 13))
+    )
 
 
 def test_dense_cutoff():

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vmoba import VMoBAConfig, select_blocks
-from vmoba.flops import density, full_attention_flops, selection_flops, wan_forward_flops, WAN_1_3B
+from vmoba.flops import WAN_1_3B, density, full_attention_flops, selection_flops, wan_forward_flops
 from vmoba.inputs import locality_qkv
 from vmoba.partition import block_layout
 

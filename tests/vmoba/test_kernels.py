@@ -24,8 +24,11 @@ from vmoba.partition import block_layout
 MODES = ("topk", "threshold_query", "threshold_global")
 # max abs error on outputs of magnitude <= ~1: the interpreter computes dots exactly; a GPU rounds
 # the softmax weights to the input dtype before the P@V product (as every flash kernel does)
-ATOL = ({torch.float16: 6e-3, torch.bfloat16: 4e-2} if torch.cuda.is_available()
-        else {torch.float32: 1e-5, torch.float16: 2e-3})
+ATOL = (
+    {torch.float16: 6e-3, torch.bfloat16: 4e-2}
+    if torch.cuda.is_available()
+    else {torch.float32: 1e-5, torch.float16: 2e-3}
+)
 RTOL = {torch.float32: 0.0, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 CFG = VMoBAConfig(temporal_chunk=2, spatial_chunk=(2, 3), st_chunk=(2, 3, 4), topk=(2, 3, 5))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,7 +57,9 @@ def assert_same_selection(got, ref, q, k, grid, layer, cfg):
     g = reference.gate(q.double(), k.double(), ids, num_blocks(grid, kind, cfg))
     if cfg.select == "threshold_global":
         n = reference.normalise(g, (-2, -1))
-        selfm = torch.zeros_like(ref).scatter_(-1, ids.view(1, 1, -1, 1).expand(*ref.shape[:3], 1), True)
+        selfm = torch.zeros_like(ref).scatter_(
+            -1, ids.view(1, 1, -1, 1).expand(*ref.shape[:3], 1), True
+        )
         cutoff = torch.where(ref & ~selfm, n, torch.inf).amin((-2, -1), keepdim=True)
         gap = (n - cutoff).abs()
     else:
@@ -62,7 +67,9 @@ def assert_same_selection(got, ref, q, k, grid, layer, cfg):
         lo = torch.where(diff, n, torch.inf).amin(-1, keepdim=True)
         hi = torch.where(diff, n, -torch.inf).amax(-1, keepdim=True)
         gap = (hi - lo).expand_as(n)
-    assert gap[diff].max() <= MARGIN, f"pairs differ away from the cutoff (gap {float(gap[diff].max()):.2e})"
+    assert gap[diff].max() <= MARGIN, (
+        f"pairs differ away from the cutoff (gap {float(gap[diff].max()):.2e})"
+    )
 
 
 def run_triton(q, k, v, grid, layer, cfg, scale=None):
@@ -116,8 +123,13 @@ def test_kernels_match_reference(grid, mode, dtype):
 
 def test_odd_shapes_single_head_and_tiny_blocks():
     grid = (2, 3, 9)
-    cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(1, 2), st_chunk=(3, 3, 2), select="threshold_global",
-                      threshold=0.4)
+    cfg = VMoBAConfig(
+        temporal_chunk=1,
+        spatial_chunk=(1, 2),
+        st_chunk=(3, 3, 2),
+        select="threshold_global",
+        threshold=0.4,
+    )
     q, k, v = qkv(grid, DTYPES[0], b=1, h=1)
     assert_every_layer_matches(q, k, v, grid, cfg)
 
@@ -140,13 +152,13 @@ def test_query_index_lists_every_selected_pair_once(mode):
     starts, counts = index.seg_start.tolist(), index.seg_count.tolist()
     for seg in range(c * bh):
         i_c, i_bh = divmod(seg, bh)
-        info = index.qlist[starts[seg]: starts[seg] + counts[seg]].long()
+        info = index.qlist[starts[seg] : starts[seg] + counts[seg]].long()
         tokens = info & ((1 << 29) - 1)
         expected = mask[i_bh, :, i_c].nonzero().flatten()
         assert torch.equal(tokens, expected), f"segment {seg}"
         chosen = mask[i_bh, tokens]  # [n, C]
         assert torch.equal((info >> 30) & 1 == 1, ~chosen[:, :i_c].any(-1)), "first flags"
-        assert torch.equal((info >> 29) & 1 == 1, ~chosen[:, i_c + 1:].any(-1)), "last flags"
+        assert torch.equal((info >> 29) & 1 == 1, ~chosen[:, i_c + 1 :].any(-1)), "last flags"
     tiles = index.seg_tiles.tolist()
     assert tiles == [-(-n // bm) for n in counts]
     items = torch.repeat_interleave(torch.arange(c * bh), torch.tensor(tiles))
@@ -175,15 +187,22 @@ def test_topk_strategies_match_reference_with_ties(monkeypatch, iterate_max):
         assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
         assert (sel.to_bool().sum(-1) == min(topk[layer], ref_sel.shape[-1])).all()
         ref = reference_on(q, k, v, grid, layer, cfg, sel.to_bool())
-        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=RTOL[DTYPES[0]])
+        torch.testing.assert_close(
+            out.float(), ref.float(), atol=ATOL[DTYPES[0]], rtol=RTOL[DTYPES[0]]
+        )
 
 
 @pytest.mark.parametrize("kind_layer", [0, 1, 2])
 def test_degenerate_heads_rank_by_block_then_query(kind_layer):
     """Equal gates everywhere: the kernels' closed-form (block, query) ranking on a ragged grid."""
     grid = (5, 5, 7)
-    cfg = VMoBAConfig(temporal_chunk=2, spatial_chunk=(2, 3), st_chunk=(2, 2, 3), select="threshold_global",
-                      threshold=float(torch.empty(()).uniform_(0.2, 0.8)))
+    cfg = VMoBAConfig(
+        temporal_chunk=2,
+        spatial_chunk=(2, 3),
+        st_chunk=(2, 2, 3),
+        select="threshold_global",
+        threshold=float(torch.empty(()).uniform_(0.2, 0.8)),
+    )
     q, _, v = qkv(grid, DTYPES[0], b=1, h=2)
     k = torch.ones_like(q)
     sel, out = run_triton(q, k, v, grid, kind_layer, cfg)
@@ -200,10 +219,13 @@ def test_threshold_limits_and_all_selected_equals_dense():
         sel, out = run_triton(q, k, v, grid, 2, CFG.replace(select=mode, threshold=1.0))
         assert sel.to_bool().all()
         dense = torch.nn.functional.scaled_dot_product_attention(
-            *(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+            *(x.float().transpose(1, 2) for x in (q, k, v))
+        ).transpose(1, 2)
         torch.testing.assert_close(out.float(), dense, atol=ATOL[q.dtype], rtol=RTOL[q.dtype])
         sel0, _ = run_triton(q, k, v, grid, 2, CFG.replace(select=mode, threshold=0.0))
-        only_self = torch.zeros_like(sel0.to_bool()).scatter_(-1, ids.view(1, 1, -1, 1).expand(2, 3, -1, 1), True)
+        only_self = torch.zeros_like(sel0.to_bool()).scatter_(
+            -1, ids.view(1, 1, -1, 1).expand(2, 3, -1, 1), True
+        )
         assert torch.equal(sel0.to_bool(), only_self)
 
 
@@ -223,7 +245,8 @@ def test_public_api_uses_the_kernels_and_isolates_samples():
     assert torch.equal(sel[1:], alone)
     # a small threshold must not silently run dense attention
     dense = torch.nn.functional.scaled_dot_product_attention(
-        *(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+        *(x.float().transpose(1, 2) for x in (q, k, v))
+    ).transpose(1, 2)
     assert (out.float() - dense).abs().max() > 1e-2
 
 
@@ -233,11 +256,18 @@ def test_threshold_global_direct_and_two_level_paths(monkeypatch, direct, cap):
     (all with direct off; some with room for 48) narrow it with a second histogram first. Both
     give the reference's selection."""
     grid = (4, 9, 11)
-    cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(3, 4), st_chunk=(2, 3, 4), select="threshold_global",
-                      threshold=float(torch.empty(()).uniform_(0.15, 0.6)))
+    cfg = VMoBAConfig(
+        temporal_chunk=1,
+        spatial_chunk=(3, 4),
+        st_chunk=(2, 3, 4),
+        select="threshold_global",
+        threshold=float(torch.empty(()).uniform_(0.15, 0.6)),
+    )
     q, k, v = qkv(grid, DTYPES[0], b=1, h=3)
     real = launch.gate_config
-    monkeypatch.setattr(launch, "gate_config", lambda *a: {**real(*a), "CAP": cap, "direct": direct})
+    monkeypatch.setattr(
+        launch, "gate_config", lambda *a: {**real(*a), "CAP": cap, "direct": direct}
+    )
     assert_every_layer_matches(q, k, v, grid, cfg)
 
 
@@ -253,16 +283,25 @@ def test_threshold_global_scores_blocks_in_column_groups(monkeypatch, grid):
     27,648), so this test keeps the running output in fp32 (Wan's chunks give a query at most 40
     blocks)."""
     real = launch.attention_config
-    monkeypatch.setattr(launch, "attention_config", lambda *a: {**real(*a), "partial_dtype": "float32"})
-    cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(1, 1), st_chunk=(1, 1, 1), select="threshold_global",
-                      threshold=float(torch.empty(()).uniform_(0.15, 0.6)))
+    monkeypatch.setattr(
+        launch, "attention_config", lambda *a: {**real(*a), "partial_dtype": "float32"}
+    )
+    cfg = VMoBAConfig(
+        temporal_chunk=1,
+        spatial_chunk=(1, 1),
+        st_chunk=(1, 1, 1),
+        select="threshold_global",
+        threshold=float(torch.empty(()).uniform_(0.15, 0.6)),
+    )
     q, k, v = qkv(grid, DTYPES[0], b=1, h=3)
     q[:, :, 0] = 0
     assert_every_layer_matches(q, k, v, grid, cfg)
     layout = block_layout(grid, "3d", cfg, device=q.device)
     bits = launch.select_bits(q, k, layout, cfg, "3d").bits
     every_bit = (bits.unsqueeze(-1) >> torch.arange(32, device=q.device, dtype=torch.int32)) & 1
-    assert not every_bit.flatten(-2)[..., layout.num_blocks:].any(), "bits past the last block must be zero"
+    assert not every_bit.flatten(-2)[..., layout.num_blocks :].any(), (
+        "bits past the last block must be zero"
+    )
 
 
 @pytest.mark.parametrize("room", ["candidates", "near"])
@@ -292,8 +331,15 @@ def test_unsupported_inputs_raise():
     grid = (3, 5, 7)
     q, k, v = qkv(grid, DTYPES[0])
     with pytest.raises(ValueError, match="head dim"):
-        vmoba_attention(q[..., :12], k[..., :12], v[..., :12], grid=grid, layer_idx=0, config=CFG,
-                        backend="triton")
+        vmoba_attention(
+            q[..., :12],
+            k[..., :12],
+            v[..., :12],
+            grid=grid,
+            layer_idx=0,
+            config=CFG,
+            backend="triton",
+        )
     with pytest.raises(ValueError, match="blocks"):
         tiny = VMoBAConfig(temporal_chunk=1, spatial_chunk=(1, 1), st_chunk=(1, 1, 1))
         g = (2, 30, 40)

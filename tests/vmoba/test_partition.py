@@ -81,15 +81,19 @@ def test_layout_permutation_makes_blocks_contiguous():
         assert lay.max_len == int(lay.lengths.max())
 
 
-@pytest.mark.parametrize("grid,blocks", [((21, 30, 52), (7, 24, 72)), ((24, 36, 64), (8, 48, 72)),
-                                         ((21, 45, 80), (7, 40, 36))])
+@pytest.mark.parametrize(
+    "grid,blocks",
+    [((21, 30, 52), (7, 24, 72)), ((24, 36, 64), (8, 48, 72)), ((21, 45, 80), (7, 40, 36))],
+)
 def test_paper_table_reproduced(grid, blocks):
     cfg = VMoBAConfig.for_grid(grid)
     assert (cfg.temporal_chunk, cfg.spatial_chunk, cfg.st_chunk) == PAPER_CHUNKS[grid]
     assert tuple(num_blocks(grid, k, cfg) for k in ("1d", "2d", "3d")) == blocks
 
 
-@pytest.mark.parametrize("grid", [(16, 30, 52), (21, 60, 104), (31, 34, 60), (13, 40, 40), (21, 52, 30)])
+@pytest.mark.parametrize(
+    "grid", [(16, 30, 52), (21, 60, 104), (31, 34, 60), (13, 40, 40), (21, 52, 30)]
+)
 def test_auto_chunks_near_paper_block_counts(grid):
     cfg = VMoBAConfig.for_grid(grid, select="topk")
     assert cfg.select == "topk"

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vmoba import VMoBAConfig, block_ids, num_blocks, select_blocks, vmoba_attention
-from vmoba import reference
+from vmoba import VMoBAConfig, block_ids, num_blocks, reference, select_blocks, vmoba_attention
 from vmoba.inputs import locality_qkv
 
 MODES = ("topk", "threshold_query", "threshold_global")
@@ -28,7 +27,9 @@ def gates_and_norm(q, k, grid, layer, cfg, mode):
 
 
 def self_mask(ids, shape):
-    return torch.zeros(shape, dtype=torch.bool).scatter_(-1, ids.view(1, 1, -1, 1).expand(*shape[:3], 1), True)
+    return torch.zeros(shape, dtype=torch.bool).scatter_(
+        -1, ids.view(1, 1, -1, 1).expand(*shape[:3], 1), True
+    )
 
 
 @pytest.mark.parametrize("grid", GRIDS)
@@ -79,7 +80,9 @@ def test_threshold_monotone_and_limits(mode):
     q, k, _ = inputs(grid)
     prev = None
     for tau in (-0.5, 0.0, 0.05, 0.2, 0.4, 0.7, 0.95, 1.0, 3.0):
-        sel = select_blocks(q, k, grid=grid, layer_idx=2, config=CFG.replace(select=mode, threshold=tau))
+        sel = select_blocks(
+            q, k, grid=grid, layer_idx=2, config=CFG.replace(select=mode, threshold=tau)
+        )
         if prev is not None:
             assert (sel | ~prev).all(), f"tau={tau} dropped a block selected at a smaller tau"
         prev = sel
@@ -115,20 +118,29 @@ def test_per_sample_isolation(mode):
 def test_ties_go_to_lower_block_index():
     # every key equal: all gates tie, so top-k takes self plus the lowest other indices
     grid = (4, 4, 4)
-    cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(2, 2), st_chunk=(2, 2, 2), select="topk", topk=2)
+    cfg = VMoBAConfig(
+        temporal_chunk=1, spatial_chunk=(2, 2), st_chunk=(2, 2, 2), select="topk", topk=2
+    )
     q = torch.randn(1, 64, 1, 8, dtype=torch.float64)
     k = torch.ones(1, 64, 1, 8, dtype=torch.float64)
     sel = select_blocks(q, k, grid=grid, layer_idx=0, config=cfg)
     ids = block_ids(grid, "1d", cfg)
     expected_other = torch.where(ids == 0, 1, 0)
     for i in range(64):
-        assert sel[0, 0, i].nonzero().view(-1).tolist() == sorted({int(ids[i]), int(expected_other[i])})
+        assert sel[0, 0, i].nonzero().view(-1).tolist() == sorted(
+            {int(ids[i]), int(expected_other[i])}
+        )
 
 
 def test_degenerate_gates_normalise_to_one():
     grid = (2, 2, 2)
-    cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(1, 1), st_chunk=(1, 1, 1), select="threshold_global",
-                      threshold=0.5)
+    cfg = VMoBAConfig(
+        temporal_chunk=1,
+        spatial_chunk=(1, 1),
+        st_chunk=(1, 1, 1),
+        select="threshold_global",
+        threshold=0.5,
+    )
     q = torch.ones(1, 8, 1, 4, dtype=torch.float64)
     k = torch.ones(1, 8, 1, 4, dtype=torch.float64)
     # all n == 1: need tau * (S*C) = 32 pairs, 8 are self pairs, so 24 others, by block then query
@@ -146,8 +158,9 @@ def test_degenerate_gates_normalise_to_one():
 def dense_masked(q, k, v, sel, ids, scale):
     """Independent twin: SDPA with a boolean token mask."""
     allowed = sel[:, :, :, ids]  # [B, H, S, S]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=allowed, scale=scale)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, scale=scale
+    )
     return out.transpose(1, 2)
 
 
@@ -174,16 +187,30 @@ def test_query_chunking_does_not_change_result():
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 2e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]
+)
 def test_all_selected_equals_sdpa(dtype, tol):
     grid = (3, 5, 7)
     q, k, v = (x.to(dtype) for x in inputs(grid, dtype=torch.float32))
-    for mode, extra in (("threshold_global", {"threshold": 1.0}), ("threshold_query", {"threshold": 1.5}),
-                        ("topk", {"topk": 1000})):
-        out = vmoba_attention(q, k, v, grid=grid, layer_idx=2, config=CFG.replace(select=mode, **extra),
-                              backend="reference")
+    for mode, extra in (
+        ("threshold_global", {"threshold": 1.0}),
+        ("threshold_query", {"threshold": 1.5}),
+        ("topk", {"topk": 1000}),
+    ):
+        out = vmoba_attention(
+            q,
+            k,
+            v,
+            grid=grid,
+            layer_idx=2,
+            config=CFG.replace(select=mode, **extra),
+            backend="reference",
+        )
         assert out.dtype == dtype
-        ref = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+        ref = F.scaled_dot_product_attention(
+            *(x.float().transpose(1, 2) for x in (q, k, v))
+        ).transpose(1, 2)
         torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from worker_helpers import Proc, configure, worker_env
 
 

@@ -11,15 +11,15 @@ import pytest
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
+from worker_helpers import submit, worker_env
 
+from contract.files import VIDEO_FILE
+from contract.keys import JANITOR_LOCK_KEY as LOCK_KEY
 from contract.keys import new_job_id
 from contract.store import JobStore
-from contract.keys import JANITOR_LOCK_KEY as LOCK_KEY
 from worker.janitor import Janitor
 from worker.settings import WorkerSettings
-from contract.files import VIDEO_FILE
 from worker.storage import ResultStorage
-from worker_helpers import submit, worker_env
 
 
 @pytest.fixture
@@ -29,6 +29,7 @@ def env(redis_url, redis_client, tmp_path):
         store = JobStore(redis_client, retention_s=settings.RETENTION_S)
         storage = ResultStorage(settings.DATA_DIR)
         return Janitor(redis_client, store, storage, settings), store, storage
+
     return make
 
 

@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import threading
-import time
 
 import av
 import numpy as np
@@ -16,9 +15,9 @@ import pytest
 from PIL import Image
 from rq import Queue
 from rq.job import Job
+from worker_helpers import configure, events, run_worker, submit, wait_for
 
 from contract.store import JobStore
-from worker_helpers import configure, events, run_worker, submit, wait_for
 from worker.video import mp4_top_level_boxes
 
 
@@ -26,7 +25,12 @@ def decode(path):
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
-        return frames, stream.codec_context.name, stream.codec_context.pix_fmt, float(stream.average_rate)
+        return (
+            frames,
+            stream.codec_context.name,
+            stream.codec_context.pix_fmt,
+            float(stream.average_rate),
+        )
 
 
 def test_completed_job_has_a_playable_video_a_sidecar_and_ordered_progress(rt, redis_client):
@@ -34,16 +38,31 @@ def test_completed_job_has_a_playable_video_a_sidecar_and_ordered_progress(rt, r
     frames = rng.choice([5, 9, 13])
     width, height = rng.choice([(32, 48), (64, 32), (48, 48)])
     fps, steps, seed = rng.choice([8, 12, 16]), rng.choice([2, 3, 4]), rng.randrange(2**31)
-    job_id = submit(redis_client, num_frames=frames, width=width, height=height, fps=fps,
-                    num_inference_steps=steps, seed=seed, prompt="a cat on a fence",
-                    attention={"select": "topk", "topk": 2})
+    job_id = submit(
+        redis_client,
+        num_frames=frames,
+        width=width,
+        height=height,
+        fps=fps,
+        num_inference_steps=steps,
+        seed=seed,
+        prompt="a cat on a fence",
+        attention={"select": "topk", "topk": 2},
+    )
     run_worker(rt)
 
     rec = JobStore(redis_client).get(job_id)
     assert (rec.status, rec.stage, rec.progress, rec.error_code) == ("completed", "done", 100, None)
     assert rec.step == steps and rec.total_steps == steps and rec.attempts == 1
     assert rec.files == ["video.mp4", "thumbnail.jpg", "meta.json"]
-    assert {"queued_s", "text_encoder_s", "denoising_s", "decoding_s", "encoding_s", "total_s"} <= set(rec.timings)
+    assert {
+        "queued_s",
+        "text_encoder_s",
+        "denoising_s",
+        "decoding_s",
+        "encoding_s",
+        "total_s",
+    } <= set(rec.timings)
     assert 0 < rec.density < 1  # topk=2 of several blocks is sparse
     assert rec.expires_at == pytest.approx(rec.completed_at + rt.settings.RETENTION_S)
 
@@ -61,7 +80,11 @@ def test_completed_job_has_a_playable_video_a_sidecar_and_ordered_progress(rt, r
     assert meta["request"]["num_frames"] == frames and meta["request"]["fps"] == fps
     assert meta["attention"]["select"] == "topk" and meta["attention"]["topk"] in (2, [2, 2, 2])
     assert meta["density"] == pytest.approx(rec.density)
-    assert meta["model"]["model"] == "tiny" and meta["model"]["tiny"] and "random" in meta["model"]["note"]
+    assert (
+        meta["model"]["model"] == "tiny"
+        and meta["model"]["tiny"]
+        and "random" in meta["model"]["note"]
+    )
     assert meta["video"]["num_frames"] == frames and meta["video"]["pix_fmt"] == "yuv420p"
     assert {"torch", "diffusers", "python"} <= set(meta["versions"])
     assert set(meta["timings"]) >= {"denoising_s", "decoding_s", "encoding_s", "total_s"}
@@ -90,13 +113,16 @@ def test_same_seed_same_video_and_missing_seed_is_resolved(rt, redis_client):
     assert json.loads((rt.storage.job_dir(c) / "meta.json").read_text())["seed"] == rc.seed
 
 
-@pytest.mark.parametrize("raw,field", [
-    ({"prompt": "x", "num_frames": 10}, "num_frames"),
-    ({"prompt": "x", "width": 50}, "width"),
-    ({"prompt": "x", "colour": "red"}, "colour"),
-    ({"num_frames": 5}, "prompt"),
-    ({"prompt": "x", "attention": {"threshold": 3}}, "threshold"),
-])
+@pytest.mark.parametrize(
+    "raw,field",
+    [
+        ({"prompt": "x", "num_frames": 10}, "num_frames"),
+        ({"prompt": "x", "width": 50}, "width"),
+        ({"prompt": "x", "colour": "red"}, "colour"),
+        ({"num_frames": 5}, "prompt"),
+        ({"prompt": "x", "attention": {"threshold": 3}}, "threshold"),
+    ],
+)
 def test_invalid_payload_fails_with_invalid_request(rt, redis_client, raw, field):
     job_id = submit(redis_client, raw=raw)
     ok = submit(redis_client)  # the worker carries on with the next job
@@ -139,6 +165,7 @@ def test_cancel_while_running_stops_within_one_step(rt, redis_client):
         def step():
             rec = store.get(job_id)
             return rec and rec.step >= 2 and rec.step
+
         seen["step"] = wait_for(step, what="step 2")
         store.request_cancel(job_id)
 
@@ -170,8 +197,14 @@ def test_timeout_fails_with_code(rt, redis_client):
 
 def test_injected_oom_fails_only_that_job_then_the_worker_restarts(rt, redis_client):
     store = JobStore(redis_client)
-    oom = submit(redis_client, num_frames=9, width=48, height=32, num_inference_steps=3,
-                 test_hooks={"oom_at_step": 2})
+    oom = submit(
+        redis_client,
+        num_frames=9,
+        width=48,
+        height=32,
+        num_inference_steps=3,
+        test_hooks={"oom_at_step": 2},
+    )
     nxt = submit(redis_client)
     run_worker(rt)  # stops after the OOM job: it wants a fresh process
     rec = store.get(oom)
@@ -199,6 +232,7 @@ def _sigterm_at_step(store, job_id, step):
     def go():
         wait_for(lambda: (store.get(job_id).step or 0) >= step, what=f"step {step}")
         os.kill(os.getpid(), signal.SIGTERM)
+
     thread = threading.Thread(target=go)
     thread.start()
     return thread
@@ -246,8 +280,16 @@ def test_timeout_comes_from_the_request_size_and_measured_speed(rt, redis_client
     small = Shape(5, 32, 32, 2, 5.0)
     big = Shape(9, 48, 64, 3, 5.0)
     expected = {s: 4.0 * rt.speed.estimate_s(s) for s in (small, big)}
-    ids = {s: submit(redis_client, num_frames=s.num_frames, height=s.height, width=s.width,
-                     num_inference_steps=s.steps) for s in (small, big)}
+    ids = {
+        s: submit(
+            redis_client,
+            num_frames=s.num_frames,
+            height=s.height,
+            width=s.width,
+            num_inference_steps=s.steps,
+        )
+        for s in (small, big)
+    }
     before = rt.speed.samples
     run_worker(rt)
     for shape, job_id in ids.items():
@@ -261,8 +303,9 @@ def test_timeout_comes_from_the_request_size_and_measured_speed(rt, redis_client
 def test_rq_backstop_timeout_also_ends_as_timeout(rt, redis_client):
     """RQ's own `job_timeout` (the API's generous backstop) still leaves a clean record."""
     configure(rt, JOB_TIMEOUT_MIN_S=600)
-    job_id = submit(redis_client, job_timeout=1, num_inference_steps=6,
-                    test_hooks={"step_delay_s": 0.5})
+    job_id = submit(
+        redis_client, job_timeout=1, num_inference_steps=6, test_hooks={"step_delay_s": 0.5}
+    )
     run_worker(rt)
     rec = JobStore(redis_client).get(job_id)
     assert (rec.status, rec.error_code) == ("failed", "timeout")

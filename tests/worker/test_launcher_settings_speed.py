@@ -8,24 +8,32 @@ import subprocess
 import sys
 
 import pytest
+from worker_helpers import ROOT
 
 from worker.launcher import EXIT_RESTART, Launcher, Slot, detect_gpus, plan_slots
 from worker.settings import WorkerSettings, parse_size
 from worker.speed import Shape, SpeedModel, latent_tokens
-from worker_helpers import ROOT
 
 
-@pytest.mark.parametrize("visible,expected", [
-    ("0,1,3", ["0", "1", "3"]), ("2", ["2"]), ("", []), ("-1", []), ("0,-1,1", ["0"]),
-    ("GPU-1234,GPU-5678", ["GPU-1234", "GPU-5678"]),
-])
+@pytest.mark.parametrize(
+    "visible,expected",
+    [
+        ("0,1,3", ["0", "1", "3"]),
+        ("2", ["2"]),
+        ("", []),
+        ("-1", []),
+        ("0,-1,1", ["0"]),
+        ("GPU-1234,GPU-5678", ["GPU-1234", "GPU-5678"]),
+    ],
+)
 def test_visible_gpus_follow_cuda_visible_devices(visible, expected):
     assert detect_gpus({"CUDA_VISIBLE_DEVICES": visible}) == expected
 
 
 def test_one_worker_per_gpu_each_seeing_only_its_own():
-    slots = plan_slots(WorkerSettings(MODEL="Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
-                       {"CUDA_VISIBLE_DEVICES": "4,5"})
+    slots = plan_slots(
+        WorkerSettings(MODEL="Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), {"CUDA_VISIBLE_DEVICES": "4,5"}
+    )
     assert [(s.label, s.env) for s in slots] == [
         ("gpu4", {"CUDA_VISIBLE_DEVICES": "4", "WORKER_DEVICE": "cuda"}),
         ("gpu5", {"CUDA_VISIBLE_DEVICES": "5", "WORKER_DEVICE": "cuda"}),
@@ -33,11 +41,16 @@ def test_one_worker_per_gpu_each_seeing_only_its_own():
 
 
 def test_no_gpu_means_one_cpu_worker_with_the_tiny_model():
-    [slot] = plan_slots(WorkerSettings(MODEL="Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
-                        {"CUDA_VISIBLE_DEVICES": ""})
-    assert slot.label == "cpu" and slot.env["MODEL"] == "tiny" and slot.env["WORKER_DEVICE"] == "cpu"
+    [slot] = plan_slots(
+        WorkerSettings(MODEL="Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), {"CUDA_VISIBLE_DEVICES": ""}
+    )
+    assert (
+        slot.label == "cpu" and slot.env["MODEL"] == "tiny" and slot.env["WORKER_DEVICE"] == "cpu"
+    )
     # Asking for the CPU on purpose keeps the model; asking for CUDA without one is an error.
-    [slot] = plan_slots(WorkerSettings(WORKER_DEVICE="cpu", MODEL="/models/wan"), {"CUDA_VISIBLE_DEVICES": "0"})
+    [slot] = plan_slots(
+        WorkerSettings(WORKER_DEVICE="cpu", MODEL="/models/wan"), {"CUDA_VISIBLE_DEVICES": "0"}
+    )
     assert "MODEL" not in slot.env and slot.label == "cpu"
     with pytest.raises(SystemExit, match="no GPU"):
         plan_slots(WorkerSettings(WORKER_DEVICE="cuda"), {"CUDA_VISIBLE_DEVICES": ""})
@@ -79,9 +92,16 @@ def test_launcher_restarts_a_dying_command_and_stops_on_sigterm(tmp_path):
         "l = Launcher(s, [slot], command=[sys.executable, '-c', 'import sys; sys.exit(3)'])\n"
         "threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()\n"
         "rc = l.run()\n"
-        "print('restarts', slot.restarts, 'codes', sorted({c for _, c in slot.history}), 'rc', rc)\n")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                         cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(ROOT)})
+        "print('restarts', slot.restarts, 'codes', sorted({c for _, c in slot.history}), 'rc', rc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(tmp_path),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0, out.stderr
     restarts = int(out.stdout.split()[1])
     assert restarts >= 3 and "codes [3] rc 0" in out.stdout
@@ -109,7 +129,9 @@ def test_latent_tokens_match_wan():
 
 
 def test_speed_model_estimates_and_learns():
-    speed = SpeedModel(s_per_unit=1e-4, s_per_mpx=0.5, fixed_s=1.0, ref_tokens=latent_tokens(17, 480, 832))
+    speed = SpeedModel(
+        s_per_unit=1e-4, s_per_mpx=0.5, fixed_s=1.0, ref_tokens=latent_tokens(17, 480, 832)
+    )
     small = Shape(17, 480, 832, 50, 5.0)
     big = Shape(81, 480, 832, 50, 5.0)
     no_cfg = Shape(17, 480, 832, 50, 1.0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -92,7 +91,7 @@ def test_saved_pipeline_loads_back_and_generates_the_same_video(tiny, tmp_path):
     assert original.keys() == reloaded.keys()
     assert all(torch.equal(original[k], reloaded[k]) for k in original)
     assert loaded.tokenizer("snow ☃").input_ids == tiny.tokenizer("snow ☃").input_ids
-    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}
     assert public(loaded.scheduler.config) == public(tiny.scheduler.config)
 
     video = generate(tiny)
@@ -117,8 +116,11 @@ def test_describe_the_tiny_model(tiny):
     t = info["transformer"]
     assert t["num_layers"] >= 3 and t["patch_size"] == [1, 2, 2]
     assert t["dim"] == t["num_attention_heads"] * t["attention_head_dim"]
-    assert info["param_count"] == sum(p.numel() for part in ("text_encoder", "transformer", "vae")
-                                      for p in getattr(tiny, part).parameters())
+    assert info["param_count"] == sum(
+        p.numel()
+        for part in ("text_encoder", "transformer", "vae")
+        for p in getattr(tiny, part).parameters()
+    )
     assert info["vae"]["scale_factor_temporal"] == 4 and info["vae"]["scale_factor_spatial"] == 8
     import json
 
@@ -129,7 +131,7 @@ def test_tokenizer_handles_any_text_like_t5():
     tok = build_tokenizer()
     ids = tok("Zoë's café, 東京 🌸", padding="max_length", max_length=40, truncation=True).input_ids
     n = len("Zoë's café, 東京 🌸".encode())
-    assert ids[n] == tok.eos_token_id == 1 and ids[n + 1:] == [0] * (40 - n - 1)
+    assert ids[n] == tok.eos_token_id == 1 and ids[n + 1 :] == [0] * (40 - n - 1)
     assert tok.decode(ids, skip_special_tokens=True) == "Zoë's café, 東京 🌸"
 
 

@@ -8,34 +8,50 @@ import signal
 import time
 
 import pytest
+from worker_helpers import events, submit, wait_for, worker_env
 
 from contract.store import JobStore
-from worker_helpers import events, submit, wait_for, worker_env
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def live_worker(store, predicate=lambda info: True, timeout_s=90):
-    return wait_for(lambda: next((w for w in store.live_workers() if predicate(w)), None),
-                    timeout_s=timeout_s, interval_s=0.1, what="a live worker")
+    return wait_for(
+        lambda: next((w for w in store.live_workers() if predicate(w)), None),
+        timeout_s=timeout_s,
+        interval_s=0.1,
+        what="a live worker",
+    )
 
 
 def wait_status(store, job_id, statuses, timeout_s=60):
-    return wait_for(lambda: (r := store.get(job_id)) is not None and r.status in statuses and r,
-                    timeout_s=timeout_s, interval_s=0.05, what=f"job {job_id} to be {statuses}")
+    return wait_for(
+        lambda: (r := store.get(job_id)) is not None and r.status in statuses and r,
+        timeout_s=timeout_s,
+        interval_s=0.05,
+        what=f"job {job_id} to be {statuses}",
+    )
 
 
-def test_kill_9_mid_job_the_launcher_retries_it_on_a_new_worker(redis_url, redis_client, tmp_path, procs):
+def test_kill_9_mid_job_the_launcher_retries_it_on_a_new_worker(
+    redis_url, redis_client, tmp_path, procs
+):
     store = JobStore(redis_client)
-    launcher = procs("worker", worker_env(redis_url, tmp_path / "data", LOST_JOB_RETRIES=1),
-                     tmp_path / "launcher.log")
+    launcher = procs(
+        "worker",
+        worker_env(redis_url, tmp_path / "data", LOST_JOB_RETRIES=1),
+        tmp_path / "launcher.log",
+    )
     first = live_worker(store)
     job_id = submit(redis_client, num_inference_steps=8, test_hooks={"step_delay_s": 0.3})
     wait_for(lambda: (store.get(job_id).step or 0) >= 2, what="step 2")
     os.kill(first["pid"], signal.SIGKILL)
     killed_at = time.monotonic()
-    wait_for(lambda: "requeued" in [e["type"] for e in events(redis_client, job_id)], timeout_s=10,
-             what="the job to be re-queued")
+    wait_for(
+        lambda: "requeued" in [e["type"] for e in events(redis_client, job_id)],
+        timeout_s=10,
+        what="the job to be re-queued",
+    )
     assert time.monotonic() - killed_at < 5  # the launcher saw the death: no heartbeat wait
     rec = wait_status(store, job_id, ("completed", "failed"))
     assert (rec.status, rec.attempts) == ("completed", 2), launcher.text()[-3000:]
@@ -58,12 +74,19 @@ def test_an_idle_worker_picks_up_a_new_job_at_once(redis_url, redis_client, tmp_
     assert "could not connect to Redis" not in worker.text()
 
 
-def test_kill_9_without_a_launcher_is_found_by_its_heartbeat(redis_url, redis_client, tmp_path, procs):
+def test_kill_9_without_a_launcher_is_found_by_its_heartbeat(
+    redis_url, redis_client, tmp_path, procs
+):
     from worker.janitor import Janitor
     from worker.settings import WorkerSettings
 
-    env = worker_env(redis_url, tmp_path / "data", HEARTBEAT_TTL_S=2, LOST_JOB_RETRIES=0,
-                     WORKER_NAME="lonely-worker")
+    env = worker_env(
+        redis_url,
+        tmp_path / "data",
+        HEARTBEAT_TTL_S=2,
+        LOST_JOB_RETRIES=0,
+        WORKER_NAME="lonely-worker",
+    )
     worker = procs("worker.run", env, tmp_path / "worker.log")
     live_worker(JobStore(redis_client), lambda w: w["name"] == "lonely-worker")
     janitor = Janitor.from_settings(WorkerSettings(**env))
@@ -73,8 +96,12 @@ def test_kill_9_without_a_launcher_is_found_by_its_heartbeat(redis_url, redis_cl
     os.kill(worker.proc.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     assert janitor.sweep().lost == []  # the heartbeat has not run out yet: maybe just slow
-    wait_for(lambda: janitor.sweep().lost == [job_id], timeout_s=10, interval_s=0.2,
-             what="the janitor to see the dead worker")
+    wait_for(
+        lambda: janitor.sweep().lost == [job_id],
+        timeout_s=10,
+        interval_s=0.2,
+        what="the janitor to see the dead worker",
+    )
     assert time.monotonic() - killed_at <= 2 + 1.5  # within the heartbeat TTL (+ one beat)
     rec = store.get(job_id)
     assert (rec.status, rec.error_code) == ("failed", "worker_lost")
@@ -82,13 +109,23 @@ def test_kill_9_without_a_launcher_is_found_by_its_heartbeat(redis_url, redis_cl
 
 
 def test_oom_restarts_the_worker_the_next_job_runs_and_sigterm_lets_the_last_finish(
-        redis_url, redis_client, tmp_path, procs):
+    redis_url, redis_client, tmp_path, procs
+):
     store = JobStore(redis_client)
-    launcher = procs("worker", worker_env(redis_url, tmp_path / "data", STOP_GRACE_S=600),
-                     tmp_path / "launcher.log")
+    launcher = procs(
+        "worker",
+        worker_env(redis_url, tmp_path / "data", STOP_GRACE_S=600),
+        tmp_path / "launcher.log",
+    )
     first = live_worker(store)
-    oom = submit(redis_client, num_frames=9, width=64, height=32, num_inference_steps=3,
-                 test_hooks={"oom_at_step": 1})
+    oom = submit(
+        redis_client,
+        num_frames=9,
+        width=64,
+        height=32,
+        num_inference_steps=3,
+        test_hooks={"oom_at_step": 1},
+    )
     nxt = submit(redis_client)
     rec = wait_status(store, oom, ("failed", "completed"))
     assert rec.error_code == "gpu_oom" and "9 frames at 64x32" in rec.error_message
@@ -111,12 +148,21 @@ def test_oom_restarts_the_worker_the_next_job_runs_and_sigterm_lets_the_last_fin
 
 def test_watchdog_fails_a_hung_job_and_kills_its_process(redis_url, redis_client, tmp_path, procs):
     """A job stuck between step boundaries (here: a 30 s sleep in one step) past its limit."""
-    env = worker_env(redis_url, tmp_path / "data", JOB_TIMEOUT_MIN_S=0.5, JOB_TIMEOUT_FACTOR=1,
-                     HARD_TIMEOUT_GRACE_S=0.5, WORKER_NAME="hung-worker")
+    env = worker_env(
+        redis_url,
+        tmp_path / "data",
+        JOB_TIMEOUT_MIN_S=0.5,
+        JOB_TIMEOUT_FACTOR=1,
+        HARD_TIMEOUT_GRACE_S=0.5,
+        WORKER_NAME="hung-worker",
+    )
     worker = procs("worker.run", env, tmp_path / "worker.log")
     store = JobStore(redis_client)
     live_worker(store, lambda w: w["name"] == "hung-worker")
     job_id = submit(redis_client, num_inference_steps=3, test_hooks={"step_delay_s": 30})
     rec = wait_status(store, job_id, ("failed", "completed"), timeout_s=20)
-    assert (rec.status, rec.error_code) == ("failed", "timeout") and "no progress" in rec.error_message
+    assert (rec.status, rec.error_code) == (
+        "failed",
+        "timeout",
+    ) and "no progress" in rec.error_message
     assert worker.proc.wait(10) == -signal.SIGKILL  # the launcher would start a fresh one

@@ -19,7 +19,7 @@ def test_full_size_architecture_has_the_published_parameter_counts():
         transformer = WanTransformer3DModel(**arch["transformer"])
         text_encoder = UMT5EncoderModel(UMT5Config(**arch["text_encoder"]))
         vae = AutoencoderKLWan(**arch["vae"])
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(transformer) == 1_418_996_800  # Wan2.1-T2V-1.3B
     assert count(text_encoder) == 5_680_910_336  # umt5-xxl encoder
     assert count(vae) == 126_892_531  # Wan 2.1 VAE
@@ -27,12 +27,28 @@ def test_full_size_architecture_has_the_published_parameter_counts():
 
 
 def scaled_down():
-    return {"small": dict(
-        transformer={**WAN21_T2V_1_3B, "num_layers": 3, "num_attention_heads": 2, "ffn_dim": 64,
-                     "text_dim": 64},
-        text_encoder={**UMT5_XXL, "num_layers": 2, "d_model": 64, "d_ff": 128, "num_heads": 4,
-                      "d_kv": 16, "vocab_size": 512},
-        vae=dict(base_dim=8), flow_shift=3.0)}
+    return {
+        "small": dict(
+            transformer={
+                **WAN21_T2V_1_3B,
+                "num_layers": 3,
+                "num_attention_heads": 2,
+                "ffn_dim": 64,
+                "text_dim": 64,
+            },
+            text_encoder={
+                **UMT5_XXL,
+                "num_layers": 2,
+                "d_model": 64,
+                "d_ff": 128,
+                "num_heads": 4,
+                "d_kv": 16,
+                "vocab_size": 512,
+            },
+            vae=dict(base_dim=8),
+            flow_shift=3.0,
+        )
+    }
 
 
 def test_builder_makes_a_working_deterministic_pipeline():
@@ -42,8 +58,15 @@ def test_builder_makes_a_working_deterministic_pipeline():
         assert torch.equal(pa, pb)
     weights = a.transformer.blocks[0].ffn.net[0].proj.weight
     assert abs(float(weights.std()) - 0.02) < 0.005  # trained-scale init
-    out = a(prompt="a lighthouse at dusk", num_frames=5, height=32, width=48, num_inference_steps=2,
-            output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    out = a(
+        prompt="a lighthouse at dusk",
+        num_frames=5,
+        height=32,
+        width=48,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
     assert out.shape == (1, 5, 32, 48, 3) and np.isfinite(out).all() and out.std() > 0
     with pytest.raises(ValueError, match="unknown random architecture"):
         build_random_pipeline("wan9-random", device="cpu")

@@ -18,8 +18,20 @@ def new_id() -> str:
     return "video_" + uuid.uuid4().hex
 
 
-@pytest.mark.parametrize("bad", ["../etc", "video_" + "0" * 31, "video_" + "G" * 32, "video_../x",
-                                 "/abs", "", None, 5, "video_" + "a" * 32 + "/x"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../etc",
+        "video_" + "0" * 31,
+        "video_" + "G" * 32,
+        "video_../x",
+        "/abs",
+        "",
+        None,
+        5,
+        "video_" + "a" * 32 + "/x",
+    ],
+)
 def test_only_server_made_ids_become_paths(tmp_path, bad):
     with pytest.raises(ValueError, match="job id must look like"):
         ResultStorage(tmp_path).job_dir(bad)
@@ -43,10 +55,9 @@ def test_staged_files_appear_only_when_published(tmp_path):
 def test_failed_write_leaves_nothing(tmp_path):
     storage = ResultStorage(tmp_path)
     job_id = new_id()
-    with pytest.raises(RuntimeError):
-        with storage.stage(job_id) as staged:
-            staged.file(VIDEO_FILE).write_bytes(b"half")
-            raise RuntimeError("encoder died")
+    with pytest.raises(RuntimeError), storage.stage(job_id) as staged:
+        staged.file(VIDEO_FILE).write_bytes(b"half")
+        raise RuntimeError("encoder died")
     assert not storage.job_dir(job_id).exists()
     assert os.listdir(storage.staging_dir) == []
 

@@ -31,16 +31,30 @@ def smooth_video(rng, frames, height, width):
     return coarse.repeat(8, axis=1).repeat(8, axis=2)[:, :height, :width]
 
 
-@pytest.mark.parametrize("frames,height,width,fps", [(17, 64, 96, 16), (5, 48, 32, 8), (9, 32, 32, 24)])
+@pytest.mark.parametrize(
+    "frames,height,width,fps", [(17, 64, 96, 16), (5, 48, 32, 8), (9, 32, 32, 24)]
+)
 def test_mp4_decodes_with_requested_shape_rate_and_format(tmp_path, frames, height, width, fps):
     rng = np.random.default_rng()
     video = smooth_video(rng, frames, height, width)
-    out = encode_mp4(video[None], tmp_path / "v.mp4", fps=fps)  # a batch of one, as diffusers returns
+    out = encode_mp4(
+        video[None], tmp_path / "v.mp4", fps=fps
+    )  # a batch of one, as diffusers returns
     decoded, info = decode(out.path)
-    assert info == {"codec": "h264", "pix_fmt": "yuv420p", "width": width, "height": height,
-                    "fps": float(fps), "frames": frames}
+    assert info == {
+        "codec": "h264",
+        "pix_fmt": "yuv420p",
+        "width": width,
+        "height": height,
+        "fps": float(fps),
+        "frames": frames,
+    }
     assert (out.num_frames, out.width, out.height, out.size_bytes) == (
-        frames, width, height, (tmp_path / "v.mp4").stat().st_size)
+        frames,
+        width,
+        height,
+        (tmp_path / "v.mp4").stat().st_size,
+    )
     # Content survives: lossy, but close to the source on smooth frames.
     error = np.abs(decoded.astype(np.float64) - to_uint8_frames(video).astype(np.float64)).mean()
     assert error < 8.0, error
@@ -74,13 +88,16 @@ def test_thumbnail_is_the_middle_frame_scaled(tmp_path):
         assert abs(np.asarray(image).mean() - 200) < 3
 
 
-@pytest.mark.parametrize("bad,match", [
-    (np.zeros((4, 8, 8)), "shape"),
-    (np.zeros((2, 3, 8, 8, 3)), "batch of 2"),
-    (np.zeros((0, 8, 8, 3)), "no frames"),
-    (np.full((1, 8, 8, 3), np.nan), "NaN"),
-    (np.zeros((1, 8, 8, 3), dtype=np.int32), "dtype"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.zeros((4, 8, 8)), "shape"),
+        (np.zeros((2, 3, 8, 8, 3)), "batch of 2"),
+        (np.zeros((0, 8, 8, 3)), "no frames"),
+        (np.full((1, 8, 8, 3), np.nan), "NaN"),
+        (np.zeros((1, 8, 8, 3), dtype=np.int32), "dtype"),
+    ],
+)
 def test_bad_frames_are_rejected_with_the_reason(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         encode_mp4(bad, tmp_path / "x.mp4", fps=8)

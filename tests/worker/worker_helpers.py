@@ -18,10 +18,18 @@ ROOT = Path(__file__).resolve().parents[2]
 def worker_env(redis_url: str, data_dir, **extra) -> dict:
     """Environment of a test worker: tiny model, fast heartbeats, test hooks on."""
     env = {
-        "REDIS_URL": redis_url, "DATA_DIR": str(data_dir), "MODEL": "tiny",
-        "WORKER_DEVICE": "cpu", "ENABLE_TEST_HOOKS": "1", "WARMUP_STEPS": "1",
-        "HEARTBEAT_INTERVAL_S": "0.5", "HEARTBEAT_TTL_S": "3", "JANITOR_INTERVAL_S": "1",
-        "RESTART_BACKOFF_MAX_S": "1", "LOG_LEVEL": "INFO", "ENCODE_PRESET": "ultrafast",
+        "REDIS_URL": redis_url,
+        "DATA_DIR": str(data_dir),
+        "MODEL": "tiny",
+        "WORKER_DEVICE": "cpu",
+        "ENABLE_TEST_HOOKS": "1",
+        "WARMUP_STEPS": "1",
+        "HEARTBEAT_INTERVAL_S": "0.5",
+        "HEARTBEAT_TTL_S": "3",
+        "JANITOR_INTERVAL_S": "1",
+        "RESTART_BACKOFF_MAX_S": "1",
+        "LOG_LEVEL": "INFO",
+        "ENCODE_PRESET": "ultrafast",
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -30,10 +38,15 @@ def worker_env(redis_url: str, data_dir, **extra) -> dict:
 def configure(rt, **changes):
     from worker.settings import WorkerSettings
 
-    env = worker_env(rt.settings.REDIS_URL, changes.pop("DATA_DIR", rt.settings.DATA_DIR),
-                     WORKER_NAME=rt.name)
-    env.update({k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, dict) else str(v)
-                for k, v in changes.items()})
+    env = worker_env(
+        rt.settings.REDIS_URL, changes.pop("DATA_DIR", rt.settings.DATA_DIR), WORKER_NAME=rt.name
+    )
+    env.update(
+        {
+            k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, dict) else str(v)
+            for k, v in changes.items()
+        }
+    )
     rt.settings = WorkerSettings(**env)
     rt.store.retention_s = rt.settings.RETENTION_S
     return rt.settings
@@ -57,16 +70,18 @@ def submit(redis_client, *, test_hooks=None, queue="vmoba", job_timeout=3600, ra
     body.setdefault("height", 32)
     body.setdefault("num_inference_steps", 2)
     request = GenerateRequest.model_validate(body, context={"limits": Limits()}).validated(
-        seed=body.get("seed", 0))
+        seed=body.get("seed", 0)
+    )
     job_id = new_job_id()
-    JobStore(redis_client).create(request.model_dump(mode="json"), model="tiny", seed=request.seed,
-                                  job_id=job_id)
+    JobStore(redis_client).create(
+        request.model_dump(mode="json"), model="tiny", seed=request.seed, job_id=job_id
+    )
     payload = request.to_payload(job_id) if raw is None else {**raw, "job_id": job_id}
     if test_hooks:
         payload["_test"] = test_hooks
     Queue(queue, connection=redis_client).enqueue(
-        JOB_FUNCTION, payload, job_id=job_id, job_timeout=job_timeout,
-        result_ttl=600)
+        JOB_FUNCTION, payload, job_id=job_id, job_timeout=job_timeout, result_ttl=600
+    )
     return job_id
 
 
@@ -75,8 +90,9 @@ def run_worker(rt, *, burst=True):
     from worker.run import GenerationWorker
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    worker = GenerationWorker(rt.settings.queues, connection=rt.redis, name=f"{rt.name}-{time.time_ns()}",
-                              runtime=rt)
+    worker = GenerationWorker(
+        rt.settings.queues, connection=rt.redis, name=f"{rt.name}-{time.time_ns()}", runtime=rt
+    )
     rt.name = worker.name  # records say which worker ran them
     try:
         worker.work(burst=burst, logging_level="WARNING")
@@ -109,8 +125,13 @@ class Proc:
         self.log_path = log_path
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [sys.executable, "-m", module],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def text(self) -> str:
         self.log.flush()
