@@ -5,6 +5,7 @@ the same back-off.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import signal
@@ -23,10 +24,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 def die_with_parent() -> None:
     """In a child before exec: get SIGTERM when the parent dies (Linux `PR_SET_PDEATHSIG`), so
     nothing outlives a supervisor killed with SIGKILL."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
-    except OSError:
-        pass
 
 
 def spawn(argv: list[str], env: dict, *, output: Optional[IO[bytes]] = None) -> subprocess.Popen:

@@ -27,7 +27,9 @@ async def read_body(request: Request, limit: int) -> bytes:
         try:
             too_big = int(declared) > limit
         except ValueError:
-            raise APIError(400, f"Content-Length must be an integer, got {declared[:40]!r}")
+            raise APIError(
+                400, f"Content-Length must be an integer, got {declared[:40]!r}"
+            ) from None
         if too_big:
             raise APIError(413, f"request body has {declared} bytes; at most {limit} allowed")
     chunks, size = [], 0
@@ -49,7 +51,7 @@ def parse_json_object(body: bytes) -> dict:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise APIError(400, f"request body is not valid JSON: {e}")
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got a {type(data).__name__}")
     return data
@@ -95,7 +97,7 @@ def _nest(items: list[tuple[str, object]]) -> dict:
             try:
                 value = orjson.loads(value)
             except orjson.JSONDecodeError as e:
-                raise APIError(400, f"attention must be a JSON object: {e}", param=key)
+                raise APIError(400, f"attention must be a JSON object: {e}", param=key) from None
         out[key] = value
     return out
 
@@ -125,9 +127,9 @@ async def parse_form_or_json(request: Request, body: bytes) -> dict:
     try:
         form = await parser.parse()
     except MultiPartException as e:
-        raise APIError(400, f"malformed form body: {e.message}")
+        raise APIError(400, f"malformed form body: {e.message}") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"malformed form body: {e}")
+        raise APIError(400, f"malformed form body: {e}") from None
     try:
         return _nest(list(form.multi_items()))
     finally:

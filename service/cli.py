@@ -15,6 +15,7 @@ server. Exit codes: 0 saved, 1 the job failed or was cancelled, 2 the request wa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -91,10 +92,8 @@ def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, Optional[int], dict]]
         name, _, value = line.partition(":")
         value = value[1:] if value.startswith(" ") else value
         if name == "id":
-            try:
+            with contextlib.suppress(ValueError):
                 block["id"] = int(value)
-            except ValueError:
-                pass
         elif name in ("event", "data"):
             block[name] = value
     if "data" in block:
@@ -117,7 +116,7 @@ class Client:
                 r = self.http.post("/generate", json=body, headers={"Idempotency-Key": key})
             except httpx.TransportError as e:
                 if attempt == SUBMIT_ATTEMPTS - 1:
-                    raise Refused(f"cannot reach {self.http.base_url}: {e}")
+                    raise Refused(f"cannot reach {self.http.base_url}: {e}") from None
                 time.sleep(1 + attempt)
                 continue
             if r.status_code == 202:
@@ -137,10 +136,8 @@ class Client:
         return r.json()
 
     def cancel(self, job_id: str) -> None:
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             self.http.post(f"/jobs/{job_id}/cancel", timeout=5)
-        except httpx.HTTPError:
-            pass
 
     def follow(self, job_id: str, bar: ProgressBar) -> dict:
         """Follow the job's events until it ends; returns the final job object."""
@@ -220,7 +217,9 @@ def build_body(args) -> dict:
             w, h = args.size.lower().split("x")
             body["width"], body["height"] = int(w), int(h)
         except ValueError:
-            raise SystemExit(f"--size must be WIDTHxHEIGHT, e.g. 832x480; got {args.size!r}")
+            raise SystemExit(
+                f"--size must be WIDTHxHEIGHT, e.g. 832x480; got {args.size!r}"
+            ) from None
     attention = {}
     for field, value in (
         ("backend", args.attention),

@@ -15,6 +15,7 @@ signal, so nothing outlives a supervisor killed with SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -118,7 +119,7 @@ class Child:
     def start(self) -> None:
         out = None
         if self.log_path is not None:
-            self._log = open(self.log_path, "ab")
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - open for the child's whole life
             out = self._log
         self.proc = spawn(self.argv, self.env, output=out)
         self.started_at = time.time()
@@ -128,10 +129,8 @@ class Child:
 
     def signal(self, sig: int) -> None:
         if self.alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
 
     def wait(self, timeout_s: float) -> bool:
         if self.proc is None:

@@ -1,9 +1,10 @@
 """Creating jobs, shared by `POST /generate` and `POST /v1/videos`: validate, reserve, enqueue.
 
 1. Validate the body into a `GenerateRequest` against the settings' limits (400 on bad input).
-2. Resolve the seed into the frozen `ValidatedRequest` (what is enqueued), then create the record atomically with the queue-depth check (429 +
-   Retry-After when full, before anything is enqueued) and the Idempotency-Key mapping (the same
-   key and body give the same job; the same key with another body is a 409).
+2. Resolve the seed into the frozen `ValidatedRequest` (what is enqueued), then create the record
+   atomically with the queue-depth check (429 + Retry-After when full, before anything is
+   enqueued) and the Idempotency-Key mapping (the same key and body give the same job; the same
+   key with another body is a 409).
 3. Enqueue it in RQ (`contract.enqueue`, the job function by dotted path). RQ is synchronous, so it
    writes its commands into a pipeline that is never executed (`enqueue_call(pipeline=...)`), and
    those commands go to Redis in one MULTI on the async client: the event loop never blocks and
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Optional
@@ -102,7 +104,7 @@ async def submit(
             503,
             "the job could not be queued (Redis unavailable); retry shortly",
             headers={"Retry-After": "5"},
-        )
+        ) from None
     rec = JobRecord(
         id=job_id,
         request=request,
@@ -138,7 +140,5 @@ async def enqueue(state: AppState, job_id: str, payload: dict) -> None:
 
 def cancel_in_rq(state: AppState, job_id: str) -> None:
     """Take a waiting job out of RQ's queue (thread; errors mean it is already gone)."""
-    try:
+    with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
         Job.fetch(job_id, connection=state.sync_redis).cancel()
-    except (NoSuchJobError, InvalidJobOperation):
-        pass

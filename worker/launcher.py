@@ -20,6 +20,7 @@ The launcher itself never imports torch (it stays small and cannot hold a CUDA c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -159,10 +160,8 @@ class Launcher:
     def forward(self, sig: int) -> None:
         for slot in self.slots:
             if slot.proc is not None and slot.proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     slot.proc.send_signal(sig)
-                except ProcessLookupError:
-                    pass
 
     # -- main loop ---------------------------------------------------------------------------
     def request_stop(self, signum, frame) -> None:

@@ -80,7 +80,7 @@ async def list_jobs(state: AppState, limit: int, order: str, after: Optional[str
     except KeyError:
         raise APIError(
             400, f"after={after!r} is not a job on this server (deleted or expired?)", param="after"
-        )
+        ) from None
 
 
 async def list_page(state: AppState, limit: int, order: str, after: Optional[str], view) -> dict:

@@ -7,6 +7,7 @@ from typing import Optional
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
+from contract.files import THUMBNAIL_FILE, VIDEO_FILE
 from contract.request import GenerateRequest
 
 from ..bodies import parse_json_object, read_body
@@ -78,7 +79,7 @@ async def job_events_route(
                 400,
                 f"Last-Event-ID must be an integer, got {last_event_id[:40]!r}",
                 param="Last-Event-ID",
-            )
+            ) from None
     return StreamingResponse(
         job_events(state, job_id, resume),
         media_type="text/event-stream",
@@ -91,7 +92,7 @@ async def job_events_route(
 async def job_video(request: Request, job_id: str):
     """The mp4 (H.264, yuv420p, faststart); HTTP Range gives 206 partial content."""
     return await common.file_response(
-        get_state(request), job_id, common.VIDEO_FILE, "video/mp4", f"{job_id}.mp4"
+        get_state(request), job_id, VIDEO_FILE, "video/mp4", f"{job_id}.mp4"
     )
 
 
@@ -99,9 +100,7 @@ async def job_video(request: Request, job_id: str):
 @router.head("/jobs/{job_id}/thumbnail", include_in_schema=False)
 async def job_thumbnail(request: Request, job_id: str):
     """A JPEG preview frame."""
-    return await common.file_response(
-        get_state(request), job_id, common.THUMBNAIL_FILE, "image/jpeg"
-    )
+    return await common.file_response(get_state(request), job_id, THUMBNAIL_FILE, "image/jpeg")
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobObject, responses=ERRORS)

@@ -14,6 +14,7 @@ from typing import Optional
 
 from fastapi import APIRouter, Query, Request
 
+from contract.files import THUMBNAIL_FILE, VIDEO_FILE
 from contract.request import frames_for_seconds, to_float, to_int
 
 from ..bodies import parse_form_or_json, read_body
@@ -136,10 +137,10 @@ async def video_content(request: Request, video_id: str, variant: str = Query("v
     state = get_state(request)
     if variant == "video":
         return await common.file_response(
-            state, video_id, common.VIDEO_FILE, "video/mp4", f"{video_id}.mp4"
+            state, video_id, VIDEO_FILE, "video/mp4", f"{video_id}.mp4"
         )
     if variant == "thumbnail":
-        return await common.file_response(state, video_id, common.THUMBNAIL_FILE, "image/jpeg")
+        return await common.file_response(state, video_id, THUMBNAIL_FILE, "image/jpeg")
     raise APIError(
         400,
         f"variant must be 'video' or 'thumbnail' (no spritesheets here), got {variant[:40]!r}",

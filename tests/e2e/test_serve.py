@@ -6,6 +6,7 @@ One stack for the module (starting it loads and warms the tiny pipeline once).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -77,7 +78,7 @@ class Stack:
             [sys.executable, "-m", "service.serve"],
             cwd=ROOT,
             env=env,
-            stdout=open(self.log, "wb"),
+            stdout=open(self.log, "wb"),  # noqa: SIM115 - open for the child's whole life
             stderr=subprocess.STDOUT,
         )
 
@@ -108,10 +109,8 @@ def stack(tmp_path_factory):
                 s.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 for pid in children_of(s.proc.pid):
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                 s.proc.kill()
 
 

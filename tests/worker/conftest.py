@@ -4,6 +4,7 @@ processes started for real (stopped at the end of each test). Helpers live in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -53,7 +54,5 @@ def procs():
 
     yield start
     for p in started:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             p.stop()
-        except ProcessLookupError:
-            pass

@@ -123,7 +123,7 @@ class Proc:
 
     def __init__(self, module: str, env: dict, log_path: Path):
         self.log_path = log_path
-        self.log = open(log_path, "wb")
+        self.log = open(log_path, "wb")  # noqa: SIM115 - open for the child's whole life
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module],
             cwd=ROOT,
