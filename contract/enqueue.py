@@ -17,6 +17,12 @@ JOB_FUNCTION = "worker.jobs.generate_video"
 RQ_TIMEOUT_BACKSTOP_S = 24 * 3600
 
 
+def queue_name(base: str, model_id: str) -> str:
+    """The RQ queue of one model: `<QUEUE_NAME>:<model id>` (workers listen to the queues of the
+    models they loaded)."""
+    return f"{base}:{model_id}"
+
+
 def enqueue(
     queue: Queue,
     job_id: str,

@@ -19,6 +19,7 @@ from .keys import check_job_id
 VIDEO_FILE = "video.mp4"
 THUMBNAIL_FILE = "thumbnail.jpg"
 META_FILE = "meta.json"
+INPUT_FILE = "input.png"  # an image-to-video job's first frame, as fitted to the video
 RESULT_FILES = (VIDEO_FILE, THUMBNAIL_FILE, META_FILE)
 JOBS_DIR = "jobs"
 STAGING_DIR = "staging"

@@ -10,6 +10,7 @@
 | `events:<id>` | pub/sub | live events of a job (JSON) |
 | `replay:<id>` | list | the last `REPLAY_LEN` events, for SSE resumption (`Last-Event-ID`) |
 | `cancel:<id>` | string | cancel flag, checked by the worker at every step |
+| `input:<id>` | string, TTL | the input image of an image-to-video job (PNG, fitted to its size) |
 | `worker:<name>` | string, TTL | heartbeat: JSON info of a live worker |
 | `workers` | set | names of workers seen, pruned when their heartbeat key is gone |
 | `idem:<sha256>` | string, TTL | Idempotency-Key -> job id |
@@ -79,6 +80,10 @@ def replay_key(job_id: str) -> str:
 
 def cancel_key(job_id: str) -> str:
     return f"{PREFIX}cancel:{job_id}"
+
+
+def input_key(job_id: str) -> str:
+    return f"{PREFIX}input:{job_id}"
 
 
 def worker_key(name: str) -> str:

@@ -135,52 +135,150 @@ _LANDSCAPE_PORTRAIT_480P = ((832, 480), (480, 832))
 _BOTH = ((1280, 720), (720, 1280), (832, 480), (480, 832))
 
 HUB_MODELS = (
-    ModelSpec("wan2.1-t2v-1.3b", "wan2.1-t2v", "WanPipeline", ("t2v",), _LANDSCAPE_PORTRAIT_480P,
-              _WAN21_480P, hub_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
-    ModelSpec("wan2.1-t2v-14b", "wan2.1-t2v", "WanPipeline", ("t2v",), _BOTH, _WAN21_720P,
-              hub_id="Wan-AI/Wan2.1-T2V-14B-Diffusers"),
-    ModelSpec("wan2.1-i2v-14b-480p", "wan2.1-i2v", "WanImageToVideoPipeline", ("i2v",),
-              _LANDSCAPE_PORTRAIT_480P, _WAN21_480P,
-              hub_id="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"),
-    ModelSpec("wan2.1-i2v-14b-720p", "wan2.1-i2v", "WanImageToVideoPipeline", ("i2v",),
-              ((1280, 720), (720, 1280)), _WAN21_720P,
-              hub_id="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"),
-    ModelSpec("wan2.2-ti2v-5b", "wan2.2-ti2v", "WanPipeline", ("t2v", "i2v"),
-              ((1280, 704), (704, 1280)), _WAN22_5B, hub_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-              vae_scale=(4, 16)),
-    ModelSpec("wan2.2-t2v-a14b", "wan2.2-a14b", "WanPipeline", ("t2v",), _BOTH, _WAN22_A14B_T2V,
-              hub_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers", boundary_ratio=0.875),
-    ModelSpec("wan2.2-i2v-a14b", "wan2.2-a14b", "WanImageToVideoPipeline", ("i2v",), _BOTH,
-              _WAN22_A14B_I2V, hub_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers", boundary_ratio=0.9),
+    ModelSpec(
+        "wan2.1-t2v-1.3b",
+        "wan2.1-t2v",
+        "WanPipeline",
+        ("t2v",),
+        _LANDSCAPE_PORTRAIT_480P,
+        _WAN21_480P,
+        hub_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    ),
+    ModelSpec(
+        "wan2.1-t2v-14b",
+        "wan2.1-t2v",
+        "WanPipeline",
+        ("t2v",),
+        _BOTH,
+        _WAN21_720P,
+        hub_id="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    ),
+    ModelSpec(
+        "wan2.1-i2v-14b-480p",
+        "wan2.1-i2v",
+        "WanImageToVideoPipeline",
+        ("i2v",),
+        _LANDSCAPE_PORTRAIT_480P,
+        _WAN21_480P,
+        hub_id="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+    ),
+    ModelSpec(
+        "wan2.1-i2v-14b-720p",
+        "wan2.1-i2v",
+        "WanImageToVideoPipeline",
+        ("i2v",),
+        ((1280, 720), (720, 1280)),
+        _WAN21_720P,
+        hub_id="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+    ),
+    ModelSpec(
+        "wan2.2-ti2v-5b",
+        "wan2.2-ti2v",
+        "WanPipeline",
+        ("t2v", "i2v"),
+        ((1280, 704), (704, 1280)),
+        _WAN22_5B,
+        hub_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+        vae_scale=(4, 16),
+    ),
+    ModelSpec(
+        "wan2.2-t2v-a14b",
+        "wan2.2-a14b",
+        "WanPipeline",
+        ("t2v",),
+        _BOTH,
+        _WAN22_A14B_T2V,
+        hub_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+        boundary_ratio=0.875,
+    ),
+    ModelSpec(
+        "wan2.2-i2v-a14b",
+        "wan2.2-a14b",
+        "WanImageToVideoPipeline",
+        ("i2v",),
+        _BOTH,
+        _WAN22_A14B_I2V,
+        hub_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+        boundary_ratio=0.9,
+    ),
 )
 
 # Tiny twins: one per family, toy-sized, CPU-friendly defaults and limits.
 _TINY = SamplingDefaults(17, 128, 128, 4, 5.0, 16, 3.0, 5.0)
 _TINY_NOTE = "tiny random-weight {} twin built in code: the video is noise, for tests and demos"
-_TINY_LIMITS = dict(max_num_frames=33, max_pixels=256 * 256)
+_TINY_LIMITS = dict(max_num_frames=81, max_pixels=512 * 512)
 TINY_MODELS = (
-    ModelSpec("tiny-wan2.1-t2v", "wan2.1-t2v", "WanPipeline", ("t2v",), ((128, 128),), _TINY,
-              weights="tiny", note=_TINY_NOTE.format("Wan 2.1 T2V"), aliases=("tiny",),
-              **_TINY_LIMITS),
-    ModelSpec("tiny-wan2.1-i2v", "wan2.1-i2v", "WanImageToVideoPipeline", ("i2v",),
-              ((128, 128),), _TINY, weights="tiny", note=_TINY_NOTE.format("Wan 2.1 I2V"),
-              **_TINY_LIMITS),
-    ModelSpec("tiny-wan2.2-ti2v", "wan2.2-ti2v", "WanPipeline", ("t2v", "i2v"), ((128, 128),),
-              _TINY, vae_scale=(4, 16), weights="tiny", note=_TINY_NOTE.format("Wan 2.2 TI2V"),
-              **_TINY_LIMITS),
-    ModelSpec("tiny-wan2.2-t2v-a14b", "wan2.2-a14b", "WanPipeline", ("t2v",), ((128, 128),),
-              _TINY, boundary_ratio=0.875, weights="tiny",
-              note=_TINY_NOTE.format("Wan 2.2 T2V A14B (two transformers)"), **_TINY_LIMITS),
-    ModelSpec("tiny-wan2.2-i2v-a14b", "wan2.2-a14b", "WanImageToVideoPipeline", ("i2v",),
-              ((128, 128),), _TINY, boundary_ratio=0.9, weights="tiny",
-              note=_TINY_NOTE.format("Wan 2.2 I2V A14B (two transformers)"), **_TINY_LIMITS),
+    ModelSpec(
+        "tiny-wan2.1-t2v",
+        "wan2.1-t2v",
+        "WanPipeline",
+        ("t2v",),
+        ((128, 128),),
+        _TINY,
+        weights="tiny",
+        note=_TINY_NOTE.format("Wan 2.1 T2V"),
+        aliases=("tiny",),
+        **_TINY_LIMITS,
+    ),
+    ModelSpec(
+        "tiny-wan2.1-i2v",
+        "wan2.1-i2v",
+        "WanImageToVideoPipeline",
+        ("i2v",),
+        ((128, 128),),
+        _TINY,
+        weights="tiny",
+        note=_TINY_NOTE.format("Wan 2.1 I2V"),
+        **_TINY_LIMITS,
+    ),
+    ModelSpec(
+        "tiny-wan2.2-ti2v",
+        "wan2.2-ti2v",
+        "WanPipeline",
+        ("t2v", "i2v"),
+        ((128, 128),),
+        _TINY,
+        vae_scale=(4, 16),
+        weights="tiny",
+        note=_TINY_NOTE.format("Wan 2.2 TI2V"),
+        **_TINY_LIMITS,
+    ),
+    ModelSpec(
+        "tiny-wan2.2-t2v-a14b",
+        "wan2.2-a14b",
+        "WanPipeline",
+        ("t2v",),
+        ((128, 128),),
+        _TINY,
+        boundary_ratio=0.875,
+        weights="tiny",
+        note=_TINY_NOTE.format("Wan 2.2 T2V A14B (two transformers)"),
+        **_TINY_LIMITS,
+    ),
+    ModelSpec(
+        "tiny-wan2.2-i2v-a14b",
+        "wan2.2-a14b",
+        "WanImageToVideoPipeline",
+        ("i2v",),
+        ((128, 128),),
+        _TINY,
+        boundary_ratio=0.9,
+        weights="tiny",
+        note=_TINY_NOTE.format("Wan 2.2 I2V A14B (two transformers)"),
+        **_TINY_LIMITS,
+    ),
 )
 
 # Full-size random-weight twins of the hub models (GPU benchmarks without downloads).
 RANDOM_MODELS = tuple(
-    replace(spec, id=f"{spec.id}-random", hub_id=None, weights="random",
-            note=f"{spec.id} architecture with random weights: the video is noise, the cost real",
-            aliases=("wan2.1-1.3b-random",) if spec.id == "wan2.1-t2v-1.3b" else ())
+    replace(
+        spec,
+        id=f"{spec.id}-random",
+        hub_id=None,
+        weights="random",
+        note=f"{spec.id} architecture with random weights: the video is noise, the cost real",
+        aliases=("wan2.1-1.3b-random",) if spec.id == "wan2.1-t2v-1.3b" else (),
+    )
     for spec in HUB_MODELS
 )
 
@@ -212,5 +310,12 @@ def custom_model(path: str, base: str, *, vmoba_trained: bool = False) -> ModelS
     architecture and defaults of registry model `base`; `vmoba_trained` marks a checkpoint
     fine-tuned with VMoBA (it then defaults to `threshold_global`)."""
     spec = get_model(base)
-    return replace(spec, id=path, hub_id=path, weights="hub", vmoba_trained=vmoba_trained,
-                   aliases=(), note=f"{path} ({spec.id} architecture)")
+    return replace(
+        spec,
+        id=path,
+        hub_id=path,
+        weights="hub",
+        vmoba_trained=vmoba_trained,
+        aliases=(),
+        note=f"{path} ({spec.id} architecture)",
+    )

@@ -29,6 +29,8 @@ class JobRecord:
     expires_at: Optional[float] = None
     timings: dict = field(default_factory=dict)  # seconds per stage, e.g. {"denoising_s": 3.2}
     density: Optional[float] = None  # achieved attention density (1.0 = dense)
+    # The VMoBA settings that ran and where each came from: {"settings": ..., "sources": ...}.
+    attention: dict = field(default_factory=dict)
     error_code: Optional[str] = None
     error_message: Optional[str] = None
     files: list = field(default_factory=list)  # names under DATA_DIR/jobs/<id>/
@@ -49,7 +51,7 @@ _INT_FIELDS = ("progress", "step", "total_steps", "attempts", "seq")
 _OPT_INT_FIELDS = ("seed",)
 _FLOAT_FIELDS = ("created_at",)
 _OPT_FLOAT_FIELDS = ("started_at", "completed_at", "expires_at", "density")
-_JSON_FIELDS = ("request", "files")
+_JSON_FIELDS = ("request", "files", "attention")
 _OPT_STR_FIELDS = ("error_code", "error_message", "worker")
 
 

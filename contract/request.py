@@ -3,7 +3,7 @@ enqueued (what the worker decodes and trusts).
 
 ```python
 raw = GenerateRequest.model_validate(body, context={"limits": limits})   # 4xx on failure
-job = raw.validated(seed=new_seed())           # ValidatedRequest: frozen, nothing left to default
+job = raw.validated(seed=new_seed(), model=spec.id)   # frozen, nothing left to default
 payload = job.to_payload(job_id)               # what RQ carries to `worker.jobs.generate_video`
 job_id, job = ValidatedRequest.from_payload(payload)                # the worker's side
 ```
@@ -22,6 +22,8 @@ import math
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
+from .models import ModelSpec
+
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -37,28 +39,16 @@ SELECT_MODES = ("topk", "threshold_query", "threshold_global")
 MAX_SEED = 2**63 - 1
 # Largest latent chunk accepted (a 1920 px side is 120 latent units).
 MAX_CHUNK = 1024
-# Wan's UniPC flow shift: 3.0 suits 480p and 5.0 suits 720p (the Wan 2.1 model cards).
-FLOW_SHIFT_480P = 3.0
-FLOW_SHIFT_720P = 5.0
 MAX_FLOW_SHIFT = 20.0
-
 TINY_MODEL = "tiny"
-# Generation defaults per model family. The tiny random-weight model runs on a CPU in seconds, so
-# its defaults are small; the real Wan 2.1 defaults are the model card's 81 x 480 x 832.
-TINY_DEFAULTS = dict(num_frames=17, width=128, height=128, num_inference_steps=4)
-WAN_DEFAULTS = dict(num_frames=81, width=832, height=480, num_inference_steps=50)
-
-
-def default_flow_shift(width: int, height: int) -> float:
-    """Wan's recommended shift for a size: 5.0 from 720p up (by pixel count), else 3.0."""
-    return FLOW_SHIFT_720P if width * height >= 1280 * 720 else FLOW_SHIFT_480P
 
 
 class Limits(BaseModel):
-    """What a request may ask for, and the values used for fields it omits (built by the API's
-    settings, `ServiceSettings.limits()`)."""
+    """What a request to one model may ask for, and the values used for fields it omits (built by
+    the API from its settings and the model's registry entry, `ServiceSettings.limits_for`)."""
 
-    model: str = TINY_MODEL
+    model: str = "tiny-wan2.1-t2v"
+    tasks: tuple[str, ...] = ("t2v",)
     max_prompt_chars: int = 2000
     min_num_frames: int = 5
     max_num_frames: int = 129
@@ -69,12 +59,46 @@ class Limits(BaseModel):
     max_guidance_scale: float = 20.0
     max_fps: int = 60
     max_topk: int = 1024
-    default_num_frames: int = TINY_DEFAULTS["num_frames"]
-    default_width: int = TINY_DEFAULTS["width"]
-    default_height: int = TINY_DEFAULTS["height"]
-    default_steps: int = TINY_DEFAULTS["num_inference_steps"]
+    size_multiple: int = 16  # VAE spatial compression x patch
+    default_num_frames: int = 17
+    default_width: int = 128
+    default_height: int = 128
+    default_steps: int = 4
     default_guidance_scale: float = 5.0
     default_fps: int = 16
+    default_negative_prompt: str = ""
+    # Wan's UniPC flow shift below 720p and from 720p up (by pixel count).
+    flow_shift_480p: float = 3.0
+    flow_shift_720p: float = 5.0
+
+    def default_flow_shift(self, width: int, height: int) -> float:
+        return self.flow_shift_720p if width * height >= 1280 * 720 else self.flow_shift_480p
+
+    @classmethod
+    def for_model(cls, spec: ModelSpec, **service_limits: Any) -> Limits:
+        """The limits of `spec`: its defaults and own maxima, under the service's maxima."""
+        d = spec.defaults
+        out = cls(
+            model=spec.id,
+            tasks=spec.tasks,
+            size_multiple=spec.size_multiple,
+            default_num_frames=d.num_frames,
+            default_width=d.width,
+            default_height=d.height,
+            default_steps=d.num_inference_steps,
+            default_guidance_scale=d.guidance_scale,
+            default_fps=d.fps,
+            default_negative_prompt=d.negative_prompt,
+            flow_shift_480p=d.flow_shift_480p,
+            flow_shift_720p=d.flow_shift_720p,
+        )
+        out = out.model_copy(update=service_limits)
+        return out.model_copy(
+            update={
+                "max_num_frames": min(out.max_num_frames, spec.max_num_frames),
+                "max_pixels": min(out.max_pixels, spec.max_pixels),
+            }
+        )
 
 
 # -- lenient-but-honest scalars ---------------------------------------------------------------
@@ -211,8 +235,11 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    model: Optional[str] = Field(
+        None, description="a served model (GET /models); omitted: the deployment's default"
+    )
     prompt: str
-    negative_prompt: str = ""
+    negative_prompt: Optional[str] = None
     seed: Optional[Int] = None
     num_frames: Optional[Int] = None
     width: Optional[Int] = None
@@ -239,13 +266,15 @@ class GenerateRequest(BaseModel):
         ):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
+        if self.negative_prompt is None:
+            object.__setattr__(self, "negative_prompt", lim.default_negative_prompt)
         if self.flow_shift is None:
-            object.__setattr__(self, "flow_shift", default_flow_shift(self.width, self.height))
+            object.__setattr__(self, "flow_shift", lim.default_flow_shift(self.width, self.height))
 
         if not self.prompt.strip():
             raise ValueError("prompt must not be empty")
         for name in ("prompt", "negative_prompt"):
-            n_chars = len(getattr(self, name))
+            n_chars = len(getattr(self, name) or "")
             if n_chars > lim.max_prompt_chars:
                 raise ValueError(
                     f"{name} has {n_chars} characters; at most {lim.max_prompt_chars} allowed"
@@ -261,15 +290,15 @@ class GenerateRequest(BaseModel):
             )
         for name in ("width", "height"):
             v = getattr(self, name)
-            if v % 16 or not lim.min_side_px <= v <= lim.max_side_px:
+            if v % lim.size_multiple or not lim.min_side_px <= v <= lim.max_side_px:
                 raise ValueError(
-                    f"{name} must be a multiple of 16 in [{lim.min_side_px}, {lim.max_side_px}], "
-                    f"got {v}"
+                    f"{name} must be a multiple of {lim.size_multiple} in [{lim.min_side_px}, "
+                    f"{lim.max_side_px}] for {lim.model}, got {v}"
                 )
         if self.width * self.height > lim.max_pixels:
             raise ValueError(
                 f"size {self.width}x{self.height} has {self.width * self.height} pixels; "
-                f"at most {lim.max_pixels} allowed (e.g. 1280x720)"
+                f"at most {lim.max_pixels} allowed for {lim.model}"
             )
         if not 1 <= self.num_inference_steps <= lim.max_steps:
             raise ValueError(
@@ -289,12 +318,16 @@ class GenerateRequest(BaseModel):
             )
         return self
 
-    def validated(self, *, seed: int) -> ValidatedRequest:
-        """The frozen request to enqueue; `seed` is used when the request gave none."""
+    def validated(self, *, seed: int, model: str, task: str = "t2v") -> ValidatedRequest:
+        """The frozen request to enqueue for `model` (a registry id); `seed` is used when the
+        request gave none."""
+        assert self.negative_prompt is not None
         assert self.num_frames is not None and self.width is not None and self.height is not None
         assert self.num_inference_steps is not None and self.guidance_scale is not None
         assert self.fps is not None and self.flow_shift is not None
         return ValidatedRequest(
+            model=model,
+            task=task,
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
             seed=self.seed if self.seed is not None else seed,
@@ -315,6 +348,8 @@ class ValidatedRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    model: str
+    task: Literal["t2v", "i2v"] = "t2v"  # i2v: the input image is stored with the job
     prompt: str
     negative_prompt: str
     seed: int

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .request import TINY_MODEL
+from .models import ModelSpec, custom_model, resolve_model_id
 
 
 class SharedSettings(BaseSettings):
@@ -24,6 +24,35 @@ class SharedSettings(BaseSettings):
     priority order."""
     RETENTION_S: int = Field(24 * 3600, ge=60)
     """How long a finished job's record and files are kept after it ends (1 day)."""
-    MODEL: str = TINY_MODEL
-    """The pipeline the workers run: `tiny` (random weights, built in code), a hub id or a local
-    diffusers directory."""
+    MODEL: str = "tiny"
+    """The models served, comma-separated, the first the default for requests that name none:
+    registry ids (`wan2.1-t2v-1.3b`, docs/models.md), their hub ids, tiny twins (`tiny`,
+    `tiny-<family>`), full-size random twins (`<id>-random`), or one local directory / other hub
+    id with the architecture of `MODEL_BASE`. Each worker loads these; each model has its own
+    queue."""
+    MODEL_BASE: str = "wan2.1-t2v-1.3b"
+    """Registry model whose architecture and defaults a `MODEL` outside the registry has."""
+    VMOBA_TRAINED: bool = False
+    """A `MODEL` outside the registry was fine-tuned with VMoBA: it defaults to threshold_global
+    (stock weights default to the paper's training-free top-k)."""
+
+    @field_validator("MODEL")
+    @classmethod
+    def _some_model(cls, value: str) -> str:
+        if not [m for m in value.split(",") if m.strip()]:
+            raise ValueError("MODEL names no model")
+        return value
+
+    def models(self) -> list[ModelSpec]:
+        """The served models' specs, in `MODEL` order (`KeyError` for a bad `MODEL_BASE`)."""
+        from .models import REGISTRY
+
+        specs = []
+        for name in (m.strip() for m in self.MODEL.split(",") if m.strip()):
+            model_id = resolve_model_id(name)
+            specs.append(
+                REGISTRY[model_id]
+                if model_id
+                else custom_model(name, self.MODEL_BASE, vmoba_trained=self.VMOBA_TRAINED)
+            )
+        return specs

@@ -33,6 +33,7 @@ from .keys import (
     cancel_key,
     check_job_id,
     is_job_id,
+    input_key,
     job_key,
     new_job_id,
     replay_key,
@@ -252,8 +253,10 @@ class _JobOps:
         files: list[str],
         timings: Optional[dict] = None,
         density: Optional[float] = None,
+        attention: Optional[dict] = None,
     ) -> Ops[bool]:
-        """in_progress -> completed; results kept for `retention_s`."""
+        """in_progress -> completed; results kept for `retention_s`. `attention`: the VMoBA
+        settings that ran and where each came from."""
         return (
             yield from self._end(
                 job_id,
@@ -264,6 +267,7 @@ class _JobOps:
                 files=list(files),
                 timings=timings or {},
                 density=density,
+                attention=attention or {},
             )
         )
 
@@ -346,6 +350,16 @@ class _JobOps:
     def _is_cancel_requested(self, job_id: str) -> Ops[bool]:
         return bool((yield lambda r: r.exists(cancel_key(job_id))))
 
+    # -- input image ----------------------------------------------------------------------------
+
+    def _put_input_image(self, job_id: str, png: bytes) -> Ops[None]:
+        """Keep an image-to-video job's input image with the job (deleted with it)."""
+        ttl = self.retention_s + RECORD_GRACE_S
+        yield lambda r: r.set(input_key(check_job_id(job_id)), png, ex=ttl)
+
+    def _get_input_image(self, job_id: str) -> Ops[Optional[bytes]]:
+        return (yield lambda r: r.get(input_key(job_id)))
+
     # -- workers --------------------------------------------------------------------------------
 
     def _heartbeat(
@@ -373,7 +387,7 @@ class _JobOps:
 
         def build(pipe: Any) -> None:
             pipe.delete(job_key(job_id))
-            pipe.delete(replay_key(job_id), cancel_key(job_id))
+            pipe.delete(replay_key(job_id), cancel_key(job_id), input_key(job_id))
             for key in (INDEX_KEY, QUEUED_KEY, RUNNING_KEY, EXPIRY_KEY):
                 pipe.zrem(key, job_id)
 
@@ -407,6 +421,8 @@ class JobStore(_JobOps):
     mark_requeued = sync_method(_JobOps._mark_requeued)
     request_cancel = sync_method(_JobOps._request_cancel)
     is_cancel_requested = sync_method(_JobOps._is_cancel_requested)
+    put_input_image = sync_method(_JobOps._put_input_image)
+    get_input_image = sync_method(_JobOps._get_input_image)
     heartbeat = sync_method(_JobOps._heartbeat)
     drop_worker = sync_method(_JobOps._drop_worker)
     worker_alive = sync_method(_JobOps._worker_alive)
@@ -438,6 +454,8 @@ class AsyncJobStore(_JobOps):
     mark_requeued = async_method(_JobOps._mark_requeued)
     request_cancel = async_method(_JobOps._request_cancel)
     is_cancel_requested = async_method(_JobOps._is_cancel_requested)
+    put_input_image = async_method(_JobOps._put_input_image)
+    get_input_image = async_method(_JobOps._get_input_image)
     heartbeat = async_method(_JobOps._heartbeat)
     drop_worker = async_method(_JobOps._drop_worker)
     worker_alive = async_method(_JobOps._worker_alive)

@@ -2,8 +2,8 @@
 
 Bodies are read with a size cap (`MAX_BODY_BYTES`, 413 beyond). Forms follow the OpenAI client's
 conventions: every value is a string; nested objects arrive as bracketed keys
-(`attention[backend]=dense`) or as a JSON string (`attention={"backend": "dense"}`). Uploaded files
-are refused (this server is text-to-video only).
+(`attention[backend]=dense`) or as a JSON string (`attention={"backend": "dense"}`). One file may
+be uploaded, as `image` or `input_reference` (image-to-video; checked in `service.images`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
 from .errors import APIError
+from .images import Upload
 
 MAX_FORM_FIELDS = 64
+IMAGE_FIELDS = ("image", "input_reference")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -66,14 +68,18 @@ def _nest(items: list[tuple[str, object]]) -> dict:
     out: dict = {}
     for key, value in items:
         if isinstance(value, UploadFile):
-            if key == "input_reference":
+            if key not in IMAGE_FIELDS:
                 raise APIError(
                     400,
-                    "input_reference (image-to-video) is not supported: this "
-                    "server generates video from text only",
+                    f"file uploads are accepted only as {' or '.join(IMAGE_FIELDS)} "
+                    f"(image-to-video), not as {key!r}",
                     param=key,
                 )
-            raise APIError(400, f"file uploads are not accepted (field {key!r})", param=key)
+            if key in out:
+                raise APIError(400, f"form field {key!r} is given more than once", param=key)
+            value.file.seek(0)
+            out[key] = Upload(key, value.file.read(), value.filename or "")
+            continue
         if "[" in key and key.endswith("]"):
             outer, inner = key[:-1].split("[", 1)
             if "[" in inner or "]" in inner or not outer or not inner:

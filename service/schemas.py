@@ -105,6 +105,7 @@ class JobObject(BaseModel):
     completed_at: Optional[int] = None
     expires_at: Optional[int] = None
     timings: dict = Field(default_factory=dict)
+    attention: Optional[dict] = None  # {"settings": ..., "sources": ...} once the job ran
     density: Optional[float] = None
     error: Optional[JobError] = None
     cancel_requested: bool = False
@@ -136,5 +137,6 @@ class VideoObject(BaseModel):
     num_frames: Optional[int] = None
     fps: Optional[int] = None
     attention: Optional[dict] = None
+    attention_sources: Optional[dict] = None
     density: Optional[float] = None
     timings: dict = Field(default_factory=dict)

@@ -306,14 +306,15 @@ class Stack:
 
 
 def banner(url: str, settings: ServiceSettings) -> str:
-    model = settings.MODEL + (
-        " (tiny random-weight model: videos are noise)" if settings.is_tiny else ""
+    model = ", ".join(
+        spec.id + (" (random weights: videos are noise)" if spec.is_builtin else "")
+        for spec in settings.models()
     )
     return "\n".join(
         [
             "",
             f"vmoba-serve is up at {url}   (API docs: {url}/docs)",
-            f"  model: {model}",
+            f"  models: {model}",
             "  try:",
             f"    curl -s {url}/generate -H 'content-type: application/json' \\",
             '         -d \'{"prompt": "a red fox running through snow"}\'',

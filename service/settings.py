@@ -18,7 +18,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from contract.files import job_dir
-from contract.request import TINY_DEFAULTS, TINY_MODEL, WAN_DEFAULTS, Limits
+from contract.models import ModelSpec
+from contract.request import Limits
 from contract.settings import SharedSettings
 
 
@@ -38,6 +39,10 @@ class ServiceSettings(SharedSettings):
     API_KEYS: str = ""
     # Largest request body accepted (JSON or multipart), bytes.
     MAX_BODY_BYTES: int = Field(256 * 1024, ge=1024)
+    # Image-to-video input images: largest file accepted, bytes (10 MiB), and largest image,
+    # pixels (4096 x 4096). Bodies carrying one may be this much larger than MAX_BODY_BYTES.
+    MAX_IMAGE_BYTES: int = Field(10 * 1024 * 1024, ge=1024)
+    MAX_IMAGE_PIXELS: int = Field(4096 * 4096, ge=64 * 64)
     # Connections in the API's Redis pool, per API process.
     REDIS_MAX_CONNECTIONS: int = Field(256, ge=4)
 
@@ -70,8 +75,8 @@ class ServiceSettings(SharedSettings):
     DEFAULT_WIDTH: int | None = None
     DEFAULT_HEIGHT: int | None = None
     DEFAULT_STEPS: int | None = None
-    DEFAULT_GUIDANCE_SCALE: float = 5.0
-    DEFAULT_FPS: int = 16
+    DEFAULT_GUIDANCE_SCALE: float | None = None
+    DEFAULT_FPS: int | None = None
 
     @field_validator("API_KEYS")
     @classmethod
@@ -84,15 +89,27 @@ class ServiceSettings(SharedSettings):
         return tuple(k for k in self.API_KEYS.split(",") if k)
 
     @property
-    def is_tiny(self) -> bool:
-        return self.MODEL == TINY_MODEL
+    def max_body_bytes(self) -> int:
+        """Largest body read: the fields plus one image (base64 in JSON takes 4/3 of it)."""
+        return self.MAX_BODY_BYTES + self.MAX_IMAGE_BYTES * 4 // 3 + 1024
 
-    def limits(self) -> Limits:
-        """Request limits and defaults for this model."""
-        base = TINY_DEFAULTS if self.is_tiny else WAN_DEFAULTS
-        pick = lambda value, key: base[key] if value is None else value
-        return Limits(
-            model=self.MODEL,
+    def limits_for(self, spec: ModelSpec) -> Limits:
+        """Request limits and defaults for one model: the model's own (registry), under this
+        service's maxima; `DEFAULT_*` settings, when set, override the model's defaults."""
+        overrides = {
+            name: value
+            for name, value in (
+                ("default_num_frames", self.DEFAULT_NUM_FRAMES),
+                ("default_width", self.DEFAULT_WIDTH),
+                ("default_height", self.DEFAULT_HEIGHT),
+                ("default_steps", self.DEFAULT_STEPS),
+                ("default_guidance_scale", self.DEFAULT_GUIDANCE_SCALE),
+                ("default_fps", self.DEFAULT_FPS),
+            )
+            if value is not None
+        }
+        return Limits.for_model(
+            spec,
             max_prompt_chars=self.MAX_PROMPT_CHARS,
             min_num_frames=self.MIN_NUM_FRAMES,
             max_num_frames=self.MAX_NUM_FRAMES,
@@ -102,12 +119,7 @@ class ServiceSettings(SharedSettings):
             max_steps=self.MAX_STEPS,
             max_guidance_scale=self.MAX_GUIDANCE_SCALE,
             max_fps=self.MAX_FPS,
-            default_num_frames=pick(self.DEFAULT_NUM_FRAMES, "num_frames"),
-            default_width=pick(self.DEFAULT_WIDTH, "width"),
-            default_height=pick(self.DEFAULT_HEIGHT, "height"),
-            default_steps=pick(self.DEFAULT_STEPS, "num_inference_steps"),
-            default_guidance_scale=self.DEFAULT_GUIDANCE_SCALE,
-            default_fps=self.DEFAULT_FPS,
+            **overrides,
         )
 
     def job_dir(self, job_id: str) -> Path:

@@ -14,19 +14,24 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Optional
 
+import anyio
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
 from contract.enqueue import enqueue as rq_enqueue
 from contract.keys import idempotency_key, new_job_id, new_seed, request_sha
+from contract.models import ModelSpec
 from contract.record import JobRecord
-from contract.request import GenerateRequest
+from contract.request import GenerateRequest, ValidatedRequest
 
 from .errors import APIError
+from .images import Upload, fit_image, from_data_url
 from .state import AppState
 
 log = logging.getLogger("service")
@@ -34,13 +39,77 @@ log = logging.getLogger("service")
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
-def validate_request(state: AppState, body: dict) -> GenerateRequest:
-    """A `GenerateRequest` from a body dict (pydantic `ValidationError` -> 400 upstream)."""
-    return GenerateRequest.model_validate(body, context={"limits": state.limits})
+@dataclass(frozen=True)
+class Submission:
+    """A request checked against its model: what `submit` stores and enqueues."""
+
+    spec: ModelSpec
+    request: GenerateRequest
+    task: str  # "t2v" | "i2v"
+    image: Optional[bytes]  # the input image fitted to the video's size (PNG), for i2v
+    warnings: tuple[str, ...] = ()
+
+
+async def resolve_model(state: AppState, name: object) -> ModelSpec:
+    """The model a request names (see `AppState.known_model`); live workers are asked only for
+    names outside the configuration and the registry."""
+    try:
+        return state.known_model(name, [])
+    except APIError:
+        return state.known_model(name, await state.store.live_workers())
+
+
+async def validate_request(state: AppState, body: dict) -> Submission:
+    """A `Submission` from a body dict: the model resolved, the request validated against that
+    model's limits (pydantic `ValidationError` -> 400 upstream), the task chosen by whether an
+    image came, and the image fitted to the video's size."""
+    body = dict(body)
+    spec = await resolve_model(state, body.pop("model", None))
+    image = body.pop("image", None)
+    reference = body.pop("input_reference", None)
+    if image is not None and reference is not None:
+        raise APIError(400, "give either image or input_reference, not both", param="image")
+    upload = image if image is not None else reference
+    field = "image" if image is not None else "input_reference"
+    req = GenerateRequest.model_validate(
+        {**body, "model": spec.id}, context={"limits": state.limits(spec)}
+    )
+    if upload is None:
+        if "t2v" not in spec.tasks:
+            raise APIError(
+                400,
+                f"model {spec.id} makes video from an image: send one as image "
+                "(native) or input_reference (OpenAI)",
+                param="image",
+            )
+        return Submission(spec, req, "t2v", None)
+    if "i2v" not in spec.tasks:
+        raise APIError(
+            400,
+            f"model {spec.id} is text-to-video only and takes no image; "
+            "image-to-video models: GET /models (tasks)",
+            param=field,
+        )
+    if isinstance(upload, str):
+        upload = from_data_url(upload, field)
+    if not isinstance(upload, Upload):
+        raise APIError(400, f"{field} must be an image file or a base64 data URL", param=field)
+    assert req.width is not None and req.height is not None
+    s = state.settings
+    png = await anyio.to_thread.run_sync(
+        lambda: fit_image(
+            upload,
+            req.width,
+            req.height,
+            max_bytes=s.MAX_IMAGE_BYTES,
+            max_pixels=s.MAX_IMAGE_PIXELS,
+        )
+    )
+    return Submission(spec, req, "i2v", png)
 
 
 async def submit(
-    state: AppState, req: GenerateRequest, *, idem_key: Optional[str] = None, auth_scope: str = ""
+    state: AppState, sub: Submission, *, idem_key: Optional[str] = None, auth_scope: str = ""
 ) -> tuple[JobRecord, Optional[int], bool]:
     """Create and enqueue a job. Returns `(record, queue position, created)`; `created` is False
     when an idempotent retry found its earlier job."""
@@ -52,14 +121,18 @@ async def submit(
             f"characters, got {len(idem_key)}",
             param="Idempotency-Key",
         )
-    sha = request_sha(req.model_dump(mode="json"))  # before the seed is resolved
-    job = req.validated(seed=new_seed())
+    req = sub.request
+    fingerprint = req.model_dump(mode="json")
+    if sub.image is not None:
+        fingerprint["image_sha256"] = hashlib.sha256(sub.image).hexdigest()
+    sha = request_sha(fingerprint)  # before the seed is resolved
+    job = req.validated(seed=new_seed(), model=sub.spec.id, task=sub.task)
     job_id, now = new_job_id(), time.time()
     payload = job.to_payload(job_id)
     request = job.model_dump(mode="json")
     result = await state.store.create(
         request,
-        model=settings.MODEL,
+        model=job.model,
         seed=job.seed,
         job_id=job_id,
         idempotency_key=idempotency_key(idem_key, auth_scope) if idem_key else None,
@@ -93,7 +166,9 @@ async def submit(
         return rec, result.position, False
 
     try:
-        await enqueue(state, job_id, payload)
+        if sub.image is not None:
+            await state.store.put_input_image(job_id, sub.image)
+        await enqueue(state, job, job_id, payload)
     except Exception as e:  # Redis went away between the two steps
         log.exception("enqueue of %s failed", job_id)
         try:
@@ -109,7 +184,7 @@ async def submit(
         id=job_id,
         request=request,
         seed=job.seed,
-        model=settings.MODEL,
+        model=job.model,
         created_at=now,
         total_steps=job.num_inference_steps,
         request_sha=sha,
@@ -117,21 +192,26 @@ async def submit(
     return rec, result.position, True
 
 
-def rq_commands(state: AppState, job_id: str, payload: dict) -> list:
+def rq_commands(state: AppState, model_id: str, job_id: str, payload: dict) -> list:
     """The Redis commands with which RQ would enqueue the job (recorded, not run)."""
     pipe = state.sync_redis.pipeline(transaction=True)
     try:
         rq_enqueue(
-            state.queue, job_id, payload, result_ttl_s=state.settings.RETENTION_S, pipeline=pipe
+            state.queue(model_id),
+            job_id,
+            payload,
+            result_ttl_s=state.settings.RETENTION_S,
+            pipeline=pipe,
         )
         return list(pipe.command_stack)
     finally:
         pipe.reset()
 
 
-async def enqueue(state: AppState, job_id: str, payload: dict) -> None:
-    """Put the job on RQ's queue: RQ's own commands, sent in one MULTI on the async client."""
-    commands = rq_commands(state, job_id, payload)
+async def enqueue(state: AppState, job: ValidatedRequest, job_id: str, payload: dict) -> None:
+    """Put the job on its model's RQ queue: RQ's own commands, sent in one MULTI on the async
+    client."""
+    commands = rq_commands(state, job.model, job_id, payload)
     async with state.redis.pipeline(transaction=True) as pipe:
         for args, options in commands:
             pipe.execute_command(*args, **options)

@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Optional
 
 from contract.record import JobRecord
-from contract.request import TINY_MODEL, format_seconds
+from contract.models import REGISTRY
+from contract.request import format_seconds
 from contract.status import openai_status
-
-TINY_NOTE = "tiny random-weight Wan pipeline (MODEL=tiny): the video is noise, for tests and demos"
 
 
 def _int(t: Optional[float]) -> Optional[int]:
@@ -20,7 +19,10 @@ def _int(t: Optional[float]) -> Optional[int]:
 
 
 def model_note(model: str) -> Optional[str]:
-    return TINY_NOTE if model == TINY_MODEL else None
+    """What a reader should know about the model's output (tiny and random-weight twins make
+    noise)."""
+    spec = REGISTRY.get(model)
+    return spec.note if spec is not None and spec.note else None
 
 
 def _error(rec: JobRecord) -> Optional[dict]:
@@ -55,6 +57,7 @@ def job_view(
         "completed_at": _int(rec.completed_at),
         "expires_at": _int(rec.expires_at),
         "timings": rec.timings,
+        "attention": rec.attention or None,
         "density": rec.density,
         "error": _error(rec),
         "cancel_requested": cancel_requested,
@@ -88,7 +91,8 @@ def video_view(rec: JobRecord, position: Optional[int] = None) -> dict:
         "queue_position": position,
         "num_frames": frames,
         "fps": fps,
-        "attention": req.get("attention"),
+        "attention": rec.attention.get("settings") or req.get("attention"),
+        "attention_sources": rec.attention.get("sources"),
         "density": rec.density,
         "timings": rec.timings,
     }

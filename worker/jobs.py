@@ -39,6 +39,7 @@ timeout, cancellation, OOM and crash paths with the tiny model.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 from rq import Retry
 from rq.timeouts import JobTimeoutException
 
-from contract.files import META_FILE, RESULT_FILES, THUMBNAIL_FILE, VIDEO_FILE
+from contract.files import INPUT_FILE, META_FILE, RESULT_FILES, THUMBNAIL_FILE, VIDEO_FILE
 from contract.keys import cancel_key, is_job_id, job_key
 from contract.record import as_text
 from contract.request import ValidatedRequest
@@ -145,7 +146,10 @@ class JobRun:
             body = dict(self.payload)
             hooks = FaultHooks.parse(body.pop("_test", None), self.settings.ENABLE_TEST_HOOKS)
             _, request = ValidatedRequest.from_payload(body)
-            attention, sources = self.rt.attention_settings(request.attention)
+            loaded = self.rt.model(request.model)
+            grid = loaded.spec.grid(request.num_frames, request.height, request.width)
+            attention, sources = self.rt.attention_settings(loaded, grid, request.attention)
+            image = self._input_image(request)
         except ValueError as exc:
             message = f"invalid request: {_describe_invalid(exc)}"
             log.warning("job %s: %s", job_id, message)
@@ -178,7 +182,7 @@ class JobRun:
             timeout_s,
         )
         try:
-            return self._run_started(request, attention, sources, hooks, rec.attempts + 1)
+            return self._run_started(request, attention, sources, image, hooks, rec.attempts + 1)
         except JobCancelled:
             store.mark_cancelled(
                 job_id,
@@ -212,18 +216,44 @@ class JobRun:
             self.rt.end_job()
             free_memory(self.rt.device)
 
+    def _input_image(self, request: ValidatedRequest):
+        """The stored first frame of an i2v job (a PIL image of the video's size), else None."""
+        if request.task != "i2v":
+            return None
+        from PIL import Image
+
+        data = self.store.get_input_image(self.job_id)
+        if data is None:
+            raise ValueError("the job's input image is gone (expired or deleted)")
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        if image.size != (request.width, request.height):
+            raise ValueError(
+                f"input image is {image.size[0]}x{image.size[1]}, the video "
+                f"{request.width}x{request.height}"
+            )
+        return image
+
     def _run_started(
-        self, request: ValidatedRequest, attention, sources: dict, hooks: FaultHooks, attempt: int
+        self,
+        request: ValidatedRequest,
+        attention,
+        sources: dict,
+        image,
+        hooks: FaultHooks,
+        attempt: int,
     ) -> dict:
         rt, store, job_id, cur = self.rt, self.store, self.job_id, self.cur
         seed = request.seed
         gen = rt.generate(
+            request.model,
+            request.task,
             cur.shape,
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
             seed=seed,
             flow_shift=request.flow_shift,
             attention=attention,
+            image=image,
             on_step=lambda done, total: self._on_step(done, total, hooks),
         )
         if self._check_owner():
@@ -240,6 +270,10 @@ class JobRun:
                 preset=self.settings.ENCODE_PRESET,
             )
             thumb = write_thumbnail(gen.frames, staged.file(THUMBNAIL_FILE))
+            files = list(RESULT_FILES)
+            if image is not None:
+                image.save(staged.file(INPUT_FILE), format="PNG")
+                files.append(INPUT_FILE)
             timings["encoding_s"] = time.perf_counter() - t_enc
             timings["total_s"] = time.monotonic() - cur.started
             density = gen.attention.get("density")
@@ -250,8 +284,10 @@ class JobRun:
             if self._check_owner():  # a cancel during decode/encode still wins before publishing
                 raise JobCancelled()
             staged.publish()
-        files = list(RESULT_FILES)
-        if not store.mark_completed(job_id, files=files, timings=timings, density=density):
+        ran = {"settings": attention.to_dict(), "sources": sources}
+        if not store.mark_completed(
+            job_id, files=files, timings=timings, density=density, attention=ran
+        ):
             if store.get(job_id) is None:  # deleted while we worked: leave no files behind
                 rt.storage.remove(job_id)
             log.warning(
@@ -340,7 +376,7 @@ class JobRun:
             f"out of GPU memory generating {s.num_frames} frames at {s.width}x{s.height} "
             f"({s.tokens} latent tokens, {s.steps} steps"
             f"{', classifier-free guidance' if s.passes == 2 else ''}) on "
-            f"{self.rt.model_info.get('model')}: {_one_line(exc)}. Ask for fewer frames or a "
+            f"{self.payload.get('model')}: {_one_line(exc)}. Ask for fewer frames or a "
             "smaller size."
         )
 
@@ -364,7 +400,8 @@ class JobRun:
             "seed": request.seed,
             "generator": "torch.Generator('cpu').manual_seed(seed), the initial noise",
             "request": request.model_dump(mode="json"),
-            "model": rt.model_info,
+            "model": rt.model(request.model).info,
+            "task": request.task,
             "attention": attention.to_dict(),
             "attention_sources": sources,
             "attention_stats": gen.attention,

@@ -1,11 +1,14 @@
-"""What one worker process holds between jobs: the warm pipeline, its VMoBA handle, Redis, the
-measured speed, and the state the heartbeat thread reports (and the watchdog acts on).
+"""What one worker process holds between jobs: its warm models (a pipeline per task and a VMoBA
+handle each), Redis, the measured speed, and the state the heartbeat thread reports (and the
+watchdog acts on).
 
 ```python
-rt = Runtime.load(WorkerSettings())      # loads the model, installs VMoBA, warms up, measures
+rt = Runtime.load(WorkerSettings())      # loads every MODEL, installs VMoBA, warms up, measures
 install(rt)                              # worker.jobs.generate_video uses it
-attention, sources = rt.attention_settings({"select": "topk"})   # model < operator < request
-result = rt.generate(shape, prompt="a cat", seed=1, flow_shift=3.0, attention=attention, on_step=cb)
+loaded = rt.model("tiny-wan2.1-t2v")
+attention, sources = rt.attention_settings(loaded, grid, {"select": "topk"})  # model < operator < request
+result = rt.generate(loaded.spec.id, "t2v", shape, prompt="a cat", negative_prompt="", seed=1,
+                     flow_shift=3.0, attention=attention, on_step=cb)
 ```
 
 `generate` is the one place the pipeline runs: the prompt is encoded first (timed on its own),
@@ -31,15 +34,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from contract.request import default_flow_shift
+from contract.models import ModelSpec
 
 from .settings import WorkerSettings, parse_size
 from .speed import Shape, SpeedModel
 
 log = logging.getLogger("worker.runtime")
 
-# Models built in code with random weights (no downloads): name -> builder in worker.random_model.
-RANDOM_MODELS = ("wan2.1-1.3b-random",)
 WARMUP_PROMPT = "warm-up: a red ball rolling on a wooden floor"
 
 
@@ -66,20 +67,45 @@ class CurrentJob:
 
 
 @dataclass
+class LoadedModel:
+    """One model on this worker: its registry entry, a pipeline per task (sharing weights) and
+    the VMoBA handle installed on every transformer of them."""
+
+    spec: ModelSpec
+    pipes: dict[str, Any]  # task -> diffusers pipeline
+    handle: Any  # vmoba.diffusers handle
+    info: dict  # describe(): classes, parameter counts, dtype
+
+    def attention_defaults(self, grid) -> dict:
+        """The model's own VMoBA settings at `grid` (the first layer of a job's settings)."""
+        from vmoba.defaults import recommended_settings
+
+        return recommended_settings(grid, vmoba_trained=self.spec.vmoba_trained)
+
+    def advertised(self) -> dict:
+        """What the heartbeat says of this model (the API's `/models` shows it)."""
+        d = self.spec.defaults
+        return {
+            "id": self.spec.id,
+            "tasks": list(self.spec.tasks),
+            "vmoba_trained": self.spec.vmoba_trained,
+            "attention_defaults": self.attention_defaults(
+                self.spec.grid(d.num_frames, d.height, d.width)
+            ),
+        }
+
+
+@dataclass
 class Runtime:
     settings: WorkerSettings
     name: str
-    redis: object
-    store: object  # contract.store.JobStore
-    storage: object  # worker.storage.ResultStorage
-    pipe: object
-    handle: object  # vmoba.diffusers.VMoBAHandle
+    redis: Any  # redis.Redis
+    store: Any  # contract.store.JobStore
+    storage: Any  # worker.storage.ResultStorage
+    models: dict[str, LoadedModel]
     device: str
-    model_info: dict
     speed: SpeedModel
     versions: dict
-    # The model's own VMoBA defaults (the first layer of `attention_settings`).
-    model_attention_defaults: dict = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     jobs_done: int = 0
     current: Optional[CurrentJob] = None
@@ -90,23 +116,16 @@ class Runtime:
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, settings: WorkerSettings, *, redis_client=None) -> Runtime:
-        """Connect, load the model on this process's device, install VMoBA and warm up."""
+        """Connect, load every model of `MODEL` on this process's device, install VMoBA and warm
+        up."""
         import redis as redis_lib
 
         from contract.store import JobStore
-        from vmoba.diffusers import AttentionSettings, install_vmoba
 
         from .storage import ResultStorage
 
         device = resolve_device(settings.WORKER_DEVICE)
-        t0 = time.perf_counter()
-        pipe = build_pipeline(settings.MODEL, device, settings.DTYPE)
-        handle = install_vmoba(pipe, AttentionSettings(kernel=settings.ATTENTION_KERNEL))
-        from .pipeline import describe
-
-        info = describe(pipe)
-        info["model"] = settings.MODEL
-        load_s = time.perf_counter() - t0
+        models = {spec.id: load_model(spec, device, settings) for spec in settings.models()}
         client = redis_client or redis_lib.Redis.from_url(settings.REDIS_URL)
         rt = cls(
             settings=settings,
@@ -114,39 +133,50 @@ class Runtime:
             redis=client,
             store=JobStore(client, retention_s=settings.RETENTION_S),
             storage=ResultStorage(settings.DATA_DIR),
-            pipe=pipe,
-            handle=handle,
+            models=models,
             device=device,
-            model_info=info,
             speed=SpeedModel.prior(device),
             versions=collect_versions(device),
-        )
-        log.info(
-            "loaded %s on %s in %.1f s (%s parameters)",
-            settings.MODEL,
-            device_label(device),
-            load_s,
-            f"{info.get('param_count', 0):,}",
         )
         rt.warm_up()
         return rt
 
+    def model(self, model_id: str) -> LoadedModel:
+        """A loaded model; `ValueError` when this worker does not serve it."""
+        if model_id not in self.models:
+            raise ValueError(
+                f"this worker serves {sorted(self.models)}, not {model_id!r} (a job on the "
+                "wrong queue)"
+            )
+        return self.models[model_id]
+
     def warm_up(self) -> None:
-        """One short generation: loads lazy modules, compiles the Triton kernels, and measures
-        this worker's speed for timeouts (see `worker.speed`)."""
+        """One short generation per model and task: loads lazy modules, compiles the Triton
+        kernels, and measures this worker's speed for timeouts (see `worker.speed`)."""
         if self.settings.WARMUP_STEPS == 0:
             return
-        frames, height, width = warmup_size(self.settings)
+        for loaded in self.models.values():
+            for task in loaded.pipes:
+                self._warm_up(loaded, task)
+        free_memory(self.device)
+
+    def _warm_up(self, loaded: LoadedModel, task: str) -> None:
+        frames, height, width = warmup_size(self.settings, loaded.spec)
         shape = Shape(frames, height, width, self.settings.WARMUP_STEPS, 5.0)
         t0 = time.perf_counter()
-        attention, _ = self.attention_settings({})
+        grid = loaded.spec.grid(frames, height, width)
+        attention, _ = self.attention_settings(loaded, grid, {})
+        image = warmup_image(width, height) if task == "i2v" else None
         gen = self.generate(
+            loaded.spec.id,
+            task,
             shape,
             prompt=WARMUP_PROMPT,
             negative_prompt="",
             seed=0,
-            flow_shift=default_flow_shift(width, height),
+            flow_shift=loaded.spec.defaults.flow_shift(width, height),
             attention=attention,
+            image=image,
         )
         # encode like a job would, into a scratch file, to time the encoder as well
         from .video import encode_mp4
@@ -173,7 +203,9 @@ class Runtime:
             fixed_s=gen.timings["text_encoder_s"],
         )
         log.info(
-            "warm-up %dx%dx%d, %d steps in %.2f s: %s",
+            "warm-up of %s (%s) %dx%dx%d, %d steps in %.2f s: %s",
+            loaded.spec.id,
+            task,
             frames,
             height,
             width,
@@ -181,22 +213,26 @@ class Runtime:
             time.perf_counter() - t0,
             self.speed.to_dict(),
         )
-        free_memory(self.device)
 
     # -- running the pipeline ------------------------------------------------------------------
-    def attention_settings(self, request_attention: dict) -> tuple[Any, dict]:
-        """The `AttentionSettings` of one call and where each field came from: model defaults <
-        the operator's `ATTENTION_DEFAULTS` (the kernel from `ATTENTION_KERNEL` unless those name
-        one) < the request's own fields. `ValueError` names a bad field."""
+    def attention_settings(
+        self, loaded: LoadedModel, grid, request_attention: dict
+    ) -> tuple[Any, dict]:
+        """The `AttentionSettings` of one call and where each field came from: the model's
+        defaults at `grid` < the operator's `ATTENTION_DEFAULTS` (the kernel from
+        `ATTENTION_KERNEL` unless those name one) < the request's own fields. `ValueError` names
+        a bad field."""
         from vmoba.diffusers import merge_attention_settings
 
         operator = {"kernel": self.settings.ATTENTION_KERNEL, **self.settings.ATTENTION_DEFAULTS}
         return merge_attention_settings(
-            self.model_attention_defaults, operator, request_attention or {}
+            loaded.attention_defaults(grid), operator, request_attention or {}
         )
 
     def generate(
         self,
+        model_id: str,
+        task: str,
         shape: Shape,
         *,
         prompt: str,
@@ -204,24 +240,34 @@ class Runtime:
         seed: int,
         flow_shift: float,
         attention,
+        image=None,
         on_step: Optional[Callable[[int, int], None]] = None,
     ) -> Generation:
-        """Run the pipeline once (see the module docstring). `on_step(done, total)` runs after
-        every denoising step; an exception from it aborts the call before the VAE decode."""
-        with cpu_threads(self.device, self.settings), flow_shift_set(self.pipe, flow_shift):
+        """Run one model's pipeline for `task` once (see the module docstring). `image` (a PIL
+        image of the video's size) is the first frame of an i2v job. `on_step(done, total)` runs
+        after every denoising step; an exception from it aborts the call before the VAE
+        decode."""
+        loaded = self.model(model_id)
+        pipe = loaded.pipes[task]
+        with cpu_threads(self.device, self.settings, loaded.spec), flow_shift_set(pipe, flow_shift):
             return self._generate(
+                loaded,
+                pipe,
                 shape,
                 prompt=prompt,
                 negative_prompt=negative_prompt,
                 seed=seed,
                 attention=attention,
+                image=image,
                 on_step=on_step,
             )
 
-    def _generate(self, shape, *, prompt, negative_prompt, seed, attention, on_step) -> Generation:
+    def _generate(
+        self, loaded, pipe, shape, *, prompt, negative_prompt, seed, attention, image, on_step
+    ) -> Generation:
         import torch
 
-        pipe, cuda = self.pipe, self.device.startswith("cuda")
+        cuda = self.device.startswith("cuda")
         cfg = shape.guidance_scale > 1.0
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -248,7 +294,12 @@ class Runtime:
 
         # A CPU generator: the same seed gives the same starting noise on every device.
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        with self.handle.use(attention) as stats:
+        extra: dict[str, Any] = {}
+        if image is not None:
+            extra["image"] = image
+        if loaded.spec.boundary_ratio is not None:
+            extra["guidance_scale_2"] = shape.guidance_scale  # the low-noise expert's
+        with loaded.handle.use(attention) as stats:
             out = pipe(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds if cfg else None,
@@ -260,6 +311,7 @@ class Runtime:
                 generator=generator,
                 output_type="np",
                 callback_on_step_end=callback,
+                **extra,
             )
         sync(cuda)
         t3 = time.perf_counter()
@@ -288,10 +340,10 @@ class Runtime:
         with self.lock:
             cur = self.current
             info = {
-                "queue": self.settings.queues[0],
+                "queue": self.settings.QUEUE_NAME,
                 "queues": self.settings.queues,
-                "model": self.settings.MODEL,
-                "tiny": bool(self.model_info.get("tiny")),
+                "models": list(self.models),
+                "model_specs": [m.advertised() for m in self.models.values()],
                 "device": device_label(self.device),
                 "state": "busy" if cur else "idle",
                 "job_id": cur.job_id if cur else None,
@@ -324,26 +376,52 @@ def device_label(device: str) -> str:
     return device
 
 
-def build_pipeline(model: str, device: str, dtype: str):
-    """`MODEL` -> a pipeline on `device`: the random-weight architectures of `RANDOM_MODELS`, or
-    whatever `worker.pipeline.load_pipeline` loads (`tiny`, hub ids, directories)."""
-    if model in RANDOM_MODELS:
-        from .random_model import build_random_pipeline
+def load_model(spec: ModelSpec, device: str, settings: WorkerSettings) -> LoadedModel:
+    """Build or load one model's pipelines on `device` and install VMoBA on its transformers."""
+    from vmoba.diffusers import AttentionSettings, install_vmoba
 
-        return build_random_pipeline(model, device=device, dtype=None if dtype == "auto" else dtype)
-    from .pipeline import load_pipeline
+    from .pipeline import build_pipelines, describe
 
-    return load_pipeline(model, device=device, dtype=None if dtype == "auto" else dtype)
+    t0 = time.perf_counter()
+    pipes = build_pipelines(
+        spec, device=device, dtype=None if settings.DTYPE == "auto" else settings.DTYPE
+    )
+    first = next(iter(pipes.values()))
+    # The pipelines of one model share their transformers: one handle covers every task.
+    handle = install_vmoba(first, AttentionSettings(kernel=settings.ATTENTION_KERNEL))
+    info = {**describe(first), "model": spec.id, "weights": spec.weights}
+    log.info(
+        "loaded %s (%s) on %s in %.1f s (%s parameters)",
+        spec.id,
+        ", ".join(pipes),
+        device_label(device),
+        time.perf_counter() - t0,
+        f"{info.get('param_count', 0):,}",
+    )
+    return LoadedModel(spec, pipes, handle, info)
 
 
-def warmup_size(settings: WorkerSettings) -> tuple[int, int, int]:
+def warmup_size(settings: WorkerSettings, spec: ModelSpec) -> tuple[int, int, int]:
+    """`WARMUP_SIZE`, or a short clip at the model's default size (a small one for twins built
+    in code at toy size)."""
     if settings.WARMUP_SIZE != "auto":
         return parse_size(settings.WARMUP_SIZE)
-    return (5, 64, 64) if settings.MODEL == "tiny" else (17, 480, 832)
+    if spec.weights == "tiny":
+        m = spec.size_multiple
+        return 5, 4 * m, 4 * m
+    return 17, spec.defaults.height, spec.defaults.width
+
+
+def warmup_image(width: int, height: int):
+    """A smooth colour ramp as the warm-up's first frame (i2v)."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, width * height * 3, dtype=np.float32).reshape(height, width, 3)
+    return Image.fromarray(ramp.astype(np.uint8), "RGB")
 
 
 @contextmanager
-def cpu_threads(device: str, settings: WorkerSettings):
+def cpu_threads(device: str, settings: WorkerSettings, spec: ModelSpec):
     """torch's CPU thread count for one generation (`CPU_THREADS`), restored afterwards so a
     process that does other work (the tests) is not affected."""
     import torch
@@ -351,7 +429,8 @@ def cpu_threads(device: str, settings: WorkerSettings):
     if device != "cpu":
         yield
         return
-    wanted = settings.CPU_THREADS or (1 if settings.MODEL == "tiny" else (os.cpu_count() or 1))
+    tiny = spec.weights == "tiny"
+    wanted = settings.CPU_THREADS or (1 if tiny else (os.cpu_count() or 1))
     before = torch.get_num_threads()
     torch.set_num_threads(wanted)
     try:

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from contract.enqueue import queue_name
 from contract.settings import SharedSettings
 
 
@@ -116,10 +117,12 @@ class WorkerSettings(SharedSettings):
 
     @property
     def queues(self) -> list[str]:
+        """The RQ queues worked, in priority order: each `QUEUE_NAME` (comma-separated) for each
+        model loaded (`contract.enqueue.queue_name`)."""
         names = [q.strip() for q in self.QUEUE_NAME.split(",") if q.strip()]
         if not names:
             raise ValueError(f"QUEUE_NAME names no queue: {self.QUEUE_NAME!r}")
-        return names
+        return [queue_name(q, spec.id) for q in names for spec in self.models()]
 
     def name(self) -> str:
         import os

@@ -15,10 +15,11 @@ from contract.status import JobStatus
 
 from .. import metrics
 from ..auth import key_of
+from ..bodies import IMAGE_FIELDS, parse_form_or_json, read_body
 from ..errors import APIError, not_found
 from ..responses import JSON
 from ..state import AppState
-from ..submit import cancel_in_rq, submit
+from ..submit import Submission, cancel_in_rq, submit
 
 MAX_LIST_LIMIT = 100
 
@@ -27,19 +28,40 @@ def poll_headers(state: AppState) -> dict:
     return {"openai-poll-after-ms": str(state.settings.POLL_AFTER_MS)}
 
 
+async def read_request_body(state: AppState, request: Request) -> dict:
+    """A create body as a dict (JSON, multipart or urlencoded). Bodies may exceed
+    `MAX_BODY_BYTES` only by the image they carry."""
+    s = state.settings
+    raw = await read_body(request, s.max_body_bytes)
+    too_big = APIError(
+        413,
+        f"request body has {len(raw)} bytes; at most {s.MAX_BODY_BYTES} "
+        "allowed (more only with an image)",
+    )
+    try:
+        body = await parse_form_or_json(request, raw)
+    except APIError:
+        if len(raw) > s.MAX_BODY_BYTES:
+            raise too_big from None
+        raise
+    if len(raw) > s.MAX_BODY_BYTES and not any(name in body for name in IMAGE_FIELDS):
+        raise too_big
+    return body
+
+
 def idempotency(request: Request) -> tuple[Optional[str], str]:
     """`(Idempotency-Key header or None, auth scope)`."""
     return request.headers.get("idempotency-key"), key_of(request.scope)
 
 
 async def submit_job(
-    state: AppState, request: Request, req, location: str
+    state: AppState, request: Request, sub: Submission, location: str
 ) -> tuple[JobRecord, Optional[int], dict]:
     """Queue a validated request (idempotently), count it, and give the response headers:
     `Location: {location}{id}`, plus `Idempotent-Replayed` when an earlier job was returned."""
     key, scope = idempotency(request)
     try:
-        rec, pos, created = await submit(state, req, idem_key=key, auth_scope=scope)
+        rec, pos, created = await submit(state, sub, idem_key=key, auth_scope=scope)
     except APIError as e:
         if e.status == 429:
             metrics.REJECTED.labels("queue_full").inc()

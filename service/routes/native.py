@@ -10,7 +10,6 @@ from fastapi.responses import StreamingResponse
 from contract.files import THUMBNAIL_FILE, VIDEO_FILE
 from contract.request import GenerateRequest
 
-from ..bodies import parse_json_object, read_body
 from ..errors import APIError
 from ..responses import JSON
 from ..schemas import ErrorBody, JobObject, request_body
@@ -29,15 +28,18 @@ ERRORS = {c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 429)}
     status_code=202,
     response_model=JobObject,
     responses=ERRORS,
-    openapi_extra=request_body({"application/json": GenerateRequest}),
+    openapi_extra=request_body(
+        {"application/json": GenerateRequest, "multipart/form-data": GenerateRequest}
+    ),
 )
 async def generate(request: Request):
-    """Queue a text-to-video job (JSON body: `GenerateRequest`). 202 with the job and
-    `Location: /jobs/{id}`; 429 + Retry-After when the queue is full."""
+    """Queue a generation job: JSON (`GenerateRequest`; an image-to-video input image as a
+    base64 data URL in `image`) or multipart (the image as file field `image`). 202 with the job
+    and `Location: /jobs/{id}`; 429 + Retry-After when the queue is full."""
     state = get_state(request)
-    body = parse_json_object(await read_body(request, state.settings.MAX_BODY_BYTES))
+    body = await common.read_request_body(state, request)
     rec, pos, headers = await common.submit_job(
-        state, request, validate_request(state, body), "/jobs/"
+        state, request, await validate_request(state, body), "/jobs/"
     )
     return JSON(job_view(rec, pos), status_code=202, headers=headers)
 

@@ -15,14 +15,13 @@ from typing import Optional
 from fastapi import APIRouter, Query, Request
 
 from contract.files import THUMBNAIL_FILE, VIDEO_FILE
-from contract.request import frames_for_seconds, to_float, to_int
+from contract.request import Limits, frames_for_seconds, to_float, to_int
 
-from ..bodies import parse_form_or_json, read_body
 from ..errors import APIError
 from ..responses import JSON
 from ..schemas import ErrorBody, VideoCreateForm, VideoObject, request_body
-from ..state import AppState, get_state
-from ..submit import validate_request
+from ..state import get_state
+from ..submit import resolve_model, validate_request
 from ..views import video_view
 from . import common
 
@@ -31,20 +30,10 @@ ERRORS = {c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 415, 429)}
 SIZE_RE = re.compile(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*")
 
 
-def from_openai(state: AppState, body: dict) -> dict:
+def from_openai(lim: Limits, body: dict) -> dict:
     """OpenAI create fields -> `GenerateRequest` fields (`size` -> width/height, `seconds` ->
-    num_frames, `model` checked against the served model)."""
+    num_frames at the model's fps), with `lim` the limits of the model the body names."""
     body = dict(body)
-    served = state.settings.MODEL
-    model = body.pop("model", None)
-    if model not in (None, "", served):
-        raise APIError(
-            400,
-            f"model {str(model)[:100]!r} is not served here; available: "
-            f"[{served!r}] (or omit model)",
-            param="model",
-            code="model_not_found",
-        )
     size = body.pop("size", None)
     if size is not None:
         if "width" in body or "height" in body:
@@ -72,12 +61,11 @@ def from_openai(state: AppState, body: dict) -> dict:
                 param="seconds",
             )
         try:
-            fps = to_int(body.get("fps", state.limits.default_fps))
+            fps = to_int(body.get("fps", lim.default_fps))
         except ValueError:
-            fps = state.limits.default_fps  # the fps error itself is reported by validation
+            fps = lim.default_fps  # the fps error itself is reported by validation
         fps = max(1, fps)
         frames = frames_for_seconds(value, fps) if value < 1e6 else 10**9
-        lim = state.limits
         if not lim.min_num_frames <= frames <= lim.max_num_frames:
             raise APIError(
                 400,
@@ -102,10 +90,11 @@ def from_openai(state: AppState, body: dict) -> dict:
 async def create_video(request: Request):
     """Create a video job (multipart, urlencoded or JSON)."""
     state = get_state(request)
-    raw = await read_body(request, state.settings.MAX_BODY_BYTES)
-    body = from_openai(state, await parse_form_or_json(request, raw))
+    body = await common.read_request_body(state, request)
+    spec = await resolve_model(state, body.get("model"))
+    body = {**from_openai(state.limits(spec), body), "model": spec.id}
     rec, pos, headers = await common.submit_job(
-        state, request, validate_request(state, body), "/v1/videos/"
+        state, request, await validate_request(state, body), "/v1/videos/"
     )
     return JSON(video_view(rec, pos), headers=headers)
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from contract.request import TINY_MODEL
-
 from .. import metrics
 from ..responses import JSON
-from ..state import get_state
-from ..views import model_note
+from ..state import AppState, get_state
 
 router = APIRouter(tags=["ops"])
 
@@ -56,28 +53,46 @@ async def metrics_route(request: Request):
     return Response(metrics.render(snap, live), media_type=metrics.CONTENT_TYPE)
 
 
+async def served_models(state: AppState) -> list[dict]:
+    """The configured models and any other a live worker serves: registry facts, this
+    deployment's limits for each, its default VMoBA settings (as a live worker computes them at
+    the model's default size) and the live workers serving it."""
+    workers = await state.store.live_workers(state.settings.QUEUE_NAME)
+    specs = dict(state.models)
+    for w in workers:
+        for info in w.get("model_specs") or ():
+            if info.get("id") and info["id"] not in specs:
+                specs[info["id"]] = state.known_model(info["id"], workers)
+    out = []
+    for model_id, spec in specs.items():
+        serving = [w for w in workers if model_id in (w.get("models") or ())]
+        advertised = next(
+            (i for w in serving for i in w.get("model_specs") or () if i.get("id") == model_id), {}
+        )
+        limits = state.limits(spec).model_dump(exclude={"model", "tasks"})
+        out.append(
+            {
+                **spec.public(),
+                "object": "model",
+                "owned_by": "vmoba-serve",
+                "default": model_id == state.default_model.id,
+                "limits": limits,
+                "attention_defaults": advertised.get("attention_defaults"),
+                "available": bool(serving),
+                "workers": [{k: w.get(k) for k in ("name", "device", "job_id")} for w in serving],
+            }
+        )
+    return out
+
+
 @router.get("/models")
 async def models(request: Request):
-    """The served model, its limits and defaults, and the workers running it."""
-    state = get_state(request)
-    s, lim = state.settings, state.limits
-    workers = await state.store.live_workers(s.QUEUE_NAME)
-    return JSON(
-        {
-            "object": "list",
-            "data": [
-                {
-                    "id": s.MODEL,
-                    "object": "model",
-                    "owned_by": "vmoba-serve",
-                    "tiny": s.MODEL == TINY_MODEL,
-                    "note": model_note(s.MODEL),
-                    "limits": lim.model_dump(exclude={"model"}),
-                    "workers": [
-                        {k: w.get(k) for k in ("name", "device", "model", "job_id")}
-                        for w in workers
-                    ],
-                }
-            ],
-        }
-    )
+    """Models this deployment serves (see `served_models`)."""
+    return JSON({"object": "list", "data": await served_models(get_state(request))})
+
+
+@router.get("/v1/models")
+async def openai_models(request: Request):
+    """The same models in the OpenAI list format (extra fields as in `/models`)."""
+    data = [{**m, "created": 0} for m in await served_models(get_state(request))]
+    return JSON({"object": "list", "data": data})

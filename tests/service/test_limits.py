@@ -10,7 +10,11 @@ import openai
 import pytest
 from rq import Queue
 
+from contract.enqueue import queue_name
 from contract.store import JobStore
+
+# The RQ queue the tiny model's jobs go to (QUEUE_NAME "vmoba").
+TINY_QUEUE = queue_name("vmoba", "tiny-wan2.1-t2v")
 
 
 def test_queue_full_is_429_before_enqueueing(make_server, redis_client):
@@ -24,7 +28,7 @@ def test_queue_full_is_429_before_enqueueing(make_server, redis_client):
         assert "3 jobs waiting" in err["message"]
         r = http.post("/v1/videos", data={"prompt": "also refused"})
         assert r.status_code == 429
-        assert Queue("vmoba", connection=redis_client).job_ids == ids
+        assert Queue(TINY_QUEUE, connection=redis_client).job_ids == ids
         assert http.get("/jobs").json()["data"].__len__() == 3
         # A slot frees up when a job starts.
         JobStore(redis_client).mark_started(ids[0], worker="w")
@@ -46,7 +50,7 @@ def test_concurrent_submissions_never_exceed_the_limit(make_server, redis_client
     for t in threads:
         t.join()
     assert codes.count(202) == 10 and codes.count(429) == 20
-    assert len(Queue("vmoba", connection=redis_client)) == 10
+    assert len(Queue(TINY_QUEUE, connection=redis_client)) == 10
 
 
 def test_idempotent_retries_give_one_job(server, http, redis_client):
@@ -58,7 +62,7 @@ def test_idempotent_retries_give_one_job(server, http, redis_client):
     assert first.json()["id"] == again.json()["id"]
     assert again.headers["idempotent-replayed"] == "true"
     assert first.json()["seed"] == again.json()["seed"], "the resolved seed is kept"
-    assert len(Queue("vmoba", connection=redis_client)) == 1
+    assert len(Queue(TINY_QUEUE, connection=redis_client)) == 1
 
     other = http.post("/generate", json={"prompt": "different"}, headers=headers)
     assert other.status_code == 409 and "different request" in other.json()["error"]["message"]
@@ -77,7 +81,7 @@ def test_idempotent_retries_give_one_job(server, http, redis_client):
         t.start()
     for t in threads:
         t.join()
-    assert len(set(ids)) == 1 and len(Queue("vmoba", connection=redis_client)) == 2
+    assert len(set(ids)) == 1 and len(Queue(TINY_QUEUE, connection=redis_client)) == 2
 
     # Through the OpenAI client (which may retry POSTs itself).
     with warnings.catch_warnings():
@@ -132,7 +136,9 @@ def test_idempotency_keys_are_scoped_by_api_key(make_server):
 def test_readyz_follows_worker_heartbeats(http, store):
     r = http.get("/readyz")
     assert r.status_code == 503 and "no live worker" in r.json()["reason"]
-    store.heartbeat("gpu-7", {"queue": "vmoba", "device": "cuda:0", "model": "tiny"}, ttl_s=1)
+    store.heartbeat(
+        "gpu-7", {"queue": "vmoba", "device": "cuda:0", "models": ["tiny-wan2.1-t2v"]}, ttl_s=1
+    )
     r = http.get("/readyz")
     assert r.status_code == 200 and r.json()["worker_names"] == ["gpu-7"]
     assert http.get("/models").json()["data"][0]["workers"][0]["device"] == "cuda:0"

@@ -9,6 +9,11 @@ from rq import Queue
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 
+from contract.enqueue import queue_name
+
+# The RQ queue the tiny model's jobs go to (QUEUE_NAME "vmoba").
+TINY_QUEUE = queue_name("vmoba", "tiny-wan2.1-t2v")
+
 
 def test_generate_enqueues_by_dotted_path(server, http, redis_client):
     seed = random.randint(0, 2**40)
@@ -30,7 +35,7 @@ def test_generate_enqueues_by_dotted_path(server, http, redis_client):
         1,
         seed,
     )
-    assert job["model"] == "tiny" and "random-weight" in job["model_note"]
+    assert job["model"] == "tiny-wan2.1-t2v" and "random-weight" in job["model_note"]
     assert job["request"]["num_inference_steps"] == 4, "the tiny model's default"
 
     rq_job = Job.fetch(job["id"], connection=redis_client)
@@ -42,7 +47,7 @@ def test_generate_enqueues_by_dotted_path(server, http, redis_client):
     }
     assert payload["attention"]["backend"] == "dense"
     assert rq_job.timeout >= 3600, "RQ's timeout is only a generous backstop"
-    assert Queue("vmoba", connection=redis_client).job_ids == [job["id"]]
+    assert Queue(TINY_QUEUE, connection=redis_client).job_ids == [job["id"]]
 
 
 def test_seed_is_resolved_when_omitted(http):
@@ -126,7 +131,7 @@ def test_cancel_queued_running_and_finished(server, http, store, redis_client, r
     job = r.json()
     assert (job["status"], job["error"]["code"]) == ("cancelled", "cancelled")
     assert Job.fetch(queued, connection=redis_client).get_status() == RQStatus.CANCELED
-    assert queued not in Queue("vmoba", connection=redis_client).job_ids
+    assert queued not in Queue(TINY_QUEUE, connection=redis_client).job_ids
     assert not store.mark_started(queued, worker="w"), "the worker must skip it"
     assert http.post(f"/jobs/{queued}/cancel").status_code == 200, "cancelling twice is fine"
     assert http.get(f"/v1/videos/{queued}").json()["status"] == "failed"

@@ -22,7 +22,12 @@ def client(server):
 def test_create_retrieve_list_download_delete(server, client, store, redis_client, run_job):
     video = client.videos.create(prompt="a heron over a lake", seconds="4", size="64x48")
     assert video.status == "queued" and video.id.startswith("video_")
-    assert (video.seconds, video.size, video.model, video.progress) == ("4", "64x48", "tiny", 0)
+    assert (video.seconds, video.size, video.model, video.progress) == (
+        "4",
+        "64x48",
+        "tiny-wan2.1-t2v",
+        0,
+    )
     payload = Job.fetch(video.id, connection=redis_client).args[0]
     assert (payload["num_frames"], payload["width"], payload["height"]) == (65, 64, 48)
 
@@ -117,11 +122,11 @@ def test_json_and_urlencoded_create(server, http):
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        (dict(model="sora-2"), ["sora-2", "not served", "tiny"]),
+        (dict(model="sora-2"), ["sora-2", "unknown", "tiny-wan2.1-t2v"]),
         (dict(size="big"), ["WIDTHxHEIGHT", "big"]),
         (dict(size="100x100"), ["multiple of 16", "100"]),
         (dict(size="1920x1088"), ["1920x1088", "pixels"]),
-        (dict(seconds="12"), ["seconds=12", "193 frames", "129"]),
+        (dict(seconds="12"), ["seconds=12", "193 frames", "81 frames"]),
         (dict(seconds="0"), ["positive", "'0'"]),
     ],
 )
@@ -134,10 +139,10 @@ def test_bad_create_is_a_400_the_client_can_read(client, kwargs, words):
         assert word in message, (word, message)
 
 
-def test_input_reference_is_refused(server):
+def test_input_reference_to_a_text_to_video_model_is_refused(server):
     r = httpx.post(
         f"{server.url}/v1/videos",
         data={"prompt": "p"},
         files={"input_reference": ("ref.png", b"\x89PNG....", "image/png")},
     )
-    assert r.status_code == 400 and "text only" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "text-to-video only" in r.json()["error"]["message"]

@@ -25,7 +25,7 @@ def message(**body) -> str:
 
 
 def test_defaults_fill_every_field():
-    req = validate(prompt="a cat").validated(seed=11)
+    req = validate(prompt="a cat").validated(seed=11, model="tiny-wan2.1-t2v")
     dumped = req.model_dump(mode="json")
     assert None not in dumped.values()
     assert dumped["num_frames"] == LIMITS.default_num_frames
@@ -52,7 +52,10 @@ def test_flow_shift_defaults_per_resolution_and_is_checked():
 
 def test_attention_carries_only_what_was_set():
     req = validate(prompt="p", attention={"select": "topk", "topk": "2,10,9"})
-    assert req.validated(seed=0).attention == {"select": "topk", "topk": [2, 10, 9]}
+    assert req.validated(seed=0, model="tiny-wan2.1-t2v").attention == {
+        "select": "topk",
+        "topk": [2, 10, 9],
+    }
 
 
 def test_valid_random_requests_round_trip():
@@ -140,18 +143,33 @@ def test_bad_values_name_value_and_range(body, words):
 
 def test_limits_come_from_settings():
     s = ServiceSettings(MAX_NUM_FRAMES=33, MODEL="tiny")
-    lim = s.limits()
+    [tiny] = s.models()
+    lim = s.limits_for(tiny)
     assert lim.max_num_frames == 33 and lim.default_num_frames == 17
     with pytest.raises(ValidationError):
         GenerateRequest.model_validate({"prompt": "p", "num_frames": 37}, context={"limits": lim})
-    wan = ServiceSettings(MODEL="Wan-AI/Wan2.1-T2V-1.3B-Diffusers").limits()
-    assert (wan.default_num_frames, wan.default_width, wan.default_height) == (81, 832, 480)
+    [wan] = ServiceSettings(MODEL="Wan-AI/Wan2.1-T2V-1.3B-Diffusers").models()
+    assert wan.id == "wan2.1-t2v-1.3b"
+    wan_lim = ServiceSettings().limits_for(wan)
+    assert (wan_lim.default_num_frames, wan_lim.default_width, wan_lim.default_height) == (
+        81,
+        832,
+        480,
+    )
+    assert wan_lim.default_negative_prompt  # Wan's own negative prompt
+    # The model's own maximum stays under the service's: a tiny CPU model takes no 129 frames.
+    assert ServiceSettings(MAX_NUM_FRAMES=129).limits_for(tiny).max_num_frames == 81
 
 
 def test_seconds_and_status_mapping():
     assert frames_for_seconds(4, 16) == 65 and frames_for_seconds(5, 16) == 81
     assert frames_for_seconds(1, 16) == 17
-    assert validate(prompt="p", num_frames=65, fps=16).validated(seed=0).seconds == "4"
+    assert (
+        validate(prompt="p", num_frames=65, fps=16)
+        .validated(seed=0, model="tiny-wan2.1-t2v")
+        .seconds
+        == "4"
+    )
     assert openai_status(JobStatus.cancelled) == "failed"
     assert openai_status("in_progress") == "in_progress"
 
@@ -160,7 +178,9 @@ def test_payload_round_trip():
     from contract.keys import new_job_id
 
     job_id = new_job_id()
-    req = validate(prompt="a dog", seed=7, attention={"backend": "dense"}).validated(seed=1)
+    req = validate(prompt="a dog", seed=7, attention={"backend": "dense"}).validated(
+        seed=1, model="tiny-wan2.1-t2v"
+    )
     payload = req.to_payload(job_id)
     assert payload["job_id"] == job_id and payload["seed"] == 7
     assert payload["attention"] == {"backend": "dense"}  # only what the caller set

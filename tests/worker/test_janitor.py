@@ -13,6 +13,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from worker_helpers import submit, worker_env
 
+from contract.enqueue import queue_name
 from contract.files import VIDEO_FILE
 from contract.keys import JANITOR_LOCK_KEY as LOCK_KEY
 from contract.keys import new_job_id
@@ -20,6 +21,9 @@ from contract.store import JobStore
 from worker.janitor import Janitor
 from worker.settings import WorkerSettings
 from worker.storage import ResultStorage
+
+# The RQ queue the tiny model's jobs go to (QUEUE_NAME "vmoba").
+TINY_QUEUE = queue_name("vmoba", "tiny-wan2.1-t2v")
 
 
 @pytest.fixture
@@ -35,7 +39,7 @@ def env(redis_url, redis_client, tmp_path):
 
 def start_in_rq(redis_client, job_id, worker_name):
     """RQ's side of a worker taking the job: an execution and the started registry entry."""
-    queue = Queue("vmoba", connection=redis_client)
+    queue = Queue(TINY_QUEUE, connection=redis_client)
     job = Job.fetch(job_id, connection=redis_client)
     queue.remove(job)
     worker = SimpleWorker([queue], connection=redis_client, name=worker_name)
@@ -71,15 +75,15 @@ def test_job_of_a_dead_worker_fails_with_worker_lost(env, redis_client):
     assert not storage.job_dir(dead).exists()  # no half-finished result stays behind
     job = Job.fetch(dead, connection=redis_client)
     assert job.get_status() == JobStatus.FAILED
-    assert dead in FailedJobRegistry(queue=Queue("vmoba", connection=redis_client))
-    started = StartedJobRegistry(queue=Queue("vmoba", connection=redis_client))
+    assert dead in FailedJobRegistry(queue=Queue(TINY_QUEUE, connection=redis_client))
+    started = StartedJobRegistry(queue=Queue(TINY_QUEUE, connection=redis_client))
     assert [j for j, _ in started.get_job_and_execution_ids(cleanup=False)] == [live]
     assert store.get(live).status == "in_progress" and storage.job_dir(live).exists()
 
 
 def test_job_of_a_dead_worker_is_retried_once_by_setting(env, redis_client):
     janitor, store, storage = env(LOST_JOB_RETRIES=1)
-    queue = Queue("vmoba", connection=redis_client)
+    queue = Queue(TINY_QUEUE, connection=redis_client)
     waiting = submit(redis_client)
     job_id = running_on(redis_client, store, storage, "ghost-1")
     assert janitor.sweep().requeued == [job_id]
@@ -104,7 +108,7 @@ def test_death_before_the_record_said_started_requeues(env, redis_client):
     start_in_rq(redis_client, job_id, "ghost")  # RQ took it; our record is still queued
     assert janitor.sweep().requeued == [job_id]
     assert store.get(job_id).status == "queued"
-    assert Queue("vmoba", connection=redis_client).job_ids == [job_id]
+    assert Queue(TINY_QUEUE, connection=redis_client).job_ids == [job_id]
 
 
 def test_reap_worker_handles_only_that_worker(env, redis_client):

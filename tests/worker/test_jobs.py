@@ -17,8 +17,12 @@ from rq import Queue
 from rq.job import Job
 from worker_helpers import configure, events, run_worker, submit, wait_for
 
+from contract.enqueue import queue_name
 from contract.store import JobStore
 from worker.video import mp4_top_level_boxes
+
+# The RQ queue the tiny model's jobs go to (QUEUE_NAME "vmoba").
+TINY_QUEUE = queue_name("vmoba", "tiny-wan2.1-t2v")
 
 
 def decode(path):
@@ -249,7 +253,7 @@ def test_sigterm_requeues_a_long_job_at_the_front(rt, redis_client):
     rec = store.get(long_job)
     assert (rec.status, rec.stage, rec.progress, rec.worker) == ("queued", "queued", 0, None)
     assert "requeued" in [e["type"] for e in events(redis_client, long_job)]
-    assert Queue("vmoba", connection=redis_client).job_ids == [long_job, waiting]  # at the front
+    assert Queue(TINY_QUEUE, connection=redis_client).job_ids == [long_job, waiting]  # at the front
     assert store.get(waiting).status == "queued"  # the stopping worker took nothing else
     # A fresh worker completes it: nothing was lost.
     rt.stop_requested_at = None
@@ -269,7 +273,7 @@ def test_sigterm_lets_a_short_job_finish(rt, redis_client):
     thread.join()
     assert store.get(job_id).status == "completed"
     assert store.get(waiting).status == "queued"
-    assert Queue("vmoba", connection=redis_client).job_ids == [waiting]
+    assert Queue(TINY_QUEUE, connection=redis_client).job_ids == [waiting]
 
 
 def test_timeout_comes_from_the_request_size_and_measured_speed(rt, redis_client):

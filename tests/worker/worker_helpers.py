@@ -52,7 +52,15 @@ def configure(rt, **changes):
     return rt.settings
 
 
-def submit(redis_client, *, test_hooks=None, queue="vmoba", job_timeout=3600, raw=None, **body):
+def submit(
+    redis_client,
+    *,
+    test_hooks=None,
+    queue="vmoba:tiny-wan2.1-t2v",
+    job_timeout=3600,
+    raw=None,
+    **body,
+):
     """Create the record and enqueue the RQ job the way the API does; returns the job id.
 
     `raw` replaces the payload after the record is made (to send what validation would refuse).
@@ -69,12 +77,13 @@ def submit(redis_client, *, test_hooks=None, queue="vmoba", job_timeout=3600, ra
     body.setdefault("width", 32)
     body.setdefault("height", 32)
     body.setdefault("num_inference_steps", 2)
+    model = body.pop("model", "tiny-wan2.1-t2v")
     request = GenerateRequest.model_validate(body, context={"limits": Limits()}).validated(
-        seed=body.get("seed", 0)
+        seed=body.get("seed", 0), model=model
     )
     job_id = new_job_id()
     JobStore(redis_client).create(
-        request.model_dump(mode="json"), model="tiny", seed=request.seed, job_id=job_id
+        request.model_dump(mode="json"), model=model, seed=request.seed, job_id=job_id
     )
     payload = request.to_payload(job_id) if raw is None else {**raw, "job_id": job_id}
     if test_hooks:
