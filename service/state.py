@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis
 import redis.asyncio as aredis
 from fastapi import Request
+from redis import Redis as SyncRedis
 from rq import Queue
 
 from contract.request import Limits
@@ -23,7 +23,7 @@ class AppState:
     settings: ServiceSettings
     limits: Limits
     redis: aredis.Redis  # async pool: records, events, metrics
-    sync_redis: redis.Redis  # RQ needs a synchronous connection (used from a thread)
+    sync_redis: SyncRedis  # RQ needs a synchronous connection (used from a thread)
     store: AsyncJobStore
     queue: Queue
 
@@ -42,7 +42,7 @@ def open_state(settings: ServiceSettings) -> AppState:
         settings.REDIS_URL, max_connections=settings.REDIS_MAX_CONNECTIONS
     )
     client = aredis.Redis(connection_pool=pool)
-    sync_client = redis.Redis.from_url(settings.REDIS_URL)
+    sync_client = SyncRedis.from_url(settings.REDIS_URL)
     return AppState(
         settings=settings,
         limits=settings.limits(),
