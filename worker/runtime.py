@@ -27,7 +27,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -35,6 +35,14 @@ from contract.request import default_flow_shift
 
 from .settings import WorkerSettings, parse_size
 from .speed import Shape, SpeedModel
+
+if TYPE_CHECKING:  # for annotations only: `Runtime.load` imports what it uses (vmoba needs torch)
+    from redis import Redis
+
+    from contract.store import JobStore
+    from vmoba.diffusers import VMoBAHandle
+
+    from .storage import ResultStorage
 
 log = logging.getLogger("worker.runtime")
 
@@ -69,11 +77,11 @@ class CurrentJob:
 class Runtime:
     settings: WorkerSettings
     name: str
-    redis: object
-    store: object  # contract.store.JobStore
-    storage: object  # worker.storage.ResultStorage
-    pipe: object
-    handle: object  # vmoba.diffusers.VMoBAHandle
+    redis: Redis
+    store: JobStore
+    storage: ResultStorage
+    pipe: Any  # a diffusers WanPipeline (mypy reads `diffusers.WanPipeline` as a placeholder)
+    handle: VMoBAHandle
     device: str
     model_info: dict
     speed: SpeedModel
@@ -89,7 +97,7 @@ class Runtime:
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, settings: WorkerSettings, *, redis_client=None) -> Runtime:
+    def load(cls, settings: WorkerSettings, *, redis_client: Optional[Redis] = None) -> Runtime:
         """Connect, load the model on this process's device, install VMoBA and warm up."""
         import redis as redis_lib
 
@@ -397,7 +405,7 @@ def collect_versions(device: str) -> dict:
     import torch
     import transformers
 
-    out = {
+    out: dict[str, Optional[str | int]] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
