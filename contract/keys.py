@@ -24,7 +24,7 @@ import json
 import re
 import secrets
 import uuid
-from typing import Any
+from typing import Any, TypeGuard
 
 PREFIX = "vmoba:"
 JOB_ID_RE = re.compile(r"video_[0-9a-f]{32}")
@@ -45,7 +45,7 @@ def new_job_id() -> str:
     return f"video_{uuid.uuid4().hex}"
 
 
-def is_job_id(value: Any) -> bool:
+def is_job_id(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and JOB_ID_RE.fullmatch(value) is not None
 
 

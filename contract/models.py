@@ -206,7 +206,8 @@ HUB_MODELS = (
 # Tiny twins: one per family, toy-sized, CPU-friendly defaults and limits.
 _TINY = SamplingDefaults(17, 128, 128, 4, 5.0, 16, 3.0, 5.0)
 _TINY_NOTE = "tiny random-weight {} twin built in code: the video is noise, for tests and demos"
-_TINY_LIMITS = dict(max_num_frames=81, max_pixels=512 * 512)
+_TINY_MAX_FRAMES = 81
+_TINY_MAX_PIXELS = 512 * 512
 TINY_MODELS = (
     ModelSpec(
         "tiny-wan2.1-t2v",
@@ -218,7 +219,8 @@ TINY_MODELS = (
         weights="tiny",
         note=_TINY_NOTE.format("Wan 2.1 T2V"),
         aliases=("tiny",),
-        **_TINY_LIMITS,
+        max_num_frames=_TINY_MAX_FRAMES,
+        max_pixels=_TINY_MAX_PIXELS,
     ),
     ModelSpec(
         "tiny-wan2.1-i2v",
@@ -229,7 +231,8 @@ TINY_MODELS = (
         _TINY,
         weights="tiny",
         note=_TINY_NOTE.format("Wan 2.1 I2V"),
-        **_TINY_LIMITS,
+        max_num_frames=_TINY_MAX_FRAMES,
+        max_pixels=_TINY_MAX_PIXELS,
     ),
     ModelSpec(
         "tiny-wan2.2-ti2v",
@@ -241,7 +244,8 @@ TINY_MODELS = (
         vae_scale=(4, 16),
         weights="tiny",
         note=_TINY_NOTE.format("Wan 2.2 TI2V"),
-        **_TINY_LIMITS,
+        max_num_frames=_TINY_MAX_FRAMES,
+        max_pixels=_TINY_MAX_PIXELS,
     ),
     ModelSpec(
         "tiny-wan2.2-t2v-a14b",
@@ -253,7 +257,8 @@ TINY_MODELS = (
         boundary_ratio=0.875,
         weights="tiny",
         note=_TINY_NOTE.format("Wan 2.2 T2V A14B (two transformers)"),
-        **_TINY_LIMITS,
+        max_num_frames=_TINY_MAX_FRAMES,
+        max_pixels=_TINY_MAX_PIXELS,
     ),
     ModelSpec(
         "tiny-wan2.2-i2v-a14b",
@@ -265,7 +270,8 @@ TINY_MODELS = (
         boundary_ratio=0.9,
         weights="tiny",
         note=_TINY_NOTE.format("Wan 2.2 I2V A14B (two transformers)"),
-        **_TINY_LIMITS,
+        max_num_frames=_TINY_MAX_FRAMES,
+        max_pixels=_TINY_MAX_PIXELS,
     ),
 )
 

@@ -22,8 +22,6 @@ import math
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from .models import ModelSpec
-
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -32,6 +30,8 @@ from pydantic import (
     ValidationInfo,
     model_validator,
 )
+
+from .models import ModelSpec
 
 # The same choices as vmoba.config.ATTENTION_BACKENDS / SELECT_MODES (tests/test_contract.py).
 ATTENTION_BACKENDS = ("vmoba", "dense")
@@ -203,8 +203,8 @@ class AttentionRequest(BaseModel):
     def _check_sizes(self, info: ValidationInfo) -> AttentionRequest:
         limit = _limits(info).max_topk
         if self.topk is not None:
-            values = (self.topk,) if isinstance(self.topk, int) else self.topk
-            if any(not 1 <= v <= limit for v in values):
+            topk: tuple[int, ...] = (self.topk,) if isinstance(self.topk, int) else self.topk
+            if any(not 1 <= v <= limit for v in topk):
                 raise ValueError(
                     f"attention.topk values must be in [1, {limit}], got {self.topk!r}"
                 )
@@ -256,69 +256,74 @@ class GenerateRequest(BaseModel):
     def _complete_and_check(self, info: ValidationInfo) -> GenerateRequest:
         lim = _limits(info)
         # Defaults first, so that defaults are checked like given values.
-        for name, default in (
-            ("num_frames", lim.default_num_frames),
-            ("width", lim.default_width),
-            ("height", lim.default_height),
-            ("num_inference_steps", lim.default_steps),
-            ("guidance_scale", lim.default_guidance_scale),
-            ("fps", lim.default_fps),
+        n = lim.default_num_frames if self.num_frames is None else self.num_frames
+        width = lim.default_width if self.width is None else self.width
+        height = lim.default_height if self.height is None else self.height
+        steps = lim.default_steps if self.num_inference_steps is None else self.num_inference_steps
+        guidance = (
+            lim.default_guidance_scale if self.guidance_scale is None else self.guidance_scale
+        )
+        fps = lim.default_fps if self.fps is None else self.fps
+        shift = (
+            lim.default_flow_shift(width, height) if self.flow_shift is None else self.flow_shift
+        )
+        negative = (
+            lim.default_negative_prompt if self.negative_prompt is None else self.negative_prompt
+        )
+        for name, value in (
+            ("negative_prompt", negative),
+            ("num_frames", n),
+            ("width", width),
+            ("height", height),
+            ("num_inference_steps", steps),
+            ("guidance_scale", guidance),
+            ("fps", fps),
+            ("flow_shift", shift),
         ):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, default)
-        if self.negative_prompt is None:
-            object.__setattr__(self, "negative_prompt", lim.default_negative_prompt)
-        if self.flow_shift is None:
-            object.__setattr__(self, "flow_shift", lim.default_flow_shift(self.width, self.height))
+            object.__setattr__(self, name, value)
 
         if not self.prompt.strip():
             raise ValueError("prompt must not be empty")
-        for name in ("prompt", "negative_prompt"):
-            n_chars = len(getattr(self, name) or "")
+        for name, text in (("prompt", self.prompt), ("negative_prompt", negative)):
+            n_chars = len(text)
             if n_chars > lim.max_prompt_chars:
                 raise ValueError(
                     f"{name} has {n_chars} characters; at most {lim.max_prompt_chars} allowed"
                 )
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**63-1], got {self.seed}")
-        n = self.num_frames
         if (n - 1) % 4 or not lim.min_num_frames <= n <= lim.max_num_frames:
             examples = ", ".join(str(4 * k + 1) for k in (4, 8, 12, 16, 20))
             raise ValueError(
                 f"num_frames must be of the form 4k+1 (e.g. {examples}) in "
                 f"[{lim.min_num_frames}, {lim.max_num_frames}], got {n}"
             )
-        for name in ("width", "height"):
-            v = getattr(self, name)
+        for name, v in (("width", width), ("height", height)):
             if v % lim.size_multiple or not lim.min_side_px <= v <= lim.max_side_px:
                 raise ValueError(
                     f"{name} must be a multiple of {lim.size_multiple} in [{lim.min_side_px}, "
                     f"{lim.max_side_px}] for {lim.model}, got {v}"
                 )
-        if self.width * self.height > lim.max_pixels:
+        if width * height > lim.max_pixels:
             raise ValueError(
-                f"size {self.width}x{self.height} has {self.width * self.height} pixels; "
+                f"size {width}x{height} has {width * height} pixels; "
                 f"at most {lim.max_pixels} allowed for {lim.model}"
             )
-        if not 1 <= self.num_inference_steps <= lim.max_steps:
+        if not 1 <= steps <= lim.max_steps:
+            raise ValueError(f"num_inference_steps must be in [1, {lim.max_steps}], got {steps}")
+        if not 0.0 <= guidance <= lim.max_guidance_scale:
             raise ValueError(
-                f"num_inference_steps must be in [1, {lim.max_steps}], "
-                f"got {self.num_inference_steps}"
+                f"guidance_scale must be in [0, {lim.max_guidance_scale:g}], got {guidance:g}"
             )
-        if not 0.0 <= self.guidance_scale <= lim.max_guidance_scale:
-            raise ValueError(
-                f"guidance_scale must be in [0, {lim.max_guidance_scale:g}], "
-                f"got {self.guidance_scale:g}"
-            )
-        if not 1 <= self.fps <= lim.max_fps:
-            raise ValueError(f"fps must be in [1, {lim.max_fps}], got {self.fps}")
-        if not 0.0 < self.flow_shift <= MAX_FLOW_SHIFT:
-            raise ValueError(
-                f"flow_shift must be in (0, {MAX_FLOW_SHIFT:g}], got {self.flow_shift:g}"
-            )
+        if not 1 <= fps <= lim.max_fps:
+            raise ValueError(f"fps must be in [1, {lim.max_fps}], got {fps}")
+        if not 0.0 < shift <= MAX_FLOW_SHIFT:
+            raise ValueError(f"flow_shift must be in (0, {MAX_FLOW_SHIFT:g}], got {shift:g}")
         return self
 
-    def validated(self, *, seed: int, model: str, task: str = "t2v") -> ValidatedRequest:
+    def validated(
+        self, *, seed: int, model: str, task: Literal["t2v", "i2v"] = "t2v"
+    ) -> ValidatedRequest:
         """The frozen request to enqueue for `model` (a registry id); `seed` is used when the
         request gave none."""
         assert self.negative_prompt is not None

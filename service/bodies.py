@@ -111,6 +111,7 @@ def _nest(items: list[tuple[str, object]]) -> dict:
 async def parse_form_or_json(request: Request, body: bytes) -> dict:
     """A dict from a JSON, multipart/form-data or urlencoded body (by Content-Type)."""
     ctype = request.headers.get("content-type", "").lower()
+    parser: MultiPartParser | FormParser
     if ctype.startswith("multipart/form-data"):
         parser = MultiPartParser(
             request.headers,

@@ -12,6 +12,7 @@ as a traceback. `install_error_handlers(app)` maps:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -62,7 +63,7 @@ class APIError(Exception):
         code: Optional[str] = None,
         param: Optional[str] = None,
         type_: Optional[str] = None,
-        headers: Optional[dict] = None,
+        headers: Optional[Mapping[str, str]] = None,
     ):
         super().__init__(message)
         self.status = status
@@ -110,7 +111,7 @@ def _loc(loc) -> str:
     return ".".join(parts)
 
 
-def validation_message(errors: list[dict]) -> tuple[str, Optional[str]]:
+def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, Optional[str]]:
     """One readable sentence from pydantic errors, and the first offending field."""
     msgs, first = [], None
     for e in errors:

@@ -62,23 +62,23 @@ def fit_image(upload: Upload, width: int, height: int, *, max_bytes: int, max_pi
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(upload.data))
-            kind = image.format
+            opened = Image.open(io.BytesIO(upload.data))
+            kind = opened.format
             if kind not in FORMATS:
                 raise APIError(
                     400,
                     f"{field} is a {kind or 'unknown'} image; send PNG, JPEG or WebP",
                     param=field,
                 )
-            if image.width * image.height > max_pixels:
+            if opened.width * opened.height > max_pixels:
                 raise APIError(
                     413,
-                    f"{field} is {image.width}x{image.height} "
-                    f"({image.width * image.height} pixels); at most "
+                    f"{field} is {opened.width}x{opened.height} "
+                    f"({opened.width * opened.height} pixels); at most "
                     f"{max_pixels} allowed",
                     param=field,
                 )
-            image.load()
+            opened.load()
     except APIError:
         raise
     except (
@@ -94,7 +94,7 @@ def fit_image(upload: Upload, width: int, height: int, *, max_bytes: int, max_pi
             f"{field} is not a readable PNG, JPEG or WebP image ({type(e).__name__})",
             param=field,
         ) from None
-    image = image.convert("RGB")
+    image: Image.Image = opened.convert("RGB")
     scale = max(width / image.width, height / image.height)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.LANCZOS)

@@ -27,7 +27,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import IO, Optional
 
 from contract.supervise import Backoff, describe_exit, spawn
 
@@ -114,7 +114,7 @@ class Child:
     restart_at: float = 0.0
     restarts: int = 0
     log_path: Optional[Path] = None
-    _log: object = field(default=None, repr=False)
+    _log: Optional[IO[bytes]] = field(default=None, repr=False)
 
     def start(self) -> None:
         out = None
@@ -128,9 +128,10 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def signal(self, sig: int) -> None:
-        if self.alive():
+        proc = self.proc
+        if proc is not None and proc.poll() is None:  # alive()
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
+                proc.send_signal(sig)
 
     def wait(self, timeout_s: float) -> bool:
         if self.proc is None:
@@ -192,12 +193,12 @@ class Stack:
             self._start_redis()
         else:
             log(f"using Redis at {self.env['REDIS_URL']}")
-        self._start_api()
+        api = self._start_api()
         self._start_workers()
         url = f"http://{'127.0.0.1' if s.HOST in ('0.0.0.0', '::') else s.HOST}:{s.PORT}"
         deadline = time.time() + STARTUP_TIMEOUT_S
         while not http_ok(f"{url}/healthz"):
-            if time.time() > deadline or not self.api.alive():
+            if time.time() > deadline or not api.alive():
                 raise SystemExit("the API did not come up; see the messages above")
             time.sleep(POLL_S)
         return url
@@ -231,7 +232,7 @@ class Stack:
         self.env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         log(f"started a private redis-server on port {port} (data in {workdir})")
 
-    def _start_api(self) -> None:
+    def _start_api(self) -> Child:
         s = self.settings
         env = dict(self.env)
         if s.API_WORKERS > 1:
@@ -263,6 +264,7 @@ class Stack:
         ]
         self.api = Child("api", argv, env)
         self.api.start()
+        return self.api
 
     def _start_workers(self) -> None:
         self.workers = Child("workers", [sys.executable, "-m", "worker"], dict(self.env))

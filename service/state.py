@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import redis
 import redis.asyncio as aredis
 from fastapi import Request
+from redis import Redis as SyncRedis
 from rq import Queue
 
 from contract.enqueue import queue_name
@@ -27,7 +27,7 @@ class AppState:
     settings: ServiceSettings
     models: dict[str, ModelSpec]  # configured (`MODEL`), in order: the first is the default
     redis: aredis.Redis  # async pool: records, events, metrics
-    sync_redis: redis.Redis  # RQ needs a synchronous connection (used from a thread)
+    sync_redis: SyncRedis  # RQ needs a synchronous connection (used from a thread)
     store: AsyncJobStore
     _limits: dict[str, Limits] = field(default_factory=dict)
     _queues: dict[str, Queue] = field(default_factory=dict)
@@ -97,7 +97,7 @@ def open_state(settings: ServiceSettings) -> AppState:
         settings.REDIS_URL, max_connections=settings.REDIS_MAX_CONNECTIONS
     )
     client = aredis.Redis(connection_pool=pool)
-    sync_client = redis.Redis.from_url(settings.REDIS_URL)
+    sync_client = SyncRedis.from_url(settings.REDIS_URL)
     return AppState(
         settings=settings,
         models={spec.id: spec for spec in settings.models()},

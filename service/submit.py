@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import anyio
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
@@ -45,7 +45,7 @@ class Submission:
 
     spec: ModelSpec
     request: GenerateRequest
-    task: str  # "t2v" | "i2v"
+    task: Literal["t2v", "i2v"]
     image: Optional[bytes]  # the input image fitted to the video's size (PNG), for i2v
     warnings: tuple[str, ...] = ()
 
@@ -94,13 +94,14 @@ async def validate_request(state: AppState, body: dict) -> Submission:
         upload = from_data_url(upload, field)
     if not isinstance(upload, Upload):
         raise APIError(400, f"{field} must be an image file or a base64 data URL", param=field)
-    assert req.width is not None and req.height is not None
-    s = state.settings
+    width, height, s = req.width, req.height, state.settings
+    assert width is not None and height is not None  # filled by validation
+    image = upload
     png = await anyio.to_thread.run_sync(
         lambda: fit_image(
-            upload,
-            req.width,
-            req.height,
+            image,
+            width,
+            height,
             max_bytes=s.MAX_IMAGE_BYTES,
             max_pixels=s.MAX_IMAGE_PIXELS,
         )

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from contract.record import JobRecord
 from contract.models import REGISTRY
+from contract.record import JobRecord
 from contract.request import format_seconds
 from contract.status import openai_status
 

@@ -212,7 +212,7 @@ class Janitor:
                 if self.store.mark_cancelled(job_id, "cancelled in the queue"):
                     report.orphaned.append(job_id)
                 continue
-            what = "is gone" if job is None else f"is {status.value}"
+            what = "is gone" if status is None else f"is {status.value}"  # None: no job
             detail = ""
             if job is not None and status == JobStatus.FAILED:
                 latest = job.latest_result()

@@ -43,6 +43,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from rq import Retry
 from rq.timeouts import JobTimeoutException
@@ -54,7 +55,7 @@ from contract.request import ValidatedRequest
 from contract.status import ErrorCode, Stage
 
 from . import runtime as runtime_mod
-from .runtime import CurrentJob, free_memory
+from .runtime import CurrentJob, Runtime, free_memory
 from .speed import Shape
 from .video import encode_mp4, write_thumbnail
 
@@ -118,13 +119,15 @@ def generate_video(payload: dict) -> dict | Retry:
 
 
 class JobRun:
-    def __init__(self, rt, payload):
+    def __init__(self, rt: Runtime, payload: Any):
         self.rt = rt
         self.payload = payload
         self.store = rt.store
         self.settings = rt.settings
-        self.job_id = payload.get("job_id") if isinstance(payload, dict) else None
-        self.cur: CurrentJob | None = None
+        job_id = payload.get("job_id") if isinstance(payload, dict) else None
+        # "" when the payload names no valid job: `run` refuses it before anything uses the id.
+        self.job_id: str = job_id if is_job_id(job_id) else ""
+        self.cur: CurrentJob | None = None  # set once the job has started
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self):
@@ -243,6 +246,7 @@ class JobRun:
         attempt: int,
     ) -> dict:
         rt, store, job_id, cur = self.rt, self.store, self.job_id, self.cur
+        assert cur is not None, "the job has started"
         seed = request.seed
         gen = rt.generate(
             request.model,
@@ -307,6 +311,7 @@ class JobRun:
     # -- per step ------------------------------------------------------------------------------
     def _on_step(self, done: int, total: int, hooks: FaultHooks) -> None:
         cur = self.cur
+        assert cur is not None, "the job has started"
         cur.step, cur.total_steps = done, total
         if hooks.oom_at_step == done:
             import torch
@@ -356,8 +361,10 @@ class JobRun:
         return bool(flag)
 
     def _remaining_s(self, done: int, total: int, now: float) -> float:
-        per_step = (now - self.cur.started) / max(done, 1)
-        return per_step * (total - done) + self.cur.shape.megapixels * self.rt.speed.s_per_mpx
+        cur = self.cur
+        assert cur is not None, "the job has started"
+        per_step = (now - cur.started) / max(done, 1)
+        return per_step * (total - done) + cur.shape.megapixels * self.rt.speed.s_per_mpx
 
     # -- endings -------------------------------------------------------------------------------
     def _requeue(self, exc: BaseException):
@@ -371,6 +378,7 @@ class JobRun:
         return {"job_id": self.job_id, "status": "taken"}
 
     def _oom_message(self, exc: BaseException) -> str:
+        assert self.cur is not None, "the job has started"
         s = self.cur.shape
         return (
             f"out of GPU memory generating {s.num_frames} frames at {s.width}x{s.height} "

@@ -137,11 +137,13 @@ class Launcher:
         log.info("started worker %s (pid %d) on %s", slot.name, slot.proc.pid, slot.label)
 
     def on_exit(self, slot: Slot, code: int) -> None:
+        proc = slot.proc
+        assert proc is not None, "on_exit is for the slot's process that just ended"
         uptime = time.monotonic() - slot.started_at
         how = describe_exit(code)
         slot.history.append((slot.name, code))
         (log.info if code in (0, EXIT_RESTART) else log.warning)(
-            "worker %s (pid %d) ended after %.1f s with %s", slot.name, slot.proc.pid, uptime, how
+            "worker %s (pid %d) ended after %.1f s with %s", slot.name, proc.pid, uptime, how
         )
         if self.janitor is not None:
             try:

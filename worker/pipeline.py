@@ -121,10 +121,10 @@ def describe(pipe) -> dict:
         cfg = transformer.config
         first = next(transformer.parameters())
         # the dtype most weights are in (a few modules stay fp32, as diffusers keeps them)
-        by_dtype = {}
+        by_dtype: dict[torch.dtype, int] = {}
         for p in transformer.parameters():
             by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
-        main_dtype = max(by_dtype, key=by_dtype.get)
+        main_dtype = max(by_dtype, key=by_dtype.__getitem__)
         out["transformer"] = {
             "class": type(transformer).__name__,
             "num_layers": cfg.num_layers,

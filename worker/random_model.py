@@ -19,10 +19,12 @@ steps of a random model stay finite; the output is noise. The video, not the tim
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 # transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers
-WAN21_T2V_1_3B = dict(
+WAN21_T2V_1_3B: dict[str, Any] = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=12,
     attention_head_dim=128,
@@ -38,7 +40,7 @@ WAN21_T2V_1_3B = dict(
     rope_max_seq_len=1024,
 )
 # text_encoder/config.json of the same repository (google/umt5-xxl's encoder)
-UMT5_XXL = dict(
+UMT5_XXL: dict[str, Any] = dict(
     vocab_size=256384,
     d_model=4096,
     d_kv=64,
@@ -55,7 +57,7 @@ UMT5_XXL = dict(
     decoder_start_token_id=0,
     tie_word_embeddings=False,
 )
-ARCHITECTURES = {
+ARCHITECTURES: dict[str, dict[str, Any]] = {
     "wan2.1-1.3b-random": dict(
         transformer=WAN21_T2V_1_3B, text_encoder=UMT5_XXL, vae={}, flow_shift=3.0
     ),
@@ -71,12 +73,10 @@ def build_random_pipeline(
     `dtype` (default bf16 on CUDA, fp32 on CPU) applies to the transformer and text encoder;
     the VAE stays fp32. `architectures` replaces the table (tests build scaled-down ones).
     """
-    from diffusers import (
-        AutoencoderKLWan,
-        UniPCMultistepScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    # The same classes; mypy reads diffusers' top-level names as its no-torch placeholders.
+    from diffusers.models import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     from .pipeline import resolve_dtype
@@ -90,7 +90,9 @@ def build_random_pipeline(
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         transformer = WanTransformer3DModel(**arch["transformer"])
-        text_encoder = UMT5EncoderModel(UMT5Config(**arch["text_encoder"]))
+        # A Module to mypy: transformers wraps `to` in functools.wraps, which it cannot call as
+        # a method.
+        text_encoder: torch.nn.Module = UMT5EncoderModel(UMT5Config(**arch["text_encoder"]))
         vae = AutoencoderKLWan(**arch["vae"])
         generator = torch.Generator(device=device).manual_seed(seed)
         for module in (transformer, text_encoder):
@@ -103,15 +105,15 @@ def build_random_pipeline(
         use_flow_sigmas=True,
         flow_shift=arch["flow_shift"],
     )
-    pipe = WanPipeline(
+    pipe: Any = WanPipeline(  # to mypy a no-torch placeholder (see the imports above)
         tokenizer=build_tokenizer(),
         text_encoder=text_encoder.eval(),
         transformer=transformer.eval(),
         vae=vae.eval(),
         scheduler=scheduler,
     )
-    for module in (transformer, text_encoder, vae):
-        module.requires_grad_(False)
+    for part in (transformer, text_encoder, vae):
+        part.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -121,8 +123,9 @@ def _trained_scale_init(module: torch.nn.Module, generator: torch.Generator) -> 
     for sub in module.modules():
         if isinstance(sub, (torch.nn.Linear, torch.nn.Embedding)):
             sub.weight.normal_(0.0, INIT_STD, generator=generator)
-            if getattr(sub, "bias", None) is not None:
-                sub.bias.zero_()
+            bias = getattr(sub, "bias", None)  # Embedding has none; a Linear's may be None
+            if bias is not None:
+                bias.zero_()
 
 
 def _cast_keeping_fp32(model, dtype) -> None:

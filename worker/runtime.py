@@ -30,7 +30,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -38,6 +38,14 @@ from contract.models import ModelSpec
 
 from .settings import WorkerSettings, parse_size
 from .speed import Shape, SpeedModel
+
+if TYPE_CHECKING:  # for annotations only: `Runtime.load` imports what it uses (vmoba needs torch)
+    from redis import Redis
+
+    from contract.store import JobStore
+    from vmoba.diffusers import VMoBAHandle
+
+    from .storage import ResultStorage
 
 log = logging.getLogger("worker.runtime")
 
@@ -73,7 +81,7 @@ class LoadedModel:
 
     spec: ModelSpec
     pipes: dict[str, Any]  # task -> diffusers pipeline
-    handle: Any  # vmoba.diffusers handle
+    handle: VMoBAHandle
     info: dict  # describe(): classes, parameter counts, dtype
 
     def attention_defaults(self, grid) -> dict:
@@ -99,9 +107,9 @@ class LoadedModel:
 class Runtime:
     settings: WorkerSettings
     name: str
-    redis: Any  # redis.Redis
-    store: Any  # contract.store.JobStore
-    storage: Any  # worker.storage.ResultStorage
+    redis: Redis
+    store: JobStore
+    storage: ResultStorage
     models: dict[str, LoadedModel]
     device: str
     speed: SpeedModel
@@ -115,7 +123,7 @@ class Runtime:
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, settings: WorkerSettings, *, redis_client=None) -> Runtime:
+    def load(cls, settings: WorkerSettings, *, redis_client: Optional[Redis] = None) -> Runtime:
         """Connect, load every model of `MODEL` on this process's device, install VMoBA and warm
         up."""
         import redis as redis_lib
@@ -476,7 +484,7 @@ def collect_versions(device: str) -> dict:
     import torch
     import transformers
 
-    out = {
+    out: dict[str, Optional[str | int]] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,

@@ -61,10 +61,9 @@ class Staged:
     def __enter__(self) -> Staged:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if not self.published:
             self.discard()
-        return False
 
 
 class ResultStorage:

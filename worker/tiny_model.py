@@ -20,6 +20,8 @@ same seed always gives the same pipeline.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 # Sizes of the tiny model, in one place so tests and `describe()` can refer to them.
@@ -85,7 +87,7 @@ def _text_encoder():
 
 
 # `WanTransformer3DModel` arguments (also used by `bench.pipeline --tiny`).
-TRANSFORMER_CONFIG = dict(
+TRANSFORMER_CONFIG: dict[str, Any] = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=HEADS,
     attention_head_dim=HEAD_DIM,
@@ -102,7 +104,7 @@ TRANSFORMER_CONFIG = dict(
 )
 
 # `AutoencoderKLWan` arguments.
-VAE_CONFIG = dict(
+VAE_CONFIG: dict[str, Any] = dict(
     base_dim=VAE_BASE_DIM,
     z_dim=LATENT_CHANNELS,
     dim_mult=[1, 2, 4, 4],  # three downsamples: 8x spatial
@@ -116,13 +118,15 @@ VAE_CONFIG = dict(
 
 
 def _transformer():
-    from diffusers import WanTransformer3DModel
+    from diffusers.models import (
+        WanTransformer3DModel,
+    )  # typed, unlike `diffusers.WanTransformer3DModel`
 
     return WanTransformer3DModel(**TRANSFORMER_CONFIG).eval()
 
 
 def _vae():
-    from diffusers import AutoencoderKLWan
+    from diffusers.models import AutoencoderKLWan  # typed, unlike `diffusers.AutoencoderKLWan`
 
     return AutoencoderKLWan(**VAE_CONFIG).eval()
 

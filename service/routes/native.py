@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -20,7 +20,9 @@ from ..views import job_view
 from . import common
 
 router = APIRouter(tags=["native"])
-ERRORS = {c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 429)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 429)
+}
 
 
 @router.post(

@@ -10,7 +10,7 @@ rounded to 4k+1 (4 s -> 65 frames). Cancelled jobs show as `failed` with `error.
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Any, Optional
 
 from fastapi import APIRouter, Query, Request
 
@@ -26,7 +26,9 @@ from ..views import video_view
 from . import common
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-ERRORS = {c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 415, 429)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    c: {"model": ErrorBody} for c in (400, 401, 404, 409, 413, 415, 429)
+}
 SIZE_RE = re.compile(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*")
 
 

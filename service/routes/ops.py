@@ -66,7 +66,7 @@ async def served_models(state: AppState) -> list[dict]:
     out = []
     for model_id, spec in specs.items():
         serving = [w for w in workers if model_id in (w.get("models") or ())]
-        advertised = next(
+        advertised: dict = next(
             (i for w in serving for i in w.get("model_specs") or () if i.get("id") == model_id), {}
         )
         limits = state.limits(spec).model_dump(exclude={"model", "tasks"})
