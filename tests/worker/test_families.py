@@ -436,3 +436,20 @@ def test_random_builder_runs_every_family_scaled_down(model_id):
         assert video.shape == (1, FRAMES, height, width, 3) and np.isfinite(video).all()
         assert {grid for _, grid, _ in rec.calls} == {spec.grid(FRAMES, height, width)}
     assert describe(pipe)["weights"] == "random"
+
+
+def test_random_parts_are_created_in_their_dtypes():
+    """bf16 transformers (diffusers' fp32 modules kept) and text encoder; fp32 VAE and image
+    encoder; the process's default dtype restored after the build."""
+    arch = scaled_down(random_model.ARCHITECTURES["wan2.1-i2v-14b-480p-random"])
+    arch["transformer_2"] = arch["transformer"]
+    parts = random_model.build_random_components(arch, device="cpu", dtype="bf16", seed=SEED)
+    assert torch.get_default_dtype() == torch.float32
+    for name in ("transformer", "transformer_2"):
+        t = parts[name]
+        assert t.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+        assert t.scale_shift_table.dtype == t.blocks[0].norm2.weight.dtype == torch.float32
+        assert t.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert {p.dtype for p in parts["text_encoder"].parameters()} == {torch.bfloat16}
+    for name in ("vae", "image_encoder"):
+        assert {p.dtype for p in parts[name].parameters()} == {torch.float32}, name
