@@ -49,17 +49,8 @@ def resolve_dtype(dtype, device: str) -> torch.dtype:
     )
 
 
-def load_pipeline(model: str, *, device: str = "cpu", dtype=None, seed: int = 0):
-    """The `diffusers.WanPipeline` named by `model`, on `device`.
-
-    - `"tiny"`: `worker.tiny_model.build_tiny_pipeline(seed)`; always fp32 (`dtype` must be
-      `None`, `"auto"` or fp32: the tiny model exists to be exact and cheap, not fast).
-    - anything else: `WanPipeline.from_pretrained(model)` (hub id or local directory) with the
-      transformer and text encoder in `dtype` (default bf16 on CUDA, fp32 on CPU) and the VAE
-      in fp32. Nothing is downloaded unless `model` is a hub id that is not in the cache.
-    """
-    if not isinstance(model, str) or not model.strip():
-        raise ValueError(f"model must be 'tiny', a hub id or a directory, got {model!r}")
+def check_device(device) -> torch.device:
+    """`device` as a torch device; `ValueError` for a bad name or CUDA where there is none."""
     try:
         torch_device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -68,6 +59,23 @@ def load_pipeline(model: str, *, device: str = "cpu", dtype=None, seed: int = 0)
         ) from exc
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for but CUDA is not available")
+    return torch_device
+
+
+def load_pipeline(model: str, *, device: str = "cpu", dtype=None, seed: int = 0):
+    """The `diffusers.WanPipeline` named by `model`, on `device`.
+
+    - `"tiny"`: `worker.tiny_model.build_tiny_pipeline(seed)`; always fp32 (`dtype` must be
+      `None`, `"auto"` or fp32: the tiny model exists to be exact and cheap, not fast).
+    - anything else: `WanPipeline.from_pretrained(model)` (hub id or local directory) with the
+      transformer and text encoder in `dtype` (default bf16 on CUDA, fp32 on CPU) and the VAE
+      in fp32. Nothing is downloaded unless `model` is a hub id that is not in the cache.
+
+    `worker.families.build_pipelines` builds every registry model (image-to-video, Wan 2.2).
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"model must be 'tiny', a hub id or a directory, got {model!r}")
+    torch_device = check_device(device)
 
     if is_tiny(model):
         if resolve_dtype(dtype, "cpu") != torch.float32:
@@ -77,40 +85,70 @@ def load_pipeline(model: str, *, device: str = "cpu", dtype=None, seed: int = 0)
         pipe = build_tiny_pipeline(seed)
         name = TINY
     else:
-        from diffusers import AutoencoderKLWan, WanPipeline
-
-        looks_local = model.startswith(("/", "./", "../", "~")) or os.path.exists(model)
-        if looks_local and not os.path.isdir(os.path.expanduser(model)):
-            raise ValueError(f"model directory {model!r} does not exist")
-        model = os.path.expanduser(model) if looks_local else model
-
-        torch_dtype = resolve_dtype(dtype, device)
-        with warnings.catch_warnings():
-            # diffusers 0.42 renames `torch_dtype` to `dtype`; older ones (GPU images) know only
-            # `torch_dtype`, which still works here.
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            vae = AutoencoderKLWan.from_pretrained(
-                model, subfolder="vae", torch_dtype=torch.float32
-            )
-            pipe = WanPipeline.from_pretrained(model, vae=vae, torch_dtype=torch_dtype)
-        name = model
+        name = model_path(model)
+        pipe = load_hub_pipeline(name, "WanPipeline", dtype=resolve_dtype(dtype, device))
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)
     setattr(pipe, _MODEL_ATTR, name)
     return pipe
 
 
+def load_hub_pipeline(model: str, pipeline: str, *, dtype: torch.dtype, image_encoder=False):
+    """`diffusers.<pipeline>.from_pretrained(model)` (a hub id or a local directory) with the
+    transformer(s) and text encoder in `dtype`, the VAE in fp32 (the Wan model cards' advice: it
+    decodes visibly better and costs little) and, with `image_encoder`, the CLIP image encoder in
+    fp32 (as the Wan 2.1 I2V model cards load it). On the CPU; the caller moves it.
+    """
+    import diffusers
+
+    model = model_path(model)
+    extra = {}
+    with warnings.catch_warnings():
+        # diffusers 0.42 renames `torch_dtype` to `dtype`; older ones (GPU images) know only
+        # `torch_dtype`, which still works here.
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        extra["vae"] = diffusers.AutoencoderKLWan.from_pretrained(
+            model, subfolder="vae", torch_dtype=torch.float32
+        )
+        if image_encoder:
+            from transformers import CLIPVisionModel
+
+            extra["image_encoder"] = CLIPVisionModel.from_pretrained(
+                model, subfolder="image_encoder", torch_dtype=torch.float32
+            )
+        pipe = getattr(diffusers, pipeline).from_pretrained(model, torch_dtype=dtype, **extra)
+    return pipe
+
+
+def model_path(model: str) -> str:
+    """A hub id as it is, a local directory with `~` expanded (`ValueError` if it is missing)."""
+    looks_local = model.startswith(("/", "./", "../", "~")) or os.path.exists(model)
+    if looks_local and not os.path.isdir(os.path.expanduser(model)):
+        raise ValueError(f"model directory {model!r} does not exist")
+    return os.path.expanduser(model) if looks_local else model
+
+
 def describe(pipe) -> dict:
     """What a job sidecar records about the model: name, sizes, dtypes, device.
 
-    JSON-ready; `tiny` is true (with a note saying so) for the built-in random model.
+    JSON-ready; `tiny` is true (with a note saying so) for the built-in random model. A pipeline
+    of `worker.families.build_pipelines` also gives its registry family and weights kind, and
+    the settings that differ per family (`boundary_ratio`, `expand_timesteps`).
     """
     name = getattr(pipe, _MODEL_ATTR, None) or getattr(pipe, "name_or_path", None) or "unknown"
     out = {"model": name, "tiny": name == TINY, "pipeline": type(pipe).__name__}
     if out["tiny"]:
         out["note"] = TINY_NOTE
+    spec = getattr(pipe, "_vmoba_serve_spec", None)  # worker.families.SPEC_ATTR
+    if spec is not None:
+        out.update(family=spec.family, weights=spec.weights, tiny=spec.weights == "tiny")
+        if spec.is_builtin and spec.note:
+            out["note"] = spec.note
+        config = getattr(pipe, "config", {})
+        out["boundary_ratio"] = config.get("boundary_ratio")
+        out["expand_timesteps"] = bool(config.get("expand_timesteps", False))
     params = {}
-    for part in ("transformer", "transformer_2", "text_encoder", "vae"):
+    for part in ("transformer", "transformer_2", "text_encoder", "image_encoder", "vae"):
         module = getattr(pipe, part, None)
         if module is not None:
             params[part] = sum(p.numel() for p in module.parameters())

@@ -1,4 +1,4 @@
-"""A tiny random-weight Wan text-to-video pipeline, built in code with no downloads.
+"""Tiny random-weight Wan pipelines, built in code with no downloads.
 
 `MODEL=tiny` is the embedded default: it lets the whole service (and every test) run on any
 machine. It is a real `diffusers.WanPipeline` with real component classes, only very small and
@@ -14,13 +14,22 @@ What matches the real Wan 2.1 and what does not:
 - three transformer blocks, so VMoBA's 1D, 2D and 3D layer kinds all run;
 - everything else is tiny: width 32 (2 heads of 16), 2 text-encoder layers, an 8-channel VAE.
 
+`build_tiny_components` makes the parts of every family's twin (`worker.families` assembles
+them into pipelines per `contract.models` spec):
+- Wan 2.1 I2V: a tiny `CLIPVisionModel` (32x32 images, patch 8: 17 tokens) and its
+  `CLIPImageProcessor`; the transformer takes the image condition (`in_channels` = latent +
+  4 mask + latent channels) and the CLIP tokens (`image_dim`, `added_kv_proj_dim`);
+- Wan 2.2 TI2V 5B: a Wan 2.2-style VAE (`is_residual`, 2x2 pixel patchify to 12 channels,
+  three downsamples: 16x spatial, 4x temporal; 12 latent channels), so `4k+1` frames at
+  `H x W` (multiples of 32) give the 5B's grid `(k+1, H/32, W/32)`;
+- Wan 2.2 A14B: two transformers of the same shape (high-noise `transformer`, low-noise
+  `transformer_2`), the I2V one with the image condition but no image encoder.
+
 Weights come from a private RNG seeded with `seed` (the global RNG is left untouched), so the
 same seed always gives the same pipeline.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -34,6 +43,9 @@ LAYERS = 3  # one of each VMoBA layer kind: 1d, 2d, 3d
 FFN_DIM = 64
 LATENT_CHANNELS = 8
 VAE_BASE_DIM = 8
+LATENT_CHANNELS_22 = 12  # the Wan 2.2 VAE's latent (the real one has 48)
+IMAGE_DIM = 32  # CLIP vision hidden size, the transformer's image_dim
+MASK_CHANNELS = 4  # I2V: the first-frame mask, one channel per frame of a latent frame
 
 # Tokenizer: the 256 bytes after the T5 special tokens (pad 0, eos 1, unk 2).
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
@@ -87,7 +99,7 @@ def _text_encoder():
 
 
 # `WanTransformer3DModel` arguments (also used by `bench.pipeline --tiny`).
-TRANSFORMER_CONFIG: dict[str, Any] = dict(
+TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=HEADS,
     attention_head_dim=HEAD_DIM,
@@ -104,7 +116,7 @@ TRANSFORMER_CONFIG: dict[str, Any] = dict(
 )
 
 # `AutoencoderKLWan` arguments.
-VAE_CONFIG: dict[str, Any] = dict(
+VAE_CONFIG = dict(
     base_dim=VAE_BASE_DIM,
     z_dim=LATENT_CHANNELS,
     dim_mult=[1, 2, 4, 4],  # three downsamples: 8x spatial
@@ -117,30 +129,152 @@ VAE_CONFIG: dict[str, Any] = dict(
 )
 
 
-def _transformer():
-    from diffusers.models import (
-        WanTransformer3DModel,
-    )  # typed, unlike `diffusers.WanTransformer3DModel`
+# `AutoencoderKLWan` arguments of the Wan 2.2 TI2V 5B twin: the real one's structure (residual
+# blocks, 2x2 pixel patchify, decoder wider than encoder) at toy width.
+VAE22_CONFIG = dict(
+    base_dim=VAE_BASE_DIM,
+    decoder_base_dim=2 * VAE_BASE_DIM,
+    z_dim=LATENT_CHANNELS_22,
+    dim_mult=[1, 2, 4, 4],  # three downsamples after the 2x2 patchify: 16x spatial
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+    is_residual=True,
+    in_channels=12,  # 3 colours x 2 x 2 pixels
+    out_channels=12,
+    patch_size=2,
+    scale_factor_temporal=4,
+    scale_factor_spatial=16,
+    latents_mean=[0.0] * LATENT_CHANNELS_22,
+    latents_std=[1.0] * LATENT_CHANNELS_22,
+)
 
-    return WanTransformer3DModel(**TRANSFORMER_CONFIG).eval()
+# `CLIPVisionConfig` arguments of the Wan 2.1 I2V twin's image encoder (the real one is a
+# ViT-H/14 at 224 pixels: 257 tokens of 1280).
+IMAGE_ENCODER_CONFIG = dict(
+    hidden_size=IMAGE_DIM,
+    intermediate_size=2 * IMAGE_DIM,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=IMAGE_DIM,
+    hidden_act="gelu",
+)
+IMAGE_SIZE = IMAGE_ENCODER_CONFIG["image_size"]
+
+VAES = {"wan2.1": VAE_CONFIG, "wan2.2": VAE22_CONFIG}
 
 
-def _vae():
-    from diffusers.models import AutoencoderKLWan  # typed, unlike `diffusers.AutoencoderKLWan`
+def transformer_config(
+    *, latent_channels: int = LATENT_CHANNELS, image_conditioned: bool = False, image_dim=None
+) -> dict:
+    """`WanTransformer3DModel` arguments of a twin: `image_conditioned` (I2V by concatenation,
+    Wan 2.1 I2V and Wan 2.2 I2V A14B) adds the mask and the image latent to the input channels;
+    `image_dim` adds the CLIP image tokens to the cross-attention (Wan 2.1 I2V)."""
+    in_channels = latent_channels
+    if image_conditioned:
+        in_channels = 2 * latent_channels + MASK_CHANNELS
+    config = dict(TRANSFORMER_CONFIG, in_channels=in_channels, out_channels=latent_channels)
+    if image_dim is not None:
+        config.update(image_dim=image_dim, added_kv_proj_dim=HEADS * HEAD_DIM)
+    return config
 
-    return AutoencoderKLWan(**VAE_CONFIG).eval()
+
+def _transformer(config=None):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**(config or TRANSFORMER_CONFIG)).eval()
 
 
-def _scheduler():
+def _vae(config=None):
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(**(config or VAE_CONFIG)).eval()
+
+
+def _image_encoder():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    return CLIPVisionModel(CLIPVisionConfig(**IMAGE_ENCODER_CONFIG)).eval()
+
+
+def build_image_processor(image_size: int = IMAGE_SIZE):
+    """CLIP's image processor at `image_size`: resize the short side, centre crop, normalise
+    with CLIP's mean and std (the real Wan 2.1 I2V one is this at 224)."""
+    try:  # transformers 5: the PIL backend, which needs no torchvision
+        from transformers import CLIPImageProcessorPil as processor_class
+    except ImportError:  # transformers 4: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as processor_class
+    return processor_class(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+
+
+def _scheduler(flow_shift: float = 3.0):
     from diffusers import UniPCMultistepScheduler
 
-    # The Wan 2.1 diffusers repos ship UniPC with flow sigmas; shift 3.0 is their 480p value.
+    # The Wan diffusers repos ship UniPC with flow sigmas; shift 3.0 is Wan 2.1's 480p value.
     return UniPCMultistepScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
-        flow_shift=3.0,
+        flow_shift=flow_shift,
     )
+
+
+def build_tiny_components(
+    *,
+    seed: int = 0,
+    vae: str = "wan2.1",
+    image_conditioned: bool = False,
+    image_encoder: bool = False,
+    experts: int = 1,
+    flow_shift: float = 3.0,
+) -> dict:
+    """The parts of a tiny twin (fp32, CPU), deterministic for `seed`, as the keyword arguments
+    of `WanPipeline` / `WanImageToVideoPipeline` (absent parts are `None`).
+
+    - `vae`: `"wan2.1"` (8x spatial, 8 latent channels) or `"wan2.2"` (the TI2V 5B's: residual,
+      16x spatial, 12 latent channels);
+    - `image_conditioned`: the transformer takes the I2V condition concatenated to its input;
+    - `image_encoder`: a CLIP vision encoder and image processor (Wan 2.1 I2V), whose tokens the
+      transformer's cross-attention reads;
+    - `experts`: 2 for Wan 2.2 A14B's high-noise `transformer` and low-noise `transformer_2`.
+
+    The defaults give the Wan 2.1 T2V twin, with the same weights as `build_tiny_pipeline`.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if vae not in VAES:
+        raise ValueError(f"vae must be one of {sorted(VAES)}, got {vae!r}")
+    if experts not in (1, 2):
+        raise ValueError(f"experts must be 1 or 2, got {experts!r}")
+    vae_config = VAES[vae]
+    config = transformer_config(
+        latent_channels=vae_config["z_dim"],
+        image_conditioned=image_conditioned,
+        image_dim=IMAGE_DIM if image_encoder else None,
+    )
+    # fork_rng keeps the caller's global RNG state: building a model must not shift the noise
+    # of a later generation. The order of the first three keeps the Wan 2.1 T2V twin's weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts = dict(
+            text_encoder=_text_encoder(),
+            transformer=_transformer(config),
+            vae=_vae(vae_config),
+            transformer_2=_transformer(config) if experts == 2 else None,
+            image_encoder=_image_encoder() if image_encoder else None,
+        )
+    parts.update(
+        tokenizer=build_tokenizer(),
+        scheduler=_scheduler(flow_shift),
+        image_processor=build_image_processor() if image_encoder else None,
+    )
+    return parts
 
 
 def build_tiny_pipeline(seed: int = 0):
@@ -150,19 +284,11 @@ def build_tiny_pipeline(seed: int = 0):
     """
     from diffusers import WanPipeline
 
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    # fork_rng keeps the caller's global RNG state: building a model must not shift the noise
-    # of a later generation.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = _text_encoder()
-        transformer = _transformer()
-        vae = _vae()
+    parts = build_tiny_components(seed=seed)
     return WanPipeline(
-        tokenizer=build_tokenizer(),
-        text_encoder=text_encoder,
-        transformer=transformer,
-        vae=vae,
-        scheduler=_scheduler(),
+        tokenizer=parts["tokenizer"],
+        text_encoder=parts["text_encoder"],
+        transformer=parts["transformer"],
+        vae=parts["vae"],
+        scheduler=parts["scheduler"],
     )
