@@ -31,8 +31,9 @@ from bench.common import (HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gp
                           write_json)
 from vmoba import VMoBAConfig, num_blocks
 from vmoba.inputs import locality_qkv
-from vmoba.kernels import launch
+from vmoba.kernels.attention import attend
 from vmoba.kernels.configs import attention_config
+from vmoba.kernels.selection import select_bits
 from vmoba.partition import block_layout
 
 KINDS = ("1d", "2d", "3d")
@@ -97,8 +98,8 @@ def bench_vmoba(q, k, v, grid, kind, cfg):
     scale = 1 / math.sqrt(q.shape[-1])
 
     def full():
-        sel = launch.select_bits(q, k, layout, cfg, kind)
-        return launch.attend(q, k, v, sel, scale)
+        sel = select_bits(q, k, layout, cfg, kind)
+        return attend(q, k, v, sel, scale)
 
     full()  # compile
     torch.cuda.synchronize()
@@ -109,8 +110,8 @@ def bench_vmoba(q, k, v, grid, kind, cfg):
     extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
     del out
     fwd = median_ms(full, REP_MS)
-    sel_ms = median_ms(lambda: launch.select_bits(q, k, layout, cfg, kind), REP_MS)
-    sel = launch.select_bits(q, k, layout, cfg, kind)
+    sel_ms = median_ms(lambda: select_bits(q, k, layout, cfg, kind), REP_MS)
+    sel = select_bits(q, k, layout, cfg, kind)
     density = float(sel.density())
     ratio = work_ratio(sel.to_bool(), layout, attention_config(q.shape[-1], False, layout.max_len))
     return dict(fwd_ms=fwd, selection_ms=sel_ms, density=density, peak_extra_mem_bytes=int(extra),

@@ -25,7 +25,8 @@ import torch
 from bench.common import HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, topk_for_density, write_json
 from vmoba import VMoBAConfig, block_ids, num_blocks, reference, select_blocks
 from vmoba.inputs import locality_qkv
-from vmoba.kernels import launch
+from vmoba.kernels.attention import attend
+from vmoba.kernels.selection import select_bits
 from vmoba.partition import block_layout
 
 KINDS = ("1d", "2d", "3d")
@@ -51,7 +52,7 @@ def output_error(q, k, v, sel_bool, ids, rows):
 
 def run_case(q, k, v, grid, kind, cfg, rows):
     layout = block_layout(grid, kind, cfg, device=q.device)
-    sel = launch.select_bits(q, k, layout, cfg, kind)
+    sel = select_bits(q, k, layout, cfg, kind)
     got = sel.to_bool()
     ref_sel = select_blocks(q, k, grid=grid, layer_idx=KINDS.index(kind), config=cfg, backend="reference")
     diff = int((got != ref_sel).sum())
@@ -60,7 +61,7 @@ def run_case(q, k, v, grid, kind, cfg, rows):
     ref_density = float((ref_sel.double() * lens).sum() / (ref_sel.shape[0] * ref_sel.shape[1] * s * s))
     del ref_sel
     out = torch.full_like(q, float("nan"))
-    launch.attend(q, k, v, sel, 1 / math.sqrt(q.shape[-1]), out=out, poison=True)
+    attend(q, k, v, sel, 1 / math.sqrt(q.shape[-1]), out=out, poison=True)
     unwritten = int(out.isnan().sum())
     ids = block_ids(grid, kind, cfg, device=q.device)
     ref = output_error(q, k, v, got, ids, rows)
@@ -79,8 +80,8 @@ def graph_check(grid, kind, cfg):
     scale = 1 / math.sqrt(HEAD_DIM)
 
     def step():
-        sel = launch.select_bits(q, k, layout, cfg, kind)
-        return launch.attend(q, k, v, sel, scale)
+        sel = select_bits(q, k, layout, cfg, kind)
+        return attend(q, k, v, sel, scale)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

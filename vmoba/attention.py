@@ -41,7 +41,7 @@ def vmoba_attention(
     scale = resolve_scale(softmax_scale, q.shape[-1])
     kind = config.kind(layer_idx)
     if _use_triton(backend, q):
-        from .kernels.launch import sparse_attention
+        from .kernels.attention import sparse_attention
 
         return sparse_attention(q, k, v, grid=grid, kind=kind, config=config, softmax_scale=scale, stats=stats)
     selected = select_blocks(q, k, grid=grid, layer_idx=layer_idx, config=config, backend="reference")

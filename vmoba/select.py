@@ -29,7 +29,7 @@ def select_blocks(
     grid = check_inputs(grid, layer_idx, config, q, k)
     kind = config.kind(layer_idx)
     if _use_triton(backend, q):
-        from .kernels.launch import select_mask
+        from .kernels.selection import select_mask
 
         return select_mask(q, k, grid=grid, kind=kind, config=config)
     ids = block_ids(grid, kind, config, device=q.device)

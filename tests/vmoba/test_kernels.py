@@ -18,7 +18,8 @@ import torch
 
 from vmoba import VMoBAConfig, block_ids, select_blocks, vmoba_attention
 from vmoba.inputs import locality_qkv
-from vmoba.kernels import launch
+from vmoba.kernels import attention as attn_k
+from vmoba.kernels import select_global, select_query, selection
 from vmoba.partition import block_layout
 
 MODES = ("topk", "threshold_query", "threshold_global")
@@ -69,10 +70,10 @@ def run_triton(q, k, v, grid, layer, cfg, scale=None):
     """Selection and output of the kernels, output NaN-poisoned first, state poisoned too."""
     kind = cfg.kind(layer)
     layout = block_layout(grid, kind, cfg, device=q.device)
-    sel = launch.select_bits(q, k, layout, cfg, kind)
+    sel = selection.select_bits(q, k, layout, cfg, kind)
     out = torch.full_like(q, float("nan"))
     scale = scale or 1 / math.sqrt(q.shape[-1])
-    launch.attend(q, k, v, sel, scale, out=out, poison=True)
+    attn_k.attend(q, k, v, sel, scale, out=out, poison=True)
     return sel, out
 
 
@@ -132,9 +133,9 @@ def test_query_index_lists_every_selected_pair_once(mode):
     cfg = CFG.replace(select=mode, threshold=0.3)
     q, k, _ = qkv(grid, DTYPES[0])
     layout = block_layout(grid, "3d", cfg, device=q.device)
-    sel = launch.select_bits(q, k, layout, cfg, "3d")
+    sel = selection.select_bits(q, k, layout, cfg, "3d")
     bm = 8
-    index = launch.query_index(sel, bm=bm, blk=16)  # several token tiles per sample-head
+    index = attn_k.query_index(sel, bm=bm, blk=16)  # several token tiles per sample-head
     mask = sel.to_bool().flatten(0, 1)  # [BH, S, C]
     bh, s, c = mask.shape
     starts, counts = index.seg_start.tolist(), index.seg_count.tolist()
@@ -158,11 +159,11 @@ def test_query_index_lists_every_selected_pair_once(mode):
         assert index.wait[seg] == (earlier[-1] * bh + i_bh if earlier else -1)
 
 
-@pytest.mark.parametrize("iterate_max", [0, launch.TOPK_ITER_MAX])
+@pytest.mark.parametrize("iterate_max", [0, select_query.TOPK_ITER_MAX])
 def test_topk_strategies_match_reference_with_ties(monkeypatch, iterate_max):
     """Top-k by repeated max (small k) and by bisection (k-1 > TOPK_ITER_MAX) give the reference's
     selection, ties to the lower block included (zero queries: every gate of the row ties)."""
-    monkeypatch.setattr(launch, "TOPK_ITER_MAX", iterate_max)
+    monkeypatch.setattr(select_query, "TOPK_ITER_MAX", iterate_max)
     grid = (3, 5, 7)
     q, k, v = qkv(grid, DTYPES[0])
     tied = torch.rand(q.shape[1], device=q.device) < 0.3
@@ -236,8 +237,8 @@ def test_threshold_global_direct_and_two_level_paths(monkeypatch, direct, cap):
     cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(3, 4), st_chunk=(2, 3, 4), select="threshold_global",
                       threshold=float(torch.empty(()).uniform_(0.15, 0.6)))
     q, k, v = qkv(grid, DTYPES[0], b=1, h=3)
-    real = launch.gate_config
-    monkeypatch.setattr(launch, "gate_config", lambda *a: {**real(*a), "CAP": cap, "direct": direct})
+    real = selection.gate_config
+    monkeypatch.setattr(selection, "gate_config", lambda *a: {**real(*a), "CAP": cap, "direct": direct})
     assert_every_layer_matches(q, k, v, grid, cfg)
 
 
@@ -252,15 +253,15 @@ def test_threshold_global_scores_blocks_in_column_groups(monkeypatch, grid):
     rounds it once, which drifted past `ATOL` on an H200 (0.0107 at |out| ~ 2, one element of
     27,648), so this test keeps the running output in fp32 (Wan's chunks give a query at most 40
     blocks)."""
-    real = launch.attention_config
-    monkeypatch.setattr(launch, "attention_config", lambda *a: {**real(*a), "partial_dtype": "float32"})
+    real = attn_k.attention_config
+    monkeypatch.setattr(attn_k, "attention_config", lambda *a: {**real(*a), "partial_dtype": "float32"})
     cfg = VMoBAConfig(temporal_chunk=1, spatial_chunk=(1, 1), st_chunk=(1, 1, 1), select="threshold_global",
                       threshold=float(torch.empty(()).uniform_(0.15, 0.6)))
     q, k, v = qkv(grid, DTYPES[0], b=1, h=3)
     q[:, :, 0] = 0
     assert_every_layer_matches(q, k, v, grid, cfg)
     layout = block_layout(grid, "3d", cfg, device=q.device)
-    bits = launch.select_bits(q, k, layout, cfg, "3d").bits
+    bits = selection.select_bits(q, k, layout, cfg, "3d").bits
     every_bit = (bits.unsqueeze(-1) >> torch.arange(32, device=q.device, dtype=torch.int32)) & 1
     assert not every_bit.flatten(-2)[..., layout.num_blocks:].any(), "bits past the last block must be zero"
 
@@ -277,13 +278,13 @@ def test_candidate_overflow_takes_the_whole_range(monkeypatch, room):
     q[:, torch.rand(q.shape[1], device=q.device) < 0.8] = 0
     layout = block_layout(grid, "3d", cfg, device=q.device)
     ref = select_blocks(q, k, grid=grid, layer_idx=2, config=cfg, backend="reference")
-    assert torch.equal(launch.select_bits(q, k, layout, cfg, "3d").to_bool(), ref)
+    assert torch.equal(selection.select_bits(q, k, layout, cfg, "3d").to_bool(), ref)
     if room == "candidates":
-        real = launch.gate_config
-        monkeypatch.setattr(launch, "gate_config", lambda *a: {**real(*a), "CAP": 1})
+        real = selection.gate_config
+        monkeypatch.setattr(selection, "gate_config", lambda *a: {**real(*a), "CAP": 1})
     else:
-        monkeypatch.setattr(launch, "NEAR", 1)
-    sel = launch.select_bits(q, k, layout, cfg, "3d").to_bool()
+        monkeypatch.setattr(select_global, "NEAR", 1)
+    sel = selection.select_bits(q, k, layout, cfg, "3d").to_bool()
     assert (sel | ~ref).all(), "the fallback must be a superset of the exact selection"
     assert (sel & ~ref).any(), "the whole tied band is taken"
 
