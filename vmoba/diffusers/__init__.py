@@ -37,9 +37,9 @@ no host sync during the call.
 
 from __future__ import annotations
 
+from ..config import ATTENTION_BACKENDS, KERNELS, AttentionSettings
 from .install import VMoBAHandle, install_vmoba
 from .processor import VMoBAAttnProcessor
-from .settings import ATTENTION_BACKENDS, KERNELS, AttentionSettings
 
 __all__ = ["ATTENTION_BACKENDS", "KERNELS", "AttentionSettings", "VMoBAAttnProcessor", "VMoBAHandle",
            "install_vmoba"]

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from ..config import VMoBAConfig
+from ..config import AttentionSettings, VMoBAConfig
 from .processor import VMoBAAttnProcessor
-from .settings import AttentionSettings, coerce_settings
+from .settings import coerce_settings
 from .statistics import Stats
 
 

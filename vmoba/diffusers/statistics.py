@@ -12,9 +12,8 @@ import time
 
 import torch
 
-from ..config import LAYER_KINDS
+from ..config import LAYER_KINDS, AttentionSettings
 from ..flops import full_attention_flops, vmoba_attention_flops
-from .settings import AttentionSettings
 
 
 class Stats:
