@@ -41,11 +41,12 @@ REP_MS = 1000
 TOPK_DENSITIES = (0.25, 0.15, 0.10)
 
 
-def dense_ms(q, k, v, backend) -> float:
+def dense_ms(q, k, v, sdpa: str) -> float:
+    """SDPA restricted to one of PyTorch's kernels, `"cudnn"` or `"flash"`."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, S, D], as they like it
-    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[sdpa]
 
     def run():
         with sdpa_kernel(which):
@@ -126,15 +127,15 @@ def run_preset(name, grid, quick: bool, env: dict, records: list):
                 head_dim=HEAD_DIM, dtype="bf16", batch=1)
     q_bytes = q.numel() * q.element_size()
     dense = {}
-    for backend in ("cudnn", "flash"):
+    for sdpa in ("cudnn", "flash"):
         try:
-            dense[backend] = dense_ms(q, k, v, backend)
-            records.append({**base, "layer_kind": "all", "impl": f"sdpa_{backend}", "select": "dense",
-                            "density": 1.0, "fwd_ms": dense[backend], "selection_ms": 0.0,
+            dense[sdpa] = dense_ms(q, k, v, sdpa)
+            records.append({**base, "layer_kind": "all", "impl": f"sdpa_{sdpa}", "select": "dense",
+                            "density": 1.0, "fwd_ms": dense[sdpa], "selection_ms": 0.0,
                             "peak_extra_mem_bytes": None, "executed_over_useful": 1.0})
-            print(f"{name} sdpa_{backend}: {dense[backend]:.2f} ms", flush=True)
+            print(f"{name} sdpa_{sdpa}: {dense[sdpa]:.2f} ms", flush=True)
         except Exception as exc:  # a baseline missing on this build is reported, not fatal
-            print(f"{name} sdpa_{backend} failed: {exc}", flush=True)
+            print(f"{name} sdpa_{sdpa} failed: {exc}", flush=True)
     cudnn = dense.get("cudnn")
     paper = VMoBAConfig.for_grid(grid)
     for kind in KINDS:

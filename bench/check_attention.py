@@ -1,7 +1,7 @@
 """GPU correctness of the Triton path at the real Wan grids (bf16), recorded as JSON.
 
 For every preset, layer kind and selection mode (locality-structured inputs, paper chunks):
-- selection: the kernels' against the reference's (`select_blocks(backend="reference")`, fp32
+- selection: the kernels' against the reference's (`select_blocks(kernel="reference")`, fp32
   gates on the GPU): pairs that differ, and the density of each;
 - output: the kernels' output (NaN-poisoned before the call, state poisoned too) against the
   plain-PyTorch masked attention on the kernels' own selection, fp32 math: all rows at 480p, a
@@ -54,7 +54,7 @@ def run_case(q, k, v, grid, kind, cfg, rows):
     layout = block_layout(grid, kind, cfg, device=q.device)
     sel = select_bits(q, k, layout, cfg, kind)
     got = sel.to_bool()
-    ref_sel = select_blocks(q, k, grid=grid, layer_idx=KINDS.index(kind), config=cfg, backend="reference")
+    ref_sel = select_blocks(q, k, grid=grid, layer_idx=KINDS.index(kind), config=cfg, kernel="reference")
     diff = int((got != ref_sel).sum())
     lens = layout.lengths.double()
     s = q.shape[1]

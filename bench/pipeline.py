@@ -199,7 +199,7 @@ class Steps:
         return self.scheduler.step(noise, t, latents, return_dict=False)[0]
 
 
-# -- SDPA backend -------------------------------------------------------------------------------
+# -- SDPA kernel --------------------------------------------------------------------------------
 
 
 def sdpa_context(device, heads: int, head_dim: int, dtype):
@@ -209,15 +209,15 @@ def sdpa_context(device, heads: int, head_dim: int, dtype):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q = torch.randn(1, heads, 4096, head_dim, device=device, dtype=dtype)
-    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+    for name, which in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
         try:
-            with sdpa_kernel([backend]):
+            with sdpa_kernel([which]):
                 torch.nn.functional.scaled_dot_product_attention(q, q, q)
             torch.cuda.synchronize()
         except RuntimeError:
             continue
         # cuDNN first, flash for any shape cuDNN refuses (set_priority: torch >= 2.6)
-        order = [backend] + ([SDPBackend.FLASH_ATTENTION] if name == "cudnn" else [])
+        order = [which] + ([SDPBackend.FLASH_ATTENTION] if name == "cudnn" else [])
 
         def ctx(order=order):
             try:
@@ -342,7 +342,7 @@ def run_preset(name, args, env) -> list:
         cfg=True,
         text_tokens=TEXT_TOKENS,
         latents=args.latents,
-        sdpa_backend=sdpa_name,
+        sdpa_kernel=sdpa_name,
         num_steps=args.steps,
         dense_steps=args.dense_steps,
         dense_step_count=cutoff,

@@ -21,7 +21,7 @@ def vmoba_attention(
     layer_idx: int,
     config: VMoBAConfig,
     softmax_scale: float | None = None,
-    backend: str = "auto",
+    kernel: str = "auto",
     stats: dict | None = None,
 ) -> torch.Tensor:
     """VMoBA self-attention over the tokens of a latent video.
@@ -31,7 +31,7 @@ def vmoba_attention(
     (`config.layer_kinds`); each query attends to the tokens of the key blocks
     `select_blocks` gives it (its own block always). `softmax_scale` defaults to `1/sqrt(D)`.
 
-    `backend`: `"triton"` (CUDA, fp16/bf16, `D` in {64, 128}), `"reference"` (plain PyTorch, any
+    `kernel`: `"triton"` (CUDA, fp16/bf16, `D` in {64, 128}), `"reference"` (plain PyTorch, any
     device), or `"auto"` (Triton for CUDA half-precision inputs, the reference otherwise).
 
     `stats`: an optional dict that receives, without a host sync, `attended` (a 0-dim fp64 device
@@ -40,11 +40,11 @@ def vmoba_attention(
     grid = check_inputs(grid, layer_idx, config, q, k, v)
     scale = resolve_scale(softmax_scale, q.shape[-1])
     kind = config.kind(layer_idx)
-    if _use_triton(backend, q):
+    if _use_triton(kernel, q):
         from .kernels.attention import sparse_attention
 
         return sparse_attention(q, k, v, grid=grid, kind=kind, config=config, softmax_scale=scale, stats=stats)
-    selected = select_blocks(q, k, grid=grid, layer_idx=layer_idx, config=config, backend="reference")
+    selected = select_blocks(q, k, grid=grid, layer_idx=layer_idx, config=config, kernel="reference")
     layout = block_layout(grid, kind, config, device=q.device)
     if stats is not None:
         stats["attended"] = attended_tokens(selected, layout.lengths).sum()

@@ -8,6 +8,9 @@
   into one `AttentionSettings`, with where each field came from.
 - The choices and defaults below are the single source of truth for every layer that exposes
   these settings (HTTP schema, worker settings, command line).
+
+"backend" means one thing everywhere: VMoBA (sparse) or dense attention. The implementation of
+`vmoba_attention` is the "kernel".
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Mapping, Optional, Tuple
 LAYER_KINDS = ("1d", "2d", "3d")
 SELECT_MODES = ("topk", "threshold_query", "threshold_global")
 ATTENTION_BACKENDS = ("vmoba", "dense")  # `AttentionSettings.backend`: sparse VMoBA or stock attention
-KERNELS = ("auto", "triton", "reference")  # `backend=` of `vmoba_attention` / `select_blocks`
+KERNELS = ("auto", "triton", "reference")  # `kernel=` of `vmoba_attention` / `select_blocks`
 
 DEFAULT_BACKEND = "vmoba"
 DEFAULT_SELECT = "threshold_global"  # the paper's
@@ -208,7 +211,7 @@ class AttentionSettings:
     - `temporal_chunk`, `spatial_chunk`, `st_chunk`: `None` (default) picks chunks for the
       grid with `VMoBAConfig.for_grid` (the paper's table for the standard Wan grids); a value
       forces that chunk.
-    - `kernel`: `"auto" | "triton" | "reference"`, passed as `backend=` to `vmoba_attention`.
+    - `kernel`: `"auto" | "triton" | "reference"`, passed as `kernel=` to `vmoba_attention`.
     - `collect_timing`: time the attention op of every self-attention call (host syncs once at
       the end of the call; CUDA events, so the kernels still run back to back).
     - `collect_density`: report the achieved density (the attention op counts the attended

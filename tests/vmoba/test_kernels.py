@@ -88,7 +88,7 @@ def assert_every_layer_matches(q, k, v, grid, cfg):
     """Selection and output of the kernels against the reference for the three layer kinds."""
     for layer in range(3):
         sel, out = run_triton(q, k, v, grid, layer, cfg)
-        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, kernel="reference")
         assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
         ref = reference_on(q, k, v, grid, layer, cfg, sel.to_bool())
         torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[q.dtype], rtol=RTOL[q.dtype])
@@ -103,7 +103,7 @@ def test_kernels_match_reference(grid, mode, dtype):
     q, k, v = qkv(grid, dtype)
     for layer in range(3):
         sel, out = run_triton(q, k, v, grid, layer, cfg)
-        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, kernel="reference")
         got = sel.to_bool()
         assert_same_selection(got, ref_sel, q, k, grid, layer, cfg)
         assert not out.isnan().any(), "an output element was not written"
@@ -171,7 +171,7 @@ def test_topk_strategies_match_reference_with_ties(monkeypatch, iterate_max):
     for layer, topk in ((0, (3, 1, 1)), (1, (1, 5, 1)), (2, (1, 1, 7))):
         cfg = CFG.replace(select="topk", topk=topk)
         sel, out = run_triton(q, k, v, grid, layer, cfg)
-        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, kernel="reference")
         assert torch.equal(sel.to_bool()[:, :, tied], ref_sel[:, :, tied])
         assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
         assert (sel.to_bool().sum(-1) == min(topk[layer], ref_sel.shape[-1])).all()
@@ -212,15 +212,15 @@ def test_public_api_uses_the_kernels_and_isolates_samples():
     grid = (4, 4, 6)
     cfg = CFG.replace(select="threshold_global", threshold=0.3)
     q, k, v = qkv(grid, DTYPES[0])
-    out = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="triton")
-    ref = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="reference")
+    out = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, kernel="triton")
+    ref = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, kernel="reference")
     torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[q.dtype], rtol=RTOL[q.dtype])
     stats = {}
-    vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="triton", stats=stats)
-    sel = select_blocks(q, k, grid=grid, layer_idx=1, config=cfg, backend="triton")
+    vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, kernel="triton", stats=stats)
+    sel = select_blocks(q, k, grid=grid, layer_idx=1, config=cfg, kernel="triton")
     ids = block_ids(grid, "2d", cfg, device=q.device)
     assert float(stats["attended"]) == float(sel[..., ids].sum())
-    alone = select_blocks(q[1:], k[1:], grid=grid, layer_idx=1, config=cfg, backend="triton")
+    alone = select_blocks(q[1:], k[1:], grid=grid, layer_idx=1, config=cfg, kernel="triton")
     assert torch.equal(sel[1:], alone)
     # a small threshold must not silently run dense attention
     dense = torch.nn.functional.scaled_dot_product_attention(
@@ -277,7 +277,7 @@ def test_candidate_overflow_takes_the_whole_range(monkeypatch, room):
     q, k, v = qkv(grid, DTYPES[0])
     q[:, torch.rand(q.shape[1], device=q.device) < 0.8] = 0
     layout = block_layout(grid, "3d", cfg, device=q.device)
-    ref = select_blocks(q, k, grid=grid, layer_idx=2, config=cfg, backend="reference")
+    ref = select_blocks(q, k, grid=grid, layer_idx=2, config=cfg, kernel="reference")
     assert torch.equal(selection.select_bits(q, k, layout, cfg, "3d").to_bool(), ref)
     if room == "candidates":
         real = selection.gate_config
@@ -294,9 +294,9 @@ def test_unsupported_inputs_raise():
     q, k, v = qkv(grid, DTYPES[0])
     with pytest.raises(ValueError, match="head dim"):
         vmoba_attention(q[..., :12], k[..., :12], v[..., :12], grid=grid, layer_idx=0, config=CFG,
-                        backend="triton")
+                        kernel="triton")
     with pytest.raises(ValueError, match="blocks"):
         tiny = VMoBAConfig(temporal_chunk=1, spatial_chunk=(1, 1), st_chunk=(1, 1, 1))
         g = (2, 30, 40)
         x = torch.randn(1, 2400, 1, 64 if DEVICE == "cuda" else 16, dtype=DTYPES[0], device=DEVICE)
-        select_blocks(x, x, grid=g, layer_idx=1, config=tiny, backend="triton")
+        select_blocks(x, x, grid=g, layer_idx=1, config=tiny, kernel="triton")

@@ -157,7 +157,7 @@ def test_attention_equals_masked_dense(grid, mode):
     cfg = CFG.replace(select=mode, threshold=0.3)
     q, k, v = inputs(grid, dtype=torch.float64)
     for layer in range(3):
-        out = vmoba_attention(q, k, v, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        out = vmoba_attention(q, k, v, grid=grid, layer_idx=layer, config=cfg, kernel="reference")
         sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg)
         ids = block_ids(grid, cfg.kind(layer), cfg)
         ref = dense_masked(q, k, v, sel, ids, 1 / math.sqrt(q.shape[-1]))
@@ -181,7 +181,7 @@ def test_all_selected_equals_sdpa(dtype, tol):
     for mode, extra in (("threshold_global", {"threshold": 1.0}), ("threshold_query", {"threshold": 1.5}),
                         ("topk", {"topk": 1000})):
         out = vmoba_attention(q, k, v, grid=grid, layer_idx=2, config=CFG.replace(select=mode, **extra),
-                              backend="reference")
+                              kernel="reference")
         assert out.dtype == dtype
         ref = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
         torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
@@ -218,8 +218,10 @@ def test_bad_arguments_raise_value_errors():
         vmoba_attention(q[0], k[0], v[0], grid=grid, layer_idx=0, config=CFG)
     with pytest.raises(ValueError, match="layer_idx"):
         vmoba_attention(q, k, v, grid=grid, layer_idx=-1, config=CFG)
-    with pytest.raises(ValueError, match="backend"):
-        vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, backend="cuda")
+    with pytest.raises(ValueError, match="kernel"):
+        vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, kernel="cuda")
+    with pytest.raises(TypeError, match="backend"):  # `backend` means vmoba vs dense; the implementation is `kernel`
+        vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, backend="reference")
     with pytest.raises(ValueError, match="softmax_scale"):
         vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, softmax_scale=-1.0)
     with pytest.raises(ValueError, match="config"):

@@ -78,7 +78,7 @@ class VMoBAAttnProcessor:
             call_stats = {} if settings.collect_density else None
             out = vmoba_attention(
                 query, key, value, grid=fwd.grid, layer_idx=self.layer_idx, config=fwd.config,
-                backend=settings.kernel, stats=call_stats,
+                kernel=settings.kernel, stats=call_stats,
             )
         if timer:
             stats.add_timing(label, *timer.stop())

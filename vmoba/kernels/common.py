@@ -24,18 +24,18 @@ def interpreting() -> bool:
 def check_supported(q: torch.Tensor, num_blocks: int) -> None:
     """Raise `ValueError` for inputs the Triton kernels do not handle."""
     if not (q.is_cuda or interpreting()):
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use backend='reference'")
+        raise ValueError("kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use kernel='reference'")
     allowed = (torch.float16, torch.bfloat16) if q.is_cuda else (torch.float16, torch.float32)
     if q.dtype not in allowed:
-        raise ValueError(f"backend='triton' supports {allowed} on {q.device.type}, got {q.dtype}")
+        raise ValueError(f"kernel='triton' supports {allowed} on {q.device.type}, got {q.dtype}")
     d = q.shape[-1]
     if d not in (16, 32, 64, 128, 256) or (q.is_cuda and d not in (64, 128)):
-        raise ValueError(f"backend='triton' supports head dim D in (64, 128), got {d}")
+        raise ValueError(f"kernel='triton' supports head dim D in (64, 128), got {d}")
     if num_blocks > MAX_BLOCKS:
-        raise ValueError(f"backend='triton' supports at most {MAX_BLOCKS} blocks per layer, got {num_blocks}; "
+        raise ValueError(f"kernel='triton' supports at most {MAX_BLOCKS} blocks per layer, got {num_blocks}; "
                          "use larger chunks")
     if q.shape[1] * num_blocks >= 2**32 or q.shape[1] >= 2**29:
-        raise ValueError(f"too many tokens for the triton backend: S={q.shape[1]}")
+        raise ValueError(f"too many tokens for the triton kernels: S={q.shape[1]}")
 
 
 def pad_blocks(num_blocks: int) -> int:
