@@ -1,4 +1,4 @@
-"""Attention benchmark (design note, section 10): VMoBA forward against dense and block-sparse
+"""Attention benchmark (`docs/vmoba.md` section 10): VMoBA forward against dense and block-sparse
 baselines, Wan 2.1 1.3B self-attention shapes (B=1, H=12, D=128, bf16), all in one process.
 
 For each preset and layer kind (paper chunks):

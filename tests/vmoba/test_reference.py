@@ -1,4 +1,4 @@
-"""The reference VMoBA against the contract (design note, sections 2-5)."""
+"""The reference VMoBA against the contract (`docs/vmoba.md` sections 2-5)."""
 
 import math
 

@@ -67,9 +67,9 @@ def _stored_pairs(pair):
 def _without_left_out(hist, n_out, NB: tl.constexpr):
     """A histogram `[NB]` whose `n_out` left-out elements were counted into bin 0, without them.
 
-    Used instead of `tl.histogram(mask=...)`: with Triton 3.6 on an H200 that mask was applied to
-    the wrong elements when its layout differed from the input's (counts right, bins wrong). (A junk
-    bin `NB` of a `2*NB`-bin histogram did the same at twice the histogram's cost.)
+    Used instead of `tl.histogram(mask=...)`, whose mask Triton 3.6 applied to the wrong elements
+    on an H200 when its layout differed from the input's (counts right, bins wrong). A junk bin
+    `NB` of a `2*NB`-bin histogram also works, but doubles the histogram's cost.
     """
     return hist - tl.where(tl.arange(0, NB) == 0, n_out, 0)
 
