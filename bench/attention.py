@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from bench.common import (HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, median_ms, topk_for_density,
                           write_json)
 from vmoba import VMoBAConfig, num_blocks
+from vmoba.config import LAYER_KINDS
 from vmoba.inputs import locality_qkv
 from vmoba.kernels.attention import attend
 from vmoba.kernels.configs import attention_config
 from vmoba.kernels.selection import select_bits
 from vmoba.partition import block_layout
 
-KINDS = ("1d", "2d", "3d")
 REP_MS = 1000
 TOPK_DENSITIES = (0.25, 0.15, 0.10)
 
@@ -138,9 +138,9 @@ def run_preset(name, grid, quick: bool, env: dict, records: list):
             print(f"{name} sdpa_{sdpa} failed: {exc}", flush=True)
     cudnn = dense.get("cudnn")
     paper = VMoBAConfig.for_grid(grid)
-    for kind in KINDS:
+    for kind in LAYER_KINDS:
         c = num_blocks(grid, kind, paper)
-        layer = KINDS.index(kind)
+        layer = LAYER_KINDS.index(kind)
         settings = [("threshold_global", dict(select="threshold_global", threshold=0.25))]
         for rho in TOPK_DENSITIES if not quick else (0.25,):
             kk = topk_for_density(rho, c)

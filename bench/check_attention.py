@@ -24,12 +24,11 @@ import torch
 
 from bench.common import HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, topk_for_density, write_json
 from vmoba import VMoBAConfig, block_ids, num_blocks, reference, select_blocks
+from vmoba.config import LAYER_KINDS
 from vmoba.inputs import locality_qkv
 from vmoba.kernels.attention import attend
 from vmoba.kernels.selection import select_bits
 from vmoba.partition import block_layout
-
-KINDS = ("1d", "2d", "3d")
 
 
 def modes_for(cfg: VMoBAConfig, grid, kind):
@@ -54,7 +53,7 @@ def run_case(q, k, v, grid, kind, cfg, rows):
     layout = block_layout(grid, kind, cfg, device=q.device)
     sel = select_bits(q, k, layout, cfg, kind)
     got = sel.to_bool()
-    ref_sel = select_blocks(q, k, grid=grid, layer_idx=KINDS.index(kind), config=cfg, kernel="reference")
+    ref_sel = select_blocks(q, k, grid=grid, layer_idx=LAYER_KINDS.index(kind), config=cfg, kernel="reference")
     diff = int((got != ref_sel).sum())
     lens = layout.lengths.double()
     s = q.shape[1]
@@ -122,7 +121,7 @@ def main(argv=None):
         s = q.shape[1]
         rows = None if s <= 32_760 else torch.randperm(s, device="cuda")[: args.rows].sort().values
         paper = VMoBAConfig.for_grid(grid)
-        for kind in KINDS:
+        for kind in LAYER_KINDS:
             for label, cfg in modes_for(paper, grid, kind).items():
                 base = dict(gpu=env["gpu"], commit=env["commit"], preset=name, tokens=s, layer_kind=kind,
                             select=label)
