@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import multiprocessing as mp
 import os
@@ -43,9 +42,10 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from bench.common import RESULTS_DIR, timestamp
 from service.serve import free_port
 
-RESULTS_DIR = Path(__file__).parent / "results"
 TARGET_POST_P99_MS = 20.0
 TARGET_GET_RPS = 1000.0
 
@@ -246,7 +246,7 @@ def main() -> int:
 
     record = {
         "benchmark": "api",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": timestamp(),
         "machine": args.machine,
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),

@@ -1,4 +1,4 @@
-"""Attention benchmark (design note, section 10): VMoBA forward against dense and block-sparse
+"""Attention benchmark (`docs/vmoba.md` section 10): VMoBA forward against dense and block-sparse
 baselines, Wan 2.1 1.3B self-attention shapes (B=1, H=12, D=128, bf16), all in one process.
 
 For each preset and layer kind (paper chunks):
@@ -30,21 +30,23 @@ import torch.nn.functional as F
 from bench.common import (HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, median_ms, topk_for_density,
                           write_json)
 from vmoba import VMoBAConfig, num_blocks
+from vmoba.config import LAYER_KINDS
 from vmoba.inputs import locality_qkv
-from vmoba.kernels import launch
+from vmoba.kernels.attention import attend
 from vmoba.kernels.configs import attention_config
+from vmoba.kernels.selection import select_bits
 from vmoba.partition import block_layout
 
-KINDS = ("1d", "2d", "3d")
 REP_MS = 1000
 TOPK_DENSITIES = (0.25, 0.15, 0.10)
 
 
-def dense_ms(q, k, v, backend) -> float:
+def dense_ms(q, k, v, sdpa: str) -> float:
+    """SDPA restricted to one of PyTorch's kernels, `"cudnn"` or `"flash"`."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, S, D], as they like it
-    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[sdpa]
 
     def run():
         with sdpa_kernel(which):
@@ -97,8 +99,8 @@ def bench_vmoba(q, k, v, grid, kind, cfg):
     scale = 1 / math.sqrt(q.shape[-1])
 
     def full():
-        sel = launch.select_bits(q, k, layout, cfg, kind)
-        return launch.attend(q, k, v, sel, scale)
+        sel = select_bits(q, k, layout, cfg, kind)
+        return attend(q, k, v, sel, scale)
 
     full()  # compile
     torch.cuda.synchronize()
@@ -109,8 +111,8 @@ def bench_vmoba(q, k, v, grid, kind, cfg):
     extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
     del out
     fwd = median_ms(full, REP_MS)
-    sel_ms = median_ms(lambda: launch.select_bits(q, k, layout, cfg, kind), REP_MS)
-    sel = launch.select_bits(q, k, layout, cfg, kind)
+    sel_ms = median_ms(lambda: select_bits(q, k, layout, cfg, kind), REP_MS)
+    sel = select_bits(q, k, layout, cfg, kind)
     density = float(sel.density())
     ratio = work_ratio(sel.to_bool(), layout, attention_config(q.shape[-1], False, layout.max_len))
     return dict(fwd_ms=fwd, selection_ms=sel_ms, density=density, peak_extra_mem_bytes=int(extra),
@@ -125,20 +127,20 @@ def run_preset(name, grid, quick: bool, env: dict, records: list):
                 head_dim=HEAD_DIM, dtype="bf16", batch=1)
     q_bytes = q.numel() * q.element_size()
     dense = {}
-    for backend in ("cudnn", "flash"):
+    for sdpa in ("cudnn", "flash"):
         try:
-            dense[backend] = dense_ms(q, k, v, backend)
-            records.append({**base, "layer_kind": "all", "impl": f"sdpa_{backend}", "select": "dense",
-                            "density": 1.0, "fwd_ms": dense[backend], "selection_ms": 0.0,
+            dense[sdpa] = dense_ms(q, k, v, sdpa)
+            records.append({**base, "layer_kind": "all", "impl": f"sdpa_{sdpa}", "select": "dense",
+                            "density": 1.0, "fwd_ms": dense[sdpa], "selection_ms": 0.0,
                             "peak_extra_mem_bytes": None, "executed_over_useful": 1.0})
-            print(f"{name} sdpa_{backend}: {dense[backend]:.2f} ms", flush=True)
+            print(f"{name} sdpa_{sdpa}: {dense[sdpa]:.2f} ms", flush=True)
         except Exception as exc:  # a baseline missing on this build is reported, not fatal
-            print(f"{name} sdpa_{backend} failed: {exc}", flush=True)
+            print(f"{name} sdpa_{sdpa} failed: {exc}", flush=True)
     cudnn = dense.get("cudnn")
     paper = VMoBAConfig.for_grid(grid)
-    for kind in KINDS:
+    for kind in LAYER_KINDS:
         c = num_blocks(grid, kind, paper)
-        layer = KINDS.index(kind)
+        layer = LAYER_KINDS.index(kind)
         settings = [("threshold_global", dict(select="threshold_global", threshold=0.25))]
         for rho in TOPK_DENSITIES if not quick else (0.25,):
             kk = topk_for_density(rho, c)

@@ -1,7 +1,7 @@
 """GPU correctness of the Triton path at the real Wan grids (bf16), recorded as JSON.
 
 For every preset, layer kind and selection mode (locality-structured inputs, paper chunks):
-- selection: the kernels' against the reference's (`select_blocks(backend="reference")`, fp32
+- selection: the kernels' against the reference's (`select_blocks(kernel="reference")`, fp32
   gates on the GPU): pairs that differ, and the density of each;
 - output: the kernels' output (NaN-poisoned before the call, state poisoned too) against the
   plain-PyTorch masked attention on the kernels' own selection, fp32 math: all rows at 480p, a
@@ -24,11 +24,11 @@ import torch
 
 from bench.common import HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, topk_for_density, write_json
 from vmoba import VMoBAConfig, block_ids, num_blocks, reference, select_blocks
+from vmoba.config import LAYER_KINDS
 from vmoba.inputs import locality_qkv
-from vmoba.kernels import launch
+from vmoba.kernels.attention import attend
+from vmoba.kernels.selection import select_bits
 from vmoba.partition import block_layout
-
-KINDS = ("1d", "2d", "3d")
 
 
 def modes_for(cfg: VMoBAConfig, grid, kind):
@@ -51,16 +51,16 @@ def output_error(q, k, v, sel_bool, ids, rows):
 
 def run_case(q, k, v, grid, kind, cfg, rows):
     layout = block_layout(grid, kind, cfg, device=q.device)
-    sel = launch.select_bits(q, k, layout, cfg, kind)
+    sel = select_bits(q, k, layout, cfg, kind)
     got = sel.to_bool()
-    ref_sel = select_blocks(q, k, grid=grid, layer_idx=KINDS.index(kind), config=cfg, backend="reference")
+    ref_sel = select_blocks(q, k, grid=grid, layer_idx=LAYER_KINDS.index(kind), config=cfg, kernel="reference")
     diff = int((got != ref_sel).sum())
     lens = layout.lengths.double()
     s = q.shape[1]
     ref_density = float((ref_sel.double() * lens).sum() / (ref_sel.shape[0] * ref_sel.shape[1] * s * s))
     del ref_sel
     out = torch.full_like(q, float("nan"))
-    launch.attend(q, k, v, sel, 1 / math.sqrt(q.shape[-1]), out=out, poison=True)
+    attend(q, k, v, sel, 1 / math.sqrt(q.shape[-1]), out=out, poison=True)
     unwritten = int(out.isnan().sum())
     ids = block_ids(grid, kind, cfg, device=q.device)
     ref = output_error(q, k, v, got, ids, rows)
@@ -79,8 +79,8 @@ def graph_check(grid, kind, cfg):
     scale = 1 / math.sqrt(HEAD_DIM)
 
     def step():
-        sel = launch.select_bits(q, k, layout, cfg, kind)
-        return launch.attend(q, k, v, sel, scale)
+        sel = select_bits(q, k, layout, cfg, kind)
+        return attend(q, k, v, sel, scale)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -121,7 +121,7 @@ def main(argv=None):
         s = q.shape[1]
         rows = None if s <= 32_760 else torch.randperm(s, device="cuda")[: args.rows].sort().values
         paper = VMoBAConfig.for_grid(grid)
-        for kind in KINDS:
+        for kind in LAYER_KINDS:
             for label, cfg in modes_for(paper, grid, kind).items():
                 base = dict(gpu=env["gpu"], commit=env["commit"], preset=name, tokens=s, layer_kind=kind,
                             select=label)

@@ -1,15 +1,22 @@
-"""Shared helpers for the GPU benchmarks: presets, run metadata, timing, JSON output."""
+"""What the benchmarks share, defined once: the results folder, presets, the Wan config, run
+metadata (commit, date, versions, GPU name and slug), timing and JSON output.
+
+Importing this module does not import torch (bench/worker_e2e.py's parent process never does);
+the helpers that need it import it when called.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import platform
 import re
 import subprocess
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 # Wan 2.1 1.3B self-attention shapes (B=1, H=12, D=128), by latent grid (T, Hg, Wg)
 PRESETS = {
@@ -34,30 +41,66 @@ def commit() -> str:
         return "unknown"
 
 
+def timestamp() -> str:
+    """Now, UTC, ISO 8601 to the second: when a record was measured."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def gpu_name() -> str:
+    """The current CUDA device's name, or "cpu" without one."""
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def gpu_slug() -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100'."""
-    m = re.search(r"([A-Z]\d{2,4}[A-Z]?)", gpu_name())
-    return m.group(1).lower() if m else "cpu"
+def gpu_slug(name: str | None = None) -> str:
+    """Short GPU name for result file names: 'NVIDIA H100 80GB HBM3' (or a worker's device label
+    'cuda (NVIDIA H100 80GB HBM3)') -> 'h100'; other names slugged whole ('geforce-rtx-4090');
+    'cpu' -> 'cpu'. Default: this process's GPU."""
+    name = gpu_name() if name is None else name
+    m = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", name)
+    if m:
+        return m.group(1).lower()
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().removeprefix("cuda (").rstrip(")")).strip("-")
+    return slug.removeprefix("nvidia-") or "cpu"
 
 
-def environment() -> dict:
+def _version(module: str):
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def environment(device="cuda") -> dict:
+    """What a record was measured with: commit, date, GPU and the versions that matter."""
     import torch
-    import triton
 
+    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
     return {
-        "gpu": gpu_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
+        "gpu": gpu_name() if cuda else "cpu",
         "commit": commit(),
-        "date": datetime.date.today().isoformat(),
+        "date": timestamp(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "diffusers": _version("diffusers"),
+        "cuda": torch.version.cuda if cuda else None,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
     }
+
+
+def wan_transformer_config(tiny: bool = False, num_layers: int | None = None) -> dict:
+    """`WanTransformer3DModel` kwargs of the benchmarked model: Wan 2.1 T2V 1.3B (the config the
+    worker's random-weight model uses), or the tiny test model's; `num_layers` overrides."""
+    if tiny:
+        from worker.tiny_model import TRANSFORMER_CONFIG as config
+    else:
+        from worker.random_model import WAN21_T2V_1_3B as config
+    config = dict(config)
+    if num_layers:
+        config["num_layers"] = num_layers
+    return config
 
 
 def topk_for_density(density: float, num_blocks: int) -> int:

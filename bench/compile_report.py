@@ -16,7 +16,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vmoba.kernels import attention as attn_k
-from vmoba.kernels import gate as gate_k
+from vmoba.kernels import pooling as pool_k
+from vmoba.kernels import select_global as global_k
+from vmoba.kernels import select_query as query_k
 
 PTR_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "km_hi_ptr": "*bf16",
              "km_lo_ptr": "*bf16", "acc_ptr": "*fp32", "ml_ptr": "*fp32", "stats_ptr": "*fp32",
@@ -68,28 +70,24 @@ def main():
          dict(D=64, BM=128, BN=64, GRAB=2, IEEE=False), 4, 3),
         ("fwd D128 BM64 BN64 w4 s3", attn_k.vmoba_fwd_kernel,
          dict(D=128, BM=64, BN=64, GRAB=2, IEEE=False), 4, 3),
-        ("gate topk-iter C64", gate_k.vmoba_gate_kernel,
-         dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=0, MODE_TOPK=True, SPLIT=True, IEEE=False, KIND=2,
-              TOPK_ITER=True), 4, 1),
-        ("gate rows C128", gate_k.vmoba_gate_kernel,
-         dict(BM=64, C_PAD=128, D=128, NB=256, PHASE=0, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=3), 4, 1),
-        ("gate hist C40", gate_k.vmoba_gate_kernel,
-         dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=2, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=2,
-              GROUPS=1, TAIL=16), 4, 1),
-        ("gate hist2 C40", gate_k.vmoba_gate_kernel,
-         dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=3, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=2,
-              GROUPS=1, TAIL=16), 4, 1),
-        ("gate compact C40", gate_k.vmoba_gate_kernel,
-         dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=4, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=2,
-              GROUPS=1, TAIL=16), 4, 1),
-        ("decide step 1", gate_k.vmoba_decide_kernel, dict(STEP=1, NB=256, NT_PAD=2048), 4, 1),
-        ("band hist", gate_k.vmoba_band_hist_kernel, dict(NB=256, CHUNK=1024), 4, 1),
-        ("near", gate_k.vmoba_near_kernel, dict(NB=256, CHUNK=1024, NEAR=1024), 4, 1),
-        ("cutoff", gate_k.vmoba_cutoff_kernel, dict(NT_PAD=2048, NEAR=1024), 1, 1),
-        ("patch", gate_k.vmoba_patch_kernel, dict(BM=64, W=2, CHUNK=1024), 4, 1),
-        ("gate mask C40", gate_k.vmoba_gate_kernel,
-         dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=5, MODE_TOPK=False, SPLIT=True, IEEE=False, KIND=2,
-              GROUPS=1, TAIL=16), 4, 1),
+        ("pool D128", pool_k.vmoba_pool_kernel, dict(D=128, BT=64), 4, 1),
+        ("query topk-iter C64", query_k.vmoba_query_select_kernel,
+         dict(BM=64, C_PAD=64, D=128, MODE_TOPK=True, SPLIT=True, IEEE=False, TOPK_ITER=True), 4, 1),
+        ("query rows C128", query_k.vmoba_query_select_kernel,
+         dict(BM=64, C_PAD=128, D=128, MODE_TOPK=False, SPLIT=True, IEEE=False, TOPK_ITER=False), 4, 1),
+        ("global hist C40", global_k.vmoba_global_pass_kernel,
+         dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=2, SPLIT=True, IEEE=False, KIND=2, GROUPS=1, TAIL=16), 4, 1),
+        ("global hist2 C40", global_k.vmoba_global_pass_kernel,
+         dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=3, SPLIT=True, IEEE=False, KIND=2, GROUPS=1, TAIL=16), 4, 1),
+        ("global compact C40", global_k.vmoba_global_pass_kernel,
+         dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=4, SPLIT=True, IEEE=False, KIND=2, GROUPS=1, TAIL=16), 4, 1),
+        ("decide step 1", global_k.vmoba_decide_kernel, dict(STEP=1, NB=256, NT_PAD=2048), 4, 1),
+        ("band hist", global_k.vmoba_band_hist_kernel, dict(NB=256, CHUNK=1024), 4, 1),
+        ("near", global_k.vmoba_near_kernel, dict(NB=256, CHUNK=1024, NEAR=1024), 4, 1),
+        ("cutoff", global_k.vmoba_cutoff_kernel, dict(NT_PAD=2048, NEAR=1024), 1, 1),
+        ("patch", global_k.vmoba_patch_kernel, dict(BM=64, W=2, CHUNK=1024), 4, 1),
+        ("global mask C40", global_k.vmoba_global_pass_kernel,
+         dict(BM=64, C_PAD=64, D=128, NB=256, PHASE=5, SPLIT=True, IEEE=False, KIND=2, GROUPS=1, TAIL=16), 4, 1),
         ("count W4", attn_k.vmoba_count_kernel, dict(W=4, BLK=1024), 4, 1),
         ("scatter W4", attn_k.vmoba_scatter_kernel, dict(W=4, BLK=1024), 4, 1),
     ]

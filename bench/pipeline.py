@@ -39,12 +39,8 @@ initial Gaussian noise (`--latents noise`, default) or a smooth random field plu
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import re
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -52,27 +48,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import commit, topk_for_density
+from bench.common import RESULTS_DIR, environment, gpu_slug, topk_for_density, wan_transformer_config, write_json
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-# transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers
-WAN21_T2V_1_3B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
 TEXT_TOKENS = 512  # WanPipeline pads prompts to max_sequence_length = 512
 GUIDANCE = 5.0  # WanPipeline's default guidance scale
 
@@ -199,7 +176,7 @@ class Steps:
         return self.scheduler.step(noise, t, latents, return_dict=False)[0]
 
 
-# -- SDPA backend -------------------------------------------------------------------------------
+# -- SDPA kernel --------------------------------------------------------------------------------
 
 
 def sdpa_context(device, heads: int, head_dim: int, dtype):
@@ -209,15 +186,15 @@ def sdpa_context(device, heads: int, head_dim: int, dtype):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q = torch.randn(1, heads, 4096, head_dim, device=device, dtype=dtype)
-    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+    for name, which in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
         try:
-            with sdpa_kernel([backend]):
+            with sdpa_kernel([which]):
                 torch.nn.functional.scaled_dot_product_attention(q, q, q)
             torch.cuda.synchronize()
         except RuntimeError:
             continue
         # cuDNN first, flash for any shape cuDNN refuses (set_priority: torch >= 2.6)
-        order = [backend] + ([SDPBackend.FLASH_ATTENTION] if name == "cudnn" else [])
+        order = [which] + ([SDPBackend.FLASH_ATTENTION] if name == "cudnn" else [])
 
         def ctx(order=order):
             try:
@@ -304,9 +281,7 @@ def run_preset(name, args, env) -> list:
 
     preset = PRESETS[name]
     device, dtype = args.device, (torch.float32 if args.tiny else torch.bfloat16)
-    config = dict(_tiny_config() if args.tiny else WAN21_T2V_1_3B)
-    if args.layers:
-        config["num_layers"] = args.layers
+    config = wan_transformer_config(tiny=args.tiny, num_layers=args.layers)
     counts = QUICK_COUNTS if args.quick else FULL_COUNTS
     frames, height, width = preset["frames"], preset["height"], preset["width"]
     latent_grid = (1 + (frames - 1) // 4, height // 8, width // 8)
@@ -342,7 +317,7 @@ def run_preset(name, args, env) -> list:
         cfg=True,
         text_tokens=TEXT_TOKENS,
         latents=args.latents,
-        sdpa_backend=sdpa_name,
+        sdpa_kernel=sdpa_name,
         num_steps=args.steps,
         dense_steps=args.dense_steps,
         dense_step_count=cutoff,
@@ -450,44 +425,7 @@ def _chunks(settings, grid) -> dict:
             "st_chunk": list(cfg.st_chunk)}
 
 
-def _tiny_config() -> dict:
-    from worker.tiny_model import TRANSFORMER_CONFIG
-
-    return TRANSFORMER_CONFIG
-
-
-# -- environment and output ---------------------------------------------------------------------
-
-
-def environment(device) -> dict:
-    import diffusers
-
-    env = {
-        "commit": commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": sys.version.split()[0],
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if torch.device(device).type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-        env["cudnn"] = torch.backends.cudnn.version()
-    else:
-        env["gpu"] = "cpu"
-    return env
-
-
-def gpu_slug(name: str) -> str:
-    """`NVIDIA H100 80GB HBM3` -> `h100-80gb-hbm3`."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return slug.removeprefix("nvidia-") or "gpu"
+# -- output -------------------------------------------------------------------------------------
 
 
 def table(records) -> str:
@@ -558,12 +496,9 @@ def main(argv=None) -> int:
     for name in presets:
         records.extend(run_preset(name, args, env))
         if out is not None:  # after every preset, so a later failure keeps what was measured
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(records, indent=1) + "\n")
+            write_json(out, records)
     print()
     print(table(records))
-    if out is not None:
-        print(f"\nwrote {out}")
     return 0
 
 

@@ -13,7 +13,8 @@ from torch.profiler import ProfilerActivity, profile
 from bench.common import HEAD_DIM, HEADS, PRESETS
 from vmoba import VMoBAConfig
 from vmoba.inputs import locality_qkv
-from vmoba.kernels import launch
+from vmoba.kernels.attention import attend
+from vmoba.kernels.selection import select_bits
 from vmoba.partition import block_layout
 
 
@@ -29,9 +30,9 @@ def main():
                              ("topk4 2d", paper.replace(select="topk", topk=4), "2d"),
                              ("threshold_global 2d", paper.replace(select="threshold_global"), "2d")):
         layout = block_layout(grid, kind, cfg, device="cuda")
-        sel = launch.select_bits(q, k, layout, cfg, kind)
-        for what, fn in (("select_bits", lambda: launch.select_bits(q, k, layout, cfg, kind)),
-                         ("attend", lambda: launch.attend(q, k, v, sel, HEAD_DIM ** -0.5))):
+        sel = select_bits(q, k, layout, cfg, kind)
+        for what, fn in (("select_bits", lambda: select_bits(q, k, layout, cfg, kind)),
+                         ("attend", lambda: attend(q, k, v, sel, HEAD_DIM ** -0.5))):
             for _ in range(3):
                 fn()
             torch.cuda.synchronize()
@@ -44,7 +45,7 @@ def main():
             for key, us, n in sorted(rows, key=lambda r: -r[1])[:14]:
                 print(f"{us:9.1f} us  x{n:<3d} {key[:90]}")
             if what == "select_bits" and args.sequence:
-                # the kernels of the last call in launch order (one name covers every gate pass)
+                # the kernels of the last call in launch order (one name covers every threshold_global pass)
                 kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
                 per_call = len(kernels) // 5
                 print(f"--- {label} {what}: the last call's kernels in order")

@@ -15,7 +15,8 @@ import torch
 from bench.common import HEAD_DIM, HEADS, PRESETS, median_ms, topk_for_density
 from vmoba import VMoBAConfig, num_blocks
 from vmoba.inputs import locality_qkv
-from vmoba.kernels import launch
+from vmoba.kernels.attention import attend
+from vmoba.kernels.selection import select_bits
 from vmoba.partition import block_layout
 
 CANDIDATES = [
@@ -44,12 +45,12 @@ def main():
         kk = topk_for_density(float(density), num_blocks(grid, kind, paper))
         cfg = paper.replace(select="topk", topk=(kk, kk, kk))
         layout = block_layout(grid, kind, cfg, device="cuda")
-        sel = launch.select_bits(q, k, layout, cfg, kind)
+        sel = select_bits(q, k, layout, cfg, kind)
         flops = float(sel.density()) * 4 * q.shape[1] ** 2 * HEADS * HEAD_DIM
         for cand in candidates:
             os.environ["VMOBA_ATTN_CONFIG"] = json.dumps(cand)
             try:
-                ms = median_ms(lambda: launch.attend(q, k, v, sel, scale), rep_ms=400)
+                ms = median_ms(lambda: attend(q, k, v, sel, scale), rep_ms=400)
                 print(f"{case:28s} {json.dumps(cand):70s} {ms:7.2f} ms {flops / ms / 1e9:4.0f} TFLOP/s", flush=True)
             except Exception as exc:
                 print(f"{case:28s} {json.dumps(cand):70s} failed {exc!r}"[:300], flush=True)

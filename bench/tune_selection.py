@@ -14,7 +14,7 @@ import torch
 from bench.common import HEAD_DIM, HEADS, PRESETS, median_ms, topk_for_density
 from vmoba import VMoBAConfig, num_blocks
 from vmoba.inputs import locality_qkv
-from vmoba.kernels import launch
+from vmoba.kernels.selection import select_bits
 from vmoba.partition import block_layout
 
 CANDIDATES = [
@@ -49,7 +49,7 @@ def main():
         for label, cfg, kind in cases:
             layout = block_layout(grid, kind, cfg, device="cuda")
             try:
-                ms = median_ms(lambda: launch.select_bits(q, k, layout, cfg, kind), rep_ms=300)
+                ms = median_ms(lambda: select_bits(q, k, layout, cfg, kind), rep_ms=300)
                 print(f"{json.dumps(cand):36s} {label:24s} {ms * 1000:8.1f} us", flush=True)
             except Exception as exc:
                 print(f"{json.dumps(cand):36s} {label:24s} failed {exc!r}"[:300], flush=True)

@@ -25,10 +25,8 @@ The parent process never imports torch; only the worker uses the GPU.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -38,11 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-from bench.common import commit  # noqa: E402  (torch-free)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, run from anywhere
+from bench.common import REPO_ROOT, RESULTS_DIR, commit, gpu_slug, timestamp  # noqa: E402  (torch-free)
 from service.serve import free_port  # noqa: E402
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 NEEDED = ("redis", "rq", "pydantic", "pydantic_settings", "imageio_ffmpeg", "PIL", "numpy",
           "diffusers", "transformers", "tokenizers", "torch")
 
@@ -110,12 +106,6 @@ def first_gpu() -> str:
             fail("CUDA_VISIBLE_DEVICES hides every GPU")
         return ids[0]
     return "0"
-
-
-def gpu_slug(device_label: str) -> str:
-    """'cuda (NVIDIA H100 80GB HBM3)' -> 'h100'; 'cpu' -> 'cpu'."""
-    m = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", device_label)
-    return m.group(1).lower() if m else "cpu"
 
 
 def check_video(path: Path, frames: int, width: int, height: int, fps: int) -> dict:
@@ -207,8 +197,8 @@ def main(argv=None) -> int:
     }
     env["CUDA_VISIBLE_DEVICES"] = first_gpu() if args.device == "cuda" else ""
     log_path = work / "worker.log"
-    record: dict = {"bench": "worker_e2e", "model": args.model, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                    "commit": commit(), "request": request.model_dump(mode="json")}
+    record: dict = {"bench": "worker_e2e", "model": args.model, "date": timestamp(), "commit": commit(),
+                    "request": request.model_dump(mode="json")}
     launcher = None
     try:
         client = redis.Redis.from_url(redis_url)

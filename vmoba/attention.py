@@ -21,7 +21,7 @@ def vmoba_attention(
     layer_idx: int,
     config: VMoBAConfig,
     softmax_scale: float | None = None,
-    backend: str = "auto",
+    kernel: str = "auto",
     stats: dict | None = None,
 ) -> torch.Tensor:
     """VMoBA self-attention over the tokens of a latent video.
@@ -31,8 +31,9 @@ def vmoba_attention(
     (`config.layer_kinds`); each query attends to the tokens of the key blocks
     `select_blocks` gives it (its own block always). `softmax_scale` defaults to `1/sqrt(D)`.
 
-    `backend`: `"triton"` (CUDA, fp16/bf16, `D` in {64, 128}), `"reference"` (plain PyTorch, any
-    device), or `"auto"` (Triton for CUDA half-precision inputs, the reference otherwise).
+    `kernel`: `"triton"` (CUDA, fp16/bf16, `D` in {64, 128}; no backward yet, so inputs that
+    require grad raise with grad mode on), `"reference"` (plain PyTorch, any device,
+    differentiable), or `"auto"` (Triton for CUDA half-precision inputs, the reference otherwise).
 
     `stats`: an optional dict that receives, without a host sync, `attended` (a 0-dim fp64 device
     tensor: `sum_{b,h,i} |K(b,h,i)|`, the key tokens attended) and `num_blocks` (`C`).
@@ -40,11 +41,15 @@ def vmoba_attention(
     grid = check_inputs(grid, layer_idx, config, q, k, v)
     scale = resolve_scale(softmax_scale, q.shape[-1])
     kind = config.kind(layer_idx)
-    if _use_triton(backend, q):
-        from .kernels.launch import sparse_attention
+    if _use_triton(kernel, q):
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            raise RuntimeError("the Triton VMoBA kernel has no backward yet: its output would not be "
+                               "differentiable; use kernel='reference' for gradients (or run under "
+                               "torch.no_grad() / torch.inference_mode())")
+        from .kernels.attention import sparse_attention
 
         return sparse_attention(q, k, v, grid=grid, kind=kind, config=config, softmax_scale=scale, stats=stats)
-    selected = select_blocks(q, k, grid=grid, layer_idx=layer_idx, config=config, backend="reference")
+    selected = select_blocks(q, k, grid=grid, layer_idx=layer_idx, config=config, kernel="reference")
     layout = block_layout(grid, kind, config, device=q.device)
     if stats is not None:
         stats["attended"] = attended_tokens(selected, layout.lengths).sum()

@@ -1,17 +1,38 @@
-"""VMoBA settings, validated on construction.
+"""VMoBA settings, validated on construction; torch-free, so an HTTP layer can import it.
 
-A config says how each layer kind cuts the latent video grid `(T, Hg, Wg)` into blocks and how
-queries select key blocks. See `../shared/design/vmoba.md` sections 2 and 4 for the semantics.
+- `VMoBAConfig`: how each layer kind cuts the latent video grid `(T, Hg, Wg)` into blocks and how
+  queries select key blocks (see `docs/vmoba.md` sections 2 and 4 for the semantics).
+- `AttentionSettings`: one job's attention settings (a request's `attention` object): VMoBA or
+  dense, the selection, the dense steps, the kernel; `vmoba_config(grid)` gives its `VMoBAConfig`.
+- `merge_attention_settings`: model defaults, operator defaults and a request's values merged
+  into one `AttentionSettings`, with where each field came from.
+- The choices and defaults below are the single source of truth for every layer that exposes
+  these settings (HTTP schema, worker settings, command line).
+
+"backend" means one thing everywhere: VMoBA (sparse) or dense attention. The implementation of
+`vmoba_attention` is the "kernel".
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import re
 from dataclasses import dataclass, field, replace
-from typing import Tuple
+from typing import Mapping, Optional, Tuple
 
 LAYER_KINDS = ("1d", "2d", "3d")
 SELECT_MODES = ("topk", "threshold_query", "threshold_global")
+ATTENTION_BACKENDS = ("vmoba", "dense")  # `AttentionSettings.backend`: sparse VMoBA or stock attention
+KERNELS = ("auto", "triton", "reference")  # `kernel=` of `vmoba_attention` / `select_blocks`
+
+DEFAULT_BACKEND = "vmoba"
+DEFAULT_SELECT = "threshold_global"  # the paper's
+DEFAULT_THRESHOLD = 0.25  # tau of the threshold modes
+DEFAULT_TOPK = (2, 6, 18)  # blocks per query (self included) for (1d, 2d, 3d), the paper's at 480p
+DEFAULT_DENSE_STEPS = 0.25  # the paper runs the first 25% of the denoising steps dense
+DEFAULT_KERNEL = "auto"
 
 Grid = Tuple[int, int, int]
 
@@ -67,9 +88,9 @@ class VMoBAConfig:
     spatial_chunk: Tuple[int, int] = (5, 13)
     st_chunk: Tuple[int, int, int] = (7, 5, 13)
     layer_kinds: Tuple[str, ...] = LAYER_KINDS
-    select: str = "threshold_global"
-    threshold: float = 0.25
-    topk: Tuple[int, int, int] = field(default=(2, 6, 18))
+    select: str = DEFAULT_SELECT
+    threshold: float = DEFAULT_THRESHOLD
+    topk: Tuple[int, int, int] = field(default=DEFAULT_TOPK)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -168,3 +189,159 @@ def auto_chunks(grid) -> tuple:
     spatial = _tile(hg, wg, AUTO_SPATIAL_BLOCKS)
     st = (_split(t, AUTO_ST_TEMPORAL_BLOCKS), *_tile(hg, wg, AUTO_ST_SPATIAL_BLOCKS))
     return temporal, spatial, st
+
+
+# -- per-job attention settings -------------------------------------------------------------------
+
+# `int(dense_steps * num_steps)` with a little slack, so that e.g. 0.29 * 100 (28.999...96 in
+# floating point) counts 29 dense steps, as a person reading the setting expects.
+_CUTOFF_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class AttentionSettings:
+    """One job's attention settings (a request's `attention` object), validated on construction.
+
+    - `backend`: `"vmoba"` (sparse after the dense steps) or `"dense"` (stock attention for the
+      whole call).
+    - `select`, `threshold`, `topk`: the selection (`docs/vmoba.md` section 4); `topk` is one int
+      or one per layer kind `(1d, 2d, 3d)`.
+    - `dense_steps`: fraction in `[0, 1]` of denoising steps run dense: steps
+      `0 .. int(dense_steps * num_steps) - 1` (the paper keeps the first 25%).
+    - `temporal_chunk`, `spatial_chunk`, `st_chunk`: `None` (default) picks chunks for the
+      grid with `VMoBAConfig.for_grid` (the paper's table for the standard Wan grids); a value
+      forces that chunk.
+    - `kernel`: `"auto" | "triton" | "reference"`, passed as `kernel=` to `vmoba_attention`.
+    - `collect_timing`: time the attention op of every self-attention call (host syncs once at
+      the end of the call; CUDA events, so the kernels still run back to back).
+    - `collect_density`: report the achieved density (the attention op counts the attended
+      tokens on the device as it selects; one host read at the end of the call).
+
+    Bad values raise `ValueError` naming the field.
+    """
+
+    backend: str = DEFAULT_BACKEND
+    select: str = DEFAULT_SELECT
+    threshold: float = DEFAULT_THRESHOLD
+    topk: Tuple[int, int, int] = DEFAULT_TOPK
+    dense_steps: float = DEFAULT_DENSE_STEPS
+    temporal_chunk: Optional[int] = None
+    spatial_chunk: Optional[Tuple[int, int]] = None
+    st_chunk: Optional[Tuple[int, int, int]] = None
+    kernel: str = DEFAULT_KERNEL
+    collect_timing: bool = False
+    collect_density: bool = True
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        if self.backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {self.backend!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        d = self.dense_steps
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 <= d <= 1.0):
+            raise ValueError(f"dense_steps must be a number in [0, 1], got {d!r}")
+        set_("dense_steps", float(d))
+        for name in ("collect_timing", "collect_density"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        # VMoBAConfig validates and normalises the selection fields and explicit chunks (lists
+        # from JSON become tuples, one topk int becomes three); its errors name the field.
+        probe = VMoBAConfig(select=self.select, threshold=self.threshold, topk=self.topk, **self.chunks)
+        set_("threshold", probe.threshold)
+        set_("topk", probe.topk)
+        for name in self.chunks:
+            set_(name, getattr(probe, name))
+
+    @property
+    def chunks(self) -> dict:
+        """The chunk sizes given explicitly (the others are chosen for the grid)."""
+        names = ("temporal_chunk", "spatial_chunk", "st_chunk")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def vmoba_config(self, grid) -> VMoBAConfig:
+        """The `VMoBAConfig` these settings give on `grid = (T, Hg, Wg)` (cached)."""
+        return _config_for(self, tuple(grid))
+
+    def dense_cutoff(self, num_steps: int) -> int:
+        """Steps `0 .. cutoff - 1` of a `num_steps`-step call run dense."""
+        return int(self.dense_steps * num_steps + _CUTOFF_EPS)
+
+    def replace(self, **changes) -> "AttentionSettings":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> tuple:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data) -> "AttentionSettings":
+        """Settings from a JSON object; missing or `null` fields take their defaults."""
+        if data is None:
+            return cls()
+        if isinstance(data, AttentionSettings):
+            return data
+        return cls(**_set_fields(data))
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (tuples as lists) that `from_dict` reads back."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+@functools.lru_cache(maxsize=256)
+def _config_for(settings: AttentionSettings, grid) -> VMoBAConfig:
+    return VMoBAConfig.for_grid(
+        grid, select=settings.select, threshold=settings.threshold, topk=settings.topk, **settings.chunks
+    )
+
+
+def _set_fields(data, source: Optional[str] = None) -> dict:
+    """The fields a JSON object sets (`null` = not set); unknown names raise `ValueError`."""
+    what = f"the {source} attention settings" if source else "attention settings"
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what} must be an object, got {type(data).__name__}")
+    names = AttentionSettings.field_names()
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f" in {what}" if source else ""
+        raise ValueError(f"unknown attention setting(s) {unknown}{where}; allowed: {list(names)}")
+    return {k: v for k, v in data.items() if v is not None}
+
+
+# where a merged field's value came from, lowest precedence first
+SETTING_SOURCES = ("default", "model", "operator", "request")
+
+
+def merge_attention_settings(model_defaults: Optional[Mapping] = None, operator_defaults: Optional[Mapping] = None,
+                             request: Optional[Mapping] = None) -> Tuple[AttentionSettings, dict]:
+    """One job's settings from three layers of JSON-style objects; a later layer wins.
+
+    `model_defaults` (what suits the model), `operator_defaults` (the deployment's choice, e.g. the
+    kernel), `request` (the job's own `attention` object). A missing or `null` field does not set
+    anything; fields no layer sets take the `AttentionSettings` defaults. The merged values are
+    validated once.
+
+    Returns `(settings, sources)`: `sources` maps every field to the layer its value came from,
+    `"model"`, `"operator"`, `"request"` or `"default"`. Raises `ValueError` naming the field (and
+    the layer that set it) for a bad value, or naming unknown fields and their layer.
+    """
+    merged, sources = {}, dict.fromkeys(AttentionSettings.field_names(), "default")
+    for source, layer in zip(SETTING_SOURCES[1:], (model_defaults, operator_defaults, request)):
+        if layer is None:
+            continue
+        values = _set_fields(layer, source)
+        merged.update(values)
+        sources.update(dict.fromkeys(values, source))
+    try:
+        settings = AttentionSettings(**merged)
+    except ValueError as exc:
+        bad = next((name for name in sources if re.match(rf"{name}\b", str(exc))), None)
+        if bad is None or sources[bad] == "default":
+            raise
+        raise ValueError(f"{exc} (set by the {sources[bad]} attention settings)") from None
+    return settings, sources

@@ -1,4 +1,4 @@
-"""FLOPs and density accounting (design note, section 8).
+"""FLOPs and density accounting (`docs/vmoba.md` section 8).
 
 Per self-attention layer, forward, all heads, `D_model = H*D`, one sample:
 - full attention: `4 * S^2 * D_model` (QK^T and PV, 2 FLOPs per multiply-add);

@@ -3,7 +3,7 @@
 Random Gaussian q/k make every block mean alike, so threshold selection degenerates. Here q and k
 share a smooth random field over `(t, h, w)`: a sum of `num_waves` cosines with random
 frequencies of a few cycles per grid, each times a random per-head vector, plus Gaussian noise of
-`noise` times the field's scale (design note, section 10).
+`noise` times the field's scale (`docs/vmoba.md` section 10).
 """
 
 from __future__ import annotations

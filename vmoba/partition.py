@@ -1,4 +1,4 @@
-"""Which block each token is in (design note, section 2).
+"""Which block each token is in (`docs/vmoba.md` section 2).
 
 Token `n` of a `(T, Hg, Wg)` grid is `(t, h, w)` in raster order, `n = t*Hg*Wg + h*Wg + w`.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .config import VMoBAConfig
+from .config import KERNELS, VMoBAConfig
 from .partition import block_ids, num_blocks
 from .validate import check_inputs
 
@@ -17,19 +17,19 @@ def select_blocks(
     grid,
     layer_idx: int,
     config: VMoBAConfig,
-    backend: str = "auto",
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """The key blocks each query attends to.
 
     `q, k [B, S, H, D]`, `grid = (T, Hg, Wg)` with `T*Hg*Wg == S` -> BoolTensor `[B, H, S, C]`,
     `C` the number of blocks of layer `layer_idx`'s kind. The query's own block is always set.
-    `backend="auto"` uses the GPU selection kernels for CUDA half-precision inputs and the
+    `kernel="auto"` uses the GPU selection kernels for CUDA half-precision inputs and the
     reference otherwise; `"reference"` and `"triton"` force one.
     """
     grid = check_inputs(grid, layer_idx, config, q, k)
     kind = config.kind(layer_idx)
-    if _use_triton(backend, q):
-        from .kernels.launch import select_mask
+    if _use_triton(kernel, q):
+        from .kernels.selection import select_mask
 
         return select_mask(q, k, grid=grid, kind=kind, config=config)
     ids = block_ids(grid, kind, config, device=q.device)
@@ -39,14 +39,11 @@ def select_blocks(
     )
 
 
-BACKENDS = ("auto", "triton", "reference")
-
-
-def _use_triton(backend: str, q: torch.Tensor) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
+def _use_triton(kernel: str, q: torch.Tensor) -> bool:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "reference":
         return False
-    if backend == "triton":
+    if kernel == "triton":
         return True
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)

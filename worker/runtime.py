@@ -230,7 +230,7 @@ class Runtime:
         defaults at `grid` < the operator's `ATTENTION_DEFAULTS` (the kernel from
         `ATTENTION_KERNEL` unless those name one) < the request's own fields. `ValueError` names
         a bad field."""
-        from vmoba.diffusers import merge_attention_settings
+        from vmoba.config import merge_attention_settings
 
         operator = {"kernel": self.settings.ATTENTION_KERNEL, **self.settings.ATTENTION_DEFAULTS}
         return merge_attention_settings(
@@ -260,6 +260,7 @@ class Runtime:
         with cpu_threads(self.device, self.settings, loaded.spec), flow_shift_set(pipe, flow_shift):
             return self._generate(
                 loaded,
+                task,
                 pipe,
                 shape,
                 prompt=prompt,
@@ -271,9 +272,11 @@ class Runtime:
             )
 
     def _generate(
-        self, loaded, pipe, shape, *, prompt, negative_prompt, seed, attention, image, on_step
+        self, loaded, task, pipe, shape, *, prompt, negative_prompt, seed, attention, image, on_step
     ) -> Generation:
         import torch
+
+        from .families import call_kwargs, prompt_kwargs
 
         cuda = self.device.startswith("cuda")
         cfg = shape.guidance_scale > 1.0
@@ -286,6 +289,7 @@ class Runtime:
                 negative_prompt=negative_prompt,
                 do_classifier_free_guidance=cfg,
                 device=torch.device(self.device),
+                **prompt_kwargs(loaded.spec),
             )
         sync(cuda)
         t1 = time.perf_counter()
@@ -302,11 +306,7 @@ class Runtime:
 
         # A CPU generator: the same seed gives the same starting noise on every device.
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        extra: dict[str, Any] = {}
-        if image is not None:
-            extra["image"] = image
-        if loaded.spec.boundary_ratio is not None:
-            extra["guidance_scale_2"] = shape.guidance_scale  # the low-noise expert's
+        extra = call_kwargs(loaded.spec, task, guidance_scale=shape.guidance_scale, image=image)
         with loaded.handle.use(attention) as stats:
             out = pipe(
                 prompt_embeds=prompt_embeds,
@@ -388,7 +388,8 @@ def load_model(spec: ModelSpec, device: str, settings: WorkerSettings) -> Loaded
     """Build or load one model's pipelines on `device` and install VMoBA on its transformers."""
     from vmoba.diffusers import AttentionSettings, install_vmoba
 
-    from .pipeline import build_pipelines, describe
+    from .families import build_pipelines
+    from .pipeline import describe
 
     t0 = time.perf_counter()
     pipes = build_pipelines(

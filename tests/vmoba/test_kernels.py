@@ -18,7 +18,8 @@ import torch
 
 from vmoba import VMoBAConfig, block_ids, select_blocks, vmoba_attention
 from vmoba.inputs import locality_qkv
-from vmoba.kernels import launch
+from vmoba.kernels import attention as attn_k
+from vmoba.kernels import select_global, select_query, selection
 from vmoba.partition import block_layout
 
 MODES = ("topk", "threshold_query", "threshold_global")
@@ -76,10 +77,10 @@ def run_triton(q, k, v, grid, layer, cfg, scale=None):
     """Selection and output of the kernels, output NaN-poisoned first, state poisoned too."""
     kind = cfg.kind(layer)
     layout = block_layout(grid, kind, cfg, device=q.device)
-    sel = launch.select_bits(q, k, layout, cfg, kind)
+    sel = selection.select_bits(q, k, layout, cfg, kind)
     out = torch.full_like(q, float("nan"))
     scale = scale or 1 / math.sqrt(q.shape[-1])
-    launch.attend(q, k, v, sel, scale, out=out, poison=True)
+    attn_k.attend(q, k, v, sel, scale, out=out, poison=True)
     return sel, out
 
 
@@ -94,7 +95,7 @@ def assert_every_layer_matches(q, k, v, grid, cfg):
     """Selection and output of the kernels against the reference for the three layer kinds."""
     for layer in range(3):
         sel, out = run_triton(q, k, v, grid, layer, cfg)
-        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, kernel="reference")
         assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
         ref = reference_on(q, k, v, grid, layer, cfg, sel.to_bool())
         torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[q.dtype], rtol=RTOL[q.dtype])
@@ -109,7 +110,7 @@ def test_kernels_match_reference(grid, mode, dtype):
     q, k, v = qkv(grid, dtype)
     for layer in range(3):
         sel, out = run_triton(q, k, v, grid, layer, cfg)
-        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, kernel="reference")
         got = sel.to_bool()
         assert_same_selection(got, ref_sel, q, k, grid, layer, cfg)
         assert not out.isnan().any(), "an output element was not written"
@@ -144,9 +145,9 @@ def test_query_index_lists_every_selected_pair_once(mode):
     cfg = CFG.replace(select=mode, threshold=0.3)
     q, k, _ = qkv(grid, DTYPES[0])
     layout = block_layout(grid, "3d", cfg, device=q.device)
-    sel = launch.select_bits(q, k, layout, cfg, "3d")
+    sel = selection.select_bits(q, k, layout, cfg, "3d")
     bm = 8
-    index = launch.query_index(sel, bm=bm, blk=16)  # several token tiles per sample-head
+    index = attn_k.query_index(sel, bm=bm, blk=16)  # several token tiles per sample-head
     mask = sel.to_bool().flatten(0, 1)  # [BH, S, C]
     bh, s, c = mask.shape
     starts, counts = index.seg_start.tolist(), index.seg_count.tolist()
@@ -170,11 +171,11 @@ def test_query_index_lists_every_selected_pair_once(mode):
         assert index.wait[seg] == (earlier[-1] * bh + i_bh if earlier else -1)
 
 
-@pytest.mark.parametrize("iterate_max", [0, launch.TOPK_ITER_MAX])
+@pytest.mark.parametrize("iterate_max", [0, select_query.TOPK_ITER_MAX])
 def test_topk_strategies_match_reference_with_ties(monkeypatch, iterate_max):
     """Top-k by repeated max (small k) and by bisection (k-1 > TOPK_ITER_MAX) give the reference's
     selection, ties to the lower block included (zero queries: every gate of the row ties)."""
-    monkeypatch.setattr(launch, "TOPK_ITER_MAX", iterate_max)
+    monkeypatch.setattr(select_query, "TOPK_ITER_MAX", iterate_max)
     grid = (3, 5, 7)
     q, k, v = qkv(grid, DTYPES[0])
     tied = torch.rand(q.shape[1], device=q.device) < 0.3
@@ -182,7 +183,7 @@ def test_topk_strategies_match_reference_with_ties(monkeypatch, iterate_max):
     for layer, topk in ((0, (3, 1, 1)), (1, (1, 5, 1)), (2, (1, 1, 7))):
         cfg = CFG.replace(select="topk", topk=topk)
         sel, out = run_triton(q, k, v, grid, layer, cfg)
-        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        ref_sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg, kernel="reference")
         assert torch.equal(sel.to_bool()[:, :, tied], ref_sel[:, :, tied])
         assert_same_selection(sel.to_bool(), ref_sel, q, k, grid, layer, cfg)
         assert (sel.to_bool().sum(-1) == min(topk[layer], ref_sel.shape[-1])).all()
@@ -233,15 +234,15 @@ def test_public_api_uses_the_kernels_and_isolates_samples():
     grid = (4, 4, 6)
     cfg = CFG.replace(select="threshold_global", threshold=0.3)
     q, k, v = qkv(grid, DTYPES[0])
-    out = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="triton")
-    ref = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="reference")
+    out = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, kernel="triton")
+    ref = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, kernel="reference")
     torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[q.dtype], rtol=RTOL[q.dtype])
     stats = {}
-    vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, backend="triton", stats=stats)
-    sel = select_blocks(q, k, grid=grid, layer_idx=1, config=cfg, backend="triton")
+    vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=cfg, kernel="triton", stats=stats)
+    sel = select_blocks(q, k, grid=grid, layer_idx=1, config=cfg, kernel="triton")
     ids = block_ids(grid, "2d", cfg, device=q.device)
     assert float(stats["attended"]) == float(sel[..., ids].sum())
-    alone = select_blocks(q[1:], k[1:], grid=grid, layer_idx=1, config=cfg, backend="triton")
+    alone = select_blocks(q[1:], k[1:], grid=grid, layer_idx=1, config=cfg, kernel="triton")
     assert torch.equal(sel[1:], alone)
     # a small threshold must not silently run dense attention
     dense = torch.nn.functional.scaled_dot_product_attention(
@@ -264,9 +265,9 @@ def test_threshold_global_direct_and_two_level_paths(monkeypatch, direct, cap):
         threshold=float(torch.empty(()).uniform_(0.15, 0.6)),
     )
     q, k, v = qkv(grid, DTYPES[0], b=1, h=3)
-    real = launch.gate_config
+    real = selection.gate_config
     monkeypatch.setattr(
-        launch, "gate_config", lambda *a: {**real(*a), "CAP": cap, "direct": direct}
+        selection, "gate_config", lambda *a: {**real(*a), "CAP": cap, "direct": direct}
     )
     assert_every_layer_matches(q, k, v, grid, cfg)
 
@@ -282,9 +283,9 @@ def test_threshold_global_scores_blocks_in_column_groups(monkeypatch, grid):
     rounds it once, which drifted past `ATOL` on an H200 (0.0107 at |out| ~ 2, one element of
     27,648), so this test keeps the running output in fp32 (Wan's chunks give a query at most 40
     blocks)."""
-    real = launch.attention_config
+    real = attn_k.attention_config
     monkeypatch.setattr(
-        launch, "attention_config", lambda *a: {**real(*a), "partial_dtype": "float32"}
+        attn_k, "attention_config", lambda *a: {**real(*a), "partial_dtype": "float32"}
     )
     cfg = VMoBAConfig(
         temporal_chunk=1,
@@ -297,7 +298,7 @@ def test_threshold_global_scores_blocks_in_column_groups(monkeypatch, grid):
     q[:, :, 0] = 0
     assert_every_layer_matches(q, k, v, grid, cfg)
     layout = block_layout(grid, "3d", cfg, device=q.device)
-    bits = launch.select_bits(q, k, layout, cfg, "3d").bits
+    bits = selection.select_bits(q, k, layout, cfg, "3d").bits
     every_bit = (bits.unsqueeze(-1) >> torch.arange(32, device=q.device, dtype=torch.int32)) & 1
     assert not every_bit.flatten(-2)[..., layout.num_blocks :].any(), (
         "bits past the last block must be zero"
@@ -315,14 +316,14 @@ def test_candidate_overflow_takes_the_whole_range(monkeypatch, room):
     q, k, v = qkv(grid, DTYPES[0])
     q[:, torch.rand(q.shape[1], device=q.device) < 0.8] = 0
     layout = block_layout(grid, "3d", cfg, device=q.device)
-    ref = select_blocks(q, k, grid=grid, layer_idx=2, config=cfg, backend="reference")
-    assert torch.equal(launch.select_bits(q, k, layout, cfg, "3d").to_bool(), ref)
+    ref = select_blocks(q, k, grid=grid, layer_idx=2, config=cfg, kernel="reference")
+    assert torch.equal(selection.select_bits(q, k, layout, cfg, "3d").to_bool(), ref)
     if room == "candidates":
-        real = launch.gate_config
-        monkeypatch.setattr(launch, "gate_config", lambda *a: {**real(*a), "CAP": 1})
+        real = selection.gate_config
+        monkeypatch.setattr(selection, "gate_config", lambda *a: {**real(*a), "CAP": 1})
     else:
-        monkeypatch.setattr(launch, "NEAR", 1)
-    sel = launch.select_bits(q, k, layout, cfg, "3d").to_bool()
+        monkeypatch.setattr(select_global, "NEAR", 1)
+    sel = selection.select_bits(q, k, layout, cfg, "3d").to_bool()
     assert (sel | ~ref).all(), "the fallback must be a superset of the exact selection"
     assert (sel & ~ref).any(), "the whole tied band is taken"
 
@@ -338,10 +339,33 @@ def test_unsupported_inputs_raise():
             grid=grid,
             layer_idx=0,
             config=CFG,
-            backend="triton",
+            kernel="triton",
         )
     with pytest.raises(ValueError, match="blocks"):
         tiny = VMoBAConfig(temporal_chunk=1, spatial_chunk=(1, 1), st_chunk=(1, 1, 1))
         g = (2, 30, 40)
         x = torch.randn(1, 2400, 1, 64 if DEVICE == "cuda" else 16, dtype=DTYPES[0], device=DEVICE)
-        select_blocks(x, x, grid=g, layer_idx=1, config=tiny, backend="triton")
+        select_blocks(x, x, grid=g, layer_idx=1, config=tiny, kernel="triton")
+
+
+def test_triton_path_refuses_inputs_that_need_gradients():
+    """The Triton path has no backward yet: with grad mode on and an input that requires grad it
+    raises instead of returning an output silently cut from the graph; the reference path stays
+    differentiable."""
+    grid = (3, 5, 7)
+    q, k, v = qkv(grid, DTYPES[0])
+    for x in (q, k, v):
+        leaf = x.detach().requires_grad_(True)
+        args = [leaf if y is x else y for y in (q, k, v)]
+        with pytest.raises(RuntimeError, match="no backward.*kernel='reference'"):
+            vmoba_attention(*args, grid=grid, layer_idx=0, config=CFG, kernel="triton")
+    q.requires_grad_(True)
+    with torch.no_grad():
+        out = vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, kernel="triton")
+    assert not out.requires_grad
+    ref = vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, kernel="reference")
+    ref.float().square().sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    torch.testing.assert_close(
+        out.float(), ref.detach().float(), atol=ATOL[q.dtype], rtol=RTOL[q.dtype]
+    )

@@ -1,4 +1,4 @@
-"""The reference VMoBA against the contract (design note, sections 2-5)."""
+"""The reference VMoBA against the contract (`docs/vmoba.md` sections 2-5)."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vmoba import VMoBAConfig, block_ids, num_blocks, reference, select_blocks, vmoba_attention
+from vmoba import VMoBAConfig, block_ids, num_blocks, select_blocks, vmoba_attention
+from vmoba import reference
 from vmoba.inputs import locality_qkv
 
 MODES = ("topk", "threshold_query", "threshold_global")
@@ -170,7 +171,7 @@ def test_attention_equals_masked_dense(grid, mode):
     cfg = CFG.replace(select=mode, threshold=0.3)
     q, k, v = inputs(grid, dtype=torch.float64)
     for layer in range(3):
-        out = vmoba_attention(q, k, v, grid=grid, layer_idx=layer, config=cfg, backend="reference")
+        out = vmoba_attention(q, k, v, grid=grid, layer_idx=layer, config=cfg, kernel="reference")
         sel = select_blocks(q, k, grid=grid, layer_idx=layer, config=cfg)
         ids = block_ids(grid, cfg.kind(layer), cfg)
         ref = dense_masked(q, k, v, sel, ids, 1 / math.sqrt(q.shape[-1]))
@@ -205,7 +206,7 @@ def test_all_selected_equals_sdpa(dtype, tol):
             grid=grid,
             layer_idx=2,
             config=CFG.replace(select=mode, **extra),
-            backend="reference",
+            kernel="reference",
         )
         assert out.dtype == dtype
         ref = F.scaled_dot_product_attention(
@@ -245,8 +246,12 @@ def test_bad_arguments_raise_value_errors():
         vmoba_attention(q[0], k[0], v[0], grid=grid, layer_idx=0, config=CFG)
     with pytest.raises(ValueError, match="layer_idx"):
         vmoba_attention(q, k, v, grid=grid, layer_idx=-1, config=CFG)
-    with pytest.raises(ValueError, match="backend"):
-        vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, backend="cuda")
+    with pytest.raises(ValueError, match="kernel"):
+        vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, kernel="cuda")
+    with pytest.raises(
+        TypeError, match="backend"
+    ):  # `backend` means vmoba vs dense; the implementation is `kernel`
+        vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, backend="reference")
     with pytest.raises(ValueError, match="softmax_scale"):
         vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, softmax_scale=-1.0)
     with pytest.raises(ValueError, match="config"):

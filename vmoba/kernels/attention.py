@@ -23,12 +23,28 @@ done-counter; tickets are taken in order, so the wait always ends (everything it
 taken earlier by a running program) and is rare (the segment was handed out about a whole block
 of tiles earlier). A program releases an item's counter after its next item's key loop, when the
 stores have long landed, and always before it waits. No launch per block and no tail per block.
+
+Host side: `query_index` builds the index, `attend` launches the attention over a `Selection`,
+and `sparse_attention` (what `vmoba_attention` runs on the Triton path) selects and attends.
+No host synchronisation.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ..config import VMoBAConfig
+from ..partition import block_layout
+from .common import interpreting
+from .configs import attention_config
+from .selection import Selection, select_bits
+
+LOG2E = 1.4426950408889634
 
 # a query-list entry: token index in the low 29 bits, then "last selected block", "first selected block"
 FIRST_FLAG = tl.constexpr(1 << 30)
@@ -180,7 +196,7 @@ def vmoba_fwd_kernel(
         row = i_b * S + block_start
         col = i_h * D
         # the partial last key tile runs inside the pipelined loop: as a separate step after it,
-        # its load was exposed (H200, 720p 2D top-k 25%: 19.27 ms vs 20.18)
+        # its load is exposed (measured slower on the H200)
         for j in range(0, tl.cdiv(block_len, BN)):
             b_m, b_l, b_acc = _attend_keys_at(b_q, b_m, b_l, b_acc, k_desc, v_desc, row, col, j * BN, block_len,
                                               qk_scale, BN, IEEE)
@@ -224,3 +240,122 @@ def vmoba_fwd_kernel(
         # Triton's layout pass (RemoveLayoutConversions) for 64-row tiles
     if finished >= 0:
         tl.atomic_add(done_ptr + finished, 1, sem="release")
+
+
+@dataclass
+class QueryIndex:
+    """The transposed (key block -> queries) index: segment `c * BH + bh` lists the queries of
+    sample-head `bh` that selected block `c`, `qlist[seg_start : seg_start + seg_count]`, each
+    with first/last-block flags. `seg_tiles`: its `BM`-query tiles; `first_tile`: their exclusive
+    prefix (`[n_seg + 1]`, the total last); `item_seg`: the segment of every tile (work item);
+    `wait`: the segment whose merges must finish first (-1: none)."""
+
+    qlist: torch.Tensor
+    seg_start: torch.Tensor
+    seg_count: torch.Tensor
+    seg_tiles: torch.Tensor
+    first_tile: torch.Tensor
+    item_seg: torch.Tensor
+    wait: torch.Tensor
+
+
+def query_index(selection: Selection, bm: int, blk: int) -> QueryIndex:
+    """Build the index on the device (three small kernels and a few scans; no host sync)."""
+    b, h, s, words = selection.bits.shape
+    c, bh, dev = selection.num_blocks, b * h, selection.bits.device
+    n_ct = triton.cdiv(s, blk)
+    tile_count = torch.empty(c, bh, n_ct, device=dev, dtype=torch.int32)
+    vmoba_count_kernel[(n_ct, bh)](selection.bits, tile_count, s, bh, c, n_ct, W=words, BLK=blk)
+    flat = tile_count.view(-1)
+    tile_base = torch.cumsum(flat, 0) - flat  # int64, exclusive
+    per_query = selection.max_blocks_per_query
+    qlist = torch.empty(bh * s * per_query, device=dev, dtype=torch.int32)
+    vmoba_scatter_kernel[(n_ct, bh)](selection.bits, tile_base, qlist, s, bh, c, n_ct, W=words, BLK=blk)
+    seg_count = tile_count.sum(-1, dtype=torch.int32).view(-1)  # [C * BH]
+    seg_tiles = (seg_count + (bm - 1)) // bm
+    first_tile = torch.zeros(c * bh + 1, device=dev, dtype=torch.int32)
+    torch.cumsum(seg_tiles, 0, out=first_tile[1:])
+    # every segment has at most one partial tile
+    item_seg = torch.empty(triton.cdiv(bh * s * per_query, bm) + c * bh, device=dev, dtype=torch.int32)
+    vmoba_items_kernel[(c * bh,)](seg_tiles, first_tile, item_seg, BLK=256)
+    # the previous non-empty block of the same sample-head, as a segment index
+    block = torch.arange(c, device=dev, dtype=torch.int32)[:, None].expand(c, bh)
+    latest = torch.where(seg_tiles.view(c, bh) > 0, block, -1).cummax(0).values
+    prev = torch.cat([torch.full((1, bh), -1, device=dev, dtype=torch.int32), latest[:-1]])
+    heads = torch.arange(bh, device=dev, dtype=torch.int32)[None, :]
+    wait = torch.where(prev >= 0, prev * bh + heads, -1)
+    return QueryIndex(qlist=qlist, seg_start=tile_base.view(c, bh, n_ct)[:, :, 0].contiguous().view(-1),
+                      seg_count=seg_count, seg_tiles=seg_tiles, first_tile=first_tile, item_seg=item_seg,
+                      wait=wait.view(-1))
+
+
+def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison: bool = False) -> torch.Tensor:
+    """Attention over the selected blocks: the query index, then one persistent launch.
+
+    `out`: an optional preallocated `[B, S, H, D]` output. `poison` fills the internal state with
+    NaN first (tests: any read of state no block wrote shows up in the output).
+    """
+    b, s, h, d = q.shape
+    layout = selection.layout
+    c = layout.num_blocks
+    bh = b * h
+    dev = q.device
+    cfg = attention_config(d, interpreting(), layout.max_len)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
+    # the running output between blocks: fp16 halves its traffic (|values| <= max|v| < 65504);
+    # fp32 inputs keep fp32
+    partial = torch.float32 if q.dtype == torch.float32 else getattr(torch, cfg["partial_dtype"])
+    acc = torch.empty(out.shape, device=dev, dtype=partial)
+    ml = torch.empty(bh, s, 2, device=dev, dtype=torch.float32)
+    if poison:
+        acc.fill_(float("nan"))
+        ml.fill_(float("nan"))
+    index = query_index(selection, cfg["BM"], cfg["compact_block"])
+    n_seg = c * bh
+    done = torch.zeros(n_seg + 1, device=dev, dtype=torch.int32)  # per segment, then the ticket
+    n_prog = cfg["programs"] if interpreting() else cfg["ctas_per_sm"] * _sm_count(dev)
+    # keys and values in blocked order, so every block is a run of rows a TMA descriptor can load
+    kb, vb = (x.contiguous() if layout.is_identity else x.index_select(1, layout.perm) for x in (k, v))
+    k_desc, v_desc = (TensorDescriptor.from_tensor(x.view(b * s, h * d), [cfg["BN"], d]) for x in (kb, vb))
+    vmoba_fwd_kernel[(n_prog,)](
+        q, k_desc, v_desc, out, acc, ml, index.qlist,
+        index.seg_start, index.seg_count, index.seg_tiles, index.first_tile, index.item_seg, index.wait, done,
+        done[n_seg:],
+        layout.starts, layout.lengths,
+        q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        h, s, bh, n_seg, softmax_scale * LOG2E,
+        D=d, BM=cfg["BM"], BN=cfg["BN"], GRAB=cfg["grab"],
+        IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and not interpreting() else {}),
+    )
+    return out
+
+
+def sparse_attention(q, k, v, *, grid, kind: str, config: VMoBAConfig, softmax_scale: float, stats=None):
+    """`vmoba_attention` on the device. `q, k, v [B, S, H, D]` -> `[B, S, H, D]`.
+
+    `stats`, if a dict, receives (no sync) `attended`, a 0-dim fp64 device tensor with
+    `sum_{b,h,i} |K(b,h,i)|`, and `num_blocks`.
+    """
+    layout = block_layout(grid, kind, config, device=q.device)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    selection = select_bits(q, k, layout, config, kind)
+    out = attend(q, k, v, selection, softmax_scale)
+    if stats is not None:
+        stats["attended"] = selection.attended.double().sum()
+        stats["num_blocks"] = layout.num_blocks
+    return out
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    idx = torch.device(device).index or 0
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]

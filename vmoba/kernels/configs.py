@@ -1,8 +1,8 @@
 """Tuning data for the kernels: block sizes, warps and stages, kept apart from the code.
 
-GPU numbers are starting points for Hopper (H100/H200, D=128, bf16); the measured choices and
-their timings are recorded in `bench/results/`. The interpreter gets small tiles so CPU tests
-stay fast.
+GPU numbers are starting points for Hopper (H100/H200, D=128, bf16); the comments say why each
+was chosen, the measurements behind them are in `bench/results/` and the commit history. The
+interpreter gets small tiles so CPU tests stay fast.
 """
 
 from __future__ import annotations
@@ -11,21 +11,19 @@ import json
 import os
 
 # Gate/selection kernels: BM queries per program against all C_PAD block means.
-# bins: histogram bins of each of threshold_global's two levels. CAP: per-head room for the pairs of the band that holds the cutoff
-# (candidates). direct: a head whose first-level band fits CAP skips the second level. H200, Wan
-# 720p with the paper's chunks (locality inputs): first bands of 21-56K pairs a head in 2D and 3D,
-# so every head is direct (1,249 / 1,267 us for 2D / 3D vs 1,425 / 1,444 two-level, same run).
-# 128 bins (CAP 128K) or 64 bins (CAP 256K) were no faster (1,616 / 1,514 and 1,319 / 1,284 us vs
-# 1,271 / 1,282, one noisy run). With column groups (run 27): the histogram pass took 350 / 284 / 271
-# us at 256 / 128 / 64 bins (min/max alone 131: Triton's histogram has a floor), while compaction,
-# band histogram and patch grew with the band (349 -> 365 / 411, 11 -> 16 / 20, 12 -> 23 / 37 us).
+# bins: histogram bins of each of threshold_global's two levels. CAP: per-head room for the pairs
+# of the band that holds the cutoff (candidates). direct: a head whose first-level band fits CAP
+# skips the second level. At Wan 720p with the paper's chunks the first bands hold 21-56K pairs a
+# head in 2D and 3D, so with CAP 64K every head is direct, measured faster than two levels on the
+# H200. Fewer bins with more room were no faster: the histogram pass gets cheaper only down to
+# Triton's histogram floor, while compaction, band histogram and patch grow with the band.
 _GATE_GPU = {"num_warps": 4, "CAP": 65536, "bins": 256, "direct": True}
 _GATE_INTERPRETER = {"num_warps": 4, "CAP": 1024, "bins": 256, "direct": True}
 
 
-# Block-mean pooling: programs sum `split` tokens of a block, `BT` at a time. H200, 720p (same run,
-# noisy): split 256 took 2D top-k 10/40 594 us, 3D top-k 9/36 562 us (split 1024: 604, 589); 128
-# about the same; BT 128 with 8 warps or BT 32 slower.
+# Block-mean pooling: programs sum `split` tokens of a block, `BT` at a time. split 256 gives more
+# programs to hide load latency (measured slightly faster than 1024 on the H200 at 720p, 128 about
+# the same); BT 128 with 8 warps or BT 32 were slower.
 _POOL_GPU = {"split": 256, "BT": 64, "num_warps": 4}
 _POOL_INTERPRETER = {"split": 64, "BT": 32, "num_warps": 4}
 
@@ -50,15 +48,14 @@ def gate_config(c_pad: int, head_dim: int, interpreter: bool) -> dict:
 _ATTN_GPU = {
     64: {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2, "compact_block": 1024,
          "partial_dtype": "float16", "grab": 2},
-    # H200, 720p 2D top-k 25% (per-block launches then): BN 128 / 3 stages 372 TFLOP/s, 2 stages 337,
-    # BN 64 366, BM 64 x2 CTAs 298; fp16 partial outputs 413 (fp32 363 in the same run)
+    # measured on the H200 (720p 2D top-k 25%): BN 128 with 3 stages beat 2 stages, BN 64 and
+    # BM 64 x 2 CTAs; fp16 running outputs beat fp32 (half the traffic)
     128: {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3, "ctas_per_sm": 1, "compact_block": 1024,
           "partial_dtype": "float16", "grab": 2},
 }
 # Short blocks: a tile runs only a few key tiles, so its start and merge weigh more; two programs
-# per SM overlap one's start with the other's matmuls. H200, persistent launch with prefetched work
-# items: 480p 3D (455-key blocks) top-k 25% 6.24 ms vs 7.46 (BM 128); 480p 2D (1,365 keys) 4.30 vs
-# 4.41; 720p 2D (1,890 keys) 20.89 vs 20.29: BM 128 wins from about there on.
+# per SM overlap one's start with the other's matmuls. Measured on the H200: BM 64 is faster for
+# 480p's blocks (455 keys in 3D, 1,365 in 2D), BM 128 from 720p 2D's 1,890 keys on.
 _ATTN_GPU_SHORT_BLOCKS = {128: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2}}
 SHORT_BLOCK = 1536  # keys
 _ATTN_INTERPRETER = {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1, "programs": 2, "compact_block": 256,

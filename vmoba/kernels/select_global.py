@@ -1,37 +1,32 @@
-"""Triton kernels for block-mean pooling, gating and block selection.
+"""Global selection (`threshold_global`): one cutoff over all `S*C` (query, block) pairs of a head,
+found without a full sort.
 
-Everything stays on the GPU: no host synchronisation, so a denoising step can be captured in a
-CUDA graph. The selection is written as a bitmask `[B, H, S, W]` int32, `W = C_PAD // 32`, bit
-`c % 32` of word `c // 32` set when query `i` attends to block `c`.
-
-Gate scores `g = q . mean(k over block)` are recomputed from `q` by every pass (one small matmul
-per query tile) instead of being stored: storing them would cost `S*C` floats per head.
-
-- `topk`, `threshold_query`: one pass; each query's `C` scores become sortable int32 keys; the
-  cutoff is found by bisection on the keys, ties go to the lower block. Top-k with small k
-  instead takes the best remaining block k-1 times.
-- `threshold_global`: the cutoff over all `S*C` pairs of a head is found without a full sort:
-  each pass scores a query tile's blocks in groups of 32 (plus a tail of 16 or 32: fewer padded
-  pairs than one power-of-two tile); pass 1 min/max, pass 2 an NB-bin histogram of normalised scores (plus exact sums), pass 3 an
-  NB-bin histogram inside the bins that can hold the cutoff (skipped by a head whose first band
-  already fits the candidate buffer), pass 4 writes the mask of every pair outside the band and
-  compacts the band's pairs (candidates). A third histogram level over the candidates keeps the
-  few near the cutoff, a one-warp kernel finds the exact cutoff key among them, and the
-  candidates at or above it are added to the mask. Pass 5 writes the whole mask only for a
-  degenerate head or one whose candidates overflowed.
-
-Half-precision inputs: the fp32 block means are split into a high and a low half-precision part,
-so the gate is two tensor-core dots accumulated in fp32 (about 22 mantissa bits instead of 24).
+Each pass scores a query tile's blocks in groups of 32 (plus a tail of 16 or 32: fewer padded
+pairs than one power-of-two tile) and recomputes the gate scores instead of storing them
+(storing would cost `S*C` floats per head):
+- pass 1: per-tile min and max (a head's range normalises its scores to [0, 1]);
+- pass 2: an NB-bin histogram of the normalised scores (plus exact sums);
+- pass 3: an NB-bin histogram inside the bins that can hold the cutoff (skipped by a head whose
+  first band already fits the candidate buffer);
+- pass 4: the mask of every pair outside the band, and the band's pairs compacted (candidates).
+A third histogram level over the candidates keeps the few near the cutoff, a one-warp kernel finds
+the exact cutoff key among them, and the candidates at or above it are added to the mask. Pass 5
+writes the whole mask only for a degenerate head (every gate equal) or one whose candidates
+overflowed. `select_global` launches the passes in that order; no host synchronisation.
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 import triton
 import triton.language as tl
 
-# pass selectors of `vmoba_gate_kernel`
-PHASE_ROWS = 0  # topk / threshold_query: select per query, write the mask
-PHASE_MINMAX = 1  # threshold_global pass 1
+from .common import _attended_tokens, _gate_scores, _monotone_key, _query_tile, _selection_bits, interpreting
+
+# passes of `vmoba_global_pass_kernel` (its PHASE)
+PHASE_MINMAX = 1  # pass 1
 PHASE_HIST1 = 2  # pass 2
 PHASE_HIST2 = 3  # pass 3
 PHASE_COMPACT = 4  # pass 4
@@ -47,77 +42,12 @@ R_A2, R_B2 = tl.constexpr(5), tl.constexpr(6)  # the band compacted as candidate
 R_NEED = tl.constexpr(7)  # mass of other pairs to take
 R_DIRECT = tl.constexpr(8)  # 1: the first band is compacted as is (no second histogram)
 R_J_LO, R_J_HI = tl.constexpr(9), tl.constexpr(10)  # the third level's bins that can hold the cutoff
-DEGENERATE_RANGE = 1e-6  # same rule as reference.DEGENERATE_RANGE
-INT32_MAX = 2147483647
 
-
-@triton.jit
-def vmoba_pool_kernel(
-    k_ptr, perm_ptr, starts_ptr, lengths_ptr, out_ptr,
-    stride_kb, stride_ks, stride_kh,
-    H, C, SPLIT_LEN,
-    D: tl.constexpr, BT: tl.constexpr,
-):
-    """Partial sums of the keys of one block slice: `out[b, h, c, split, :]` (fp32)."""
-    i_bh, i_c, i_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    start = tl.load(starts_ptr + i_c)
-    length = tl.load(lengths_ptr + i_c)
-    o_d = tl.arange(0, D)
-    b_sum = tl.zeros([D], dtype=tl.float32)
-    lo = i_split * SPLIT_LEN
-    hi = tl.minimum(lo + SPLIT_LEN, length)
-    for j0 in range(lo, hi, BT):
-        o_j = j0 + tl.arange(0, BT)
-        m_j = o_j < hi
-        tok = tl.load(perm_ptr + start + o_j, mask=m_j, other=0).to(tl.int64)
-        p_k = k_ptr + i_b.to(tl.int64) * stride_kb + tok[:, None] * stride_ks + i_h * stride_kh + o_d[None, :]
-        b_k = tl.load(p_k, mask=m_j[:, None], other=0.0).to(tl.float32)  # [BT, D]
-        b_sum += tl.sum(b_k, axis=0)
-    n_split = tl.num_programs(2)
-    tl.store(out_ptr + ((i_bh * C + i_c) * n_split + i_split) * D + o_d, b_sum)
-
-
-@triton.jit
-def _monotone_key(x):
-    """fp32 -> int32 whose signed order is the float order."""
-    bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-@triton.jit
-def _row_condition(b_key, b_val, other, cut, n_self, target, topk, MODE_TOPK: tl.constexpr):
-    """Does taking self plus every other block with key >= `cut` ([BM] int64) meet the rule?"""
-    taken = other & (b_key.to(tl.int64) >= cut[:, None])
-    if MODE_TOPK:
-        return 1 + tl.sum(taken.to(tl.int32), axis=1) >= topk
-    return n_self + tl.sum(tl.where(taken, b_val, 0.0), axis=1) >= target
-
-
-@triton.jit
-def _query_tile(q_ptr, i_b, i_h, o_i, m_i, stride_qb, stride_qs, stride_qh, D: tl.constexpr):
-    """The queries `o_i` of one head, `[BM, D]`."""
-    o_d = tl.arange(0, D)
-    p_q = q_ptr + i_b.to(tl.int64) * stride_qb + o_i[:, None].to(tl.int64) * stride_qs + i_h * stride_qh + o_d[None, :]
-    return tl.load(p_q, mask=m_i[:, None], other=0.0)
-
-
-@triton.jit
-def _gate_scores(b_q, km_hi_ptr, km_lo_ptr, i_bh, c0, CW: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr,
-                 SPLIT: tl.constexpr, IEEE: tl.constexpr):
-    """Gate scores `[BM, CW]` (fp32) of a query tile against the block means `[c0, c0 + CW)`."""
-    o_d = tl.arange(0, D)
-    o_c = c0 + tl.arange(0, CW)
-    p_km = (i_bh * C_PAD + o_c[:, None]).to(tl.int64) * D + o_d[None, :]
-    b_hi = tl.load(km_hi_ptr + p_km)  # [CW, D], rows >= C are zero
-    if IEEE:
-        b_g = tl.dot(b_q, tl.trans(b_hi), input_precision="ieee")
-    else:
-        b_g = tl.dot(b_q, tl.trans(b_hi))
-    if SPLIT:
-        b_lo = tl.load(km_lo_ptr + p_km)
-        b_g += tl.dot(b_q, tl.trans(b_lo))
-    return b_g
+# the third level: its bins over the candidates, and room for those it keeps per head (up to
+# CAP / NEAR_BINS on average; more only where values crowd one bin). 512 bins: measured faster
+# than 1,024 on the H200, and the near-cutoff set stays well inside its room at 64K candidates.
+NEAR_BINS = 512
+NEAR = 1024
 
 
 @triton.jit
@@ -137,9 +67,9 @@ def _stored_pairs(pair):
 def _without_left_out(hist, n_out, NB: tl.constexpr):
     """A histogram `[NB]` whose `n_out` left-out elements were counted into bin 0, without them.
 
-    Used instead of `tl.histogram(mask=...)`: with Triton 3.6 on an H200 that mask was applied to
-    the wrong elements when its layout differed from the input's (counts right, bins wrong). (A junk
-    bin `NB` of a `2*NB`-bin histogram did the same at twice the histogram's cost.)
+    Used instead of `tl.histogram(mask=...)`, whose mask Triton 3.6 applied to the wrong elements
+    on an H200 when its layout differed from the input's (counts right, bins wrong). A junk bin
+    `NB` of a `2*NB`-bin histogram also works, but doubles the histogram's cost.
     """
     return hist - tl.where(tl.arange(0, NB) == 0, n_out, 0)
 
@@ -149,33 +79,6 @@ def _histogram(b_bin, b_keep, N: tl.constexpr, NB: tl.constexpr):
     """Counts `[NB]` of the `N` elements `b_bin` over the kept ones."""
     hist = tl.histogram(tl.reshape(tl.where(b_keep, b_bin, 0), [N]), NB)
     return _without_left_out(hist, N - tl.sum(tl.sum(b_keep.to(tl.int32), axis=1), axis=0), NB)
-
-
-@triton.jit
-def _selection_bits(b_sel, o_c):
-    """Bit `c % 32` of each selected block `o_c` (int32; a row's bits of one word sum to its word:
-    distinct bits never carry, bit 31 included)."""
-    return tl.where(b_sel, (1 << (o_c % 32))[None, :], 0)
-
-
-@triton.jit
-def _attended_tokens(lengths_ptr, b_sel, m_i, o_c, C):
-    """Tokens the selected blocks `o_c` hold, summed over the tile's valid queries (fp32)."""
-    b_len = tl.load(lengths_ptr + o_c, mask=o_c < C, other=0).to(tl.float32)
-    return tl.sum(tl.sum(tl.where(b_sel & m_i[:, None], b_len[None, :], 0.0), axis=1), axis=0)
-
-
-@triton.jit
-def _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C,
-                BM: tl.constexpr, C_PAD: tl.constexpr):
-    """Write selected blocks as bit words, and the tile's attended-token count."""
-    W: tl.constexpr = C_PAD // 32
-    o_c = tl.arange(0, C_PAD)
-    words = tl.sum(tl.reshape(_selection_bits(b_sel, o_c), [BM, W, 32]), axis=2)  # [BM, W]
-    o_w = tl.arange(0, W)
-    p_m = mask_ptr + (i_bh.to(tl.int64) * S + o_i[:, None]) * W + o_w[None, :]
-    tl.store(p_m, words, mask=m_i[:, None])
-    tl.store(att_ptr + i_bh * n_tiles + i_t, _attended_tokens(lengths_ptr, b_sel, m_i, o_c, C))
 
 
 @triton.jit
@@ -281,27 +184,26 @@ def _combine(s0, s1, attended, hist, r0, r1, r_att, r_hist, PHASE: tl.constexpr)
 
 
 @triton.jit
-def vmoba_gate_kernel(
+def vmoba_global_pass_kernel(
     q_ptr, km_hi_ptr, km_lo_ptr, ids_ptr, lengths_ptr,
-    mask_ptr, att_ptr,  # outputs of the mask-writing phases
+    mask_ptr, att_ptr,  # outputs of the mask-writing passes (4 and 5)
     stats_ptr,  # [BH, n_tiles, 4] fp32 partials (min/max, or sums)
-    range_ptr,  # [BH, RANGE_SLOTS] fp32 (threshold_global)
+    range_ptr,  # [BH, RANGE_SLOTS] fp32
     hist_ptr,  # [BH, NB] int32
     cand_val_ptr, cand_pair_ptr, cand_n_ptr,  # candidates [BH, CAP]: value fp32, pair int32; count [BH]
     cutoff_ptr,  # cutoff key [BH] int64
     geo_ptr,  # int32 [9]: T, Hg, Wg, ct, ch, cw, nT, nH, nW (effective chunks of the kind)
     stride_qb, stride_qs, stride_qh,
-    H, S, C, n_tiles, tau, topk, CAP, m_take,
+    H, S, C, n_tiles, CAP, m_take,
     BM: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
-    PHASE: tl.constexpr, MODE_TOPK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-    KIND: tl.constexpr, TOPK_ITER: tl.constexpr = False,
-    GROUPS: tl.constexpr = 0, TAIL: tl.constexpr = 0,
+    PHASE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, KIND: tl.constexpr,
+    GROUPS: tl.constexpr, TAIL: tl.constexpr,
 ):
-    """Pass PHASE of the selection over one query tile of one head.
+    """Pass PHASE (1-5) of threshold_global over one query tile of one head.
 
-    Pass 0 (per-query modes) scores a `[BM, C_PAD]` tile. threshold_global's passes 1-5 score the
-    blocks in `GROUPS` groups of 32 and one of `TAIL` (0, 16 or 32), a mask word each: C = 40 pads
-    to 48 instead of 64, and these passes cost in proportion to the pairs they touch.
+    The blocks are scored in `GROUPS` groups of 32 and one of `TAIL` (0, 16 or 32), a mask word
+    each: C = 40 pads to 48 instead of 64, and these passes cost in proportion to the pairs they
+    touch.
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     if PHASE == 3:
@@ -318,85 +220,28 @@ def vmoba_gate_kernel(
     b_q = _query_tile(q_ptr, i_b, i_h, o_i, m_i, stride_qb, stride_qs, stride_qh, D)
     self_c = tl.load(ids_ptr + o_i, mask=m_i, other=0).to(tl.int32)
 
-    if PHASE > 0:
-        W: tl.constexpr = C_PAD // 32
-        N_GROUPS: tl.constexpr = GROUPS + (TAIL > 0)  # one mask word each
-        s0, s1, attended, hist = _no_columns(NB, PHASE)
-        for g in tl.static_range(N_GROUPS):
-            r0, r1, r_att, r_hist = _global_columns(
-                b_q, km_hi_ptr, km_lo_ptr, lengths_ptr, mask_ptr, range_ptr, cand_val_ptr, cand_pair_ptr,
-                cand_n_ptr, cutoff_ptr, geo_ptr, i_bh, o_i, m_i, self_c, S, C, CAP, m_take, g * 32,
-                32 if g < GROUPS else TAIL, C_PAD, D, NB, W, PHASE, SPLIT, IEEE, KIND)
-            s0, s1, attended, hist = _combine(s0, s1, attended, hist, r0, r1, r_att, r_hist, PHASE)
-        p_s = stats_ptr + (i_bh * n_tiles + i_t) * 4
-        if PHASE <= 4:
-            tl.store(p_s + 0, s0)
-        if PHASE <= 2:
-            tl.store(p_s + 1, s1)
-        if PHASE == 2 or PHASE == 3:
-            # only the bins this tile hit: a tile's pairs fall in few of them, and every program of
-            # the head adds into the same NB counters
-            tl.atomic_add(hist_ptr + i_bh * NB + tl.arange(0, NB), hist, mask=hist > 0)
-        if PHASE >= 4:
-            tl.store(att_ptr + i_bh * n_tiles + i_t, attended)
-            for w in tl.static_range(N_GROUPS, W):  # words past the last block
-                tl.store(mask_ptr + (i_bh.to(tl.int64) * S + o_i) * W + w, tl.zeros([BM], dtype=tl.int32), mask=m_i)
-        return
-
-    # ---- per-query selection (topk, threshold_query): one [BM, C_PAD] tile ----
-    o_c = tl.arange(0, C_PAD)
-    b_g = _gate_scores(b_q, km_hi_ptr, km_lo_ptr, i_bh, 0, C_PAD, C_PAD, D, SPLIT, IEEE)
-    is_self = o_c[None, :] == self_c[:, None]  # [BM, C_PAD]
-    valid = m_i[:, None] & (o_c < C)[None, :]
-    other = valid & ~is_self
-    if TOPK_ITER:
-        # ---- top-k with small k: take the best remaining other block k-1 times ----
-        # (keys are unique: value bits high, C_PAD-1-c low, so equal values go to the lower
-        # block; one row reduction a step, cheaper than the 33-step bisection below while k is small)
-        b_unique = (_monotone_key(b_g).to(tl.int64) << 32) | (C_PAD - 1 - o_c)[None, :]
-        b_unique = tl.where(other, b_unique, -9223372036854775807 - 1)
-        for _ in range(tl.minimum(topk, C) - 1):
-            best = tl.max(b_unique, axis=1)
-            b_unique = tl.where(b_unique == best[:, None], -9223372036854775807 - 1, b_unique)
-        b_sel = valid & (is_self | (other & (b_unique == -9223372036854775807 - 1)))
-        _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
-        return
-    if MODE_TOPK:
-        b_val = b_g
-    else:
-        lo = tl.min(tl.where(valid, b_g, float("inf")), axis=1)
-        hi = tl.max(tl.where(valid, b_g, -float("inf")), axis=1)
-        span = hi - lo
-        flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
-        b_val = (b_g - lo[:, None]) * (1.0 / tl.where(flat, 1.0, span))[:, None]  # a product, not a division per pair
-        b_val = tl.where(flat[:, None], 1.0, b_val)
-    n_self = tl.sum(tl.where(is_self, b_val, 0.0), axis=1)
-    target = tau * tl.sum(tl.where(valid, b_val, 0.0), axis=1)
-    b_key = _monotone_key(b_val)
-    # the cutoff value: the largest key whose "take every other block at or above it" meets
-    # the condition, found by bisection on the 32-bit keys (no sort)
-    lo_k = tl.min(tl.where(other, b_key, 2147483647), axis=1).to(tl.int64)
-    hi_k = tl.max(tl.where(other, b_key, -2147483647 - 1), axis=1).to(tl.int64) + 1
-    ok_hi = _row_condition(b_key, b_val, other, hi_k, n_self, target, topk, MODE_TOPK)
-    for _ in range(33):  # keys span < 2**33 values
-        mid = lo_k + (hi_k - lo_k) // 2
-        ok = _row_condition(b_key, b_val, other, mid, n_self, target, topk, MODE_TOPK)
-        lo_k = tl.where(ok, mid, lo_k)
-        hi_k = tl.where(ok, hi_k, mid)
-    # lo_k is now the cutoff value (or the lowest key, if even every block falls short)
-    cut = tl.where(ok_hi, 2147483647, lo_k).to(tl.int32)
-    above = other & (b_key > cut[:, None])
-    ties = other & (b_key == cut[:, None])
-    rank = tl.cumsum(ties.to(tl.int32), axis=1) - 1  # lower block first among equal values
-    if MODE_TOPK:
-        room = tl.minimum(topk, C) - 1 - tl.sum(above.to(tl.int32), axis=1)
-        take_tie = ties & (rank < room[:, None])
-    else:
-        have = n_self + tl.sum(tl.where(above, b_val, 0.0), axis=1)
-        tie_val = tl.max(tl.where(ties, b_val, 0.0), axis=1)
-        take_tie = ties & ((have[:, None] + rank.to(tl.float32) * tie_val[:, None]) < target[:, None])
-    b_sel = (is_self | above | take_tie) & valid
-    _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
+    W: tl.constexpr = C_PAD // 32
+    N_GROUPS: tl.constexpr = GROUPS + (TAIL > 0)  # one mask word each
+    s0, s1, attended, hist = _no_columns(NB, PHASE)
+    for g in tl.static_range(N_GROUPS):
+        r0, r1, r_att, r_hist = _global_columns(
+            b_q, km_hi_ptr, km_lo_ptr, lengths_ptr, mask_ptr, range_ptr, cand_val_ptr, cand_pair_ptr,
+            cand_n_ptr, cutoff_ptr, geo_ptr, i_bh, o_i, m_i, self_c, S, C, CAP, m_take, g * 32,
+            32 if g < GROUPS else TAIL, C_PAD, D, NB, W, PHASE, SPLIT, IEEE, KIND)
+        s0, s1, attended, hist = _combine(s0, s1, attended, hist, r0, r1, r_att, r_hist, PHASE)
+    p_s = stats_ptr + (i_bh * n_tiles + i_t) * 4
+    if PHASE <= 4:
+        tl.store(p_s + 0, s0)
+    if PHASE <= 2:
+        tl.store(p_s + 1, s1)
+    if PHASE == 2 or PHASE == 3:
+        # only the bins this tile hit: a tile's pairs fall in few of them, and every program of
+        # the head adds into the same NB counters
+        tl.atomic_add(hist_ptr + i_bh * NB + tl.arange(0, NB), hist, mask=hist > 0)
+    if PHASE >= 4:
+        tl.store(att_ptr + i_bh * n_tiles + i_t, attended)
+        for w in tl.static_range(N_GROUPS, W):  # words past the last block
+            tl.store(mask_ptr + (i_bh.to(tl.int64) * S + o_i) * W + w, tl.zeros([BM], dtype=tl.int32), mask=m_i)
 
 
 @triton.jit
@@ -666,3 +511,86 @@ def vmoba_patch_kernel(cand_val_ptr, cand_pair_ptr, cand_n_ptr, cutoff_ptr, leng
     tl.atomic_or(mask_ptr + (i_bh.to(tl.int64) * S + i) * W + c // 32, 1 << (c % 32), mask=take, sem="relaxed")
     b_len = tl.load(lengths_ptr + c, mask=take, other=0).to(tl.float32)
     tl.atomic_add(att_ptr + i_bh * n_tiles + (i // BM).to(tl.int32), b_len, mask=take, sem="relaxed")
+
+
+def column_groups(num_blocks: int) -> tuple[int, int]:
+    """The passes score blocks in groups of 32 plus a tail of 16 or 32 (a matmul's smallest width
+    is 16): `(groups of 32, tail width or 0)`. C = 40 -> (1, 16)."""
+    full, rest = divmod(num_blocks, 32)
+    return full, (0 if rest == 0 else max(16, triton.next_power_of_2(rest)))
+
+
+def select_global(q, hi, lo, split: bool, layout, bits, attended, cfg: dict, *, tau: float, kind: str) -> None:
+    """Launch threshold_global's passes: fills `bits [B, H, S, W]` and `attended [B*H, n_tiles]`.
+
+    `hi, lo, split`: the gate operands (`selection.gate_operands`); `cfg`: `gate_config`'s.
+    `0 < tau < 1` (the caller turns the limits into top-k).
+    """
+    b, s, h, d = q.shape
+    c = layout.num_blocks
+    c_pad = hi.shape[1]
+    bm = cfg["BM"]
+    n_tiles = attended.shape[1]
+    bh = b * h
+    dev = q.device
+    cap = cfg["CAP"]
+    stats = torch.empty(bh, n_tiles, 4, device=dev, dtype=torch.float32)
+    ranges = torch.zeros(bh, RANGE_SLOTS.value, device=dev, dtype=torch.float32)
+    nb = cfg["bins"]
+    hist = torch.zeros(bh, nb, device=dev, dtype=torch.int32)
+    cand_val = torch.empty(bh, cap, device=dev, dtype=torch.float32)
+    cand_pair = torch.empty(bh, cap, device=dev, dtype=torch.int32)
+    cand_n = torch.zeros(bh, device=dev, dtype=torch.int32)
+    cutoff = torch.empty(bh, device=dev, dtype=torch.int64)
+    m_take = min(max(math.ceil(tau * s * c - s), 0), s * (c - 1))  # pairs to take when every gate of a head is equal
+    kind_id = {"1d": 1, "2d": 2, "3d": 3}[kind]
+    groups, tail = column_groups(c)
+
+    def gate_pass(phase: int):
+        vmoba_global_pass_kernel[(n_tiles, bh)](
+            q, hi, lo, layout.ids, layout.lengths, bits, attended, stats, ranges, hist,
+            cand_val, cand_pair, cand_n, cutoff, layout.geometry,
+            q.stride(0), q.stride(1), q.stride(2),
+            h, s, c, n_tiles, cap, m_take,
+            BM=bm, C_PAD=c_pad, D=d, NB=nb, PHASE=phase, SPLIT=split, IEEE=q.dtype == torch.float32,
+            KIND=kind_id, GROUPS=groups, TAIL=tail, num_warps=cfg["num_warps"],
+        )
+
+    nt_pad = triton.next_power_of_2(n_tiles)
+
+    def decide(step: int, counts=hist):
+        vmoba_decide_kernel[(bh,)](
+            counts, stats, ranges, n_tiles, float(tau), cap if cfg["direct"] else -1,
+            STEP=step, NB=counts.shape[-1], NT_PAD=nt_pad, num_warps=4,
+        )
+
+    gate_pass(PHASE_MINMAX)
+    vmoba_range_kernel[(bh,)](stats, ranges, n_tiles, NT_PAD=nt_pad)
+    gate_pass(PHASE_HIST1)
+    decide(1)
+    hist.zero_()
+    gate_pass(PHASE_HIST2)  # skipped by heads whose first band fits the candidates
+    decide(2)
+    gate_pass(PHASE_COMPACT)  # the mask outside the band; the band's pairs as candidates
+    # level 3 over the candidates, in chunks, then the exact cutoff among the few near it
+    chunk = 1024 if not interpreting() else 64
+    chunks = (triton.cdiv(cap, chunk), bh)
+    hist3 = torch.zeros(bh, NEAR_BINS, device=dev, dtype=torch.int32)
+    vmoba_band_hist_kernel[chunks](ranges, cand_val, cand_n, hist3, cap, NB=NEAR_BINS, CHUNK=chunk)
+    decide(3, hist3)
+    near = _near_buffers(bh, dev)
+    vmoba_near_kernel[chunks](ranges, cand_val, cand_pair, cand_n, *near, cap, NB=NEAR_BINS, CHUNK=chunk, NEAR=NEAR)
+    vmoba_cutoff_kernel[(bh,)](stats, ranges, cand_n, *near, cutoff, n_tiles, cap, NT_PAD=nt_pad, NEAR=NEAR,
+                               num_warps=1)
+    vmoba_patch_kernel[chunks](cand_val, cand_pair, cand_n, cutoff, layout.lengths, bits, attended,
+                               s, n_tiles, cap, BM=bm, W=c_pad // 32, CHUNK=chunk)
+    gate_pass(PHASE_MASK)  # only degenerate heads and those whose candidates overflowed
+
+
+def _near_buffers(bh: int, dev):
+    """The third level's state per head: near-cutoff keys, their count, the lowest of them, and
+    the mass of the candidates above them."""
+    return (torch.empty(bh, NEAR, device=dev, dtype=torch.int64),
+            torch.zeros(bh, device=dev, dtype=torch.int32),
+            torch.full((bh,), torch.iinfo(torch.int64).max, device=dev, dtype=torch.int64),
+            torch.zeros(bh, device=dev, dtype=torch.float64))

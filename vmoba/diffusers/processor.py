@@ -1,0 +1,117 @@
+"""The self-attention processor: Wan's projections, then VMoBA or the stock dense attention."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..attention import vmoba_attention
+from ..partition import num_blocks
+from .statistics import Timer
+
+if TYPE_CHECKING:
+    from .install import Forward, VMoBAHandle
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on `x [B, S, H, D]`, the same ops as the stock processor's."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = cos[..., 0::2]
+    sin = sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class VMoBAAttnProcessor:
+    """Self-attention processor for a `WanAttention` (`attn1`) that runs VMoBA or dense attention.
+
+    It computes the projections, q/k norms and rotary embedding as the stock `WanAttnProcessor`
+    does, then `vmoba_attention` on `q, k, v [B, S, H, D]` for sparse calls, or the stock
+    `dispatch_attention_fn` for dense ones. The call's grid, step and settings come from the
+    handle's pre-hook on the transformer.
+    """
+
+    # diffusers' set_attention_backend / enable_parallelism write these
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, handle: "VMoBAHandle", layer_idx: int, stock):
+        self.handle = handle
+        self.layer_idx = layer_idx
+        self.stock = stock
+        self._attention_backend = getattr(stock, "_attention_backend", None)
+        self._parallel_config = getattr(stock, "_parallel_config", None)
+
+    def __repr__(self):
+        return f"VMoBAAttnProcessor(layer_idx={self.layer_idx})"
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("VMoBAAttnProcessor is for self-attention without a mask (blocks.*.attn1)")
+        fwd = self.handle._current_forward()
+        query, key, value = _qkv_projections(attn, hidden_states)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))  # [B, S, H, D]
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _apply_rotary(query, *rotary_emb)
+            key = _apply_rotary(key, *rotary_emb)
+
+        settings, stats = fwd.state.settings, fwd.state.stats
+        timer = Timer(query.device) if settings.collect_timing else None
+        if fwd.config is None:
+            label = "dense"
+            if timer:
+                timer.start()
+            out = self._dense(query, key, value)
+        else:
+            label = fwd.config.kind(self.layer_idx)
+            if timer:
+                timer.start()
+            if self._parallel_config is not None:
+                raise ValueError("VMoBA does not support context parallelism (the grid would be split)")
+            call_stats = {} if settings.collect_density else None
+            out = vmoba_attention(
+                query, key, value, grid=fwd.grid, layer_idx=self.layer_idx, config=fwd.config,
+                kernel=settings.kernel, stats=call_stats,
+            )
+        if timer:
+            stats.add_timing(label, *timer.stop())
+        self._count(fwd, query, label, call_stats if fwd.config is not None else None)
+
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+    def _dense(self, query, key, value):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        # parallel_config only when set: diffusers before 0.36 has no such argument
+        extra = {} if self._parallel_config is None else {"parallel_config": self._parallel_config}
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, **extra,
+        )
+
+    def _count(self, fwd: Forward, query, label, call_stats):
+        """Add this call to the job's statistics; `call_stats` is what `vmoba_attention` reported."""
+        b, s, h, d = query.shape
+        stats = fwd.state.stats
+        if fwd.config is None:
+            stats.add_dense(b, s, h * d)
+            return
+        blocks = num_blocks(fwd.grid, label, fwd.config)
+        attended = call_stats["attended"] if call_stats else None
+        stats.add_sparse(label, b, h, s, h * d, blocks, attended)
+
+
+def _qkv_projections(attn, hidden_states):
+    """q, k, v `[B, S, H*D]` of a self-attention module, fused or not (as diffusers does)."""
+    if getattr(attn, "fused_projections", False):
+        return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
