@@ -165,7 +165,7 @@ def test_settings_do_not_leak_into_the_next_call(pipe, stock_video, handle):
     assert not np.array_equal(other, first)
 
 
-def test_settings_do_not_leak_across_threads(pipe):
+def test_settings_do_not_leak_across_threads(seed, pipe):
     """Two threads run the transformer at the same time, each with its own settings."""
     transformer = pipe.transformer
     gen = torch.Generator().manual_seed(7)
@@ -212,7 +212,7 @@ def test_settings_do_not_leak_across_threads(pipe):
         h.remove()
 
 
-def test_dense_steps_need_a_step_source(pipe):
+def test_dense_steps_need_a_step_source(seed, pipe):
     transformer = pipe.transformer
     h = install_vmoba(transformer, AttentionSettings(dense_steps=0.25))
     try:

@@ -12,7 +12,7 @@ def test_wan_1_3b_full_attention_totals_match_the_paper(tokens, tflops):
     assert round(wan_forward_flops(tokens) / 1e12, 2) == tflops
 
 
-def test_density_and_selection_flops_match_brute_force():
+def test_density_and_selection_flops_match_brute_force(seed):
     grid = (3, 5, 7)
     cfg = VMoBAConfig(temporal_chunk=2, spatial_chunk=(2, 3), st_chunk=(2, 3, 4))
     q, k, _ = locality_qkv(grid, 2, 3, 8)

@@ -104,7 +104,7 @@ def assert_every_layer_matches(q, k, v, grid, cfg):
 @pytest.mark.parametrize("grid", [(3, 5, 7), (5, 4, 4)])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernels_match_reference(grid, mode, dtype):
+def test_kernels_match_reference(seed, grid, mode, dtype):
     tau = float(torch.empty(()).uniform_(0.15, 0.6))
     cfg = CFG.replace(select=mode, threshold=tau)
     q, k, v = qkv(grid, dtype)
@@ -122,7 +122,7 @@ def test_kernels_match_reference(grid, mode, dtype):
         assert float(sel.density()) == pytest.approx(float(expected))
 
 
-def test_odd_shapes_single_head_and_tiny_blocks():
+def test_odd_shapes_single_head_and_tiny_blocks(seed):
     grid = (2, 3, 9)
     cfg = VMoBAConfig(
         temporal_chunk=1,
@@ -136,7 +136,7 @@ def test_odd_shapes_single_head_and_tiny_blocks():
 
 
 @pytest.mark.parametrize("mode", ["topk", "threshold_global"])
-def test_query_index_lists_every_selected_pair_once(mode):
+def test_query_index_lists_every_selected_pair_once(seed, mode):
     """The transposed index against the selection: segment `c * BH + bh` holds exactly the
     queries of `bh` that selected `c`, ascending, flagged first/last by their own selection; the
     work list covers every tile of every segment in order; `wait` points at the previous
@@ -172,7 +172,7 @@ def test_query_index_lists_every_selected_pair_once(mode):
 
 
 @pytest.mark.parametrize("iterate_max", [0, select_query.TOPK_ITER_MAX])
-def test_topk_strategies_match_reference_with_ties(monkeypatch, iterate_max):
+def test_topk_strategies_match_reference_with_ties(seed, monkeypatch, iterate_max):
     """Top-k by repeated max (small k) and by bisection (k-1 > TOPK_ITER_MAX) give the reference's
     selection, ties to the lower block included (zero queries: every gate of the row ties)."""
     monkeypatch.setattr(select_query, "TOPK_ITER_MAX", iterate_max)
@@ -194,7 +194,7 @@ def test_topk_strategies_match_reference_with_ties(monkeypatch, iterate_max):
 
 
 @pytest.mark.parametrize("kind_layer", [0, 1, 2])
-def test_degenerate_heads_rank_by_block_then_query(kind_layer):
+def test_degenerate_heads_rank_by_block_then_query(seed, kind_layer):
     """Equal gates everywhere: the kernels' closed-form (block, query) ranking on a ragged grid."""
     grid = (5, 5, 7)
     cfg = VMoBAConfig(
@@ -212,7 +212,7 @@ def test_degenerate_heads_rank_by_block_then_query(kind_layer):
     assert not out.isnan().any()
 
 
-def test_threshold_limits_and_all_selected_equals_dense():
+def test_threshold_limits_and_all_selected_equals_dense(seed):
     grid = (3, 5, 7)
     q, k, v = qkv(grid, DTYPES[0])
     ids = block_ids(grid, "3d", CFG, device=q.device)
@@ -230,7 +230,7 @@ def test_threshold_limits_and_all_selected_equals_dense():
         assert torch.equal(sel0.to_bool(), only_self)
 
 
-def test_public_api_uses_the_kernels_and_isolates_samples():
+def test_public_api_uses_the_kernels_and_isolates_samples(seed):
     grid = (4, 4, 6)
     cfg = CFG.replace(select="threshold_global", threshold=0.3)
     q, k, v = qkv(grid, DTYPES[0])
@@ -252,7 +252,7 @@ def test_public_api_uses_the_kernels_and_isolates_samples():
 
 
 @pytest.mark.parametrize("direct,cap", [(True, 1024), (False, 1024), (True, 48)])
-def test_threshold_global_direct_and_two_level_paths(monkeypatch, direct, cap):
+def test_threshold_global_direct_and_two_level_paths(seed, monkeypatch, direct, cap):
     """Heads whose first histogram band fits the candidate room compact it at once; the others
     (all with direct off; some with room for 48) narrow it with a second histogram first. Both
     give the reference's selection."""
@@ -273,7 +273,7 @@ def test_threshold_global_direct_and_two_level_paths(monkeypatch, direct, cap):
 
 
 @pytest.mark.parametrize("grid", [(3, 6, 8), (4, 4, 4)])
-def test_threshold_global_scores_blocks_in_column_groups(monkeypatch, grid):
+def test_threshold_global_scores_blocks_in_column_groups(seed, monkeypatch, grid):
     """threshold_global's passes score blocks in groups of 32 plus a tail of 16 or 32. One-token
     blocks: (3, 6, 8) has 48 in 2D (a group and a tail) and 144 in 3D (four groups, a tail, and
     three of the eight mask words past the last block); (4, 4, 4) has 16 in 2D (a tail alone) and
@@ -306,7 +306,7 @@ def test_threshold_global_scores_blocks_in_column_groups(monkeypatch, grid):
 
 
 @pytest.mark.parametrize("room", ["candidates", "near"])
-def test_candidate_overflow_takes_the_whole_range(monkeypatch, room):
+def test_candidate_overflow_takes_the_whole_range(seed, monkeypatch, room):
     """Most gates tie exactly at the cutoff (zero queries). With the default room the tie is
     split exactly as the reference does; with room for one candidate (or for one of those the
     third histogram level keeps) the tied band is taken whole: a strict superset (the documented
@@ -328,7 +328,7 @@ def test_candidate_overflow_takes_the_whole_range(monkeypatch, room):
     assert (sel & ~ref).any(), "the whole tied band is taken"
 
 
-def test_unsupported_inputs_raise():
+def test_unsupported_inputs_raise(seed):
     grid = (3, 5, 7)
     q, k, v = qkv(grid, DTYPES[0])
     with pytest.raises(ValueError, match="head dim"):
@@ -348,7 +348,7 @@ def test_unsupported_inputs_raise():
         select_blocks(x, x, grid=g, layer_idx=1, config=tiny, kernel="triton")
 
 
-def test_triton_path_refuses_inputs_that_need_gradients():
+def test_triton_path_refuses_inputs_that_need_gradients(seed):
     """The Triton path has no backward yet: with grad mode on and an input that requires grad it
     raises instead of returning an output silently cut from the graph; the reference path stays
     differentiable."""

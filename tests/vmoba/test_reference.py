@@ -36,7 +36,7 @@ def self_mask(ids, shape):
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("layer", [0, 1, 2])
 @pytest.mark.parametrize("mode", MODES)
-def test_selection_properties(grid, layer, mode):
+def test_selection_properties(seed, grid, layer, mode):
     tau = float(torch.empty(()).uniform_(0.1, 0.7))
     cfg = CFG.replace(select=mode, threshold=tau)
     q, k, _ = inputs(grid)
@@ -76,7 +76,7 @@ def test_selection_properties(grid, layer, mode):
 
 
 @pytest.mark.parametrize("mode", ["threshold_query", "threshold_global"])
-def test_threshold_monotone_and_limits(mode):
+def test_threshold_monotone_and_limits(seed, mode):
     grid = (3, 5, 7)
     q, k, _ = inputs(grid)
     prev = None
@@ -94,7 +94,7 @@ def test_threshold_monotone_and_limits(mode):
             assert sel.all()
 
 
-def test_topk_clipped_to_block_count():
+def test_topk_clipped_to_block_count(seed):
     grid = (3, 5, 7)
     q, k, _ = inputs(grid)
     sel = select_blocks(q, k, grid=grid, layer_idx=0, config=CFG.replace(select="topk", topk=50))
@@ -102,7 +102,7 @@ def test_topk_clipped_to_block_count():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_per_sample_isolation(mode):
+def test_per_sample_isolation(seed, mode):
     grid = (4, 6, 6)
     q, k, _ = inputs(grid, b=2)
     cfg = CFG.replace(select=mode, threshold=0.3)
@@ -116,7 +116,7 @@ def test_per_sample_isolation(mode):
     assert torch.equal(base[0], alone[0])
 
 
-def test_ties_go_to_lower_block_index():
+def test_ties_go_to_lower_block_index(seed):
     # every key equal: all gates tie, so top-k takes self plus the lowest other indices
     grid = (4, 4, 4)
     cfg = VMoBAConfig(
@@ -167,7 +167,7 @@ def dense_masked(q, k, v, sel, ids, scale):
 
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("mode", MODES)
-def test_attention_equals_masked_dense(grid, mode):
+def test_attention_equals_masked_dense(seed, grid, mode):
     cfg = CFG.replace(select=mode, threshold=0.3)
     q, k, v = inputs(grid, dtype=torch.float64)
     for layer in range(3):
@@ -178,7 +178,7 @@ def test_attention_equals_masked_dense(grid, mode):
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_query_chunking_does_not_change_result():
+def test_query_chunking_does_not_change_result(seed):
     grid = (3, 5, 7)
     q, k, v = inputs(grid)
     sel = select_blocks(q, k, grid=grid, layer_idx=1, config=CFG)
@@ -191,7 +191,7 @@ def test_query_chunking_does_not_change_result():
 @pytest.mark.parametrize(
     "dtype,tol", [(torch.float32, 2e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]
 )
-def test_all_selected_equals_sdpa(dtype, tol):
+def test_all_selected_equals_sdpa(seed, dtype, tol):
     grid = (3, 5, 7)
     q, k, v = (x.to(dtype) for x in inputs(grid, dtype=torch.float32))
     for mode, extra in (
@@ -215,7 +215,7 @@ def test_all_selected_equals_sdpa(dtype, tol):
         torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
 
 
-def test_small_tau_differs_from_dense():
+def test_small_tau_differs_from_dense(seed):
     grid = (4, 6, 6)
     q, k, v = inputs(grid, dtype=torch.float32)
     out = vmoba_attention(q, k, v, grid=grid, layer_idx=1, config=CFG.replace(threshold=0.05))
@@ -223,7 +223,7 @@ def test_small_tau_differs_from_dense():
     assert (out - dense).abs().max() > 1e-2
 
 
-def test_softmax_scale_is_used():
+def test_softmax_scale_is_used(seed):
     grid = (3, 5, 7)
     q, k, v = inputs(grid, dtype=torch.float32)
     a = vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, softmax_scale=0.1)
@@ -231,7 +231,7 @@ def test_softmax_scale_is_used():
     assert not torch.allclose(a, b)
 
 
-def test_bad_arguments_raise_value_errors():
+def test_bad_arguments_raise_value_errors(seed):
     grid = (3, 5, 7)
     q, k, v = inputs(grid, dtype=torch.float32)
     with pytest.raises(ValueError, match="grid"):
@@ -260,7 +260,7 @@ def test_bad_arguments_raise_value_errors():
         vmoba_attention(q, k.double(), v, grid=grid, layer_idx=0, config=CFG)
 
 
-def test_stats_report_attended_tokens_without_a_second_selection():
+def test_stats_report_attended_tokens_without_a_second_selection(seed):
     grid = (3, 5, 7)
     q, k, v = inputs(grid, dtype=torch.float32)
     stats = {}
