@@ -71,7 +71,7 @@ class Runtime:
     name: str
     redis: object
     store: object  # contract.store.JobStore
-    storage: object  # worker.storage.ResultStorage
+    storage: object  # contract.storage.Storage (worker.storage.open_storage)
     pipe: object
     handle: object  # vmoba.diffusers.VMoBAHandle
     device: str
@@ -96,7 +96,7 @@ class Runtime:
         from contract.store import JobStore
         from vmoba.diffusers import AttentionSettings, install_vmoba
 
-        from .storage import ResultStorage
+        from .storage import StorageUnavailable, open_storage
 
         device = resolve_device(settings.WORKER_DEVICE)
         t0 = time.perf_counter()
@@ -108,12 +108,18 @@ class Runtime:
         info["model"] = settings.MODEL
         load_s = time.perf_counter() - t0
         client = redis_client or redis_lib.Redis.from_url(settings.REDIS_URL)
+        storage = open_storage(settings)
+        try:
+            storage.check()
+            log.info("results go to %s", storage.describe())
+        except StorageUnavailable as exc:  # jobs retry their uploads (STORAGE_RETRY_S)
+            log.warning("results storage is not reachable yet: %s", exc)
         rt = cls(
             settings=settings,
             name=settings.name(),
             redis=client,
             store=JobStore(client, retention_s=settings.RETENTION_S),
-            storage=ResultStorage(settings.DATA_DIR),
+            storage=storage,
             pipe=pipe,
             handle=handle,
             device=device,
