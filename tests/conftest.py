@@ -204,6 +204,13 @@ def s3(moto_server, monkeypatch) -> S3Target:
     return s3_target(moto_server, monkeypatch)
 
 
+@pytest.fixture
+def make_s3(monkeypatch):
+    """`make_s3(server)` -> a fresh bucket on `server` (e.g. one from `make_moto`), with this
+    process's `AWS_*` pointing at it."""
+    return lambda server: s3_target(server, monkeypatch)
+
+
 def has_cuda() -> bool:
     try:
         import torch
