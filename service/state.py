@@ -1,4 +1,5 @@
-"""What the API process holds while it runs: settings, Redis clients, the job store, the RQ queue.
+"""What the API process holds while it runs: settings, Redis clients, the job store, the RQ queue,
+the results storage.
 
 Built in the app's lifespan (`open_state`) and reached from routes with `get_state(request)`.
 """
@@ -13,6 +14,7 @@ from fastapi import Request
 from rq import Queue
 
 from contract.request import Limits
+from contract.storage import Storage
 from contract.store import AsyncJobStore
 
 from .settings import ServiceSettings
@@ -26,6 +28,7 @@ class AppState:
     sync_redis: redis.Redis  # RQ needs a synchronous connection (used from a thread)
     store: AsyncJobStore
     queue: Queue
+    storage: Storage  # results: the folder DATA_DIR or object storage (blocking: use a thread)
 
     def prime(self) -> None:
         """Cache what RQ asks Redis once per queue (its server version), so that recording an
@@ -50,6 +53,7 @@ def open_state(settings: ServiceSettings) -> AppState:
         sync_redis=sync_client,
         store=AsyncJobStore(client, retention_s=settings.RETENTION_S),
         queue=Queue(settings.QUEUE_NAME, connection=sync_client),
+        storage=settings.open_storage(),
     )
 
 
