@@ -11,6 +11,7 @@ import pytest
 
 from contract.files import META_FILE, THUMBNAIL_FILE, VIDEO_FILE
 from contract.storage import open_storage
+from service.cli import Client
 
 
 def finish_job(store, storage, job_id: str, video: bytes) -> None:
@@ -90,7 +91,7 @@ def test_files_are_streamed_from_storage_with_range(make_server, s3, completed):
         assert openai.status_code == 206 and openai.content == video[:100]
 
 
-def test_redirect_to_a_presigned_url(make_server, s3, completed, moto_server):
+def test_redirect_to_a_presigned_url(make_server, s3, completed, moto_server, tmp_path):
     public = moto_server.url.replace("127.0.0.1", "localhost")
     server = make_server(
         STORAGE_URL=s3.url,
@@ -115,6 +116,9 @@ def test_redirect_to_a_presigned_url(make_server, s3, completed, moto_server):
         followed = http.get(f"/v1/videos/{job_id}/content", follow_redirects=True)
         assert followed.status_code == 200 and followed.content == video
         assert http.get(f"/jobs/{job_id}/thumbnail").status_code == 307
+    out = tmp_path / "cli.mp4"  # the command-line client follows it too
+    assert Client(server.url, api_key=None).download(job_id, out) == len(video)
+    assert out.read_bytes() == video
 
 
 def test_delete_removes_the_objects(make_server, s3, completed):
