@@ -275,7 +275,7 @@ class JobRun:
             t_pub = time.perf_counter()
             self._publish(staged)
             timings["upload_s"] = time.perf_counter() - t_pub
-            timings["total_s"] = time.monotonic() - cur.started
+            timings["total_s"] += timings["upload_s"]
         files = list(RESULT_FILES)
         if not store.mark_completed(job_id, files=files, timings=timings, density=density):
             if store.get(job_id) is None:  # deleted while we worked: leave no files behind

@@ -78,11 +78,10 @@ class Staged:
     def __enter__(self) -> Staged:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         # Unpublished files are dropped; published ones live in storage now (the local folder
         # moved the directory itself, object storage has copies).
         self.discard()
-        return False
 
 
 class Storage(ABC):
