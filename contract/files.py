@@ -1,13 +1,16 @@
-"""Where a job's results live under `DATA_DIR` (the API serves them; workers write them).
+"""Where a job's results live (the API serves them; workers write them; `contract.storage`
+reads and writes them), under `DATA_DIR` or, with `STORAGE_URL=s3://bucket/prefix`, under the
+object prefix `prefix/`:
 
 ```
-DATA_DIR/jobs/<job_id>/video.mp4        H.264 mp4
-DATA_DIR/jobs/<job_id>/thumbnail.jpg    preview image
-DATA_DIR/jobs/<job_id>/meta.json        sidecar: everything needed to reproduce and judge the result
-DATA_DIR/staging/<job_id>.<random>/     a job's files while they are being written
+DATA_DIR/jobs/<job_id>/video.mp4        H.264 mp4                  s3://bucket/prefix/jobs/<job_id>/video.mp4
+DATA_DIR/jobs/<job_id>/thumbnail.jpg    preview image              .../jobs/<job_id>/thumbnail.jpg
+DATA_DIR/jobs/<job_id>/meta.json        sidecar: everything needed to reproduce and judge the result;
+                                        in object storage written last: it marks the result complete
+DATA_DIR/staging/<job_id>.<random>/     a job's files while they are being written (on the worker's disk)
 ```
 
-Only server-made ids (`video_<32 hex>`) ever become paths.
+Only server-made ids (`video_<32 hex>`) ever become paths or keys.
 """
 
 from __future__ import annotations

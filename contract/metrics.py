@@ -15,7 +15,7 @@ from .record import JobRecord, as_text
 # Histogram buckets (seconds) for per-stage job latency and per-step denoising time.
 STAGE_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-STAGE_METRICS = ("queued", "denoising", "decoding", "encoding", "total")
+STAGE_METRICS = ("queued", "denoising", "decoding", "encoding", "upload", "total")
 
 
 def _observe(pipe: Any, key: str, value: float, buckets: tuple) -> None:

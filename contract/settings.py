@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .models import ModelSpec, custom_model, resolve_model_id
+from .storage import check_storage_url
 
 
 class SharedSettings(BaseSettings):
@@ -18,7 +19,13 @@ class SharedSettings(BaseSettings):
     """Redis holding the RQ queue, the job records, heartbeats and events. `make serve` starts a
     private server and sets this when it is not given."""
     DATA_DIR: Path = Path("./var/data")
-    """Results root (`contract.files`), a volume shared by the API and the workers."""
+    """Results root (`contract.files`), a volume shared by the API and the workers. With
+    `STORAGE_URL` set it holds only each process's own staging files."""
+    STORAGE_URL: str = ""
+    """Where results live (`contract.storage`): empty for the folder `DATA_DIR`, or
+    `s3://bucket/prefix` for S3-compatible object storage (endpoint, region and credentials from
+    `AWS_ENDPOINT_URL` or `S3_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+    `AWS_SECRET_ACCESS_KEY`), so workers on several hosts need no shared filesystem."""
     QUEUE_NAME: str = "vmoba"
     """RQ queue the API enqueues to; a worker may list several, comma-separated, worked in
     priority order."""
@@ -56,3 +63,8 @@ class SharedSettings(BaseSettings):
                 else custom_model(name, self.MODEL_BASE, vmoba_trained=self.VMOBA_TRAINED)
             )
         return specs
+
+    @field_validator("STORAGE_URL")
+    @classmethod
+    def _check_storage_url(cls, value: str) -> str:
+        return check_storage_url(value)

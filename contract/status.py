@@ -42,6 +42,9 @@ class ErrorCode(str, Enum):
     timeout = "timeout"
     gpu_oom = "gpu_oom"
     worker_lost = "worker_lost"
+    # The result could not be stored: object storage stayed unreachable (or refused the upload)
+    # for the worker's whole STORAGE_RETRY_S.
+    storage_unavailable = "storage_unavailable"
     internal_error = "internal_error"
 
 

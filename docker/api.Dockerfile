@@ -13,6 +13,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 # Only what the API needs: the package metadata and the torch-free `service` package.
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY service ./service
 RUN pip install ".[service]" \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin vmoba \

@@ -28,6 +28,7 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY vmoba ./vmoba
+COPY contract ./contract
 COPY service ./service
 COPY worker ./worker
 # torch stays pinned by the extra; TORCH_INDEX_URL only picks the wheel flavour (e.g. CPU).

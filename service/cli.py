@@ -185,11 +185,12 @@ class Client:
             time.sleep(int(r.headers.get("openai-poll-after-ms", 1000)) / 1000)
 
     def download(self, job_id: str, out: Path) -> int:
-        """Stream the mp4 to `out` (written next to it first, then renamed)."""
+        """Stream the mp4 to `out` (written next to it first, then renamed). A redirect to
+        object storage (`STORAGE_REDIRECT=1`) is followed; httpx drops the API key on the way."""
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.part")
         size = 0
-        with self.http.stream("GET", f"/jobs/{job_id}/video") as r:
+        with self.http.stream("GET", f"/jobs/{job_id}/video", follow_redirects=True) as r:
             if r.status_code != 200:
                 raise Refused(f"{r.status_code}: {r.read().decode()[:300]}")
             with open(tmp, "wb") as f:

@@ -6,7 +6,9 @@ as a traceback. `install_error_handlers(app)` maps:
 - `APIError` (raised by our code) -> its status;
 - pydantic `ValidationError` / FastAPI `RequestValidationError` -> 400 `invalid_request`;
 - Starlette `HTTPException` (unknown route, wrong method) -> its status;
-- Redis being unreachable -> 503; anything else -> 500 `internal_error` (logged, never shown).
+- Redis being unreachable -> 503; results storage being unreachable (`StorageUnavailable`) -> 503
+  `storage_unavailable` + `Retry-After`; anything else -> 500 `internal_error` (logged, never
+  shown).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from contract.storage import StorageUnavailable
 
 from .responses import JSON
 
@@ -169,6 +173,21 @@ def install_error_handlers(app: FastAPI) -> None:
                 503,
                 "the job store (Redis) is unreachable; retry shortly",
                 headers={"Retry-After": "5"},
+            )
+        )
+
+    @app.exception_handler(StorageUnavailable)
+    async def _storage_down(request: Request, exc: StorageUnavailable):
+        # The details (endpoint, bucket) are for the operator's log, not for clients.
+        log.warning("results storage unavailable: %s %s: %s", request.method, request.url.path, exc)
+        state = getattr(request.app.state, "vmoba", None)
+        retry_after = state.settings.RETRY_AFTER_S if state is not None else 10
+        return error_response(
+            APIError(
+                503,
+                "the results storage is unreachable; retry shortly",
+                code="storage_unavailable",
+                headers={"Retry-After": str(retry_after)},
             )
         )
 

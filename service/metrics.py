@@ -6,7 +6,7 @@
 - From Redis at scrape time (so they agree across API processes and include the workers' work):
   `vmoba_jobs_finished_total{status}`, `vmoba_queue_depth`, `vmoba_jobs_running`,
   `vmoba_live_workers`, `vmoba_job_stage_seconds{stage}` (queued, denoising, decoding, encoding,
-  total) and `vmoba_denoising_step_seconds` histograms.
+  upload (publishing to results storage, retries included), total) and `vmoba_denoising_step_seconds` histograms.
 
 With several uvicorn workers, set `PROMETHEUS_MULTIPROC_DIR` (`make serve` does) so the per-process
 counters are summed.

@@ -21,12 +21,13 @@ from contract.files import job_dir
 from contract.models import ModelSpec
 from contract.request import Limits
 from contract.settings import SharedSettings
+from contract.storage import Storage, open_storage
 
 
 class ServiceSettings(SharedSettings):
     """Environment of the API process. Field names are the environment variable names; the
-    settings shared with the workers (`REDIS_URL`, `DATA_DIR`, `QUEUE_NAME`, `RETENTION_S`,
-    `MODEL`) come from `contract.settings.SharedSettings`."""
+    settings shared with the workers (`REDIS_URL`, `DATA_DIR`, `STORAGE_URL`, `QUEUE_NAME`,
+    `RETENTION_S`, `MODEL`) come from `contract.settings.SharedSettings`."""
 
     # -- HTTP ----------------------------------------------------------------------------------
     # Interface and port of the API (`make serve` prints the URL).
@@ -49,7 +50,7 @@ class ServiceSettings(SharedSettings):
     # -- queue and jobs ------------------------------------------------------------------------
     # Jobs waiting (queued, not started) beyond which POSTs get 429 + Retry-After.
     MAX_QUEUE_DEPTH: int = Field(64, ge=1)
-    # Retry-After sent with 429, seconds.
+    # Retry-After sent with 429, and with 503 when results storage is unreachable, seconds.
     RETRY_AFTER_S: int = Field(10, ge=1)
     # How long an Idempotency-Key maps to its job (1 day).
     IDEMPOTENCY_TTL_S: int = Field(24 * 3600, ge=1)
@@ -57,6 +58,16 @@ class ServiceSettings(SharedSettings):
     POLL_AFTER_MS: int = Field(1000, ge=0)
     # Comment lines sent on idle event streams so proxies keep them open.
     SSE_PING_S: float = Field(15.0, gt=0)
+
+    # -- results storage (`STORAGE_URL` is shared: `contract.settings`) ------------------------
+    # With object storage: answer video/thumbnail downloads with a 307 redirect to a presigned
+    # URL (the client fetches the bytes from storage) instead of streaming them through the API.
+    STORAGE_REDIRECT: bool = False
+    # How long a redirect's presigned URL stays valid, seconds.
+    STORAGE_REDIRECT_EXPIRY_S: int = Field(300, ge=1, le=7 * 24 * 3600)
+    # The storage endpoint as clients reach it, for presigned URLs, when the API reaches storage
+    # at an internal address (e.g. http://minio:9000 inside compose); empty: the API's endpoint.
+    STORAGE_PUBLIC_ENDPOINT_URL: str = ""
 
     # -- request limits (see `Limits`) ---------------------------------------------------------
     MAX_PROMPT_CHARS: int = Field(2000, ge=1)
@@ -120,6 +131,14 @@ class ServiceSettings(SharedSettings):
             max_guidance_scale=self.MAX_GUIDANCE_SCALE,
             max_fps=self.MAX_FPS,
             **overrides,
+        )
+
+    def open_storage(self) -> Storage:
+        """The results storage `STORAGE_URL` names (the folder `DATA_DIR` when unset)."""
+        return open_storage(
+            self.STORAGE_URL,
+            self.DATA_DIR,
+            public_endpoint_url=self.STORAGE_PUBLIC_ENDPOINT_URL or None,
         )
 
     def job_dir(self, job_id: str) -> Path:

@@ -1,5 +1,5 @@
 """What the API process holds while it runs: settings, Redis clients, the job store, the served
-models with their limits and RQ queues.
+models with their limits and RQ queues, the results storage.
 
 Built in the app's lifespan (`open_state`) and reached from routes with `get_state(request)`.
 """
@@ -16,6 +16,7 @@ from rq import Queue
 from contract.enqueue import queue_name
 from contract.models import REGISTRY, ModelSpec, resolve_model_id
 from contract.request import Limits
+from contract.storage import Storage
 from contract.store import AsyncJobStore
 
 from .errors import APIError
@@ -29,6 +30,7 @@ class AppState:
     redis: aredis.Redis  # async pool: records, events, metrics
     sync_redis: SyncRedis  # RQ needs a synchronous connection (used from a thread)
     store: AsyncJobStore
+    storage: Storage  # results: the folder DATA_DIR or object storage (blocking: use a thread)
     _limits: dict[str, Limits] = field(default_factory=dict)
     _queues: dict[str, Queue] = field(default_factory=dict)
 
@@ -104,6 +106,7 @@ def open_state(settings: ServiceSettings) -> AppState:
         redis=client,
         sync_redis=sync_client,
         store=AsyncJobStore(client, retention_s=settings.RETENTION_S),
+        storage=settings.open_storage(),
     )
 
 

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,146 @@ def redis_client(redis_url):
     client.flushdb()
     yield client
     client.close()
+
+
+class MotoServer:
+    """moto's standalone S3-API server (`python -m moto.server`) on 127.0.0.1: a real HTTP
+    endpoint that boto3, the API and workers talk to over the network. `stop()` and `start()`
+    again on the same port play storage going down and coming back (moto keeps its state in
+    memory: buckets and objects are gone after a restart)."""
+
+    ACCESS_KEY = "vmoba-test-key"
+    SECRET_KEY = "vmoba-test-secret"
+    REGION = "us-east-1"
+
+    def __init__(self, log_path, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MotoServer:
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=open(self.log_path, "ab"),  # noqa: SIM115 - open for the child's whole life
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            assert self.proc.poll() is None, Path(self.log_path).read_text()[-2000:]
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"moto server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def env(self) -> dict[str, str]:
+        """What a process needs to reach this server: the usual AWS variables."""
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+            "AWS_REGION": self.REGION,
+        }
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=self.REGION,
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET_KEY,
+        )
+
+    def make_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        )
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """One moto S3 server for the session (tests use a fresh bucket each: `s3`)."""
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_moto(tmp_path):
+    """`make_moto()` -> a started private `MotoServer` that the test may stop and restart."""
+    servers: list[MotoServer] = []
+
+    def make() -> MotoServer:
+        server = MotoServer(tmp_path / f"moto-{len(servers)}.log").start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+class S3Target:
+    """A fresh bucket on a moto server, and the `STORAGE_URL` of a prefix in it."""
+
+    def __init__(self, server: MotoServer, bucket: str, prefix: str = "results/v1"):
+        self.server = server
+        self.bucket = bucket
+        self.prefix = prefix
+        self.url = f"s3://{bucket}/{prefix}"
+
+    def keys(self, under: str = "") -> list[str]:
+        return self.server.keys(self.bucket, f"{self.prefix}/{under}")
+
+    def job_keys(self, job_id: str) -> list[str]:
+        return [k.rsplit("/", 1)[1] for k in self.keys(f"jobs/{job_id}/")]
+
+
+def s3_target(server: MotoServer, monkeypatch) -> S3Target:
+    """A new bucket on `server`, with this process's AWS variables pointing at it."""
+    import uuid
+
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "S3_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    target = S3Target(server, f"vmoba-{uuid.uuid4().hex[:12]}")
+    server.make_bucket(target.bucket)
+    return target
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch) -> S3Target:
+    """A fresh bucket on the session's moto server; `AWS_*` set for this process."""
+    return s3_target(moto_server, monkeypatch)
+
+
+@pytest.fixture
+def make_s3(monkeypatch):
+    """`make_s3(server)` -> a fresh bucket on `server` (e.g. one from `make_moto`), with this
+    process's `AWS_*` pointing at it."""
+    return lambda server: s3_target(server, monkeypatch)
 
 
 def has_cuda() -> bool:

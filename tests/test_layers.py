@@ -23,14 +23,28 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node, except those under `if TYPE_CHECKING:` (imports for annotations only)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
 def imports_of(path: Path) -> set[str]:
-    """Absolute names of every module `path` imports (function-level imports included)."""
+    """Absolute names of every module `path` imports at run time (function-level imports
+    included, `if TYPE_CHECKING:` blocks left out)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module_name(path).split(".")
     if path.name != "__init__.py":
         package = package[:-1]
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -112,9 +126,13 @@ def test_the_checks_see_a_planted_violation(tmp_path):
     fail)."""
     pkg = ROOT / "service"
     probe = pkg / "_layer_probe.py"
-    probe.write_text("def f():\n    from ..worker import jobs\n    import torch\n")
+    probe.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    import diffusers\n"
+        "def f():\n    from ..worker import jobs\n    import torch\n"
+    )
     try:
         found = imports_of(probe)
     finally:
         probe.unlink()
-    assert "worker.jobs" in found and "torch" in found
+    assert "worker.jobs" in found and "torch" in found and "diffusers" not in found

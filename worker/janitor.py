@@ -16,9 +16,14 @@ sweep runs at a time across hosts; `python -m worker.janitor` runs one sweep by 
    gone, failed, stopped or finished (e.g. RQ's maintenance failed a job stuck in its
    intermediate queue) can never start: it fails with `worker_lost` (`cancelled` if RQ cancelled
    it), so clients stop waiting.
-3. **Retention.** Finished jobs past `expires_at`: files first, then the record.
-4. **Leftovers.** Staging directories of killed workers older than `STAGING_MAX_AGE_S`, and job
-   directories with no record (deleted jobs) older than the same age.
+3. **Retention.** Finished jobs past `expires_at`: files first (with object storage, every
+   object under the job's prefix), then the record.
+4. **Leftovers.** Staging directories of killed workers older than `STAGING_MAX_AGE_S` (and, with
+   object storage, multipart uploads they left open), and job directories or prefixes with no
+   record (deleted jobs) older than the same age.
+
+Storage being unreachable (`StorageUnavailable`) skips the file passes of this sweep: records of
+expired jobs stay until their files are gone, so the next sweep tries again.
 """
 
 from __future__ import annotations
@@ -37,11 +42,12 @@ from contract.enqueue import enqueue
 from contract.keys import JANITOR_LOCK_KEY, QUEUED_KEY, job_key
 from contract.record import as_text
 from contract.status import ErrorCode
+from contract.storage import Storage, StorageUnavailable
 from contract.store import JobStore
 from contract.supervise import setup_logging
 
 from .settings import WorkerSettings
-from .storage import ResultStorage
+from .storage import open_storage
 
 log = logging.getLogger("worker.janitor")
 
@@ -68,7 +74,7 @@ class SweepReport:
 
 
 class Janitor:
-    def __init__(self, redis, store: JobStore, storage: ResultStorage, settings: WorkerSettings):
+    def __init__(self, redis, store: JobStore, storage: Storage, settings: WorkerSettings):
         self.redis = redis
         self.store = store
         self.storage = storage
@@ -81,7 +87,7 @@ class Janitor:
         return cls(
             client,
             JobStore(client, retention_s=settings.RETENTION_S),
-            ResultStorage(settings.DATA_DIR),
+            open_storage(settings),
             settings,
         )
 
@@ -97,9 +103,12 @@ class Janitor:
             report = SweepReport()
             self.reap_dead(report)
             self.fail_orphans(report, now=now)
-            self.remove_expired(report, now=now)
             report.staging = self.storage.clean_staging(self.settings.STAGING_MAX_AGE_S)
-            self.remove_stray_dirs(report)
+            try:
+                self.remove_expired(report, now=now)
+                self.remove_stray_dirs(report)
+            except StorageUnavailable as exc:
+                log.warning("janitor: results storage unavailable, files left for later: %s", exc)
             if report:
                 log.info("janitor: %s", {k: v for k, v in report.__dict__.items() if v})
             return report
@@ -188,7 +197,10 @@ class Janitor:
             )
         )
         if self.store.mark_failed(rec.id, ErrorCode.worker_lost.value, message):
-            self.storage.remove(rec.id)
+            try:
+                self.storage.remove(rec.id)
+            except StorageUnavailable as exc:  # retention removes them with the record
+                log.warning("job %s: could not remove its files: %s", rec.id, exc)
             report.lost.append(rec.id)
             log.warning("job %s failed: %s", rec.id, message)
         self._rq_fail(rec.id, job, message)

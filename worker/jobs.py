@@ -15,7 +15,12 @@ what users see; RQ only carries the work. A run:
    `STOP_GRACE_S`). Stopping raises out of the diffusers step callback, so the VAE decode is
    skipped and the GPU memory is freed at once;
 5. writes `video.mp4`, `thumbnail.jpg` and `meta.json` into a staging directory and publishes
-   them with one rename (`worker.storage`), then marks the record completed.
+   them (`contract.storage`: one rename into `DATA_DIR`, or uploads to object storage with the
+   sidecar last), then marks the record completed. While object storage is unreachable or
+   refuses the files, the worker retries with exponential back-off for `STORAGE_RETRY_S`: the
+   files wait in the staging directory, the job stays `in_progress` at stage `encoding` and the
+   heartbeat thread keeps beating; a cancel, a deleted record or a shutdown (after
+   `STOP_GRACE_S`) still end it between attempts.
 
 Every way out ends the record in a final state, or back in `queued` for another worker:
 
@@ -25,6 +30,8 @@ Every way out ends the record in a final state, or back in `queued` for another 
 | cancel flag | cancelled | finished |
 | over its timeout | failed `timeout` | finished |
 | CUDA out of memory | failed `gpu_oom`; the process exits with 75 and the launcher restarts it | finished |
+| storage down for all of `STORAGE_RETRY_S` | failed `storage_unavailable` | finished |
+| SIGTERM while storage is down, past `STOP_GRACE_S` | queued again | re-queued at the front |
 | SIGTERM, long job left | queued again | re-queued at the front (`Retry`) |
 | second SIGTERM (cold shutdown) | queued again | re-queued at the front |
 | anything else | failed `internal_error` | finished |
@@ -53,6 +60,7 @@ from contract.keys import cancel_key, is_job_id, job_key
 from contract.record import as_text
 from contract.request import ValidatedRequest
 from contract.status import ErrorCode, Stage
+from contract.storage import Staged, StorageUnavailable
 
 from . import runtime as runtime_mod
 from .runtime import CurrentJob, Runtime, free_memory
@@ -64,6 +72,12 @@ log = logging.getLogger("worker.jobs")
 # A job stopped by SIGTERM goes back to the queue; cap how often, in case something keeps
 # stopping workers in a loop.
 MAX_SHUTDOWN_REQUEUES = 20
+# Publishing retries: the first wait, doubling up to the longest (seconds).
+PUBLISH_FIRST_BACKOFF_S = 0.5
+PUBLISH_MAX_BACKOFF_S = 30.0
+# The watchdog leaves a publishing job alone for STORAGE_RETRY_S plus this (the last attempt's
+# own upload time): waiting for storage is not the job overrunning its timeout.
+PUBLISH_WATCHDOG_MARGIN_S = 300.0
 
 
 class StopJob(Exception):
@@ -80,6 +94,11 @@ class JobTimedOut(StopJob):
 
 class JobRequeued(StopJob):
     pass
+
+
+class StorageFailed(Exception):
+    """Storage stayed unreachable for all of `STORAGE_RETRY_S`: the job fails with
+    `storage_unavailable`."""
 
 
 class JobTakenAway(StopJob):
@@ -198,6 +217,10 @@ class JobRun:
         except JobTakenAway as exc:
             log.warning("job %s: %s; stopping without touching its record", job_id, exc)
             return {"job_id": job_id, "status": "taken"}
+        except StorageFailed as exc:
+            log.error("job %s: %s", job_id, exc)
+            store.mark_failed(job_id, ErrorCode.storage_unavailable.value, str(exc))
+            return {"job_id": job_id, "status": "failed", "error": "storage_unavailable"}
         except (JobRequeued, SystemExit, KeyboardInterrupt) as exc:
             return self._requeue(exc)
         except Exception as exc:
@@ -287,13 +310,19 @@ class JobRun:
             )
             if self._check_owner():  # a cancel during decode/encode still wins before publishing
                 raise JobCancelled()
-            staged.publish()
+            t_pub = time.perf_counter()
+            self._publish(staged)
+            timings["upload_s"] = time.perf_counter() - t_pub
+            timings["total_s"] += timings["upload_s"]
         ran = {"settings": attention.to_dict(), "sources": sources}
         if not store.mark_completed(
             job_id, files=files, timings=timings, density=density, attention=ran
         ):
             if store.get(job_id) is None:  # deleted while we worked: leave no files behind
-                rt.storage.remove(job_id)
+                try:
+                    rt.storage.remove(job_id)
+                except StorageUnavailable as exc:  # the janitor removes them later (stray)
+                    log.warning("job %s: could not remove its files: %s", job_id, exc)
             log.warning(
                 "job %s: finished, but its record was gone or no longer in progress", job_id
             )
@@ -307,6 +336,67 @@ class JobRun:
         rt.jobs_done += 1
         log.info("job %s completed in %.2f s (density %s)", job_id, timings["total_s"], density)
         return {"job_id": job_id, "status": "completed", "timings": timings}
+
+    # -- publishing ----------------------------------------------------------------------------
+    def _publish(self, staged: Staged) -> None:
+        """Publish the staged files, retrying while storage is unavailable (see the module
+        docstring); `StorageFailed` once `STORAGE_RETRY_S` has passed."""
+        window = self.settings.STORAGE_RETRY_S
+        started = time.monotonic()
+        give_up = started + window
+        cur = self.cur
+        assert cur is not None
+        cur.deadline = max(cur.deadline, give_up + PUBLISH_WATCHDOG_MARGIN_S)
+        delay = PUBLISH_FIRST_BACKOFF_S
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                staged.publish()
+            except StorageUnavailable as exc:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    raise StorageFailed(
+                        f"could not store the finished video: storage stayed unavailable for "
+                        f"{time.monotonic() - started:.0f} s ({attempt} attempts, STORAGE_RETRY_S="
+                        f"{window:g}); last error: {_one_line(exc)}"
+                    ) from exc
+                wait = min(delay, left)
+                log.warning(
+                    "job %s: storage unavailable (attempt %d), retrying in %.1f s for up to "
+                    "%.0f s more: %s",
+                    self.job_id,
+                    attempt,
+                    wait,
+                    left,
+                    _one_line(exc),
+                )
+                time.sleep(wait)
+                delay = min(delay * 2, PUBLISH_MAX_BACKOFF_S)
+                self._between_publish_attempts()
+                continue
+            if attempt > 1:
+                log.info("job %s: stored after %d attempts", self.job_id, attempt)
+            return
+
+    def _between_publish_attempts(self) -> None:
+        """A cancel, a record taken away or a shutdown past its grace still end the job while
+        it waits for storage."""
+        stop_at = self.rt.stop_requested_at
+        if stop_at is not None and time.monotonic() - stop_at > self.settings.STOP_GRACE_S:
+            raise JobRequeued(
+                "worker shutting down while results storage is unavailable "
+                f"(waited STOP_GRACE_S={self.settings.STOP_GRACE_S:g} s)"
+            )
+        try:
+            cancelled = self._check_owner()
+        except JobTakenAway:
+            raise
+        except Exception as exc:  # Redis down too: keep the files and keep trying
+            log.warning("job %s: could not check the record: %s", self.job_id, exc)
+            return
+        if cancelled:
+            raise JobCancelled()
 
     # -- per step ------------------------------------------------------------------------------
     def _on_step(self, done: int, total: int, hooks: FaultHooks) -> None:

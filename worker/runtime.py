@@ -42,10 +42,9 @@ from .speed import Shape, SpeedModel
 if TYPE_CHECKING:  # for annotations only: `Runtime.load` imports what it uses (vmoba needs torch)
     from redis import Redis
 
+    from contract.storage import Storage
     from contract.store import JobStore
     from vmoba.diffusers import VMoBAHandle
-
-    from .storage import ResultStorage
 
 log = logging.getLogger("worker.runtime")
 
@@ -109,7 +108,7 @@ class Runtime:
     name: str
     redis: Redis
     store: JobStore
-    storage: ResultStorage
+    storage: Storage  # contract.storage.Storage (worker.storage.open_storage)
     models: dict[str, LoadedModel]
     device: str
     speed: SpeedModel
@@ -130,17 +129,23 @@ class Runtime:
 
         from contract.store import JobStore
 
-        from .storage import ResultStorage
+        from .storage import StorageUnavailable, open_storage
 
         device = resolve_device(settings.WORKER_DEVICE)
         models = {spec.id: load_model(spec, device, settings) for spec in settings.models()}
         client = redis_client or redis_lib.Redis.from_url(settings.REDIS_URL)
+        storage = open_storage(settings)
+        try:
+            storage.check()
+            log.info("results go to %s", storage.describe())
+        except StorageUnavailable as exc:  # jobs retry their uploads (STORAGE_RETRY_S)
+            log.warning("results storage is not reachable yet: %s", exc)
         rt = cls(
             settings=settings,
             name=settings.name(),
             redis=client,
             store=JobStore(client, retention_s=settings.RETENTION_S),
-            storage=ResultStorage(settings.DATA_DIR),
+            storage=storage,
             models=models,
             device=device,
             speed=SpeedModel.prior(device),

@@ -82,6 +82,15 @@ class WorkerSettings(SharedSettings):
     WORKER_BURST: bool = False
     """Exit when the queue is empty instead of waiting for jobs (batch runs, tests)."""
 
+    # --- results storage (`STORAGE_URL` is shared: `contract.settings`) -----------------------
+    STORAGE_RETRY_S: float = Field(300.0, ge=0)
+    """How long a worker keeps retrying (exponential back-off, up to 30 s apart) to publish a
+    finished job's files while object storage is unreachable or refuses them. The files wait in
+    the worker's staging directory and the job stays `in_progress` (stage `encoding`); after
+    this the job fails with `storage_unavailable`."""
+    STORAGE_MULTIPART_BYTES: int = Field(64 * 1024 * 1024, ge=5 * 1024 * 1024)
+    """Files at least this big go to object storage as multipart uploads (in 16 MiB parts)."""
+
     # --- janitor -----------------------------------------------------------------------------
     JANITOR_INTERVAL_S: float = Field(10.0, gt=0)
     """How often the launcher runs the janitor (dead workers' jobs, expired results)."""

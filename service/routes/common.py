@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from typing import Optional
 
 import anyio
 from fastapi import Request
-from starlette.responses import FileResponse
+from starlette.responses import Response
 
 from contract.keys import is_job_id
 from contract.record import JobRecord
@@ -16,6 +15,7 @@ from contract.status import JobStatus
 from .. import metrics
 from ..auth import key_of
 from ..bodies import IMAGE_FIELDS, parse_form_or_json, read_body
+from ..downloads import serve_file
 from ..errors import APIError, not_found
 from ..responses import JSON
 from ..state import AppState
@@ -135,7 +135,8 @@ async def cancel(state: AppState, job_id: str) -> tuple[JobRecord, Optional[int]
 
 
 async def delete(state: AppState, job_id: str) -> None:
-    """Delete a finished or waiting job with its files; a running one is a 409."""
+    """Delete a finished or waiting job with its files (files first: with storage unreachable
+    the answer is a 503 and the job stays, to be deleted again); a running one is a 409."""
     rec, _, _ = await load(state, job_id)
     if rec.status == JobStatus.in_progress:
         raise APIError(
@@ -151,16 +152,20 @@ async def delete(state: AppState, job_id: str) -> None:
         ):
             raise APIError(409, f"job {job_id} has just started; cancel it first", param="id")
         await anyio.to_thread.run_sync(cancel_in_rq, state, job_id)
-    await anyio.to_thread.run_sync(
-        lambda: shutil.rmtree(state.settings.job_dir(job_id), ignore_errors=True)
-    )
+    await anyio.to_thread.run_sync(state.storage.remove, job_id)
     await state.store.delete(job_id)
 
 
 async def file_response(
-    state: AppState, job_id: str, name: str, media_type: str, download_name: Optional[str] = None
-) -> FileResponse:
-    """A finished job's file, with HTTP Range support (206 / 416)."""
+    state: AppState,
+    request: Request,
+    job_id: str,
+    name: str,
+    media_type: str,
+    download_name: Optional[str] = None,
+) -> Response:
+    """A finished job's file, with HTTP Range support (206 / 416), or a redirect to it
+    (`service.downloads`)."""
     rec, _, _ = await load(state, job_id)
     if rec.status != JobStatus.completed:
         detail = f" ({rec.error_code}: {rec.error_message})" if rec.error_code else ""
@@ -170,17 +175,7 @@ async def file_response(
             param="id",
             code="not_ready",
         )
-    path = state.settings.job_dir(job_id) / name
-    if not await anyio.Path(path).is_file():
-        raise APIError(
-            404,
-            f"{name} of job {job_id} is missing (expired or removed)",
-            param="id",
-            code="file_missing",
-        )
-    return FileResponse(
-        path, media_type=media_type, filename=download_name, content_disposition_type="inline"
-    )
+    return await serve_file(state, request, job_id, name, media_type, download_name)
 
 
 def deleted_response(job_id: str, obj: str) -> JSON:

@@ -96,7 +96,7 @@ async def job_events_route(
 async def job_video(request: Request, job_id: str):
     """The mp4 (H.264, yuv420p, faststart); HTTP Range gives 206 partial content."""
     return await common.file_response(
-        get_state(request), job_id, VIDEO_FILE, "video/mp4", f"{job_id}.mp4"
+        get_state(request), request, job_id, VIDEO_FILE, "video/mp4", f"{job_id}.mp4"
     )
 
 
@@ -104,7 +104,9 @@ async def job_video(request: Request, job_id: str):
 @router.head("/jobs/{job_id}/thumbnail", include_in_schema=False)
 async def job_thumbnail(request: Request, job_id: str):
     """A JPEG preview frame."""
-    return await common.file_response(get_state(request), job_id, THUMBNAIL_FILE, "image/jpeg")
+    return await common.file_response(
+        get_state(request), request, job_id, THUMBNAIL_FILE, "image/jpeg"
+    )
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobObject, responses=ERRORS)

@@ -128,10 +128,10 @@ async def video_content(request: Request, video_id: str, variant: str = Query("v
     state = get_state(request)
     if variant == "video":
         return await common.file_response(
-            state, video_id, VIDEO_FILE, "video/mp4", f"{video_id}.mp4"
+            state, request, video_id, VIDEO_FILE, "video/mp4", f"{video_id}.mp4"
         )
     if variant == "thumbnail":
-        return await common.file_response(state, video_id, THUMBNAIL_FILE, "image/jpeg")
+        return await common.file_response(state, request, video_id, THUMBNAIL_FILE, "image/jpeg")
     raise APIError(
         400,
         f"variant must be 'video' or 'thumbnail' (no spritesheets here), got {variant[:40]!r}",

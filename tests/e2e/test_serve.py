@@ -60,7 +60,7 @@ def children_of(pid: int) -> set[int]:
 
 
 class Stack:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, **extra_env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "serve.log"
@@ -74,6 +74,7 @@ class Stack:
             WARMUP_STEPS="1",
             PYTHONPATH=str(ROOT),
         )
+        env.update(extra_env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.serve"],
             cwd=ROOT,

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vmoba import VMoBAConfig, block_ids, num_blocks, select_blocks, vmoba_attention
-from vmoba import reference
+from vmoba import VMoBAConfig, block_ids, num_blocks, reference, select_blocks, vmoba_attention
 from vmoba.inputs import locality_qkv
 
 MODES = ("topk", "threshold_query", "threshold_global")
