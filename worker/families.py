@@ -28,8 +28,9 @@ What differs per family (`FAMILIES`):
 
 and so what a call needs on top of the common arguments (`call_kwargs`):
 - `i2v`: `image=` a PIL image of exactly `width x height` (`prepare_image` makes one);
-- Wan 2.2 A14B: `guidance_scale_2=` for the low-noise expert (the same value as
-  `guidance_scale`: no registry model asks for another);
+- Wan 2.2 A14B: `guidance_scale_2=` for the low-noise expert, by default `guidance_scale`
+  (the registry has no field for another; Wan's own T2V A14B config samples with 4.0 high-noise
+  and 3.0 low-noise, its I2V A14B with 3.5 for both);
 - Wan 2.2 TI2V 5B: nothing; `expand_timesteps=True` is set on both of its pipelines (per-token
   timesteps; its i2v replaces the first latent frame by the image's instead of concatenating).
 - every family: `encode_prompt(..., max_sequence_length=512)` (`prompt_kwargs`), what the

@@ -171,9 +171,8 @@ def build_random_components(
         if arch.get("image_encoder") is not None:
             from transformers import CLIPVisionConfig, CLIPVisionModel
 
-            config = CLIPVisionConfig(**arch["image_encoder"])
-            parts["image_encoder"] = CLIPVisionModel(config)
-            parts["image_processor"] = build_image_processor(config.image_size)
+            parts["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(**arch["image_encoder"]))
+            parts["image_processor"] = build_image_processor(arch["image_encoder"]["image_size"])
         generator = torch.Generator(device=device).manual_seed(seed)
         trained = ("transformer", "text_encoder", "transformer_2", "image_encoder")
         for module in (parts[k] for k in trained if parts[k] is not None):

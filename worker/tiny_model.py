@@ -31,6 +31,8 @@ same seed always gives the same pipeline.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 # Sizes of the tiny model, in one place so tests and `describe()` can refer to them.
@@ -131,7 +133,7 @@ VAE_CONFIG = dict(
 
 # `AutoencoderKLWan` arguments of the Wan 2.2 TI2V 5B twin: the real one's structure (residual
 # blocks, 2x2 pixel patchify, decoder wider than encoder) at toy width.
-VAE22_CONFIG = dict(
+VAE22_CONFIG: dict[str, Any] = dict(
     base_dim=VAE_BASE_DIM,
     decoder_base_dim=2 * VAE_BASE_DIM,
     z_dim=LATENT_CHANNELS_22,
@@ -152,7 +154,7 @@ VAE22_CONFIG = dict(
 
 # `CLIPVisionConfig` arguments of the Wan 2.1 I2V twin's image encoder (the real one is a
 # ViT-H/14 at 224 pixels: 257 tokens of 1280).
-IMAGE_ENCODER_CONFIG = dict(
+IMAGE_ENCODER_CONFIG: dict[str, Any] = dict(
     hidden_size=IMAGE_DIM,
     intermediate_size=2 * IMAGE_DIM,
     num_hidden_layers=2,
@@ -162,9 +164,9 @@ IMAGE_ENCODER_CONFIG = dict(
     projection_dim=IMAGE_DIM,
     hidden_act="gelu",
 )
-IMAGE_SIZE = IMAGE_ENCODER_CONFIG["image_size"]
+IMAGE_SIZE: int = IMAGE_ENCODER_CONFIG["image_size"]
 
-VAES = {"wan2.1": VAE_CONFIG, "wan2.2": VAE22_CONFIG}
+VAES: dict[str, dict[str, Any]] = {"wan2.1": VAE_CONFIG, "wan2.2": VAE22_CONFIG}
 
 
 def transformer_config(
@@ -203,10 +205,12 @@ def _image_encoder():
 def build_image_processor(image_size: int = IMAGE_SIZE):
     """CLIP's image processor at `image_size`: resize the short side, centre crop, normalise
     with CLIP's mean and std (the real Wan 2.1 I2V one is this at 224)."""
-    try:  # transformers 5: the PIL backend, which needs no torchvision
-        from transformers import CLIPImageProcessorPil as processor_class
-    except ImportError:  # transformers 4: CLIPImageProcessor is the PIL one
-        from transformers import CLIPImageProcessor as processor_class
+    import transformers
+
+    # transformers 5: the PIL backend, which needs no torchvision; in 4 CLIPImageProcessor is it.
+    processor_class = getattr(transformers, "CLIPImageProcessorPil", None)
+    if processor_class is None:
+        processor_class = transformers.CLIPImageProcessor
     return processor_class(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
