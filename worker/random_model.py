@@ -26,6 +26,7 @@ The video, not the timing, is fake.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -221,7 +222,7 @@ def build_random_pipeline(
             "use worker.families.build_pipelines(get_model(name))"
         )
     parts = build_random_components(arch, device=device, dtype=dtype, seed=seed)
-    pipe = WanPipeline(
+    pipe: Any = WanPipeline(
         tokenizer=parts["tokenizer"],
         text_encoder=parts["text_encoder"],
         transformer=parts["transformer"],
@@ -249,8 +250,9 @@ def _trained_scale_init(module: torch.nn.Module, generator: torch.Generator) -> 
     for sub in module.modules():
         if isinstance(sub, (torch.nn.Linear, torch.nn.Embedding)):
             sub.weight.normal_(0.0, INIT_STD, generator=generator)
-            if getattr(sub, "bias", None) is not None:
-                sub.bias.zero_()
+            bias = getattr(sub, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.zero_()
 
 
 def _cast_keeping_fp32(model, dtype) -> None:

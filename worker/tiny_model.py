@@ -185,13 +185,13 @@ def transformer_config(
 
 
 def _transformer(config=None):
-    from diffusers import WanTransformer3DModel
+    from diffusers.models import WanTransformer3DModel
 
     return WanTransformer3DModel(**(config or TRANSFORMER_CONFIG)).eval()
 
 
 def _vae(config=None):
-    from diffusers import AutoencoderKLWan
+    from diffusers.models import AutoencoderKLWan
 
     return AutoencoderKLWan(**(config or VAE_CONFIG)).eval()
 
