@@ -37,8 +37,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, run from anywhere
-from bench.common import REPO_ROOT, RESULTS_DIR, commit, gpu_slug, timestamp  # noqa: E402  (torch-free)
-from service.serve import free_port  # noqa: E402
+from bench.common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    commit,
+    gpu_slug,
+    timestamp,
+)
+from service.serve import free_port
+
 NEEDED = ("redis", "rq", "pydantic", "pydantic_settings", "imageio_ffmpeg", "PIL", "numpy",
           "diffusers", "transformers", "tokenizers", "torch")
 
@@ -147,9 +154,13 @@ def parse_args(argv):
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--attention", default='{"backend": "vmoba", "select": "threshold_global", '
-                                          '"threshold": 0.25, "dense_steps": 0.25}',
-                   help="the request's attention object, JSON")
+    p.add_argument("--attention", default="{}",
+                   help="the request's attention object, JSON (default: the model's own settings)")
+    p.add_argument("--task", choices=("t2v", "i2v"), default=None,
+                   help="default: t2v when the model does it, else i2v (with a synthetic image)")
+    p.add_argument("--record", type=Path, default=None,
+                   help="add this run to a JSON file keyed by model (e.g. models-<gpu>.json) "
+                        "instead of writing worker-e2e-<gpu>.json")
     p.add_argument("--quick", action="store_true", help="17 frames and 4 steps")
     p.add_argument("--redis-server", default=None)
     p.add_argument("--warmup-size", default="auto", help="FRAMESxHEIGHTxWIDTH of the worker's warm-up")
@@ -170,19 +181,23 @@ def main(argv=None) -> int:
     import redis
     from rq import Queue
 
-    from contract.enqueue import enqueue
+    from contract.enqueue import enqueue, queue_name
     from contract.keys import new_job_id
+    from contract.models import get_model
     from contract.request import GenerateRequest, Limits
     from contract.store import JobStore
+
+    spec = get_model(args.model)
+    task = args.task or ("t2v" if "t2v" in spec.tasks else "i2v")
 
     body = dict(prompt="a sailing boat on a stormy sea, cinematic, 4k", seed=args.seed,
                 num_frames=args.frames, width=args.width, height=args.height,
                 num_inference_steps=args.steps, guidance_scale=args.guidance, fps=args.fps,
                 attention=json.loads(args.attention))
-    limits = Limits(model=args.model, max_num_frames=max(129, args.frames),
-                    max_pixels=max(1280 * 720, args.width * args.height))
+    limits = Limits.for_model(spec).model_copy(update=dict(
+        max_num_frames=max(129, args.frames), max_pixels=max(1280 * 720, args.width * args.height)))
     request = GenerateRequest.model_validate(body, context={"limits": limits}).validated(
-        seed=args.seed)
+        seed=args.seed, model=spec.id, task=task)
 
     redis_binary = find_redis_server(args.redis_server)
     work = Path(tempfile.mkdtemp(prefix="worker-e2e-"))
@@ -197,7 +212,7 @@ def main(argv=None) -> int:
     }
     env["CUDA_VISIBLE_DEVICES"] = first_gpu() if args.device == "cuda" else ""
     log_path = work / "worker.log"
-    record: dict = {"bench": "worker_e2e", "model": args.model, "date": timestamp(), "commit": commit(),
+    record: dict = {"bench": "worker_e2e", "model": spec.id, "task": task, "date": timestamp(), "commit": commit(),
                     "request": request.model_dump(mode="json")}
     launcher = None
     try:
@@ -221,9 +236,11 @@ def main(argv=None) -> int:
         print(f"worker ready in {record['worker_ready_s']} s on {record['device']}", flush=True)
 
         job_id = new_job_id()
-        store.create(request.model_dump(mode="json"), model=args.model, seed=request.seed, job_id=job_id)
-        enqueue(Queue("vmoba", connection=client), job_id, request.to_payload(job_id),
-                result_ttl_s=3600)
+        store.create(request.model_dump(mode="json"), model=spec.id, seed=request.seed, job_id=job_id)
+        if task == "i2v":
+            store.put_input_image(job_id, synthetic_image(args.width, args.height))
+        enqueue(Queue(queue_name("vmoba", spec.id), connection=client), job_id,
+                request.to_payload(job_id), result_ttl_s=3600)
         t_submit = time.monotonic()
         last_step = -1
         while True:
@@ -274,8 +291,14 @@ def main(argv=None) -> int:
     slug = gpu_slug(record.get("device") or args.device)
     record["gpu"] = (record.get("device") or args.device).removeprefix("cuda (").rstrip(")")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"worker-e2e-{slug}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    if args.record is not None:
+        path = args.record
+        runs = json.loads(path.read_text()) if path.exists() else {}
+        runs[f"{spec.id}:{task}"] = record
+        path.write_text(json.dumps(runs, indent=1) + "\n")
+    else:
+        path = args.out / f"worker-e2e-{slug}.json"
+        path.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: record.get(k) for k in ("status", "error_code", "worker_ready_s", "end_to_end_s",
                                                   "timings", "step_ms", "density", "peak_gpu_memory_gib")},
                      indent=1))
@@ -286,6 +309,21 @@ def main(argv=None) -> int:
     else:
         print(f"wrote {path} (video and worker log kept in {work})")
     return 0 if ok else 1
+
+
+def synthetic_image(width: int, height: int) -> bytes:
+    """A PNG colour ramp of the video's size: the first frame of an i2v benchmark job."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([255 * x / max(1, width - 1), 255 * y / max(1, height - 1),
+                    np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(out, format="PNG")
+    return out.getvalue()
 
 
 def _tail(path: Path, lines: int = 40) -> str:

@@ -160,7 +160,9 @@ def test_native_flow(stack, http, tmp_path):
     assert progress == sorted(progress) and progress[-1] == 100
 
     job = http.get(f"/jobs/{job_id}").json()
-    assert job["status"] == "completed" and job["seed"] == 1234 and job["model"] == "tiny"
+    assert (
+        job["status"] == "completed" and job["seed"] == 1234 and job["model"] == "tiny-wan2.1-t2v"
+    )
     assert job["timings"]["denoising_s"] > 0 and job["worker"]
     assert job["density"] is None or 0 < job["density"] <= 1
 
@@ -212,7 +214,7 @@ def test_openai_client(stack, tmp_path):
             prompt="a paper boat", seconds="1", size="64x64", extra_body={"num_inference_steps": 2}
         )
         assert video.status == "completed" and video.progress == 100, video
-        assert (video.seconds, video.size, video.model) == ("1", "64x64", "tiny")
+        assert (video.seconds, video.size, video.model) == ("1", "64x64", "tiny-wan2.1-t2v")
         data = client.videos.download_content(video.id).read()
         assert decode(data, tmp_path) == (17, 64, 64, 16.0)
         thumb = client.videos.download_content(video.id, variant="thumbnail").read()

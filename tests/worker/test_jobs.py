@@ -85,7 +85,7 @@ def test_completed_job_has_a_playable_video_a_sidecar_and_ordered_progress(rt, r
     assert meta["attention"]["select"] == "topk" and meta["attention"]["topk"] in (2, [2, 2, 2])
     assert meta["density"] == pytest.approx(rec.density)
     assert (
-        meta["model"]["model"] == "tiny"
+        meta["model"]["model"] == "tiny-wan2.1-t2v"
         and meta["model"]["tiny"]
         and "random" in meta["model"]["note"]
     )
@@ -117,14 +117,34 @@ def test_same_seed_same_video_and_missing_seed_is_resolved(rt, redis_client):
     assert json.loads((rt.storage.job_dir(c) / "meta.json").read_text())["seed"] == rc.seed
 
 
+# A payload the API validated, broken one field at a time (the worker decodes and trusts the
+# API's limits, but never a malformed payload or a setting vmoba refuses).
+VALID = {
+    "model": "tiny-wan2.1-t2v",
+    "task": "t2v",
+    "prompt": "x",
+    "negative_prompt": "",
+    "seed": 1,
+    "num_frames": 5,
+    "width": 32,
+    "height": 32,
+    "num_inference_steps": 2,
+    "guidance_scale": 5.0,
+    "fps": 16,
+    "flow_shift": 3.0,
+    "attention": {},
+}
+
+
 @pytest.mark.parametrize(
     "raw,field",
     [
-        ({"prompt": "x", "num_frames": 10}, "num_frames"),
-        ({"prompt": "x", "width": 50}, "width"),
-        ({"prompt": "x", "colour": "red"}, "colour"),
-        ({"num_frames": 5}, "prompt"),
-        ({"prompt": "x", "attention": {"threshold": 3}}, "threshold"),
+        ({**VALID, "num_frames": "ten"}, "num_frames"),
+        ({k: v for k, v in VALID.items() if k != "width"}, "width"),
+        ({**VALID, "colour": "red"}, "colour"),
+        ({k: v for k, v in VALID.items() if k != "prompt"}, "prompt"),
+        ({**VALID, "attention": {"select": "everything"}}, "select"),
+        ({**VALID, "model": "wan2.1-t2v-14b"}, "serves"),
     ],
 )
 def test_invalid_payload_fails_with_invalid_request(rt, redis_client, raw, field):

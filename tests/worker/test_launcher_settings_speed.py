@@ -109,10 +109,18 @@ def test_launcher_restarts_a_dying_command_and_stops_on_sigterm(tmp_path):
 
 def test_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("QUEUE_NAME", "high, vmoba")
+    monkeypatch.setenv("MODEL", "tiny,tiny-wan2.2-ti2v")
     monkeypatch.setenv("ATTENTION_DEFAULTS", '{"temporal_chunk": 3}')
     monkeypatch.setenv("HEARTBEAT_TTL_S", "7.5")
     s = WorkerSettings()
-    assert s.queues == ["high", "vmoba"] and s.ATTENTION_DEFAULTS == {"temporal_chunk": 3}
+    # Each queue name in priority order, for each model loaded (one queue per model).
+    assert s.queues == [
+        "high:tiny-wan2.1-t2v",
+        "high:tiny-wan2.2-ti2v",
+        "vmoba:tiny-wan2.1-t2v",
+        "vmoba:tiny-wan2.2-ti2v",
+    ]
+    assert s.ATTENTION_DEFAULTS == {"temporal_chunk": 3}
     assert s.HEARTBEAT_TTL_S == 7.5
     monkeypatch.setenv("ATTENTION_DEFAULTS", "[1, 2]")
     with pytest.raises(ValueError, match="ATTENTION_DEFAULTS"):
