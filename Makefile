@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: serve test lint format bench bench-attention bench-check bench-pipeline bench-worker bench-api clean
+.PHONY: serve test browser lint format bench bench-attention bench-check bench-pipeline bench-worker bench-api clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 serve: $(VENV)/.installed-worker
 	$(PY) -m service.serve
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev browser
 	$(PY) -m pytest -q
 
 # ruff (lint + format check) and mypy, as declared in pyproject.toml; zero findings.
@@ -32,6 +32,15 @@ lint: $(VENV)/.installed-dev
 format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# The playground's test (tests/e2e/test_playground.py) drives a real browser: Debian's chromium
+# and chromedriver, and a font to draw its text. Installed with apt when missing (as root, else
+# through sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y \
+	   --no-install-recommends chromium chromium-driver fonts-dejavu-core)
 
 # Benchmarks need a CUDA GPU (bench-api does not); results land in bench/results/.
 bench: bench-attention bench-check bench-pipeline bench-worker

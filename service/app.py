@@ -5,7 +5,8 @@ uvicorn --factory service.app:create_app --port 8000     # or: make serve
 ```
 
 Routes: `routes.native` (`/generate`, `/jobs...`), `routes.openai` (`/v1/videos...`),
-`routes.ops` (`/healthz`, `/readyz`, `/metrics`, `/models`). Errors: `errors` (one envelope).
+`routes.ops` (`/healthz`, `/readyz`, `/metrics`, `/models`), `routes.page` (the playground page
+at `/`, its files under `/static`). Errors: `errors` (one envelope).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Optional
 
 import anyio
 from fastapi import FastAPI
+from starlette.staticfiles import StaticFiles
 
 from .auth import AuthMiddleware
 from .errors import install_error_handlers
 from .metrics import MetricsMiddleware
-from .routes import native, openai, ops
+from .routes import native, openai, ops, page
 from .settings import ServiceSettings, get_settings
 from .state import open_state
 
@@ -55,6 +57,8 @@ def create_app(settings: Optional[ServiceSettings] = None) -> FastAPI:
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
+    app.include_router(page.router)
+    app.mount(page.STATIC_URL, StaticFiles(directory=page.STATIC_DIR), name="static")
     # Outermost last: metrics see every answer, 401s included.
     app.add_middleware(AuthMiddleware, keys=settings.api_keys)
     app.add_middleware(MetricsMiddleware)

@@ -1,6 +1,7 @@
 """Optional API keys: `Authorization: Bearer <key>` against `API_KEYS` (comma-separated).
 
-Off when `API_KEYS` is empty. Health checks (`/healthz`, `/readyz`) and the API docs stay open.
+Off when `API_KEYS` is empty. Health checks (`/healthz`, `/readyz`), the API docs and the playground
+page (`/` and its files under `/static/`: no data; the page asks for the key) stay open.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import hmac
 from .errors import APIError, error_response
 
 OPEN_PATHS = frozenset(
-    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"}
 )
+OPEN_PREFIXES = ("/static/",)
 
 
 def key_of(scope) -> str:
@@ -31,7 +33,12 @@ class AuthMiddleware:
         self.keys = tuple(k.encode() for k in keys)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if (
+            scope["type"] != "http"
+            or not self.keys
+            or scope["path"] in OPEN_PATHS
+            or scope["path"].startswith(OPEN_PREFIXES)
+        ):
             return await self.app(scope, receive, send)
         given = key_of(scope).encode()
         # Compare against every key (constant time per key) so timing tells nothing.
