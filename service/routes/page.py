@@ -16,24 +16,27 @@ from pathlib import Path
 from fastapi import APIRouter
 from starlette.responses import HTMLResponse
 
-from ..schemas import AttentionRequest
-
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # Where `app.py` mounts STATIC_DIR.
 STATIC_URL = "/static"
-# The request fields of `AttentionRequest` the page's form edits (the chunk sizes are left to the
-# server, which chooses them for the video's grid).
-ATTENTION_FIELDS = ("backend", "select", "threshold", "topk", "dense_steps")
+# The form's attention values until `GET /models` gives the chosen model's own (a live worker
+# computes them for the model's default size): stock weights' top-k at the paper's 480p grid.
+FORM_ATTENTION_DEFAULTS = {
+    "backend": "vmoba",
+    "select": "topk",
+    "threshold": 0.25,
+    "topk": [2, 6, 18],
+    "dense_steps": 0.25,
+}
 
 router = APIRouter(tags=["page"])
 
 
 @lru_cache(maxsize=1)
 def page_html() -> str:
-    """index.html with the attention defaults of `schemas.AttentionRequest` filled in, so the
-    form's fallback defaults (for a model that lists no `attention_defaults`) are the server's."""
-    defaults = {name: AttentionRequest.model_fields[name].default for name in ATTENTION_FIELDS}
-    data = json.dumps(defaults).replace("</", "<\\/")
+    """index.html with the form's fallback attention values (for a model whose `/models` entry
+    has no `attention_defaults` yet) filled in."""
+    data = json.dumps(FORM_ATTENTION_DEFAULTS).replace("</", "<\\/")
     return (
         (STATIC_DIR / "index.html")
         .read_text(encoding="utf-8")

@@ -369,7 +369,7 @@
     const w = Number($("width").value), h = Number($("height").value);
     const frames = Number($("num_frames").value), fps = Number($("fps").value);
     const size = [];
-    if (lim.min_side_px) size.push(`${lim.min_side_px}–${lim.max_side_px} px, multiples of 16`);
+    if (lim.min_side_px) size.push(`${lim.min_side_px}–${lim.max_side_px} px, multiples of ${lim.size_multiple || 16}`);
     if (lim.max_pixels) {
       size.push(`width × height ≤ ${lim.max_pixels.toLocaleString("en")}` +
                 (w && h ? ` (now ${(w * h).toLocaleString("en")})` : ""));

@@ -34,9 +34,16 @@ pytestmark = [pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run")
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+)
 API_KEY = "playground-test-key"
 # A database of its own on the session's redis-server: other suites flush db 0 and leave jobs
 # queued there, which this stack's worker would otherwise pick up.
@@ -56,21 +63,48 @@ class PlaygroundStack(Stack):
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "serve.log"
         base = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "API_KEYS")}
-        base.update(REDIS_URL=redis_url, DATA_DIR=str(tmp / "data"), MODEL="tiny",
-                    POLL_AFTER_MS="100", PYTHONPATH=str(ROOT))
+        base.update(
+            REDIS_URL=redis_url,
+            DATA_DIR=str(tmp / "data"),
+            MODEL="tiny",
+            POLL_AFTER_MS="100",
+            PYTHONPATH=str(ROOT),
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.serve"], cwd=ROOT, stdout=open(self.log, "wb"),
+            [sys.executable, "-m", "service.serve"],
+            cwd=ROOT,
+            stdout=open(self.log, "wb"),
             stderr=subprocess.STDOUT,
-            env={**base, "PORT": str(self.port), "API_WORKERS": "1", "WARMUP_STEPS": "1",
-                 "HEARTBEAT_INTERVAL_S": "1"})
+            env={
+                **base,
+                "PORT": str(self.port),
+                "API_WORKERS": "1",
+                "WARMUP_STEPS": "1",
+                "HEARTBEAT_INTERVAL_S": "1",
+            },
+        )
         self.keyed_port = free_port()
         self.keyed_url = f"http://127.0.0.1:{self.keyed_port}"
         self.keyed_log = tmp / "keyed-api.log"
         self.keyed = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-             "--host", "127.0.0.1", "--port", str(self.keyed_port), "--log-level", "warning"],
-            cwd=ROOT, env={**base, "API_KEYS": API_KEY}, stdout=open(self.keyed_log, "wb"),
-            stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "service.app:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.keyed_port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env={**base, "API_KEYS": API_KEY},
+            stdout=open(self.keyed_log, "wb"),
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self) -> None:
         super().wait_ready()
@@ -107,15 +141,19 @@ def browser(tmp_path_factory):
     """Headless Chromium (checked first: a missing browser fails at once, with the fix)."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     if missing:
-        pytest.fail(f"{' and '.join(missing)} not found: the playground test drives Debian's "
-                    "chromium through chromedriver. Install them with `make browser` (apt-get "
-                    "install chromium chromium-driver).", pytrace=False)
+        pytest.fail(
+            f"{' and '.join(missing)} not found: the playground test drives Debian's "
+            "chromium through chromedriver. Install them with `make browser` (apt-get "
+            "install chromium chromium-driver).",
+            pytrace=False,
+        )
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        pytest.fail("selenium is not installed: pip install -e '.[dev]' (make test does)",
-                    pytrace=False)
+        pytest.fail(
+            "selenium is not installed: pip install -e '.[dev]' (make test does)", pytrace=False
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS:
@@ -132,8 +170,9 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(browser, redis_url, tmp_path_factory):  # the browser first: a missing one fails fast
-    s = PlaygroundStack(tmp_path_factory.mktemp("playground"),
-                        redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}")
+    s = PlaygroundStack(
+        tmp_path_factory.mktemp("playground"), redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
+    )
     try:
         s.wait_ready()
         yield s
@@ -172,8 +211,9 @@ def wait(driver, condition, what: str, timeout_s: float = WAIT_S):
             if "stale" not in str(e):
                 raise
         if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; page says: "
-                                 f"{page_state(driver)}")
+            raise AssertionError(
+                f"timed out after {timeout_s} s waiting for {what}; page says: {page_state(driver)}"
+            )
         time.sleep(0.1)
 
 
@@ -219,22 +259,27 @@ def submit(driver, prompt: str, **fields) -> str:
 def video_ready(driver, selector: str) -> bool:
     """The <video> has decoded its first frame (HAVE_CURRENT_DATA or better)."""
     return driver.execute_script(
-        "const v = document.querySelector(arguments[0]); return !!v && v.readyState >= 2;",
-        selector)
+        "const v = document.querySelector(arguments[0]); return !!v && v.readyState >= 2;", selector
+    )
 
 
 def list_item(driver, job_id: str, what: str, action: str = "click") -> None:
     """Act on the recent-jobs entry of `job_id` (looked up afresh: the list re-renders)."""
     selector = {"open": ".job-open", "compare": ".compare-box", "delete": ".delete"}[what]
     found = driver.execute_script(
-        "const e = document.querySelector(`li[data-id=\"${arguments[0]}\"] ${arguments[1]}`);"
-        "if (e) e[arguments[2]](); return !!e;", job_id, selector, action)
+        'const e = document.querySelector(`li[data-id="${arguments[0]}"] ${arguments[1]}`);'
+        "if (e) e[arguments[2]](); return !!e;",
+        job_id,
+        selector,
+        action,
+    )
     assert found, f"{what} of job {job_id} not in the list"
 
 
 def listed(driver) -> list[str]:
     return driver.execute_script(
-        "return [...document.querySelectorAll('#jobs > li')].map(li => li.dataset.id)")
+        "return [...document.querySelectorAll('#jobs > li')].map(li => li.dataset.id)"
+    )
 
 
 # -- the tests -----------------------------------------------------------------------------------
@@ -244,7 +289,9 @@ def test_page_and_its_files_are_served_without_a_key(stack):
     for url in (stack.url, stack.keyed_url):  # the keyed API still serves the page itself
         page = httpx.get(f"{url}/")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-        assert '"select": "threshold_global"' in page.text, "the attention defaults are written in"
+        assert '"select": "topk"' in page.text, (
+            "the form's fallback attention values are written in"
+        )
         for name in ("playground.js", "playground.css"):
             assert httpx.get(f"{url}/static/{name}").status_code == 200
         assert httpx.get(f"{url}/docs").status_code == 200
@@ -258,8 +305,12 @@ def test_page_and_its_files_are_served_without_a_key(stack):
 
 def test_form_is_filled_from_models(browser, stack):
     browser.get(f"{stack.url}/")
-    wait(browser, lambda d: d.execute_script("return document.getElementById('model').value")
-         == "tiny", "GET /models to fill the model list")
+    wait(
+        browser,
+        lambda d: d.execute_script("return document.getElementById('model').value")
+        == "tiny-wan2.1-t2v",
+        "GET /models to fill the model list",
+    )
     values = browser.execute_script("""
         const v = (id) => document.getElementById(id).value;
         return {width: v('width'), height: v('height'), frames: v('num_frames'), fps: v('fps'),
@@ -268,18 +319,32 @@ def test_form_is_filled_from_models(browser, stack):
                 topk: v('att-topk'), dense_steps: v('att-dense-steps'),
                 maxFrames: document.getElementById('num_frames').max,
                 imageHidden: document.getElementById('image-field').hidden};""")
-    assert values == {"width": "128", "height": "128", "frames": "17", "fps": "16", "steps": "4",
-                      "guidance": "5", "seed": "", "backend": "vmoba",
-                      "select": "threshold_global", "threshold": "0.25", "topk": "2,6,18",
-                      "dense_steps": "0.25", "maxFrames": "129", "imageHidden": True}
+    assert values == {
+        "width": "128",
+        "height": "128",
+        "frames": "17",
+        "fps": "16",
+        "steps": "4",
+        "guidance": "5",
+        "seed": "",
+        "backend": "vmoba",
+        "select": "topk",
+        "threshold": "0.25",
+        "topk": "1,4,12",
+        "dense_steps": "0.25",
+        "maxFrames": "81",
+        "imageHidden": True,
+    }
     assert "random-weight" in text(browser, "model-info") and "1 live worker" in text(
-        browser, "model-info")
+        browser, "model-info"
+    )
 
     # Top-k shows its own field; dense switches the sparse settings off.
     choose(browser, "att-select", "topk")
-    assert browser.execute_script("return [document.getElementById('topk-field').hidden, "
-                                  "document.getElementById('threshold-field').hidden]") == [
-        False, True]
+    assert browser.execute_script(
+        "return [document.getElementById('topk-field').hidden, "
+        "document.getElementById('threshold-field').hidden]"
+    ) == [False, True]
     choose(browser, "att-backend", "dense")
     assert browser.execute_script("return document.getElementById('att-select').disabled")
     choose(browser, "att-backend", "vmoba")
@@ -293,7 +358,8 @@ def test_form_is_filled_from_models(browser, stack):
           .map(e => e.id || e.outerHTML.slice(0, 80));""")
     assert unlabelled == []
     origins = browser.execute_script(
-        "return performance.getEntriesByType('resource').map(r => new URL(r.name).origin)")
+        "return performance.getEntriesByType('resource').map(r => new URL(r.name).origin)"
+    )
     assert origins and set(origins) == {stack.url}
 
 
@@ -302,8 +368,12 @@ def test_api_errors_are_shown_in_words(browser, stack):
     from selenium.webdriver.common.by import By
 
     browser.find_element(By.ID, "submit").click()
-    message = wait(browser, lambda d: not d.find_element(By.ID, "error").get_attribute("hidden")
-                   and text(d, "error-text"), "the error message")
+    message = wait(
+        browser,
+        lambda d: not d.find_element(By.ID, "error").get_attribute("hidden")
+        and text(d, "error-text"),
+        "the error message",
+    )
     assert "num_frames must be of the form 4k+1" in message and "HTTP 400" in message
     assert browser.find_element(By.ID, "error").get_attribute("role") == "alert"
     browser.find_element(By.ID, "error-close").click()
@@ -311,11 +381,21 @@ def test_api_errors_are_shown_in_words(browser, stack):
 
 
 def test_generate_shows_progress_and_plays_the_video(browser, stack, api, jobs):
-    job_id = submit(browser, "a lighthouse in a storm", width=64, height=48, num_frames=9,
-                    num_inference_steps=3, seed=1234)
+    job_id = submit(
+        browser,
+        "a lighthouse in a storm",
+        width=64,
+        height=48,
+        num_frames=9,
+        num_inference_steps=3,
+        seed=1234,
+    )
     jobs["first"] = job_id
-    wait(browser, lambda d: text(d, "progress-text") == "Completed: step 3/3 · 100%",
-         "the job to complete")
+    wait(
+        browser,
+        lambda d: text(d, "progress-text") == "Completed: step 3/3 · 100%",
+        "the job to complete",
+    )
     assert browser.execute_script("return document.getElementById('progress').value") == 100
     wait(browser, lambda d: video_ready(d, "#video"), "the <video> to load the finished video")
     src = browser.execute_script("return document.getElementById('video').currentSrc")
@@ -325,14 +405,22 @@ def test_generate_shows_progress_and_plays_the_video(browser, stack, api, jobs):
     density = api.get(f"/jobs/{job_id}").json()["density"]
     assert f"Density{density:.3f}" in details and "denoising" in details
     assert browser.execute_script("return document.getElementById('download').href").endswith(
-        f"/jobs/{job_id}/video")
+        f"/jobs/{job_id}/video"
+    )
 
     # The recent-jobs list has it, with its thumbnail and settings.
-    wait(browser, lambda d: d.execute_script(
-        "const i = document.querySelector(`li[data-id=\"${arguments[0]}\"] img.thumb`);"
-        "return !!i && i.complete && i.naturalWidth > 0;", job_id), "the job's thumbnail")
+    wait(
+        browser,
+        lambda d: d.execute_script(
+            'const i = document.querySelector(`li[data-id="${arguments[0]}"] img.thumb`);'
+            "return !!i && i.complete && i.naturalWidth > 0;",
+            job_id,
+        ),
+        "the job's thumbnail",
+    )
     item = browser.execute_script(
-        "return document.querySelector(`li[data-id=\"${arguments[0]}\"]`).textContent", job_id)
+        'return document.querySelector(`li[data-id="${arguments[0]}"]`).textContent', job_id
+    )
     assert "a lighthouse in a storm" in item and "vmoba threshold_global 0.25" in item
 
 
@@ -343,16 +431,23 @@ def test_queue_position_progress_and_cancel(browser, stack, api, jobs):
     jobs["slow"] = slow
     step = re.compile(r"^Step (\d+)/100 · \d+%")
     wait(browser, lambda d: step.match(text(d, "progress-text")), "live progress of the slow job")
-    times = wait(browser, lambda d: "left" in (t := text(d, "progress-times")) and t,
-                 "the elapsed and estimated time")
+    times = wait(
+        browser,
+        lambda d: "left" in (t := text(d, "progress-times")) and t,
+        "the elapsed and estimated time",
+    )
     assert re.fullmatch(r"elapsed \d+(\.\d)? s · about .+ left", times), times
 
     # A second job waits behind the slow one: the page shows its place, and cancels it.
-    queued = submit(browser, "a queued one", width=64, height=48, num_frames=5,
-                    num_inference_steps=2)
+    queued = submit(
+        browser, "a queued one", width=64, height=48, num_frames=5, num_inference_steps=2
+    )
     jobs["queued"] = queued
-    wait(browser, lambda d: text(d, "progress-text") == "Queued: position 1 in the queue",
-         "the queue position")
+    wait(
+        browser,
+        lambda d: text(d, "progress-text") == "Queued: position 1 in the queue",
+        "the queue position",
+    )
     browser.find_element(By.ID, "cancel").click()
     wait(browser, lambda d: text(d, "job-status") == "cancelled", "the queued job to cancel")
     assert api.get(f"/jobs/{queued}").json()["status"] == "cancelled"
@@ -360,13 +455,25 @@ def test_queue_position_progress_and_cancel(browser, stack, api, jobs):
 
     # Back to the running job from the list: its progress goes on, and it is cancelled.
     list_item(browser, slow, "open")
-    first = int(wait(browser, lambda d: (m := step.match(text(d, "progress-text"))) and m[1],
-                     "the slow job's progress again"))
-    wait(browser, lambda d: int((step.match(text(d, "progress-text")) or [0, 0])[1]) > first,
-         "a further step from the event stream")
+    first = int(
+        wait(
+            browser,
+            lambda d: (m := step.match(text(d, "progress-text"))) and m[1],
+            "the slow job's progress again",
+        )
+    )
+    wait(
+        browser,
+        lambda d: int((step.match(text(d, "progress-text")) or [0, 0])[1]) > first,
+        "a further step from the event stream",
+    )
     browser.find_element(By.ID, "cancel").click()
-    final = wait(browser, lambda d: (t := text(d, "progress-text")).startswith("Cancelled") and t,
-                 "the running job to stop", timeout_s=30)
+    final = wait(
+        browser,
+        lambda d: (t := text(d, "progress-text")).startswith("Cancelled") and t,
+        "the running job to stop",
+        timeout_s=30,
+    )
     job = api.get(f"/jobs/{slow}").json()
     assert job["status"] == "cancelled" and job["step"] < 100
     assert final == f"Cancelled at step {job['step']}/100"
@@ -376,9 +483,13 @@ def test_delete_from_the_list(browser, stack, api, jobs):
     queued = jobs["queued"]
     wait(browser, lambda d: queued in listed(d), "the cancelled job in the list")
     list_item(browser, queued, "delete")  # arms the button
-    assert browser.execute_script(
-        "return document.querySelector(`li[data-id=\"${arguments[0]}\"] .delete`).textContent",
-        queued) == "Confirm delete"
+    assert (
+        browser.execute_script(
+            'return document.querySelector(`li[data-id="${arguments[0]}"] .delete`).textContent',
+            queued,
+        )
+        == "Confirm delete"
+    )
     list_item(browser, queued, "delete")
     wait(browser, lambda d: queued not in listed(d), "the deleted job to leave the list")
     assert api.get(f"/jobs/{queued}").status_code == 404
@@ -387,8 +498,15 @@ def test_delete_from_the_list(browser, stack, api, jobs):
 
 def test_compare_two_jobs_and_screenshot(browser, stack, api, jobs, tmp_path):
     choose(browser, "att-backend", "dense")
-    dense = submit(browser, "a lighthouse in a storm, dense", width=64, height=48,
-                   num_frames=9, num_inference_steps=3, seed=1234)
+    dense = submit(
+        browser,
+        "a lighthouse in a storm, dense",
+        width=64,
+        height=48,
+        num_frames=9,
+        num_inference_steps=3,
+        seed=1234,
+    )
     jobs["dense"] = dense
     choose(browser, "att-backend", "vmoba")
     wait(browser, lambda d: text(d, "job-status") == "completed", "the dense job")
@@ -396,18 +514,30 @@ def test_compare_two_jobs_and_screenshot(browser, stack, api, jobs, tmp_path):
 
     list_item(browser, jobs["first"], "compare")
     list_item(browser, dense, "compare")
-    wait(browser, lambda d: d.execute_script(
-        "return document.querySelectorAll('#compare-grid video').length") == 2
+    wait(
+        browser,
+        lambda d: d.execute_script("return document.querySelectorAll('#compare-grid video').length")
+        == 2
         and not d.execute_script("return document.getElementById('compare').hidden"),
-        "two videos side by side")
-    wait(browser, lambda d: video_ready(d, "#compare-grid figure:nth-child(1) video")
-         and video_ready(d, "#compare-grid figure:nth-child(2) video"), "both videos to load")
-    wait(browser, lambda d: d.execute_script(
-        "return [...document.querySelectorAll('#compare-grid video')].every(v => !v.paused)"),
-        "both videos to play")
+        "two videos side by side",
+    )
+    wait(
+        browser,
+        lambda d: video_ready(d, "#compare-grid figure:nth-child(1) video")
+        and video_ready(d, "#compare-grid figure:nth-child(2) video"),
+        "both videos to load",
+    )
+    wait(
+        browser,
+        lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#compare-grid video')].every(v => !v.paused)"
+        ),
+        "both videos to play",
+    )
     figures = browser.execute_script(
         "return [...document.querySelectorAll('#compare-grid figure')].map(f => "
-        "[f.dataset.id, f.textContent, Math.round(f.getBoundingClientRect().top)])")
+        "[f.dataset.id, f.textContent, Math.round(f.getBoundingClientRect().top)])"
+    )
     assert [f[0] for f in figures] == [jobs["first"], dense]
     assert "vmoba threshold_global 0.25" in figures[0][1] and "Attentiondense" in figures[1][1]
     assert figures[0][2] == figures[1][2], "side by side on a wide screen"
@@ -439,8 +569,9 @@ def test_phone_sized_screen(browser, stack):
                     compare: [...document.querySelectorAll('#compare-grid figure')]
                                .map(f => Math.round(f.getBoundingClientRect().left))};""")
         assert layout["overflow"] <= 0, "no sideways scrolling on a phone"
-        assert layout["compose"] == layout["output"] and layout["outputTop"] >= layout[
-            "composeBottom"], "one column"
+        assert (
+            layout["compose"] == layout["output"] and layout["outputTop"] >= layout["composeBottom"]
+        ), "one column"
         assert len(set(layout["compare"])) == 1, "compared videos stack on a phone"
     finally:
         browser.set_window_size(1280, 1000)
@@ -450,8 +581,11 @@ def test_api_key_is_asked_for_and_kept(browser, stack, jobs):
     from selenium.webdriver.common.by import By
 
     browser.get(f"{stack.keyed_url}/")  # another origin: no key stored yet
-    wait(browser, lambda d: d.find_element(By.ID, "key-dialog").get_attribute("open") is not None,
-         "the key dialog")
+    wait(
+        browser,
+        lambda d: d.find_element(By.ID, "key-dialog").get_attribute("open") is not None,
+        "the key dialog",
+    )
     assert "missing API key" in text(browser, "key-reason")
     fill(browser, **{"key-input": "wrong-key"})
     browser.find_element(By.ID, "key-save").click()
@@ -460,21 +594,29 @@ def test_api_key_is_asked_for_and_kept(browser, stack, jobs):
     browser.find_element(By.ID, "key-save").click()
     wait(browser, lambda d: jobs["first"] in listed(d), "the jobs, listed with the key")
     assert browser.execute_script("return localStorage.getItem('vmoba-serve.apiKey')") == API_KEY
-    assert browser.execute_script("return document.getElementById('model').value") == "tiny"
+    assert (
+        browser.execute_script("return document.getElementById('model').value") == "tiny-wan2.1-t2v"
+    )
 
     # Media come as blobs fetched with the header; a job submitted here streams its progress.
     list_item(browser, jobs["first"], "open")
     wait(browser, lambda d: video_ready(d, "#video"), "the video, fetched with the key")
-    assert browser.execute_script("return document.getElementById('video').src").startswith(
-        "blob:")
-    wait(browser, lambda d: d.execute_script(
-        "const i = document.querySelector(`li[data-id=\"${arguments[0]}\"] img.thumb`);"
-        "return !!i && i.src.startsWith('blob:') && i.naturalWidth > 0;", jobs["first"]),
-        "a thumbnail fetched with the key")
-    job_id = submit(browser, "with a key", width=32, height=32, num_frames=5,
-                    num_inference_steps=2)
-    wait(browser, lambda d: text(d, "progress-text") == "Completed: step 2/2 · 100%",
-         "the keyed job's events")
+    assert browser.execute_script("return document.getElementById('video').src").startswith("blob:")
+    wait(
+        browser,
+        lambda d: d.execute_script(
+            'const i = document.querySelector(`li[data-id="${arguments[0]}"] img.thumb`);'
+            "return !!i && i.src.startsWith('blob:') && i.naturalWidth > 0;",
+            jobs["first"],
+        ),
+        "a thumbnail fetched with the key",
+    )
+    job_id = submit(browser, "with a key", width=32, height=32, num_frames=5, num_inference_steps=2)
+    wait(
+        browser,
+        lambda d: text(d, "progress-text") == "Completed: step 2/2 · 100%",
+        "the keyed job's events",
+    )
     wait(browser, lambda d: video_ready(d, "#video"), "the keyed job's video")
     jobs["keyed"] = job_id
 
