@@ -5,7 +5,8 @@ attention density each family's default VMoBA settings achieve.
     python -m bench.models --only wan2.2-ti2v-5b-random
 
 Each run is `bench.worker_e2e` (a private redis-server, `python -m worker` on the GPU with the
-full-size architecture and random weights, one job through Redis and RQ) with the model's own
+full-size architecture and random weights, warmed up at the job's own size so the job runs with
+compiled kernels, one job through Redis and RQ) with the model's own
 default attention settings (the request sets none), collected into
 `bench/results/models-<gpu>.json` keyed by `<model>:<task>`. The videos are noise; the costs are
 the real architectures'.
