@@ -68,7 +68,7 @@ def main(argv=None) -> int:
             "--steps",
             str(args.steps),
             "--warmup-size",
-            f"5x{height}x{width}",
+            f"{frames}x{height}x{width}",
             "--timeout-s",
             str(args.timeout_s),
             "--record",
