@@ -27,8 +27,17 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from bench.common import (HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, median_ms, topk_for_density,
-                          write_json)
+from bench.common import (
+    HEAD_DIM,
+    HEADS,
+    PRESETS,
+    RESULTS_DIR,
+    environment,
+    gpu_slug,
+    median_ms,
+    topk_for_density,
+    write_json,
+)
 from vmoba import VMoBAConfig, num_blocks
 from vmoba.config import LAYER_KINDS
 from vmoba.inputs import locality_qkv

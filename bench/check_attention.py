@@ -22,7 +22,16 @@ from pathlib import Path
 
 import torch
 
-from bench.common import HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, topk_for_density, write_json
+from bench.common import (
+    HEAD_DIM,
+    HEADS,
+    PRESETS,
+    RESULTS_DIR,
+    environment,
+    gpu_slug,
+    topk_for_density,
+    write_json,
+)
 from vmoba import VMoBAConfig, block_ids, num_blocks, reference, select_blocks
 from vmoba.config import LAYER_KINDS
 from vmoba.inputs import locality_qkv

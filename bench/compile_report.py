@@ -94,7 +94,10 @@ def main():
     for name, fn, const, warps, stages in cases:
         kernel = compile_for_hopper(fn, const, warps, stages)
         ptx = kernel.asm["ptx"]
-        print(f"{name:32s} {ptxas_report(kernel)}  wgmma={'wgmma' in ptx} cp.async={'cp.async' in ptx} tma={'cp.async.bulk.tensor' in ptx}")
+        print(
+            f"{name:32s} {ptxas_report(kernel)}  wgmma={'wgmma' in ptx} cp.async={'cp.async' in ptx}"
+            f" tma={'cp.async.bulk.tensor' in ptx}"
+        )
 
 
 if __name__ == "__main__":

@@ -48,7 +48,14 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS_DIR, environment, gpu_slug, topk_for_density, wan_transformer_config, write_json
+from bench.common import (
+    RESULTS_DIR,
+    environment,
+    gpu_slug,
+    topk_for_density,
+    wan_transformer_config,
+    write_json,
+)
 
 TEXT_TOKENS = 512  # WanPipeline pads prompts to max_sequence_length = 512
 GUIDANCE = 5.0  # WanPipeline's default guidance scale

@@ -31,8 +31,12 @@ def main():
                              ("threshold_global 2d", paper.replace(select="threshold_global"), "2d")):
         layout = block_layout(grid, kind, cfg, device="cuda")
         sel = select_bits(q, k, layout, cfg, kind)
-        for what, fn in (("select_bits", lambda: select_bits(q, k, layout, cfg, kind)),
-                         ("attend", lambda: attend(q, k, v, sel, HEAD_DIM ** -0.5))):
+        # this case's tensors and settings bound now (not looked up when called)
+        calls = (
+            ("select_bits", lambda layout=layout, cfg=cfg, kind=kind: select_bits(q, k, layout, cfg, kind)),
+            ("attend", lambda sel=sel: attend(q, k, v, sel, HEAD_DIM**-0.5)),
+        )
+        for what, fn in calls:
             for _ in range(3):
                 fn()
             torch.cuda.synchronize()

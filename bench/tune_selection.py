@@ -45,11 +45,13 @@ def main():
     for cand in candidates:
         # {"pool": {...}} goes to the pooling kernel, the rest to the gate kernels
         os.environ["VMOBA_POOL_CONFIG"] = json.dumps(cand.get("pool", {}))
-        os.environ["VMOBA_GATE_CONFIG"] = json.dumps({k: v for k, v in cand.items() if k != "pool"})
+        os.environ["VMOBA_GATE_CONFIG"] = json.dumps({key: val for key, val in cand.items() if key != "pool"})
         for label, cfg, kind in cases:
             layout = block_layout(grid, kind, cfg, device="cuda")
             try:
-                ms = median_ms(lambda: select_bits(q, k, layout, cfg, kind), rep_ms=300)
+                # this case's layout, config and kind bound now (not looked up when called)
+                ms = median_ms(lambda layout=layout, cfg=cfg, kind=kind: select_bits(q, k, layout, cfg, kind),
+                               rep_ms=300)
                 print(f"{json.dumps(cand):36s} {label:24s} {ms * 1000:8.1f} us", flush=True)
             except Exception as exc:
                 print(f"{json.dumps(cand):36s} {label:24s} failed {exc!r}"[:300], flush=True)

@@ -37,8 +37,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, run from anywhere
-from bench.common import REPO_ROOT, RESULTS_DIR, commit, gpu_slug, timestamp  # noqa: E402  (torch-free)
-from service.serve import free_port  # noqa: E402
+from bench.common import REPO_ROOT, RESULTS_DIR, commit, gpu_slug, timestamp  # (torch-free)
+from service.serve import free_port
+
 NEEDED = ("redis", "rq", "pydantic", "pydantic_settings", "imageio_ffmpeg", "PIL", "numpy",
           "diffusers", "transformers", "tokenizers", "torch")
 
