@@ -7,12 +7,15 @@ import contextvars
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from ..config import AttentionSettings, VMoBAConfig
 from .processor import VMoBAAttnProcessor
 from .settings import coerce_settings
 from .statistics import Stats
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 
 class CallState:
@@ -28,10 +31,10 @@ class Forward:
     """What the pre-hook decided for one transformer call."""
 
     state: CallState
-    grid: Tuple[int, int, int]
+    grid: tuple[int, int, int]
     step: Optional[int]
     config: Optional[VMoBAConfig]  # None: this call is dense
-    token: object = None
+    token: Optional[contextvars.Token[Optional[Forward]]] = None  # set by _pre right after construction
 
 
 def scheduler_step(scheduler):
@@ -62,12 +65,18 @@ class VMoBAHandle:
         self.transformers = list(transformers)
         self.settings = settings
         self.scheduler = scheduler
-        self._call = contextvars.ContextVar(f"vmoba_call_{id(self)}", default=None)
-        self._forward = contextvars.ContextVar(f"vmoba_forward_{id(self)}", default=None)
-        self._last = contextvars.ContextVar(f"vmoba_last_{id(self)}", default=None)
+        self._call: contextvars.ContextVar[Optional[CallState]] = contextvars.ContextVar(
+            f"vmoba_call_{id(self)}", default=None
+        )
+        self._forward: contextvars.ContextVar[Optional[Forward]] = contextvars.ContextVar(
+            f"vmoba_forward_{id(self)}", default=None
+        )
+        self._last: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar(
+            f"vmoba_last_{id(self)}", default=None
+        )
         self._default = CallState(settings)
-        self._stock = []  # (attn module, stock processor)
-        self._hooks = []
+        self._stock: list[tuple[Any, Any]] = []  # (attn module, stock processor)
+        self._hooks: list[RemovableHandle] = []
         self.installed = False
 
     # -- install / remove ------------------------------------------------------------------
@@ -110,7 +119,7 @@ class VMoBAHandle:
         """
         state = CallState(coerce_settings(settings, overrides))
         token = self._call.set(state)
-        stats = {}
+        stats: dict = {}
         try:
             yield stats
         finally:
@@ -157,7 +166,8 @@ class VMoBAHandle:
     def _post(self, module, args, output):
         fwd = self._forward.get()
         if fwd is not None:
-            self._forward.reset(fwd.token)
+            # a no-op cast: _pre sets the token of every Forward it makes current
+            self._forward.reset(cast("contextvars.Token[Optional[Forward]]", fwd.token))
 
     def _current_forward(self) -> Forward:
         fwd = self._forward.get()

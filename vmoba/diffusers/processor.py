@@ -38,7 +38,7 @@ class VMoBAAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, handle: "VMoBAHandle", layer_idx: int, stock):
+    def __init__(self, handle: VMoBAHandle, layer_idx: int, stock):
         self.handle = handle
         self.layer_idx = layer_idx
         self.stock = stock
@@ -75,7 +75,7 @@ class VMoBAAttnProcessor:
                 timer.start()
             if self._parallel_config is not None:
                 raise ValueError("VMoBA does not support context parallelism (the grid would be split)")
-            call_stats = {} if settings.collect_density else None
+            call_stats: dict | None = {} if settings.collect_density else None
             out = vmoba_attention(
                 query, key, value, grid=fwd.grid, layer_idx=self.layer_idx, config=fwd.config,
                 kernel=settings.kernel, stats=call_stats,
