@@ -97,7 +97,7 @@ def _attend_keys_at(b_q, b_m, b_l, b_acc, k_desc, v_desc, row, col, j0, block_le
     """One key tile of the online softmax: rows `row + j0 ..`, columns `col ..` of blocked K/V."""
     b_k = k_desc.load([row + j0, col])  # [BN, D]
     b_v = v_desc.load([row + j0, col])  # [BN, D]
-    if IEEE:
+    if IEEE:  # noqa: SIM108  (Triton kernel: a constexpr branch, one tl.dot per specialization)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
     else:
         b_s = tl.dot(b_q, tl.trans(b_k))  # [BM, BN]
@@ -183,7 +183,7 @@ def vmoba_fwd_kernel(
         wait = tl.load(wait_ptr + seg)
 
         # tickets hand out GRAB consecutive items at a time (fewer atomics, each a stall)
-        if (work + 1) % GRAB == 0:
+        if (work + 1) % GRAB == 0:  # noqa: SIM108  (Triton kernel: the atomic only on this branch)
             next_work = tl.atomic_add(ticket_ptr, 1) * GRAB
         else:
             next_work = work + 1

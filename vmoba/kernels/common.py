@@ -66,7 +66,7 @@ def _gate_scores(b_q, km_hi_ptr, km_lo_ptr, i_bh, c0, CW: tl.constexpr, C_PAD: t
     o_c = c0 + tl.arange(0, CW)
     p_km = (i_bh * C_PAD + o_c[:, None]).to(tl.int64) * D + o_d[None, :]
     b_hi = tl.load(km_hi_ptr + p_km)  # [CW, D], rows >= C are zero
-    if IEEE:
+    if IEEE:  # noqa: SIM108  (Triton kernel: a constexpr branch, one tl.dot per specialization)
         b_g = tl.dot(b_q, tl.trans(b_hi), input_precision="ieee")
     else:
         b_g = tl.dot(b_q, tl.trans(b_hi))

@@ -23,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _attended_tokens, _gate_scores, _monotone_key, _query_tile, _selection_bits, interpreting
+from .common import (
+    _attended_tokens,
+    _gate_scores,
+    _monotone_key,
+    _query_tile,
+    _selection_bits,
+    interpreting,
+)
 
 # passes of `vmoba_global_pass_kernel` (its PHASE)
 PHASE_MINMAX = 1  # pass 1
@@ -144,7 +151,7 @@ def _global_columns(
                 b2 = tl.load(p_r + R_B2)
                 s0 = tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
                 inside = other & (b_n >= a2) & (b_n < b2)
-                if flat == 0:
+                if flat == 0:  # noqa: SIM102  (Triton kernel: `and` would not short-circuit the tile sum)
                     if tl.sum(tl.sum(inside.to(tl.int32), axis=1), axis=0) > 0:  # most tiles hold a few
                         # a slot per pair from one counter per head (cheaper than a scan of the tile)
                         slot = tl.atomic_add(cand_n_ptr + i_bh + tl.zeros([BM, CW], dtype=tl.int32), 1,
@@ -206,7 +213,7 @@ def vmoba_global_pass_kernel(
     touch.
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    if PHASE == 3:
+    if PHASE == 3:  # noqa: SIM102  (Triton kernel: constexpr guard, the load only in PHASE 3)
         if tl.load(range_ptr + i_bh * RANGE_SLOTS + R_DIRECT) > 0:
             return  # the head's first band is compacted as is
     if PHASE == 5:
@@ -302,7 +309,7 @@ def _degenerate_rank(geo_ptr, o_i, o_c, S, KIND: tl.constexpr):
         full_rows = ch_c * CH  # spatial rows above the tile row
         rows_h = tl.minimum(CH, HG - h0)
         below_plane = full_rows * WG + rows_h * w0  # tiles before (ch_c, cw_c) in one plane
-        if KIND == 2:
+        if KIND == 2:  # noqa: SIM108  (Triton kernel: constexpr branch, kept as the kernel reads)
             below = below_plane * T
         else:
             below = t0 * HG * WG + below_plane * lt
