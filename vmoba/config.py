@@ -25,7 +25,8 @@ from typing import Any, Optional
 
 LAYER_KINDS = ("1d", "2d", "3d")
 SELECT_MODES = ("topk", "threshold_query", "threshold_global")
-ATTENTION_BACKENDS = ("vmoba", "dense")  # `AttentionSettings.backend`: sparse VMoBA or stock attention
+# `AttentionSettings.backend`: sparse VMoBA or stock attention
+ATTENTION_BACKENDS = ("vmoba", "dense")
 KERNELS = ("auto", "triton", "reference")  # `kernel=` of `vmoba_attention` / `select_blocks`
 
 DEFAULT_BACKEND = "vmoba"
@@ -249,7 +250,9 @@ class AttentionSettings:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # VMoBAConfig validates and normalises the selection fields and explicit chunks (lists
         # from JSON become tuples, one topk int becomes three); its errors name the field.
-        probe = VMoBAConfig(select=self.select, threshold=self.threshold, topk=self.topk, **self.chunks)
+        probe = VMoBAConfig(
+            select=self.select, threshold=self.threshold, topk=self.topk, **self.chunks
+        )
         set_("threshold", probe.threshold)
         set_("topk", probe.topk)
         for name in self.chunks:
@@ -298,7 +301,11 @@ class AttentionSettings:
 @functools.lru_cache(maxsize=256)
 def _config_for(settings: AttentionSettings, grid) -> VMoBAConfig:
     return VMoBAConfig.for_grid(
-        grid, select=settings.select, threshold=settings.threshold, topk=settings.topk, **settings.chunks
+        grid,
+        select=settings.select,
+        threshold=settings.threshold,
+        topk=settings.topk,
+        **settings.chunks,
     )
 
 
@@ -319,8 +326,11 @@ def _set_fields(data, source: Optional[str] = None) -> dict:
 SETTING_SOURCES = ("default", "model", "operator", "request")
 
 
-def merge_attention_settings(model_defaults: Optional[Mapping] = None, operator_defaults: Optional[Mapping] = None,
-                             request: Optional[Mapping] = None) -> tuple[AttentionSettings, dict]:
+def merge_attention_settings(
+    model_defaults: Optional[Mapping] = None,
+    operator_defaults: Optional[Mapping] = None,
+    request: Optional[Mapping] = None,
+) -> tuple[AttentionSettings, dict]:
     """One job's settings from three layers of JSON-style objects; a later layer wins.
 
     `model_defaults` (what suits the model), `operator_defaults` (the deployment's choice, e.g. the

@@ -34,7 +34,9 @@ class Forward:
     grid: tuple[int, int, int]
     step: Optional[int]
     config: Optional[VMoBAConfig]  # None: this call is dense
-    token: Optional[contextvars.Token[Optional[Forward]]] = None  # set by _pre right after construction
+    token: Optional[contextvars.Token[Optional[Forward]]] = (
+        None  # set by _pre right after construction
+    )
 
 
 def scheduler_step(scheduler):
@@ -84,7 +86,9 @@ class VMoBAHandle:
     def _install(self):
         for transformer in self.transformers:
             if getattr(transformer, "_vmoba_handle", None) is not None:
-                raise ValueError("VMoBA is already installed on this transformer; remove() it first")
+                raise ValueError(
+                    "VMoBA is already installed on this transformer; remove() it first"
+                )
         for transformer in self.transformers:
             for layer_idx, block in enumerate(transformer.blocks):
                 attn = block.attn1
@@ -93,7 +97,9 @@ class VMoBAHandle:
                 attn.set_processor(VMoBAAttnProcessor(self, layer_idx, stock))
             patch = tuple(transformer.config.patch_size)
             self._hooks.append(
-                transformer.register_forward_pre_hook(functools.partial(self._pre, patch), with_kwargs=True)
+                transformer.register_forward_pre_hook(
+                    functools.partial(self._pre, patch), with_kwargs=True
+                )
             )
             self._hooks.append(transformer.register_forward_hook(self._post, always_call=True))
             transformer._vmoba_handle = self
@@ -190,15 +196,24 @@ def install_vmoba(pipe_or_transformer, settings=None, *, scheduler=None) -> VMoB
     target = pipe_or_transformer
     if hasattr(target, "blocks"):
         transformers = [target]
-    elif getattr(target, "transformer", None) is not None or getattr(target, "transformer_2", None) is not None:
-        transformers = [t for t in (target.transformer, getattr(target, "transformer_2", None)) if t is not None]
+    elif (
+        getattr(target, "transformer", None) is not None
+        or getattr(target, "transformer_2", None) is not None
+    ):
+        transformers = [
+            t for t in (target.transformer, getattr(target, "transformer_2", None)) if t is not None
+        ]
         scheduler = scheduler if scheduler is not None else getattr(target, "scheduler", None)
     else:
         raise ValueError(f"expected a Wan pipeline or transformer, got {type(target).__name__}")
     for t in transformers:
         blocks = getattr(t, "blocks", None)
-        if not blocks or not all(hasattr(b, "attn1") and hasattr(b.attn1, "set_processor") for b in blocks):
-            raise ValueError(f"{type(t).__name__} has no blocks[*].attn1 attention modules (not a Wan DiT?)")
+        if not blocks or not all(
+            hasattr(b, "attn1") and hasattr(b.attn1, "set_processor") for b in blocks
+        ):
+            raise ValueError(
+                f"{type(t).__name__} has no blocks[*].attn1 attention modules (not a Wan DiT?)"
+            )
         if not hasattr(getattr(t, "config", None), "patch_size"):
             raise ValueError(f"{type(t).__name__} has no config.patch_size")
     handle = VMoBAHandle(transformers, settings, scheduler)
