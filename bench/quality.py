@@ -182,6 +182,22 @@ def load_prompts(args) -> list:
     return prompts
 
 
+def model_spec(args):
+    """The registry model `--model`, or with `--weights` a checkpoint of that architecture;
+    `--vmoba-trained` marks weights fine-tuned with VMoBA (their defaults: threshold_global)."""
+    import dataclasses
+
+    from contract.models import custom_model, get_model
+
+    try:
+        spec = get_model(args.model)
+    except KeyError as exc:
+        raise SystemExit(str(exc)) from None
+    if args.weights:
+        return custom_model(args.weights, spec.id, vmoba_trained=args.vmoba_trained)
+    return dataclasses.replace(spec, vmoba_trained=True) if args.vmoba_trained else spec
+
+
 def video_shape(spec, args) -> tuple[int, int, int]:
     """`(frames, height, width)` from the flags or the model's defaults, checked against the model."""
     d = spec.defaults
@@ -295,10 +311,9 @@ def run_videos(args) -> dict:
     """The dense-against-VMoBA video comparison; returns the JSON record (also written)."""
     import torch
 
-    from contract.models import get_model
     from vmoba.diffusers import AttentionSettings
 
-    spec = get_model(args.model)
+    spec = model_spec(args)
     device = (
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -618,6 +633,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     v = p.add_argument_group("videos")
     v.add_argument("--model", default="tiny-wan2.1-t2v", help="a registry model id (a t2v model)")
+    v.add_argument(
+        "--weights",
+        help="a checkpoint (local diffusers folder or hub id) with --model's architecture",
+    )
+    v.add_argument(
+        "--vmoba-trained", action="store_true", help="the weights were fine-tuned with VMoBA"
+    )
     v.add_argument("--frames", type=int, help="frames (4k+1; default: the model's)")
     v.add_argument("--height", type=int, help="height (default: the model's)")
     v.add_argument("--width", type=int, help="width (default: the model's)")

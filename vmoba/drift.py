@@ -11,7 +11,7 @@ those rows only: `R x S` scores instead of `S x S`) it measures, per sample, hea
   keys the sparse selection attends to (1 when every key is attended), averaged over rows.
 
 Both are computed in fp32 (fp64 inputs stay fp64). The sparse output is either the one the
-kernel produced (`out`: the error then includes the kernel's own rounding, about 3e-3 in bf16)
+kernel produced (`out`: the error then includes the kernel's own rounding, a few 1e-3 in bf16)
 or, without `out`, the fp32 masked softmax of the selection (the error of the selection alone).
 
 ```python

@@ -189,3 +189,19 @@ def test_synthetic_comparison_at_a_tiny_grid(tmp_path):
                         assert abs(m["density"] - r["vmoba"]["density"]) <= tile_step
     assert len(record["verdicts"]) == 2 * 3 * 3
     assert all(isinstance(v["vmoba_loses"], bool) for v in record["verdicts"])
+
+
+def test_a_checkpoint_outside_the_registry_and_vmoba_trained_defaults():
+    args = quality.parser().parse_args(
+        ["--model", "wan2.1-t2v-1.3b", "--weights", "/ckpt/wan-vmoba", "--vmoba-trained"]
+    )
+    spec = quality.model_spec(args)
+    assert spec.hub_id == "/ckpt/wan-vmoba" and spec.weights == "hub" and spec.vmoba_trained
+    assert spec.grid(81, 480, 832) == (21, 30, 52)
+    # trained weights default to threshold_global 0.25: the same as the second default, once
+    settings = quality.resolve_settings(spec, (21, 30, 52), [], kernel="auto", drift=False)
+    assert [(s.select, s.threshold, s.collect_drift) for s in settings] == [
+        ("threshold_global", 0.25, False)
+    ]
+    with pytest.raises(SystemExit, match="unknown model"):
+        quality.model_spec(quality.parser().parse_args(["--model", "nope"]))
