@@ -41,6 +41,7 @@ def test_psnr_is_the_formula_and_ssim_falls_with_noise(seed):
         quality.psnr(ref, ref[:2])
 
 
+@pytest.mark.slow
 def test_harness_end_to_end_on_the_tiny_model(tmp_path):
     """5 frames 32x32, 2 steps, one prompt; a sparse setting and one whose every step is dense
     (bit-identical to the dense video: PSNR "inf", SSIM 1). JSON, table and contact sheet."""

@@ -235,3 +235,38 @@ def test_drift_collection_does_not_change_the_output(pipe):
         assert torch.equal(outs[0], outs[1])
     finally:
         handle.remove()
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="head dim 16 runs the Triton kernels in the interpreter only"
+)
+def test_triton_path_reports_the_same_drift(seed, pipe):
+    """`kernel="triton"` (the Triton interpreter here): the drift measures the Triton selection
+    and output, and agrees with the reference path's; a bare transformer has no step (`null`)."""
+    transformer = pipe.transformer
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, transformer.config.in_channels, 3, 8, 8, generator=gen)
+    text = torch.randn(1, 8, transformer.config.text_dim, generator=gen)
+    handle = install_vmoba(transformer, AttentionSettings(backend="dense"))
+    drifts = {}
+    try:
+        for kernel in ("reference", "triton"):
+            settings = AttentionSettings(
+                kernel=kernel, threshold=0.3, dense_steps=0.0, collect_drift=True
+            )
+            with handle.use(settings) as stats, torch.no_grad():
+                transformer(
+                    hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text
+                )
+            drifts[kernel] = stats["drift"]
+    finally:
+        handle.remove()
+    ref, tri = drifts["reference"], drifts["triton"]
+    assert [s["step"] for s in tri["by_step"]] == [None] and tri["calls"] == 3
+    for kind in ("1d", "2d", "3d"):
+        assert tri["by_kind"][kind]["mass_kept"] == pytest.approx(
+            ref["by_kind"][kind]["mass_kept"], rel=1e-5
+        )
+        assert tri["by_kind"][kind]["rel_l2"] == pytest.approx(
+            ref["by_kind"][kind]["rel_l2"], rel=1e-3, abs=1e-5
+        )

@@ -137,7 +137,8 @@ def drift_summary(drift: dict, query_rows: int) -> dict:
     Dense calls (the dense steps, `backend="dense"`) are not measured: their drift is 0.
     """
     keys = list(drift)
-    host = torch.stack([drift[key][0].double().cpu() for key in keys]).tolist() if keys else []
+    # one device-to-host copy for every (step, kind) entry
+    host = torch.stack([drift[key][0].double() for key in keys]).cpu().tolist() if keys else []
     totals: dict[Any, list] = {}
 
     def add(group, sums, rows, calls):
