@@ -219,6 +219,10 @@ class AttentionSettings:
       the end of the call; CUDA events, so the kernels still run back to back).
     - `collect_density`: report the achieved density (the attention op counts the attended
       tokens on the device as it selects; one host read at the end of the call).
+    - `collect_drift`: report how far the sparse output is from dense attention (`vmoba.drift`:
+      relative L2 error and softmax mass kept on sampled query rows, per layer kind and step).
+      Off by default: it costs dense attention for the sampled rows and a second selection
+      per sparse call (on the device, no host sync until the end of the call).
 
     Bad values raise `ValueError` naming the field.
     """
@@ -234,6 +238,7 @@ class AttentionSettings:
     kernel: str = DEFAULT_KERNEL
     collect_timing: bool = False
     collect_density: bool = True
+    collect_drift: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -245,7 +250,7 @@ class AttentionSettings:
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 <= d <= 1.0):
             raise ValueError(f"dense_steps must be a number in [0, 1], got {d!r}")
         set_("dense_steps", float(d))
-        for name in ("collect_timing", "collect_density"):
+        for name in ("collect_timing", "collect_density", "collect_drift"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # VMoBAConfig validates and normalises the selection fields and explicit chunks (lists

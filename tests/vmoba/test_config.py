@@ -126,6 +126,7 @@ def test_merge_later_layers_win_and_sources_say_which():
         "kernel": "operator",
         "collect_timing": "operator",
         "collect_density": "default",
+        "collect_drift": "default",
     }
     assert set(sources) == set(AttentionSettings.field_names())
 

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..attention import vmoba_attention
-from ..partition import num_blocks
+from ..drift import DEFAULT_ROWS, drift_sums, sample_rows
+from ..partition import block_layout, num_blocks
+from ..select import select_blocks
 from .statistics import Timer
 
 if TYPE_CHECKING:
@@ -68,6 +70,7 @@ class VMoBAAttnProcessor:
 
         settings, stats = fwd.state.settings, fwd.state.stats
         timer = Timer(query.device) if settings.collect_timing else None
+        call_stats: dict | None = None
         if fwd.config is None:
             label = "dense"
             if timer:
@@ -94,7 +97,9 @@ class VMoBAAttnProcessor:
             )
         if timer:
             stats.add_timing(label, *timer.stop())
-        self._count(fwd, query, label, call_stats if fwd.config is not None else None)
+        self._count(fwd, query, label, call_stats)
+        if fwd.config is not None and settings.collect_drift:  # after the timer: not timed
+            self._drift(fwd, query, key, value, out, label)
 
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
@@ -115,6 +120,24 @@ class VMoBAAttnProcessor:
             backend=self._attention_backend,
             **extra,
         )
+
+    def _drift(self, fwd: Forward, query, key, value, out, kind: str):
+        """Add this sparse call's drift sums (`vmoba.drift`) to the job's statistics, no sync.
+
+        The selection is computed again with the same kernel, which gives the mask the attention
+        used (the selection is deterministic); `out` is the attention's own output."""
+        config = fwd.config
+        assert config is not None  # sparse calls only
+        with torch.no_grad():
+            selected = select_blocks(
+                query, key, grid=fwd.grid, layer_idx=self.layer_idx, config=config,
+                kernel=fwd.state.settings.kernel,
+            )
+            rows = sample_rows(query.shape[1], DEFAULT_ROWS, query.device)
+            ids = block_layout(fwd.grid, kind, config, device=query.device).ids
+            sums = drift_sums(query, key, value, rows, [(selected[:, :, rows], ids)], outs=[out[:, rows]])
+        b, _, h, _ = query.shape
+        fwd.state.stats.add_drift(kind, fwd.step, sums[0], b * h * rows.numel(), rows.numel())
 
     def _count(self, fwd: Forward, query, label, call_stats):
         """Add this call to the job's statistics; `call_stats` is what `vmoba_attention` reported."""

@@ -1,18 +1,21 @@
 """What the self-attention calls of one `use()` block did: accumulated on the device, read once.
 
 `Stats` adds up, per layer kind, the attended tokens (a device scalar, no host sync), the pairs and
-the FLOPs; `summary` reads the device counters once and returns a JSON-ready dict. `Timer` marks
-the attention op with CUDA events (or wall time on the CPU).
+the FLOPs, and with `collect_drift` the drift sums (`vmoba.drift`) per layer kind and denoising
+step (device tensors); `summary` reads the device counters at the end and returns a JSON-ready
+dict. `Timer` marks the attention op with CUDA events (or wall time on the CPU).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import Any, Optional
 
 import torch
 
 from ..config import LAYER_KINDS, AttentionSettings
+from ..drift import DEFAULT_ROWS, Drift
 from ..flops import full_attention_flops, vmoba_attention_flops
 
 
@@ -25,7 +28,10 @@ class Stats:
         self.dense_calls = 0
         self.dense_flops = 0.0
         self.steps = {}  # step index -> True if that step's calls were sparse
-        self.timings = []  # (label, start, end): CUDA events, or perf_counter floats
+        self.timings: list = []  # (label, start, end): CUDA events, or perf_counter floats
+        # (step, kind) -> [drift sums (device [3] fp64: err2, ref2, mass), row vectors, calls]
+        self.drift: dict[tuple, list] = {}
+        self.drift_query_rows = 0  # query rows sampled per call (min(DEFAULT_ROWS, S))
 
     def step(self, step, sparse: bool):
         if step is not None:
@@ -52,6 +58,21 @@ class Stats:
             entry[3] += full
             entry[4] += gate
 
+    def add_drift(
+        self, kind: str, step: Optional[int], sums: torch.Tensor, rows: int, query_rows: int
+    ):
+        """`sums`: `vmoba.drift.drift_sums` of one sparse call (a device tensor, not read here),
+        over `rows` row vectors (`B * H * query_rows`)."""
+        with self._lock:
+            self.drift_query_rows = max(self.drift_query_rows, query_rows)
+            entry = self.drift.get((step, kind))
+            if entry is None:
+                self.drift[(step, kind)] = [sums, rows, 1]
+            else:
+                entry[0] = entry[0] + sums
+                entry[1] += rows
+                entry[2] += 1
+
     def add_timing(self, label, start, end):
         with self._lock:
             self.timings.append((label, start, end))
@@ -62,6 +83,8 @@ class Stats:
             kinds = {k: list(v) for k, v in self.kinds.items()}
             timings = list(self.timings)
             dense_calls, dense_flops, steps = self.dense_calls, self.dense_flops, dict(self.steps)
+            drift = {key: list(v) for key, v in self.drift.items()}
+            query_rows = self.drift_query_rows
         by_kind, attended_all, pairs_all, sparse_flops, full_sparse = {}, 0.0, 0, 0.0, 0.0
         counted = True
         for kind in LAYER_KINDS:
@@ -98,7 +121,63 @@ class Stats:
         }
         if settings.collect_timing:
             out.update(timing_summary(timings))
+        if settings.collect_drift:
+            out["drift"] = drift_summary(drift, query_rows)
         return out
+
+
+def drift_summary(drift: dict, query_rows: int) -> dict:
+    """`{(step, kind): [sums, rows, calls]}` -> the JSON-ready `drift` statistics (one read).
+
+    - `rel_l2`, `mass_kept`: over every sparse call (`None` when there was none);
+    - `by_kind`: per layer kind, over the steps; `by_step`: per denoising step (`step` is `null`
+      when the step was unknown), over the kinds, with its own `by_kind`;
+    - each entry: `rel_l2`, `mass_kept`, `calls` (sparse calls) and `rows` (row vectors:
+      `B * H` per sampled query row per call); `rows_per_call`: query rows sampled per call.
+    Dense calls (the dense steps, `backend="dense"`) are not measured: their drift is 0.
+    """
+    keys = list(drift)
+    # one device-to-host copy for every (step, kind) entry
+    host = torch.stack([drift[key][0].double() for key in keys]).cpu().tolist() if keys else []
+    totals: dict[Any, list] = {}
+
+    def add(group, sums, rows, calls):
+        acc = totals.setdefault(group, [[0.0, 0.0, 0.0], 0, 0])
+        acc[0] = [a + x for a, x in zip(acc[0], sums)]
+        acc[1] += rows
+        acc[2] += calls
+
+    for (step, kind), sums in zip(keys, host):
+        _, rows, calls = drift[(step, kind)]
+        for group in ("all", ("kind", kind), ("step", step), ("step_kind", step, kind)):
+            add(group, sums, rows, calls)
+
+    def entry(group) -> dict:
+        sums, rows, calls = totals[group]
+        d = Drift.from_sums(sums, rows)
+        return {"rel_l2": d.rel_l2, "mass_kept": d.mass_kept, "calls": calls, "rows": rows}
+
+    kinds = [k for k in LAYER_KINDS if ("kind", k) in totals]
+    steps = sorted({step for step, _ in keys}, key=lambda s: (s is None, s or 0))
+    empty = {"rel_l2": None, "mass_kept": None, "calls": 0, "rows": 0}
+    overall = entry("all") if "all" in totals else empty
+    return {
+        **overall,
+        "rows_per_call": query_rows or DEFAULT_ROWS,
+        "by_kind": {k: entry(("kind", k)) for k in kinds},
+        "by_step": [
+            {
+                "step": step,
+                **entry(("step", step)),
+                "by_kind": {
+                    k: entry(("step_kind", step, k))
+                    for k in kinds
+                    if ("step_kind", step, k) in totals
+                },
+            }
+            for step in steps
+        ],
+    }
 
 
 def timing_summary(timings) -> dict:
@@ -118,6 +197,7 @@ class Timer:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self._start: Any = None
 
     def start(self):
         if self.cuda:
