@@ -84,7 +84,7 @@ class VMoBAAttnProcessor:
                 raise ValueError(
                     "VMoBA does not support context parallelism (the grid would be split)"
                 )
-            call_stats: dict | None = {} if settings.collect_density else None
+            call_stats = {} if settings.collect_density else None
             out = vmoba_attention(
                 query,
                 key,
@@ -130,12 +130,18 @@ class VMoBAAttnProcessor:
         assert config is not None  # sparse calls only
         with torch.no_grad():
             selected = select_blocks(
-                query, key, grid=fwd.grid, layer_idx=self.layer_idx, config=config,
+                query,
+                key,
+                grid=fwd.grid,
+                layer_idx=self.layer_idx,
+                config=config,
                 kernel=fwd.state.settings.kernel,
             )
             rows = sample_rows(query.shape[1], DEFAULT_ROWS, query.device)
             ids = block_layout(fwd.grid, kind, config, device=query.device).ids
-            sums = drift_sums(query, key, value, rows, [(selected[:, :, rows], ids)], outs=[out[:, rows]])
+            sums = drift_sums(
+                query, key, value, rows, [(selected[:, :, rows], ids)], outs=[out[:, rows]]
+            )
         b, _, h, _ = query.shape
         fwd.state.stats.add_drift(kind, fwd.step, sums[0], b * h * rows.numel(), rows.numel())
 

@@ -193,10 +193,9 @@ def timing_summary(timings) -> dict:
 class Timer:
     """Start/stop marks: CUDA events on the current stream, or wall time on the CPU."""
 
-    _start: torch.cuda.Event | float  # set by start(): an event on CUDA, perf_counter() on the CPU
-
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        # set by start(): an event on CUDA, perf_counter() on the CPU
         self._start: Any = None
 
     def start(self):
