@@ -38,6 +38,8 @@ class JobRecord:
     attempts: int = 0
     seq: int = 0  # number of the last event
     request_sha: str = ""
+    # Who may see the job: `keys.owner_id` of the API key that created it ("" without keys).
+    owner: str = ""
 
     @property
     def is_terminal(self) -> bool:
@@ -109,7 +111,7 @@ def decode_record(job_id: str, raw: dict) -> Optional[JobRecord]:
             setattr(rec, name, json.loads(value) if value else type(getattr(rec, name))())
         elif name in _OPT_STR_FIELDS:
             setattr(rec, name, value or None)
-        elif name in ("status", "stage", "model", "request_sha"):
+        elif name in ("status", "stage", "model", "request_sha", "owner"):
             setattr(rec, name, value)
     return rec
 

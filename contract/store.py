@@ -36,6 +36,7 @@ from .keys import (
     is_job_id,
     job_key,
     new_job_id,
+    owner_index_key,
     replay_key,
     request_sha,
 )
@@ -90,9 +91,11 @@ class _JobOps:
         max_queued: int = 0,
         sha: Optional[str] = None,
         now: Optional[float] = None,
+        owner: str = "",
     ) -> Ops[CreateResult]:
         """Store a new queued job, unless `idempotency_key` already names one or `max_queued`
-        jobs are waiting. `sha` fingerprints the request for idempotency (default: of `request`)."""
+        jobs are waiting. `sha` fingerprints the request for idempotency (default: of `request`);
+        `owner` (`keys.owner_id` of the creating API key) is who may see the job."""
         call = create_call(
             check_job_id(job_id) if job_id else new_job_id(),
             request,
@@ -103,6 +106,7 @@ class _JobOps:
             max_queued=max_queued,
             sha=sha or request_sha(request),
             now=time.time() if now is None else now,
+            owner=owner,
         )
         return create_result((yield self._script(self._create_script, call)))
 
@@ -131,19 +135,20 @@ class _JobOps:
         limit: int = 20,
         after: Optional[str] = None,
         order: str = "desc",
+        owner: Optional[str] = None,
     ) -> Ops[tuple[list[tuple[JobRecord, Optional[int]]], bool]]:
         """Jobs newest first (`order="desc"`) or oldest first, starting after job `after`, each
-        with its queue position. Returns `(items, has_more)`; `KeyError` for an unknown `after`."""
+        with its queue position: every job, or with `owner` only that owner's. Returns
+        `(items, has_more)`; `KeyError` for an unknown `after`."""
         desc = order == "desc"
+        index = INDEX_KEY if owner is None else owner_index_key(owner or "-")
         start = 0
         if after is not None:
-            rank = yield lambda r: (r.zrevrank if desc else r.zrank)(INDEX_KEY, after)
+            rank = yield lambda r: (r.zrevrank if desc else r.zrank)(index, after)
             if rank is None:
                 raise KeyError(after)
             start = int(rank) + 1
-        raw_ids = yield lambda r: (r.zrevrange if desc else r.zrange)(
-            INDEX_KEY, start, start + limit
-        )
+        raw_ids = yield lambda r: (r.zrevrange if desc else r.zrange)(index, start, start + limit)
         ids = [as_text(x) for x in raw_ids]
         has_more = len(ids) > limit
         ids = ids[:limit]
@@ -157,7 +162,7 @@ class _JobOps:
         items = []
         for i, jid in enumerate(ids):
             rec = decode_record(jid, out[2 * i])
-            if rec is not None:
+            if rec is not None and (owner is None or rec.owner == owner):
                 items.append((rec, _position(out[2 * i + 1])))
         return items, has_more
 
@@ -384,12 +389,15 @@ class _JobOps:
     def _delete(self, job_id: str) -> Ops[bool]:
         """Remove a job's record, index entries, events and flag (not its files). False if it
         did not exist."""
+        owner = as_text((yield lambda r: r.hget(job_key(job_id), "owner")))
 
         def build(pipe: Any) -> None:
             pipe.delete(job_key(job_id))
             pipe.delete(replay_key(job_id), cancel_key(job_id), input_key(job_id))
             for key in (INDEX_KEY, QUEUED_KEY, RUNNING_KEY, EXPIRY_KEY):
                 pipe.zrem(key, job_id)
+            if owner:
+                pipe.zrem(owner_index_key(owner), job_id)
 
         return bool((yield pipelined(build, transaction=True))[0])
 
