@@ -132,6 +132,25 @@ return seq
 )
 
 
+# Put back the record of a finished job that Redis lost (the janitor found its result, sidecar
+# included, in storage), unless a record exists.
+# KEYS: job hash, index zset, the owner's index zset, expiry zset
+# ARGV: job id, created score, expires score, record TTL s, fields JSON, owner ('' = none)
+# Returns 1 when restored, 0 when a record exists.
+RESTORE_LUA = (
+    FLAT_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(flat(ARGV[5])))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+return 1
+"""
+)
+
+
 class CreateResult(NamedTuple):
     """What `create` did: `outcome` is `"created"`, `"existing"` (same Idempotency-Key and
     request), `"conflict"` (same key, another request) or `"full"` (queue full, nothing stored)."""
@@ -261,3 +280,20 @@ def end_call(
         score=fields["expires_at"],
         ttl_s=retention_s + RECORD_GRACE_S,
     )
+
+
+def restore_call(job_id: str, fields: dict, *, created_at: float, expires_at: float) -> ScriptCall:
+    """Arguments of `RESTORE_LUA`: a terminal record with `fields` (its `owner` among them),
+    listed at `created_at`, removed by retention at `expires_at`."""
+    owner = str(fields.get("owner") or "")
+    keys = [job_key(job_id), INDEX_KEY, owner_index_key(owner or "-"), EXPIRY_KEY]
+    ttl = max(1, int(expires_at - time.time()) + RECORD_GRACE_S)
+    args = [
+        job_id,
+        repr(created_at),
+        repr(expires_at),
+        ttl,
+        fields_json({**fields, "created_at": created_at, "expires_at": expires_at}),
+        owner,
+    ]
+    return ScriptCall(keys, args)

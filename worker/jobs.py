@@ -57,7 +57,7 @@ from rq.timeouts import JobTimeoutException
 
 from contract.files import INPUT_FILE, META_FILE, RESULT_FILES, THUMBNAIL_FILE, VIDEO_FILE
 from contract.keys import cancel_key, is_job_id, job_key
-from contract.record import as_text
+from contract.record import JobRecord, as_text
 from contract.request import ValidatedRequest
 from contract.status import ErrorCode, Stage
 from contract.storage import Staged, StorageUnavailable
@@ -147,6 +147,7 @@ class JobRun:
         # "" when the payload names no valid job: `run` refuses it before anything uses the id.
         self.job_id: str = job_id if is_job_id(job_id) else ""
         self.cur: CurrentJob | None = None  # set once the job has started
+        self.record: JobRecord | None = None  # the record as the run found it
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self):
@@ -161,6 +162,7 @@ class JobRun:
         if rec.is_terminal:
             log.info("job %s is already %s, skipping", job_id, rec.status)
             return {"job_id": job_id, "status": rec.status}
+        self.record = rec
         if rec.status == "queued" and store.is_cancel_requested(job_id):
             store.mark_cancelled(job_id, "cancelled before it started")
             return {"job_id": job_id, "status": "cancelled"}
@@ -489,10 +491,13 @@ class JobRun:
         timings,
         attempt,
     ) -> dict:
-        rt = self.rt
+        rt, rec = self.rt, self.record
         return {
             "id": self.job_id,
             "created_at": time.time(),
+            # What the janitor needs to put the job's record back should Redis lose it.
+            "submitted_at": rec.created_at if rec else None,
+            "owner": rec.owner if rec else "",
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
             "seed": request.seed,

@@ -55,6 +55,10 @@ class WorkerSettings(SharedSettings):
     HEARTBEAT_TTL_S: float = Field(15.0, gt=0)
     """A worker whose heartbeat is older than this is dead; its job is failed or retried. Several
     intervals, so a slow Redis round trip is not a death."""
+    REDIS_RETRY_S: float = Field(30.0, ge=0)
+    """How long a worker retries a Redis command that meets a dropped connection (exponential
+    back-off up to 1 s apart) before the error counts: a Redis restart (its append-only file
+    keeps the data) pauses the running job instead of failing it."""
     LOST_JOB_RETRIES: int = Field(0, ge=0, le=3)
     """How many times a job whose worker died is re-queued before it fails with `worker_lost`
     (0: fail at once; 1: retry once)."""
@@ -94,6 +98,10 @@ class WorkerSettings(SharedSettings):
     # --- janitor -----------------------------------------------------------------------------
     JANITOR_INTERVAL_S: float = Field(10.0, gt=0)
     """How often the launcher runs the janitor (dead workers' jobs, expired results)."""
+    ORPHAN_GRACE_S: float = Field(60.0, gt=0)
+    """A queued record younger than this may still be on its way into RQ (the API creates the
+    record, then enqueues): the janitor leaves it alone; older, with no RQ job waiting, it is
+    enqueued again."""
     STAGING_MAX_AGE_S: float = Field(3600.0, gt=0)
     """Staging directories untouched this long were left by a killed worker and are removed."""
 
@@ -132,6 +140,26 @@ class WorkerSettings(SharedSettings):
         if not names:
             raise ValueError(f"QUEUE_NAME names no queue: {self.QUEUE_NAME!r}")
         return [queue_name(q, spec.id) for q in names for spec in self.models()]
+
+    def redis_client(self, **kwargs):
+        """A client of `REDIS_URL` that rides out a Redis restart (`REDIS_RETRY_S`)."""
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError, TimeoutError
+        from redis.retry import Retry
+
+        first, cap = 0.05, 1.0
+        retries, waited = 0, 0.0
+        while waited < self.REDIS_RETRY_S:
+            waited += min(cap, first * 2**retries)
+            retries += 1
+        retry = Retry(ExponentialBackoff(cap=cap, base=first), retries)
+        return redis.Redis.from_url(
+            self.REDIS_URL,
+            retry=retry,
+            retry_on_error=[ConnectionError, TimeoutError],
+            **kwargs,
+        )
 
     def name(self) -> str:
         import os
