@@ -35,7 +35,11 @@ Every way out ends the record in a final state, or back in `queued` for another 
 | SIGTERM, long job left | queued again | re-queued at the front (`Retry`) |
 | second SIGTERM (cold shutdown) | queued again | re-queued at the front |
 | anything else | failed `internal_error` | finished |
-| worker killed | the janitor: failed `worker_lost`, or re-queued (`LOST_JOB_RETRIES`) | cleaned up by the janitor |
+| worker killed | the janitor (`worker.janitor`): see below | cleaned up by the janitor |
+| cancel not honoured in `CANCEL_GRACE_S` | the launcher kills the worker: cancelled | cleaned up by the janitor |
+
+A killed worker's job is completed if its result is in storage, cancelled if a cancel was
+requested, else re-queued (`LOST_JOB_RETRIES`) or failed with `worker_lost`.
 
 Test hooks (only with `ENABLE_TEST_HOOKS=1`; never in a deployment): a payload may carry
 `"_test": {"step_delay_s": 0.2, "oom_at_step": 2, "fail_at_step": 3}` to sleep after every step,

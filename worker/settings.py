@@ -54,7 +54,9 @@ class WorkerSettings(SharedSettings):
     """How often each worker writes its heartbeat, busy or idle."""
     HEARTBEAT_TTL_S: float = Field(15.0, gt=0)
     """A worker whose heartbeat is older than this is dead; its job is failed or retried. Several
-    intervals, so a slow Redis round trip is not a death."""
+    intervals, so a slow Redis round trip is not a death. A worker process whose heartbeat
+    stopped this long (hung with the GIL held, SIGSTOPped) is killed and replaced by its
+    launcher."""
     REDIS_RETRY_S: float = Field(30.0, ge=0)
     """How long a worker retries a Redis command that meets a dropped connection (exponential
     back-off up to 1 s apart) before the error counts: a Redis restart (its append-only file
@@ -74,6 +76,12 @@ class WorkerSettings(SharedSettings):
     HARD_TIMEOUT_GRACE_S: float = Field(60.0, gt=0)
     """If a job overruns its timeout by this much without reaching a step boundary (a hung
     kernel, a stuck decode), the watchdog fails it and kills the process, which is restarted."""
+    CANCEL_GRACE_S: float = Field(10.0, gt=0)
+    """A running job stops at its next denoising step once cancelled. If it has not stopped this
+    long after its launcher saw the cancel (a long step, a stuck kernel, a slow decode or
+    upload), the launcher kills the worker process (SIGKILL), the job ends `cancelled` and a
+    fresh worker takes its place: a cancel takes effect within about this plus two
+    `HEARTBEAT_INTERVAL_S`."""
     STOP_GRACE_S: float = Field(90.0, ge=0)
     """On SIGTERM the current job finishes if it should end within this many seconds; otherwise
     it stops at the next step and is re-queued at the front. Keep below compose's
