@@ -309,7 +309,7 @@ class JobRun:
                 files.append(INPUT_FILE)
             timings["encoding_s"] = time.perf_counter() - t_enc
             timings["total_s"] = time.monotonic() - cur.started
-            density = gen.attention.get("density")
+            density = achieved_density(gen.attention)
             staged.write_json(
                 META_FILE,
                 self._sidecar(request, attention, sources, gen, video, thumb, timings, attempt),
@@ -512,7 +512,7 @@ class JobRun:
             "attention": attention.to_dict(),
             "attention_sources": sources,
             "attention_stats": gen.attention,
-            "density": gen.attention.get("density"),
+            "density": achieved_density(gen.attention),
             "timings": timings,
             "peak_gpu_memory_bytes": gen.peak_memory_bytes,
             "video": {
@@ -538,6 +538,16 @@ class JobRun:
             },
             "versions": rt.versions,
         }
+
+
+def achieved_density(stats: dict) -> float | None:
+    """The attention density a run achieved (1.0 = dense): VMoBA's measure over its sparse
+    calls, and 1.0 for a run that made none (`backend: dense`, or every step dense), which
+    VMoBA's statistics leave empty; None when sparse calls were not counted."""
+    density = stats.get("density")
+    if density is None and (stats.get("layer_calls") or {}).get("sparse") == 0:
+        return 1.0
+    return density
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -22,7 +22,8 @@ async def healthz():
 @router.get("/readyz")
 async def readyz(request: Request):
     """200 when Redis answers and at least one worker on our queue has a live heartbeat, else 503
-    with the reason."""
+    with the reason. Open with API keys on: then only a request with a valid key sees the
+    workers' names (which hold host names and process ids)."""
     state = get_state(request)
     try:
         await state.redis.ping()
@@ -40,9 +41,11 @@ async def readyz(request: Request):
             },
             status_code=503,
         )
-    return JSON(
-        {"ready": True, "workers": len(workers), "worker_names": [w.get("name") for w in workers]}
-    )
+    body: dict = {"ready": True, "workers": len(workers)}
+    who = principal_of(request)
+    if who.admin or who.authenticated:  # keys off, or a valid key: not a stranger's probe
+        body["worker_names"] = [w.get("name") for w in workers]
+    return JSON(body)
 
 
 @router.get("/metrics")

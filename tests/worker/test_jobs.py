@@ -334,3 +334,15 @@ def test_rq_backstop_timeout_also_ends_as_timeout(rt, redis_client):
     rec = JobStore(redis_client).get(job_id)
     assert (rec.status, rec.error_code) == ("failed", "timeout")
     assert "1 seconds" in rec.error_message
+
+
+@pytest.mark.parametrize("attention", [{"backend": "dense"}, {"dense_steps": 1.0}])
+def test_a_dense_run_reports_density_one(rt, redis_client, attention):
+    """No sparse attention call at all (dense backend, or every step dense) is density 1.0,
+    in the record and in the sidecar."""
+    job_id = submit(redis_client, attention=attention)
+    run_worker(rt)
+    rec = JobStore(redis_client).get(job_id)
+    assert (rec.status, rec.density) == ("completed", 1.0)
+    meta = json.loads((rt.storage.job_dir(job_id) / "meta.json").read_text())
+    assert meta["density"] == 1.0 and meta["attention_stats"]["layer_calls"]["sparse"] == 0
