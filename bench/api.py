@@ -64,8 +64,7 @@ class Conn:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-                f"Content-Length: {len(body)}\r\n")
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
         if body:
             head += "Content-Type: application/json\r\n"
         self.writer.write(head.encode() + b"\r\n" + body)
@@ -91,15 +90,25 @@ def percentiles(samples_s: list[float]) -> dict:
     def pct(p):
         return ms[min(len(ms) - 1, int(round(p / 100 * (len(ms) - 1))))]
 
-    return {"p50_ms": round(pct(50), 3), "p90_ms": round(pct(90), 3),
-            "p99_ms": round(pct(99), 3), "max_ms": round(ms[-1], 3),
-            "mean_ms": round(statistics.fmean(ms), 3)}
+    return {
+        "p50_ms": round(pct(50), 3),
+        "p90_ms": round(pct(90), 3),
+        "p99_ms": round(pct(99), 3),
+        "max_ms": round(ms[-1], 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+    }
 
 
 def post_body(rng: random.Random) -> bytes:
-    return json.dumps({"prompt": f"bench {rng.random():.12f} a fox in the snow",
-                       "seed": rng.randrange(2**31), "num_frames": 17, "width": 128,
-                       "height": 128}).encode()
+    return json.dumps(
+        {
+            "prompt": f"bench {rng.random():.12f} a fox in the snow",
+            "seed": rng.randrange(2**31),
+            "num_frames": 17,
+            "width": 128,
+            "height": 128,
+        }
+    ).encode()
 
 
 async def phase(conns, duration_s, kind, post_rate=0.0, job_ids=None) -> dict:
@@ -125,16 +134,23 @@ async def phase(conns, duration_s, kind, post_rate=0.0, job_ids=None) -> dict:
             if kind == "post" and status == 202:
                 created.append(json.loads(data)["id"])
             if mean_think:
-                await asyncio.sleep(min(rng.expovariate(1 / mean_think),
-                                        max(0.0, deadline - time.perf_counter())))
+                await asyncio.sleep(
+                    min(rng.expovariate(1 / mean_think), max(0.0, deadline - time.perf_counter()))
+                )
 
     start = time.perf_counter()
     await asyncio.gather(*(run(c, random.randrange(2**32)) for c in conns))
     elapsed = time.perf_counter() - start
     ok = sum(n for s, n in statuses.items() if s < 400)
-    return {"requests": len(latencies), "ok": ok, "statuses": statuses,
-            "seconds": round(elapsed, 3), "requests_per_s": round(len(latencies) / elapsed, 1),
-            **percentiles(latencies), "_created": created}
+    return {
+        "requests": len(latencies),
+        "ok": ok,
+        "statuses": statuses,
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        **percentiles(latencies),
+        "_created": created,
+    }
 
 
 def load_process(host, port, args, out: mp.Queue) -> None:
@@ -187,9 +203,10 @@ def wait_http(url: str, timeout_s: float = 30) -> None:
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
@@ -199,11 +216,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--duration-s", type=float, default=10.0)
-    p.add_argument("--post-rate", type=float, default=200.0,
-                   help="offered POSTs per second over all clients in the paced phase")
+    p.add_argument(
+        "--post-rate",
+        type=float,
+        default=200.0,
+        help="offered POSTs per second over all clients in the paced phase",
+    )
     p.add_argument("--api-workers", type=int, default=2, help="uvicorn worker processes")
-    p.add_argument("--machine", default=f"{os.cpu_count()}core-{platform.machine()}",
-                   help="name in the results file: bench/results/api-<machine>.json")
+    p.add_argument(
+        "--machine",
+        default=f"{os.cpu_count()}core-{platform.machine()}",
+        help="name in the results file: bench/results/api-<machine>.json",
+    )
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
 
@@ -213,26 +237,67 @@ def main() -> int:
     rport, port = free_port(), free_port()
     procs = []
     try:
-        procs.append(subprocess.Popen(
-            [redis_server_binary(), "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL))
-        env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{rport}/0",
-                   DATA_DIR=str(tmp / "data"), MODEL="tiny", MAX_QUEUE_DEPTH="10000000",
-                   API_WORKERS=str(args.api_workers))
+        procs.append(
+            subprocess.Popen(
+                [
+                    redis_server_binary(),
+                    "--port",
+                    str(rport),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(tmp),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        )
+        env = dict(
+            os.environ,
+            REDIS_URL=f"redis://127.0.0.1:{rport}/0",
+            DATA_DIR=str(tmp / "data"),
+            MODEL="tiny",
+            MAX_QUEUE_DEPTH="10000000",
+            API_WORKERS=str(args.api_workers),
+        )
         if args.api_workers > 1:
             (tmp / "metrics").mkdir()
             env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / "metrics")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.api_workers),
-             "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-             "--log-level", "warning"], env=env))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "service.app:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    str(args.api_workers),
+                    "--loop",
+                    "uvloop",
+                    "--http",
+                    "httptools",
+                    "--no-access-log",
+                    "--log-level",
+                    "warning",
+                ],
+                env=env,
+            )
+        )
         wait_http(f"http://127.0.0.1:{port}/healthz")
         time.sleep(1.0)  # let every uvicorn worker finish starting
 
         out: mp.Queue = mp.get_context("spawn").Queue()
-        loader = mp.get_context("spawn").Process(target=load_process,
-                                                 args=("127.0.0.1", port, args, out))
+        loader = mp.get_context("spawn").Process(
+            target=load_process, args=("127.0.0.1", port, args, out)
+        )
         loader.start()
         results = out.get(timeout=args.duration_s * 4 + 120)
         loader.join()
@@ -251,11 +316,15 @@ def main() -> int:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
-        "setup": {"clients": args.clients, "duration_s": args.duration_s,
-                  "api_workers": args.api_workers, "server": "uvicorn + uvloop + httptools, "
-                  "orjson responses, hiredis, one Redis pool per process",
-                  "redis": "private redis-server on loopback", "load_generator":
-                  "separate process, raw HTTP/1.1 keep-alive on uvloop, same machine"},
+        "setup": {
+            "clients": args.clients,
+            "duration_s": args.duration_s,
+            "api_workers": args.api_workers,
+            "server": "uvicorn + uvloop + httptools, "
+            "orjson responses, hiredis, one Redis pool per process",
+            "redis": "private redis-server on loopback",
+            "load_generator": "separate process, raw HTTP/1.1 keep-alive on uvloop, same machine",
+        },
         "results": results,
         "targets": {"post_paced_p99_ms": TARGET_POST_P99_MS, "get_requests_per_s": TARGET_GET_RPS},
         "met": {

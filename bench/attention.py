@@ -27,8 +27,17 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from bench.common import (HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, median_ms, topk_for_density,
-                          write_json)
+from bench.common import (
+    HEAD_DIM,
+    HEADS,
+    PRESETS,
+    RESULTS_DIR,
+    environment,
+    gpu_slug,
+    median_ms,
+    topk_for_density,
+    write_json,
+)
 from vmoba import VMoBAConfig, num_blocks
 from vmoba.config import LAYER_KINDS
 from vmoba.inputs import locality_qkv
@@ -45,7 +54,8 @@ def dense_ms(q, k, v, sdpa: str) -> float:
     """SDPA restricted to one of PyTorch's kernels, `"cudnn"` or `"flash"`."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, S, D], as they like it
+    # [B, H, S, D], as they like it
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[sdpa]
 
     def run():
@@ -69,7 +79,9 @@ def flex_ms(q, k, v, density: float, seed: int = 0) -> tuple[float, float]:
     blk = 128
     n = math.ceil(s / blk)
     s_pad = n * blk
-    qt, kt, vt = (F.pad(x, (0, 0, 0, 0, 0, s_pad - s)).transpose(1, 2).contiguous() for x in (q, k, v))
+    qt, kt, vt = (
+        F.pad(x, (0, 0, 0, 0, 0, s_pad - s)).transpose(1, 2).contiguous() for x in (q, k, v)
+    )
     gen = torch.Generator(device="cpu").manual_seed(seed)
     per_row = max(1, round(density * n))
     scores = torch.rand(b, h, n, n, generator=gen)
@@ -115,24 +127,48 @@ def bench_vmoba(q, k, v, grid, kind, cfg):
     sel = select_bits(q, k, layout, cfg, kind)
     density = float(sel.density())
     ratio = work_ratio(sel.to_bool(), layout, attention_config(q.shape[-1], False, layout.max_len))
-    return dict(fwd_ms=fwd, selection_ms=sel_ms, density=density, peak_extra_mem_bytes=int(extra),
-                executed_over_useful=ratio)
+    return dict(
+        fwd_ms=fwd,
+        selection_ms=sel_ms,
+        density=density,
+        peak_extra_mem_bytes=int(extra),
+        executed_over_useful=ratio,
+    )
 
 
 def run_preset(name, grid, quick: bool, env: dict, records: list):
     torch.manual_seed(0)
     q, k, v = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     s = q.shape[1]
-    base = dict(gpu=env["gpu"], commit=env["commit"], preset=name, tokens=s, grid=list(grid), heads=HEADS,
-                head_dim=HEAD_DIM, dtype="bf16", batch=1)
+    base = dict(
+        gpu=env["gpu"],
+        commit=env["commit"],
+        preset=name,
+        tokens=s,
+        grid=list(grid),
+        heads=HEADS,
+        head_dim=HEAD_DIM,
+        dtype="bf16",
+        batch=1,
+    )
     q_bytes = q.numel() * q.element_size()
     dense = {}
     for sdpa in ("cudnn", "flash"):
         try:
             dense[sdpa] = dense_ms(q, k, v, sdpa)
-            records.append({**base, "layer_kind": "all", "impl": f"sdpa_{sdpa}", "select": "dense",
-                            "density": 1.0, "fwd_ms": dense[sdpa], "selection_ms": 0.0,
-                            "peak_extra_mem_bytes": None, "executed_over_useful": 1.0})
+            records.append(
+                {
+                    **base,
+                    "layer_kind": "all",
+                    "impl": f"sdpa_{sdpa}",
+                    "select": "dense",
+                    "density": 1.0,
+                    "fwd_ms": dense[sdpa],
+                    "selection_ms": 0.0,
+                    "peak_extra_mem_bytes": None,
+                    "executed_over_useful": 1.0,
+                }
+            )
             print(f"{name} sdpa_{sdpa}: {dense[sdpa]:.2f} ms", flush=True)
         except Exception as exc:  # a baseline missing on this build is reported, not fatal
             print(f"{name} sdpa_{sdpa} failed: {exc}", flush=True)
@@ -153,24 +189,44 @@ def run_preset(name, grid, quick: bool, env: dict, records: list):
             except Exception:
                 traceback.print_exc()
                 continue
-            rec = {**base, "layer_kind": kind, "impl": "vmoba", "select": label, "blocks": c, **res,
-                   "peak_extra_mem_over_q": res["peak_extra_mem_bytes"] / q_bytes}
+            rec = {
+                **base,
+                "layer_kind": kind,
+                "impl": "vmoba",
+                "select": label,
+                "blocks": c,
+                **res,
+                "peak_extra_mem_over_q": res["peak_extra_mem_bytes"] / q_bytes,
+            }
             if cudnn:
                 rec["speedup_vs_cudnn"] = cudnn / res["fwd_ms"]
             records.append(rec)
-            print(f"{name} {kind} vmoba {label}: {res['fwd_ms']:.2f} ms (sel {res['selection_ms']:.2f}) "
-                  f"density {res['density']:.3f} x{rec.get('speedup_vs_cudnn', 0):.2f} "
-                  f"mem {rec['peak_extra_mem_over_q']:.2f}q ratio {res['executed_over_useful']:.2f}", flush=True)
+            print(
+                f"{name} {kind} vmoba {label}: {res['fwd_ms']:.2f} ms (sel {res['selection_ms']:.2f}) "
+                f"density {res['density']:.3f} x{rec.get('speedup_vs_cudnn', 0):.2f} "
+                f"mem {rec['peak_extra_mem_over_q']:.2f}q ratio {res['executed_over_useful']:.2f}",
+                flush=True,
+            )
             try:
                 fms, fdens = flex_ms(q, k, v, res["density"])
-                frec = {**base, "layer_kind": kind, "impl": "flex", "select": f"random_blocks_for_{label}",
-                        "density": fdens, "fwd_ms": fms, "selection_ms": 0.0, "peak_extra_mem_bytes": None,
-                        "executed_over_useful": 1.0}
+                frec = {
+                    **base,
+                    "layer_kind": kind,
+                    "impl": "flex",
+                    "select": f"random_blocks_for_{label}",
+                    "density": fdens,
+                    "fwd_ms": fms,
+                    "selection_ms": 0.0,
+                    "peak_extra_mem_bytes": None,
+                    "executed_over_useful": 1.0,
+                }
                 if cudnn:
                     frec["speedup_vs_cudnn"] = cudnn / fms
                 records.append(frec)
-                print(f"{name} {kind} flex @ {fdens:.3f}: {fms:.2f} ms x{frec.get('speedup_vs_cudnn', 0):.2f}",
-                      flush=True)
+                print(
+                    f"{name} {kind} flex @ {fdens:.3f}: {fms:.2f} ms x{frec.get('speedup_vs_cudnn', 0):.2f}",
+                    flush=True,
+                )
             except Exception:
                 traceback.print_exc()
 
@@ -199,13 +255,17 @@ def main(argv=None):
 
 
 def table(records):
-    print("\n| tokens | kind | impl | select | density | fwd ms | sel ms | x cuDNN | mem/q | exec/useful |")
+    print(
+        "\n| tokens | kind | impl | select | density | fwd ms | sel ms | x cuDNN | mem/q | exec/useful |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         mem = r.get("peak_extra_mem_over_q")
-        print(f"| {r['tokens']} | {r['layer_kind']} | {r['impl']} | {r['select']} | {r['density']:.3f} | "
-              f"{r['fwd_ms']:.2f} | {r['selection_ms']:.2f} | {r.get('speedup_vs_cudnn', 0):.2f} | "
-              f"{'' if mem is None else f'{mem:.2f}'} | {r['executed_over_useful']:.2f} |")
+        print(
+            f"| {r['tokens']} | {r['layer_kind']} | {r['impl']} | {r['select']} | {r['density']:.3f} | "
+            f"{r['fwd_ms']:.2f} | {r['selection_ms']:.2f} | {r.get('speedup_vs_cudnn', 0):.2f} | "
+            f"{'' if mem is None else f'{mem:.2f}'} | {r['executed_over_useful']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

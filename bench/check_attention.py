@@ -22,7 +22,16 @@ from pathlib import Path
 
 import torch
 
-from bench.common import HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, gpu_slug, topk_for_density, write_json
+from bench.common import (
+    HEAD_DIM,
+    HEADS,
+    PRESETS,
+    RESULTS_DIR,
+    environment,
+    gpu_slug,
+    topk_for_density,
+    write_json,
+)
 from vmoba import VMoBAConfig, block_ids, num_blocks, reference, select_blocks
 from vmoba.config import LAYER_KINDS
 from vmoba.inputs import locality_qkv
@@ -53,11 +62,15 @@ def run_case(q, k, v, grid, kind, cfg, rows):
     layout = block_layout(grid, kind, cfg, device=q.device)
     sel = select_bits(q, k, layout, cfg, kind)
     got = sel.to_bool()
-    ref_sel = select_blocks(q, k, grid=grid, layer_idx=LAYER_KINDS.index(kind), config=cfg, kernel="reference")
+    ref_sel = select_blocks(
+        q, k, grid=grid, layer_idx=LAYER_KINDS.index(kind), config=cfg, kernel="reference"
+    )
     diff = int((got != ref_sel).sum())
     lens = layout.lengths.double()
     s = q.shape[1]
-    ref_density = float((ref_sel.double() * lens).sum() / (ref_sel.shape[0] * ref_sel.shape[1] * s * s))
+    ref_density = float(
+        (ref_sel.double() * lens).sum() / (ref_sel.shape[0] * ref_sel.shape[1] * s * s)
+    )
     del ref_sel
     out = torch.full_like(q, float("nan"))
     attend(q, k, v, sel, 1 / math.sqrt(q.shape[-1]), out=out, poison=True)
@@ -67,9 +80,16 @@ def run_case(q, k, v, grid, kind, cfg, rows):
     mine = (out if rows is None else out[:, rows]).float()
     err = (mine - ref).abs()
     rel = float((mine - ref).norm() / ref.norm())
-    return dict(pairs_total=int(got.numel()), pairs_differing=diff, density=float(sel.density()),
-                reference_density=ref_density, unwritten=unwritten, max_abs_err=float(err.max()),
-                rel_l2_err=rel, rows_checked="all" if rows is None else len(rows))
+    return dict(
+        pairs_total=int(got.numel()),
+        pairs_differing=diff,
+        density=float(sel.density()),
+        reference_density=ref_density,
+        unwritten=unwritten,
+        max_abs_err=float(err.max()),
+        rel_l2_err=rel,
+        rows_checked="all" if rows is None else len(rows),
+    )
 
 
 def graph_check(grid, kind, cfg):
@@ -92,8 +112,15 @@ def graph_check(grid, kind, cfg):
         static_out = step()
     results = []
     for seed in (1, 2):
-        q2, k2, v2 = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda",
-                                  generator=torch.Generator().manual_seed(seed))
+        q2, k2, v2 = locality_qkv(
+            grid,
+            1,
+            HEADS,
+            HEAD_DIM,
+            dtype=torch.bfloat16,
+            device="cuda",
+            generator=torch.Generator().manual_seed(seed),
+        )
         q.copy_(q2), k.copy_(k2), v.copy_(v2)
         graph.replay()
         eager = step()
@@ -123,8 +150,14 @@ def main(argv=None):
         paper = VMoBAConfig.for_grid(grid)
         for kind in LAYER_KINDS:
             for label, cfg in modes_for(paper, grid, kind).items():
-                base = dict(gpu=env["gpu"], commit=env["commit"], preset=name, tokens=s, layer_kind=kind,
-                            select=label)
+                base = dict(
+                    gpu=env["gpu"],
+                    commit=env["commit"],
+                    preset=name,
+                    tokens=s,
+                    layer_kind=kind,
+                    select=label,
+                )
                 try:
                     res = run_case(q, k, v, grid, kind, cfg, rows)
                 except Exception as exc:
@@ -139,8 +172,17 @@ def main(argv=None):
         except Exception as exc:
             traceback.print_exc()
             same = repr(exc)
-        records.append(dict(gpu=env["gpu"], commit=env["commit"], preset=name, tokens=s, layer_kind="3d",
-                            select="threshold_global0.25", cuda_graph_replay_bit_identical=same))
+        records.append(
+            dict(
+                gpu=env["gpu"],
+                commit=env["commit"],
+                preset=name,
+                tokens=s,
+                layer_kind="3d",
+                select="threshold_global0.25",
+                cuda_graph_replay_bit_identical=same,
+            )
+        )
         print(records[-1], flush=True)
         write_json(path, {"environment": env, "records": records})
 

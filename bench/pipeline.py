@@ -48,7 +48,14 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS_DIR, environment, gpu_slug, topk_for_density, wan_transformer_config, write_json
+from bench.common import (
+    RESULTS_DIR,
+    environment,
+    gpu_slug,
+    topk_for_density,
+    wan_transformer_config,
+    write_json,
+)
 
 TEXT_TOKENS = 512  # WanPipeline pads prompts to max_sequence_length = 512
 GUIDANCE = 5.0  # WanPipeline's default guidance scale
@@ -98,7 +105,9 @@ def make_latents(channels, grid_latent, device, kind: str, seed: int = 1):
         return noise.to(device)
     if kind != "smooth":
         raise ValueError(f"latents must be 'noise' or 'smooth', got {kind!r}")
-    axes = torch.meshgrid(torch.arange(t) / t, torch.arange(h) / h, torch.arange(w) / w, indexing="ij")
+    axes = torch.meshgrid(
+        torch.arange(t) / t, torch.arange(h) / h, torch.arange(w) / w, indexing="ij"
+    )
     coords = torch.stack(axes, -1)  # [t, h, w, 3]
     waves = 12
     freqs = torch.rand(waves, 3, generator=gen) * 3.0 * 2 * math.pi
@@ -114,7 +123,10 @@ def make_scheduler(flow_shift: float):
     from diffusers import UniPCMultistepScheduler
 
     return UniPCMultistepScheduler(
-        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=flow_shift,
     )
 
 
@@ -151,7 +163,9 @@ class Steps:
     def run(self, warmup: int, measure: int) -> list:
         """Step times (ms) of steps `warmup .. warmup + measure - 1` of a fresh schedule."""
         if warmup + measure > self.num_steps:
-            raise ValueError(f"{warmup}+{measure} steps do not fit a {self.num_steps}-step schedule")
+            raise ValueError(
+                f"{warmup}+{measure} steps do not fit a {self.num_steps}-step schedule"
+            )
         self.scheduler.set_timesteps(self.num_steps, device=self.latents.device)
         self.scheduler.set_begin_index(0)
         latents = self.latents.clone()
@@ -168,10 +182,12 @@ class Steps:
     def _step(self, latents, t):
         x = latents.to(self.dtype)
         timestep = t.expand(latents.shape[0])
-        cond = self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=self.cond,
-                                return_dict=False)[0]
-        uncond = self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=self.uncond,
-                                  return_dict=False)[0]
+        cond = self.transformer(
+            hidden_states=x, timestep=timestep, encoder_hidden_states=self.cond, return_dict=False
+        )[0]
+        uncond = self.transformer(
+            hidden_states=x, timestep=timestep, encoder_hidden_states=self.uncond, return_dict=False
+        )[0]
         noise = uncond + GUIDANCE * (cond - uncond)
         return self.scheduler.step(noise, t, latents, return_dict=False)[0]
 
@@ -186,7 +202,10 @@ def sdpa_context(device, heads: int, head_dim: int, dtype):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q = torch.randn(1, heads, 4096, head_dim, device=device, dtype=dtype)
-    for name, which in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+    for name, which in (
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("flash", SDPBackend.FLASH_ATTENTION),
+    ):
         try:
             with sdpa_kernel([which]):
                 torch.nn.functional.scaled_dot_product_attention(q, q, q)
@@ -232,7 +251,9 @@ def attention_pass(handle, steps: Steps, settings, measure: int) -> dict:
     return {
         "attention_ms_per_step": per_step,
         "attention_share": per_step / statistics.mean(times),
-        "attention_ms_by_kind_per_step": {k: v / measure for k, v in stats["attention_ms_by_kind"].items()},
+        "attention_ms_by_kind_per_step": {
+            k: v / measure for k, v in stats["attention_ms_by_kind"].items()
+        },
     }
 
 
@@ -299,7 +320,9 @@ def run_preset(name, args, env) -> list:
     scheduler = make_scheduler(preset["flow_shift"])
     clock = Clock(device)
     steps = Steps(transformer, scheduler, latents, cond, uncond, args.steps, clock)
-    sdpa_name, sdpa = sdpa_context(device, config["num_attention_heads"], config["attention_head_dim"], dtype)
+    sdpa_name, sdpa = sdpa_context(
+        device, config["num_attention_heads"], config["attention_head_dim"], dtype
+    )
     cutoff = AttentionSettings(dense_steps=args.dense_steps).dense_cutoff(args.steps)
 
     common = dict(
@@ -310,7 +333,9 @@ def run_preset(name, args, env) -> list:
         frames=frames,
         grid=list(grid),
         tokens=tokens,
-        model="Wan2.1-T2V-1.3B architecture, random weights" if not args.tiny else "tiny random Wan",
+        model="Wan2.1-T2V-1.3B architecture, random weights"
+        if not args.tiny
+        else "tiny random Wan",
         num_layers=config["num_layers"],
         dtype=str(dtype).replace("torch.", ""),
         batch=1,
@@ -331,17 +356,32 @@ def run_preset(name, args, env) -> list:
         print(f"  dense ({sdpa_name}): {dense_ms:.1f} ms/step", flush=True)
         handle = install_vmoba(transformer, AttentionSettings(backend="dense"), scheduler=scheduler)
         try:
-            dense_attn = attention_pass(handle, steps, AttentionSettings(backend="dense"), counts["timing"])
+            dense_attn = attention_pass(
+                handle, steps, AttentionSettings(backend="dense"), counts["timing"]
+            )
         finally:
             handle.remove()
-        records.append(dict(
-            common, attention="dense", select=None, density=1.0, step_ms=dense_ms, step_ms_all=dense_times,
-            **dense_attn,
-        ))
+        records.append(
+            dict(
+                common,
+                attention="dense",
+                select=None,
+                density=1.0,
+                step_ms=dense_ms,
+                step_ms_all=dense_times,
+                **dense_attn,
+            )
+        )
 
         for label, settings in vmoba_variants(grid, args.kernel):
-            record = dict(common, attention="vmoba", select=settings.select, variant=label,
-                          settings=settings.to_dict(), chunks=_chunks(settings, grid))
+            record = dict(
+                common,
+                attention="vmoba",
+                select=settings.select,
+                variant=label,
+                settings=settings.to_dict(),
+                chunks=_chunks(settings, grid),
+            )
             handle = install_vmoba(transformer, settings, scheduler=scheduler)
             try:
                 times = steps.run(counts["warmup"], counts["measure"])
@@ -356,8 +396,10 @@ def run_preset(name, args, env) -> list:
             finally:
                 handle.remove()
             if "step_ms" in record:
-                print(f"  vmoba {label}: {record['step_ms']:.1f} ms/step, density {record.get('density')}",
-                      flush=True)
+                print(
+                    f"  vmoba {label}: {record['step_ms']:.1f} ms/step, density {record.get('density')}",
+                    flush=True,
+                )
             records.append(record)
 
         if args.measured_generation:
@@ -372,7 +414,8 @@ def run_preset(name, args, env) -> list:
     if args.vae:
         from worker.tiny_model import VAE_CONFIG
 
-        vae_config = VAE_CONFIG if args.tiny else {}  # {}: AutoencoderKLWan's defaults are Wan 2.1's VAE
+        # {}: AutoencoderKLWan's defaults are Wan 2.1's VAE
+        vae_config = VAE_CONFIG if args.tiny else {}
         vae = vae_decode((1, config["in_channels"], *latent_grid), device, vae_config, clock)
         print(f"  VAE decode: {vae}", flush=True)
 
@@ -407,22 +450,31 @@ def _measured_generation(handle, steps: Steps, settings, args) -> dict:
 def _method(record, cutoff, args, with_vae: bool) -> str:
     counts = QUICK_COUNTS if args.quick else FULL_COUNTS
     clock = "CUDA events" if torch.device(args.device).type == "cuda" else "host clock"
-    step = (f"median of {counts['measure']} steps after {counts['warmup']} warm-up, {clock}, "
-            "CFG (2 transformer calls) + UniPC step")
+    step = (
+        f"median of {counts['measure']} steps after {counts['warmup']} warm-up, {clock}, "
+        "CFG (2 transformer calls) + UniPC step"
+    )
     if record["attention"] == "dense":
         gen = f"generation_s = {args.steps} x dense step_ms"
     else:
-        gen = (f"generation_s = {cutoff} x dense step_ms + {args.steps - cutoff} x vmoba step_ms "
-               f"(dense_steps={args.dense_steps})")
+        gen = (
+            f"generation_s = {cutoff} x dense step_ms + {args.steps - cutoff} x vmoba step_ms "
+            f"(dense_steps={args.dense_steps})"
+        )
     gen += " + VAE decode (measured once)" if with_vae else " (no VAE decode)"
     extra = "; also run end to end: denoise_measured_s" if args.measured_generation else ""
-    return f"step_ms: {step}; {gen}, computed from measured step times, text encoder excluded{extra}"
+    return (
+        f"step_ms: {step}; {gen}, computed from measured step times, text encoder excluded{extra}"
+    )
 
 
 def _chunks(settings, grid) -> dict:
     cfg = settings.vmoba_config(grid)
-    return {"temporal_chunk": cfg.temporal_chunk, "spatial_chunk": list(cfg.spatial_chunk),
-            "st_chunk": list(cfg.st_chunk)}
+    return {
+        "temporal_chunk": cfg.temporal_chunk,
+        "spatial_chunk": list(cfg.spatial_chunk),
+        "st_chunk": list(cfg.st_chunk),
+    }
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -437,11 +489,15 @@ def table(records) -> str:
     ]
     for r in records:
         if "step_ms" not in r:
-            lines.append(f"| {r['preset']} | {r['attention']} | {r.get('variant')} | error: {r.get('error')} "
-                         "| | | | | |")
+            lines.append(
+                f"| {r['preset']} | {r['attention']} | {r.get('variant')} | error: {r.get('error')} "
+                "| | | | | |"
+            )
             continue
         density = f"{r['density']:.3f}" if r.get("density") is not None else "-"
-        share = f"{100 * r['attention_share']:.0f}%" if r.get("attention_share") is not None else "-"
+        share = (
+            f"{100 * r['attention_share']:.0f}%" if r.get("attention_share") is not None else "-"
+        )
         lines.append(
             f"| {r['preset']} | {r['attention']} | {r.get('variant') or '-'} | {density} | {r['step_ms']:.0f} "
             f"| {share} | {r['step_speedup']:.2f}x | {r['generation_s']:.1f} | {r['generation_speedup']:.2f}x |"
@@ -450,26 +506,48 @@ def table(records) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="480p only, few steps, no VAE (about a minute)")
-    parser.add_argument("--presets", default=None,
-                        help=f"comma-separated presets from {sorted(PRESETS)} (default: both 81-frame ones)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.pipeline", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="480p only, few steps, no VAE (about a minute)"
+    )
+    parser.add_argument(
+        "--presets",
+        default=None,
+        help=f"comma-separated presets from {sorted(PRESETS)} (default: both 81-frame ones)",
+    )
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --tiny)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny random model (dry run of the code path)")
-    parser.add_argument("--layers", type=int, default=None, help="override the number of transformer blocks")
-    parser.add_argument("--kernel", default=None, help="VMoBA kernel: triton (GPU default) | reference | auto")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tiny random model (dry run of the code path)"
+    )
+    parser.add_argument(
+        "--layers", type=int, default=None, help="override the number of transformer blocks"
+    )
+    parser.add_argument(
+        "--kernel", default=None, help="VMoBA kernel: triton (GPU default) | reference | auto"
+    )
     parser.add_argument("--latents", default="noise", choices=["noise", "smooth"])
     parser.add_argument("--steps", type=int, default=50, help="denoising steps of the generation")
-    parser.add_argument("--dense-steps", type=float, default=0.25, help="fraction of steps run dense")
+    parser.add_argument(
+        "--dense-steps", type=float, default=0.25, help="fraction of steps run dense"
+    )
     parser.add_argument("--no-vae", dest="vae", action="store_false", help="skip the VAE decode")
-    parser.add_argument("--measured-generation", action="store_true",
-                        help="also run every generation end to end (slow: minutes per preset at 720p)")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/pipeline-<gpu>.json)")
+    parser.add_argument(
+        "--measured-generation",
+        action="store_true",
+        help="also run every generation end to end (slow: minutes per preset at 720p)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default bench/results/pipeline-<gpu>.json)"
+    )
     args = parser.parse_args(argv)
 
     cuda = torch.device(args.device).type == "cuda"
     if cuda and not torch.cuda.is_available():
-        parser.error("no CUDA GPU: this benchmark needs one (or run --device cpu --tiny for a dry run)")
+        parser.error(
+            "no CUDA GPU: this benchmark needs one (or run --device cpu --tiny for a dry run)"
+        )
     if not cuda and not args.tiny:
         parser.error("the real-size model on the CPU would take hours: add --tiny")
     if args.kernel is None:

@@ -1,6 +1,6 @@
 """Time the attention alone (selection done once) for several kernel configs and cases.
 
-    python -m bench.tune_attention [--cases wan1.3b-720p-81f:2d:0.25 ...] [--candidates JSON]
+python -m bench.tune_attention [--cases wan1.3b-720p-81f:2d:0.25 ...] [--candidates JSON]
 """
 
 from __future__ import annotations
@@ -31,8 +31,12 @@ CANDIDATES = [
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", nargs="*", default=["wan1.3b-720p-81f:2d:0.25", "wan1.3b-720p-81f:2d:0.1",
-                                                   "wan1.3b-480p-81f:3d:0.25"], help="preset:kind:density")
+    ap.add_argument(
+        "--cases",
+        nargs="*",
+        default=["wan1.3b-720p-81f:2d:0.25", "wan1.3b-720p-81f:2d:0.1", "wan1.3b-480p-81f:3d:0.25"],
+        help="preset:kind:density",
+    )
     ap.add_argument("--candidates", default=None, help="JSON list of configs (default: CANDIDATES)")
     args = ap.parse_args()
     candidates = json.loads(args.candidates) if args.candidates else CANDIDATES
@@ -50,8 +54,14 @@ def main():
         for cand in candidates:
             os.environ["VMOBA_ATTN_CONFIG"] = json.dumps(cand)
             try:
-                ms = median_ms(lambda: attend(q, k, v, sel, scale), rep_ms=400)
-                print(f"{case:28s} {json.dumps(cand):70s} {ms:7.2f} ms {flops / ms / 1e9:4.0f} TFLOP/s", flush=True)
+                # this case's tensors bound now (the loop rebinds them, and `del`s them at its end)
+                ms = median_ms(
+                    lambda q=q, k=k, v=v, sel=sel: attend(q, k, v, sel, scale), rep_ms=400
+                )
+                print(
+                    f"{case:28s} {json.dumps(cand):70s} {ms:7.2f} ms {flops / ms / 1e9:4.0f} TFLOP/s",
+                    flush=True,
+                )
             except Exception as exc:
                 print(f"{case:28s} {json.dumps(cand):70s} failed {exc!r}"[:300], flush=True)
         del q, k, v, sel

@@ -1,6 +1,6 @@
 """Time `select_bits` (pooling, gate, selection) for several gate-kernel configs.
 
-    python -m bench.tune_selection [--preset wan1.3b-720p-81f]
+python -m bench.tune_selection [--preset wan1.3b-720p-81f]
 """
 
 from __future__ import annotations
@@ -40,16 +40,24 @@ def main():
         c = num_blocks(grid, kind, paper)
         for density in (0.25, 0.1):
             kk = topk_for_density(density, c)
-            cases.append((f"{kind} topk{kk}/{c}", paper.replace(select="topk", topk=(kk, kk, kk)), kind))
+            cases.append(
+                (f"{kind} topk{kk}/{c}", paper.replace(select="topk", topk=(kk, kk, kk)), kind)
+            )
         cases.append((f"{kind} threshold_global", paper.replace(select="threshold_global"), kind))
     for cand in candidates:
         # {"pool": {...}} goes to the pooling kernel, the rest to the gate kernels
         os.environ["VMOBA_POOL_CONFIG"] = json.dumps(cand.get("pool", {}))
-        os.environ["VMOBA_GATE_CONFIG"] = json.dumps({k: v for k, v in cand.items() if k != "pool"})
+        os.environ["VMOBA_GATE_CONFIG"] = json.dumps(
+            {key: val for key, val in cand.items() if key != "pool"}
+        )
         for label, cfg, kind in cases:
             layout = block_layout(grid, kind, cfg, device="cuda")
             try:
-                ms = median_ms(lambda: select_bits(q, k, layout, cfg, kind), rep_ms=300)
+                # this case's layout, config and kind bound now (not looked up when called)
+                ms = median_ms(
+                    lambda layout=layout, cfg=cfg, kind=kind: select_bits(q, k, layout, cfg, kind),
+                    rep_ms=300,
+                )
                 print(f"{json.dumps(cand):36s} {label:24s} {ms * 1000:8.1f} us", flush=True)
             except Exception as exc:
                 print(f"{json.dumps(cand):36s} {label:24s} failed {exc!r}"[:300], flush=True)

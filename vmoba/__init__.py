@@ -27,8 +27,15 @@ _TORCH_NAMES = {
     "select_blocks": ".select",
 }
 
-__all__ = ["AttentionSettings", "VMoBAConfig", "block_ids", "merge_attention_settings", "num_blocks",
-           "select_blocks", "vmoba_attention"]
+__all__ = [
+    "AttentionSettings",
+    "VMoBAConfig",
+    "block_ids",
+    "merge_attention_settings",
+    "num_blocks",
+    "select_blocks",
+    "vmoba_attention",
+]
 
 
 def __getattr__(name: str):

@@ -43,13 +43,19 @@ def vmoba_attention(
     kind = config.kind(layer_idx)
     if _use_triton(kernel, q):
         if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-            raise RuntimeError("the Triton VMoBA kernel has no backward yet: its output would not be "
-                               "differentiable; use kernel='reference' for gradients (or run under "
-                               "torch.no_grad() / torch.inference_mode())")
+            raise RuntimeError(
+                "the Triton VMoBA kernel has no backward yet: its output would not be "
+                "differentiable; use kernel='reference' for gradients (or run under "
+                "torch.no_grad() / torch.inference_mode())"
+            )
         from .kernels.attention import sparse_attention
 
-        return sparse_attention(q, k, v, grid=grid, kind=kind, config=config, softmax_scale=scale, stats=stats)
-    selected = select_blocks(q, k, grid=grid, layer_idx=layer_idx, config=config, kernel="reference")
+        return sparse_attention(
+            q, k, v, grid=grid, kind=kind, config=config, softmax_scale=scale, stats=stats
+        )
+    selected = select_blocks(
+        q, k, grid=grid, layer_idx=layer_idx, config=config, kernel="reference"
+    )
     layout = block_layout(grid, kind, config, device=q.device)
     if stats is not None:
         stats["attended"] = attended_tokens(selected, layout.lengths).sum()

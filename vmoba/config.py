@@ -19,12 +19,14 @@ import dataclasses
 import functools
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Optional, Tuple
+from typing import Any, Optional
 
 LAYER_KINDS = ("1d", "2d", "3d")
 SELECT_MODES = ("topk", "threshold_query", "threshold_global")
-ATTENTION_BACKENDS = ("vmoba", "dense")  # `AttentionSettings.backend`: sparse VMoBA or stock attention
+# `AttentionSettings.backend`: sparse VMoBA or stock attention
+ATTENTION_BACKENDS = ("vmoba", "dense")
 KERNELS = ("auto", "triton", "reference")  # `kernel=` of `vmoba_attention` / `select_blocks`
 
 DEFAULT_BACKEND = "vmoba"
@@ -34,7 +36,7 @@ DEFAULT_TOPK = (2, 6, 18)  # blocks per query (self included) for (1d, 2d, 3d), 
 DEFAULT_DENSE_STEPS = 0.25  # the paper runs the first 25% of the denoising steps dense
 DEFAULT_KERNEL = "auto"
 
-Grid = Tuple[int, int, int]
+Grid = tuple[int, int, int]
 
 # Chunk sizes the paper used for Wan 2.1 1.3B, keyed by latent grid (T, Hg, Wg):
 # (temporal_chunk, spatial_chunk, st_chunk).
@@ -85,19 +87,20 @@ class VMoBAConfig:
     """
 
     temporal_chunk: int = 3
-    spatial_chunk: Tuple[int, int] = (5, 13)
-    st_chunk: Tuple[int, int, int] = (7, 5, 13)
-    layer_kinds: Tuple[str, ...] = LAYER_KINDS
+    spatial_chunk: tuple[int, int] = (5, 13)
+    st_chunk: tuple[int, int, int] = (7, 5, 13)
+    layer_kinds: tuple[str, ...] = LAYER_KINDS
     select: str = DEFAULT_SELECT
     threshold: float = DEFAULT_THRESHOLD
-    topk: Tuple[int, int, int] = field(default=DEFAULT_TOPK)
+    topk: tuple[int, int, int] = field(default=DEFAULT_TOPK)
 
     def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_ = lambda name, value: object.__setattr__(self, name, value)
         set_("temporal_chunk", _positive_ints("temporal_chunk", self.temporal_chunk, 1)[0])
         set_("spatial_chunk", _positive_ints("spatial_chunk", self.spatial_chunk, 2))
         set_("st_chunk", _positive_ints("st_chunk", self.st_chunk, 3))
-        kinds = (self.layer_kinds,) if isinstance(self.layer_kinds, str) else self.layer_kinds
+        # whatever the caller passed: one kind as a str, an iterable of kinds, or one value
+        kinds: Any = (self.layer_kinds,) if isinstance(self.layer_kinds, str) else self.layer_kinds
         try:
             kinds = tuple(kinds)
         except TypeError:
@@ -130,7 +133,7 @@ class VMoBAConfig:
     def topk_for(self, kind: str) -> int:
         return self.topk[LAYER_KINDS.index(kind)]
 
-    def chunk_for(self, kind: str) -> Tuple[int, int, int]:
+    def chunk_for(self, kind: str) -> tuple[Optional[int], Optional[int], Optional[int]]:
         """Chunk sizes `(ct, ch, cw)` of a kind; a dimension a kind does not cut is `None`."""
         if kind == "1d":
             return (self.temporal_chunk, None, None)
@@ -140,14 +143,14 @@ class VMoBAConfig:
             return self.st_chunk
         raise ValueError(f"layer kind must be one of {LAYER_KINDS}, got {kind!r}")
 
-    def replace(self, **changes) -> "VMoBAConfig":
+    def replace(self, **changes) -> VMoBAConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
     # -- chunk choice -------------------------------------------------------------------------
 
     @classmethod
-    def for_grid(cls, grid, **overrides) -> "VMoBAConfig":
+    def for_grid(cls, grid, **overrides) -> VMoBAConfig:
         """A config whose chunk sizes suit `grid = (T, Hg, Wg)`.
 
         The three standard Wan 2.1 grids get the paper's chunks (`PAPER_CHUNKS`). Any other grid
@@ -165,7 +168,7 @@ def _split(length: int, blocks: int) -> int:
     return math.ceil(length / blocks)
 
 
-def _tile(hg: int, wg: int, target: int) -> Tuple[int, int]:
+def _tile(hg: int, wg: int, target: int) -> tuple[int, int]:
     """`(ch, cw)` cutting an `hg x wg` plane into about `target` tiles of near-square shape."""
     n_h = max(1, round(math.sqrt(target * hg / wg)))
     n_w = max(1, round(target / n_h))
@@ -223,17 +226,17 @@ class AttentionSettings:
     backend: str = DEFAULT_BACKEND
     select: str = DEFAULT_SELECT
     threshold: float = DEFAULT_THRESHOLD
-    topk: Tuple[int, int, int] = DEFAULT_TOPK
+    topk: tuple[int, int, int] = DEFAULT_TOPK
     dense_steps: float = DEFAULT_DENSE_STEPS
     temporal_chunk: Optional[int] = None
-    spatial_chunk: Optional[Tuple[int, int]] = None
-    st_chunk: Optional[Tuple[int, int, int]] = None
+    spatial_chunk: Optional[tuple[int, int]] = None
+    st_chunk: Optional[tuple[int, int, int]] = None
     kernel: str = DEFAULT_KERNEL
     collect_timing: bool = False
     collect_density: bool = True
 
     def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_ = lambda name, value: object.__setattr__(self, name, value)
         if self.backend not in ATTENTION_BACKENDS:
             raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {self.backend!r}")
         if self.kernel not in KERNELS:
@@ -247,7 +250,9 @@ class AttentionSettings:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # VMoBAConfig validates and normalises the selection fields and explicit chunks (lists
         # from JSON become tuples, one topk int becomes three); its errors name the field.
-        probe = VMoBAConfig(select=self.select, threshold=self.threshold, topk=self.topk, **self.chunks)
+        probe = VMoBAConfig(
+            select=self.select, threshold=self.threshold, topk=self.topk, **self.chunks
+        )
         set_("threshold", probe.threshold)
         set_("topk", probe.topk)
         for name in self.chunks:
@@ -267,7 +272,7 @@ class AttentionSettings:
         """Steps `0 .. cutoff - 1` of a `num_steps`-step call run dense."""
         return int(self.dense_steps * num_steps + _CUTOFF_EPS)
 
-    def replace(self, **changes) -> "AttentionSettings":
+    def replace(self, **changes) -> AttentionSettings:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -276,7 +281,7 @@ class AttentionSettings:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_dict(cls, data) -> "AttentionSettings":
+    def from_dict(cls, data) -> AttentionSettings:
         """Settings from a JSON object; missing or `null` fields take their defaults."""
         if data is None:
             return cls()
@@ -296,7 +301,11 @@ class AttentionSettings:
 @functools.lru_cache(maxsize=256)
 def _config_for(settings: AttentionSettings, grid) -> VMoBAConfig:
     return VMoBAConfig.for_grid(
-        grid, select=settings.select, threshold=settings.threshold, topk=settings.topk, **settings.chunks
+        grid,
+        select=settings.select,
+        threshold=settings.threshold,
+        topk=settings.topk,
+        **settings.chunks,
     )
 
 
@@ -317,8 +326,11 @@ def _set_fields(data, source: Optional[str] = None) -> dict:
 SETTING_SOURCES = ("default", "model", "operator", "request")
 
 
-def merge_attention_settings(model_defaults: Optional[Mapping] = None, operator_defaults: Optional[Mapping] = None,
-                             request: Optional[Mapping] = None) -> Tuple[AttentionSettings, dict]:
+def merge_attention_settings(
+    model_defaults: Optional[Mapping] = None,
+    operator_defaults: Optional[Mapping] = None,
+    request: Optional[Mapping] = None,
+) -> tuple[AttentionSettings, dict]:
     """One job's settings from three layers of JSON-style objects; a later layer wins.
 
     `model_defaults` (what suits the model), `operator_defaults` (the deployment's choice, e.g. the

@@ -56,10 +56,18 @@ def topk_for_grid(grid, chunks=None) -> tuple[int, int, int]:
 def recommended_settings(grid, *, vmoba_trained: bool) -> dict:
     """The attention settings a model's defaults give at `grid` (JSON form)."""
     if vmoba_trained:
-        return {"backend": "vmoba", "select": "threshold_global", "threshold": TRAINED_THRESHOLD,
-                "dense_steps": DENSE_STEPS}
-    return {"backend": "vmoba", "select": "topk", "topk": list(topk_for_grid(grid)),
-            "dense_steps": DENSE_STEPS}
+        return {
+            "backend": "vmoba",
+            "select": "threshold_global",
+            "threshold": TRAINED_THRESHOLD,
+            "dense_steps": DENSE_STEPS,
+        }
+    return {
+        "backend": "vmoba",
+        "select": "topk",
+        "topk": list(topk_for_grid(grid)),
+        "dense_steps": DENSE_STEPS,
+    }
 
 
 assert len(LAYER_KINDS) == 3  # the rule above is written per kind (1d, 2d, 3d)

@@ -26,7 +26,9 @@ def attended_tokens(selected: torch.Tensor, lengths: torch.Tensor) -> torch.Tens
 def density(selected: torch.Tensor, lengths: torch.Tensor) -> float:
     """Fraction of the `S x S` score matrix a selection computes, averaged over samples/heads."""
     s = selected.shape[2]
-    return float(attended_tokens(selected, lengths).sum() / (selected.shape[0] * selected.shape[1] * s * s))
+    return float(
+        attended_tokens(selected, lengths).sum() / (selected.shape[0] * selected.shape[1] * s * s)
+    )
 
 
 def full_attention_flops(tokens: int, d_model: int) -> float:
@@ -59,7 +61,9 @@ WAN_1_3B = WanArch()
 WAN_14B = WanArch(dim=5120, ffn_dim=13824, num_layers=40)
 
 
-def wan_forward_flops(tokens: int, text_len: int = 300, arch: WanArch = WAN_1_3B, densities=None) -> float:
+def wan_forward_flops(
+    tokens: int, text_len: int = 300, arch: WanArch = WAN_1_3B, densities=None
+) -> float:
     """Whole-model forward FLOPs of a Wan DiT at batch 1 (matmuls of the transformer blocks).
 
     Per block: self-attention projections `8 S d^2`, self-attention `4 S^2 d` (times the layer's
@@ -72,5 +76,7 @@ def wan_forward_flops(tokens: int, text_len: int = 300, arch: WanArch = WAN_1_3B
     if densities is None:
         return float(arch.num_layers * (other + full_attention_flops(s, d)))
     if len(densities) != arch.num_layers:
-        raise ValueError(f"densities has {len(densities)} entries, the model has {arch.num_layers} layers")
+        raise ValueError(
+            f"densities has {len(densities)} entries, the model has {arch.num_layers} layers"
+        )
     return float(sum(other + vmoba_attention_flops(s, d, c, rho) for rho, c in densities))

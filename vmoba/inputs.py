@@ -13,19 +13,34 @@ import math
 import torch
 
 
-def locality_qkv(grid, batch: int, heads: int, head_dim: int, *, dtype=torch.float32, device="cpu",
-                 num_waves: int = 12, max_cycles: float = 3.0, noise: float = 0.5,
-                 generator: torch.Generator | None = None):
+def locality_qkv(
+    grid,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    *,
+    dtype=torch.float32,
+    device="cpu",
+    num_waves: int = 12,
+    max_cycles: float = 3.0,
+    noise: float = 0.5,
+    generator: torch.Generator | None = None,
+):
     """`q, k, v [B, S, H, D]` with shared smooth structure in q and k (v is plain Gaussian)."""
     t, hg, wg = grid
     s = t * hg * wg
     gen = generator  # random parameters come from it (on the CPU); the big tensors are built on `device`
-    coords = torch.stack(torch.meshgrid(
-        torch.arange(t) / t, torch.arange(hg) / hg, torch.arange(wg) / wg, indexing="ij"), -1)
+    coords = torch.stack(
+        torch.meshgrid(
+            torch.arange(t) / t, torch.arange(hg) / hg, torch.arange(wg) / wg, indexing="ij"
+        ),
+        -1,
+    )
     coords = coords.reshape(s, 3).to(device)  # [S, 3] in [0, 1)
 
     def field():
-        freqs = torch.rand(batch, num_waves, 3, generator=gen) * max_cycles * 2 * math.pi  # [B, W, 3]
+        # [B, W, 3]
+        freqs = torch.rand(batch, num_waves, 3, generator=gen) * max_cycles * 2 * math.pi
         phase = torch.rand(batch, num_waves, generator=gen) * 2 * math.pi
         dirs = torch.randn(batch, num_waves, heads, head_dim, generator=gen)  # [B, W, H, D]
         freqs, phase, dirs = (x.to(device) for x in (freqs, phase, dirs))

@@ -40,7 +40,9 @@ def check_inputs(grid, layer_idx, config, q, k, v=None) -> tuple:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
     s = q.shape[1]
     if math.prod(grid) != s:
-        raise ValueError(f"grid {grid} has {math.prod(grid)} tokens but q has {s} (q is [B, S, H, D])")
+        raise ValueError(
+            f"grid {grid} has {math.prod(grid)} tokens but q has {s} (q is [B, S, H, D])"
+        )
     return grid
 
 

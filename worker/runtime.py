@@ -454,16 +454,18 @@ def cpu_threads(device: str, settings: WorkerSettings, spec: ModelSpec):
 @contextmanager
 def flow_shift_set(pipe, flow_shift: float):
     """The pipeline's scheduler with `flow_shift` for one call (schedulers read it from their
-    config when they set their timesteps), restored afterwards."""
-    base = pipe.scheduler
-    if getattr(base.config, "flow_shift", flow_shift) == flow_shift:
+    config when they set their timesteps), restored afterwards. The scheduler object stays the
+    same: the VMoBA handle reads the denoising step from it."""
+    scheduler = pipe.scheduler
+    before = getattr(scheduler.config, "flow_shift", None)
+    if before is None or before == flow_shift:
         yield
         return
-    pipe.scheduler = type(base).from_config(base.config, flow_shift=float(flow_shift))
+    scheduler.register_to_config(flow_shift=float(flow_shift))
     try:
         yield
     finally:
-        pipe.scheduler = base
+        scheduler.register_to_config(flow_shift=before)
 
 
 def sync(cuda: bool) -> None:

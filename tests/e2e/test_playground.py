@@ -14,6 +14,7 @@ The tests run in order and build on each other (one page, one stack for the modu
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
@@ -26,8 +27,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service.serve import free_port
 from test_serve import Stack, children_of
+
+from service.serve import free_port
 
 pytestmark = [pytest.mark.slow]
 
@@ -73,7 +75,7 @@ class PlaygroundStack(Stack):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.serve"],
             cwd=ROOT,
-            stdout=open(self.log, "wb"),
+            stdout=open(self.log, "wb"),  # noqa: SIM115 - open for the child's whole life
             stderr=subprocess.STDOUT,
             env={
                 **base,
@@ -103,7 +105,7 @@ class PlaygroundStack(Stack):
             cwd=ROOT,
             # An admin key: it sees the jobs the open API made (a plain key sees only its own).
             env={**base, "ADMIN_API_KEYS": API_KEY},
-            stdout=open(self.keyed_log, "wb"),
+            stdout=open(self.keyed_log, "wb"),  # noqa: SIM115 - open for the child's whole life
             stderr=subprocess.STDOUT,
         )
 
@@ -130,10 +132,8 @@ class PlaygroundStack(Stack):
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 for pid in children_of(self.proc.pid):
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                 self.proc.kill()
 
 

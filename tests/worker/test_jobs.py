@@ -336,6 +336,25 @@ def test_rq_backstop_timeout_also_ends_as_timeout(rt, redis_client):
     assert "1 seconds" in rec.error_message
 
 
+def test_flow_shift_changes_the_schedule_and_vmoba_still_runs(rt, redis_client):
+    """A request's flow_shift applies for its call only, on the same scheduler the VMoBA handle
+    follows (a swapped scheduler would leave every step 'dense')."""
+    seed = random.randrange(2**31)
+    base = submit(redis_client, seed=seed, num_inference_steps=4)
+    shifted = submit(redis_client, seed=seed, num_inference_steps=4, flow_shift=7.0)
+    run_worker(rt)
+    videos = [decode(rt.storage.job_dir(j) / "video.mp4")[0] for j in (base, shifted)]
+    assert not np.array_equal(*videos), f"seed {seed}: flow_shift changed nothing"
+    meta = json.loads((rt.storage.job_dir(shifted) / "meta.json").read_text())
+    stats = meta["attention_stats"]
+    assert meta["request"]["flow_shift"] == 7.0
+    # Every step seen, the first quarter dense (the default dense_steps), the rest sparse.
+    assert (stats["steps"], stats["dense_steps"]) == (4, 1), (seed, stats)
+    assert stats["layer_calls"]["sparse"] > 0, (seed, stats)
+    scheduler = rt.model("tiny-wan2.1-t2v").pipes["t2v"].scheduler
+    assert scheduler.config.flow_shift == 3.0  # restored after the call
+
+
 @pytest.mark.parametrize("attention", [{"backend": "dense"}, {"dense_steps": 1.0}])
 def test_a_dense_run_reports_density_one(rt, redis_client, attention):
     """No sparse attention call at all (dense backend, or every step dense) is density 1.0,

@@ -41,5 +41,11 @@ from ..config import ATTENTION_BACKENDS, KERNELS, AttentionSettings
 from .install import VMoBAHandle, install_vmoba
 from .processor import VMoBAAttnProcessor
 
-__all__ = ["ATTENTION_BACKENDS", "KERNELS", "AttentionSettings", "VMoBAAttnProcessor", "VMoBAHandle",
-           "install_vmoba"]
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "KERNELS",
+    "AttentionSettings",
+    "VMoBAAttnProcessor",
+    "VMoBAHandle",
+    "install_vmoba",
+]

@@ -7,12 +7,15 @@ import contextvars
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from ..config import AttentionSettings, VMoBAConfig
 from .processor import VMoBAAttnProcessor
 from .settings import coerce_settings
 from .statistics import Stats
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 
 class CallState:
@@ -28,10 +31,12 @@ class Forward:
     """What the pre-hook decided for one transformer call."""
 
     state: CallState
-    grid: Tuple[int, int, int]
+    grid: tuple[int, int, int]
     step: Optional[int]
     config: Optional[VMoBAConfig]  # None: this call is dense
-    token: object = None
+    token: Optional[contextvars.Token[Optional[Forward]]] = (
+        None  # set by _pre right after construction
+    )
 
 
 def scheduler_step(scheduler):
@@ -62,12 +67,18 @@ class VMoBAHandle:
         self.transformers = list(transformers)
         self.settings = settings
         self.scheduler = scheduler
-        self._call = contextvars.ContextVar(f"vmoba_call_{id(self)}", default=None)
-        self._forward = contextvars.ContextVar(f"vmoba_forward_{id(self)}", default=None)
-        self._last = contextvars.ContextVar(f"vmoba_last_{id(self)}", default=None)
+        self._call: contextvars.ContextVar[Optional[CallState]] = contextvars.ContextVar(
+            f"vmoba_call_{id(self)}", default=None
+        )
+        self._forward: contextvars.ContextVar[Optional[Forward]] = contextvars.ContextVar(
+            f"vmoba_forward_{id(self)}", default=None
+        )
+        self._last: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar(
+            f"vmoba_last_{id(self)}", default=None
+        )
         self._default = CallState(settings)
-        self._stock = []  # (attn module, stock processor)
-        self._hooks = []
+        self._stock: list[tuple[Any, Any]] = []  # (attn module, stock processor)
+        self._hooks: list[RemovableHandle] = []
         self.installed = False
 
     # -- install / remove ------------------------------------------------------------------
@@ -75,7 +86,9 @@ class VMoBAHandle:
     def _install(self):
         for transformer in self.transformers:
             if getattr(transformer, "_vmoba_handle", None) is not None:
-                raise ValueError("VMoBA is already installed on this transformer; remove() it first")
+                raise ValueError(
+                    "VMoBA is already installed on this transformer; remove() it first"
+                )
         for transformer in self.transformers:
             for layer_idx, block in enumerate(transformer.blocks):
                 attn = block.attn1
@@ -84,7 +97,9 @@ class VMoBAHandle:
                 attn.set_processor(VMoBAAttnProcessor(self, layer_idx, stock))
             patch = tuple(transformer.config.patch_size)
             self._hooks.append(
-                transformer.register_forward_pre_hook(functools.partial(self._pre, patch), with_kwargs=True)
+                transformer.register_forward_pre_hook(
+                    functools.partial(self._pre, patch), with_kwargs=True
+                )
             )
             self._hooks.append(transformer.register_forward_hook(self._post, always_call=True))
             transformer._vmoba_handle = self
@@ -110,7 +125,7 @@ class VMoBAHandle:
         """
         state = CallState(coerce_settings(settings, overrides))
         token = self._call.set(state)
-        stats = {}
+        stats: dict = {}
         try:
             yield stats
         finally:
@@ -157,7 +172,8 @@ class VMoBAHandle:
     def _post(self, module, args, output):
         fwd = self._forward.get()
         if fwd is not None:
-            self._forward.reset(fwd.token)
+            # a no-op cast: _pre sets the token of every Forward it makes current
+            self._forward.reset(cast("contextvars.Token[Optional[Forward]]", fwd.token))
 
     def _current_forward(self) -> Forward:
         fwd = self._forward.get()
@@ -180,15 +196,24 @@ def install_vmoba(pipe_or_transformer, settings=None, *, scheduler=None) -> VMoB
     target = pipe_or_transformer
     if hasattr(target, "blocks"):
         transformers = [target]
-    elif getattr(target, "transformer", None) is not None or getattr(target, "transformer_2", None) is not None:
-        transformers = [t for t in (target.transformer, getattr(target, "transformer_2", None)) if t is not None]
+    elif (
+        getattr(target, "transformer", None) is not None
+        or getattr(target, "transformer_2", None) is not None
+    ):
+        transformers = [
+            t for t in (target.transformer, getattr(target, "transformer_2", None)) if t is not None
+        ]
         scheduler = scheduler if scheduler is not None else getattr(target, "scheduler", None)
     else:
         raise ValueError(f"expected a Wan pipeline or transformer, got {type(target).__name__}")
     for t in transformers:
         blocks = getattr(t, "blocks", None)
-        if not blocks or not all(hasattr(b, "attn1") and hasattr(b.attn1, "set_processor") for b in blocks):
-            raise ValueError(f"{type(t).__name__} has no blocks[*].attn1 attention modules (not a Wan DiT?)")
+        if not blocks or not all(
+            hasattr(b, "attn1") and hasattr(b.attn1, "set_processor") for b in blocks
+        ):
+            raise ValueError(
+                f"{type(t).__name__} has no blocks[*].attn1 attention modules (not a Wan DiT?)"
+            )
         if not hasattr(getattr(t, "config", None), "patch_size"):
             raise ValueError(f"{type(t).__name__} has no config.patch_size")
     handle = VMoBAHandle(transformers, settings, scheduler)

@@ -38,7 +38,7 @@ class VMoBAAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, handle: "VMoBAHandle", layer_idx: int, stock):
+    def __init__(self, handle: VMoBAHandle, layer_idx: int, stock):
         self.handle = handle
         self.layer_idx = layer_idx
         self.stock = stock
@@ -48,9 +48,13 @@ class VMoBAAttnProcessor:
     def __repr__(self):
         return f"VMoBAAttnProcessor(layer_idx={self.layer_idx})"
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
+    ):
         if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("VMoBAAttnProcessor is for self-attention without a mask (blocks.*.attn1)")
+            raise ValueError(
+                "VMoBAAttnProcessor is for self-attention without a mask (blocks.*.attn1)"
+            )
         fwd = self.handle._current_forward()
         query, key, value = _qkv_projections(attn, hidden_states)
         query = attn.norm_q(query)
@@ -74,11 +78,19 @@ class VMoBAAttnProcessor:
             if timer:
                 timer.start()
             if self._parallel_config is not None:
-                raise ValueError("VMoBA does not support context parallelism (the grid would be split)")
-            call_stats = {} if settings.collect_density else None
+                raise ValueError(
+                    "VMoBA does not support context parallelism (the grid would be split)"
+                )
+            call_stats: dict | None = {} if settings.collect_density else None
             out = vmoba_attention(
-                query, key, value, grid=fwd.grid, layer_idx=self.layer_idx, config=fwd.config,
-                kernel=settings.kernel, stats=call_stats,
+                query,
+                key,
+                value,
+                grid=fwd.grid,
+                layer_idx=self.layer_idx,
+                config=fwd.config,
+                kernel=settings.kernel,
+                stats=call_stats,
             )
         if timer:
             stats.add_timing(label, *timer.stop())
@@ -94,8 +106,14 @@ class VMoBAAttnProcessor:
         # parallel_config only when set: diffusers before 0.36 has no such argument
         extra = {} if self._parallel_config is None else {"parallel_config": self._parallel_config}
         return dispatch_attention_fn(
-            query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, **extra,
+            query,
+            key,
+            value,
+            attn_mask=None,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            **extra,
         )
 
     def _count(self, fwd: Forward, query, label, call_stats):

@@ -104,7 +104,7 @@ class Stats:
 def timing_summary(timings) -> dict:
     if any(isinstance(start, torch.cuda.Event) for _, start, _ in timings):
         torch.cuda.synchronize()
-    by_label = {}
+    by_label: dict[str, float] = {}
     for label, start, end in timings:
         ms = start.elapsed_time(end) if isinstance(start, torch.cuda.Event) else (end - start) * 1e3
         by_label[label] = by_label.get(label, 0.0) + ms
@@ -113,6 +113,8 @@ def timing_summary(timings) -> dict:
 
 class Timer:
     """Start/stop marks: CUDA events on the current stream, or wall time on the CPU."""
+
+    _start: torch.cuda.Event | float  # set by start(): an event on CUDA, perf_counter() on the CPU
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"

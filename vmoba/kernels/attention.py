@@ -60,7 +60,9 @@ def _has_block(p_m, m_i, c):
 
 
 @triton.jit
-def vmoba_count_kernel(mask_ptr, tile_count_ptr, S, BH, C, n_ct, W: tl.constexpr, BLK: tl.constexpr):
+def vmoba_count_kernel(
+    mask_ptr, tile_count_ptr, S, BH, C, n_ct, W: tl.constexpr, BLK: tl.constexpr
+):
     """`tile_count[c, bh, t]`: queries of token tile `t` of sample-head `bh` that selected block `c`."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     o_i = i_t * BLK + tl.arange(0, BLK)
@@ -72,7 +74,9 @@ def vmoba_count_kernel(mask_ptr, tile_count_ptr, S, BH, C, n_ct, W: tl.constexpr
 
 
 @triton.jit
-def vmoba_scatter_kernel(mask_ptr, tile_base_ptr, qlist_ptr, S, BH, C, n_ct, W: tl.constexpr, BLK: tl.constexpr):
+def vmoba_scatter_kernel(
+    mask_ptr, tile_base_ptr, qlist_ptr, S, BH, C, n_ct, W: tl.constexpr, BLK: tl.constexpr
+):
     """Write each query of the tile into its blocks' segments at `tile_base[c, bh, t] + rank`."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     o_i = i_t * BLK + tl.arange(0, BLK)
@@ -92,12 +96,25 @@ def vmoba_scatter_kernel(mask_ptr, tile_base_ptr, qlist_ptr, S, BH, C, n_ct, W: 
 
 
 @triton.jit
-def _attend_keys_at(b_q, b_m, b_l, b_acc, k_desc, v_desc, row, col, j0, block_len, qk_scale,
-                    BN: tl.constexpr, IEEE: tl.constexpr):
+def _attend_keys_at(
+    b_q,
+    b_m,
+    b_l,
+    b_acc,
+    k_desc,
+    v_desc,
+    row,
+    col,
+    j0,
+    block_len,
+    qk_scale,
+    BN: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """One key tile of the online softmax: rows `row + j0 ..`, columns `col ..` of blocked K/V."""
     b_k = k_desc.load([row + j0, col])  # [BN, D]
     b_v = v_desc.load([row + j0, col])  # [BN, D]
-    if IEEE:
+    if IEEE:  # noqa: SIM108  (Triton kernel: a constexpr branch, one tl.dot per specialization)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
     else:
         b_s = tl.dot(b_q, tl.trans(b_k))  # [BM, BN]
@@ -127,8 +144,16 @@ def vmoba_items_kernel(seg_tiles_ptr, first_tile_ptr, item_seg_ptr, BLK: tl.cons
 
 
 @triton.jit
-def _item(work, total, item_seg_ptr, first_tile_ptr, seg_count_ptr, seg_start_ptr, qlist_ptr,
-          BM: tl.constexpr):
+def _item(
+    work,
+    total,
+    item_seg_ptr,
+    first_tile_ptr,
+    seg_count_ptr,
+    seg_start_ptr,
+    qlist_ptr,
+    BM: tl.constexpr,
+):
     """Segment of work item `work` and its queries' info words (-1 past the segment's end)."""
     live = work < total
     seg = tl.load(item_seg_ptr + work, mask=live, other=0)
@@ -142,13 +167,39 @@ def _item(work, total, item_seg_ptr, first_tile_ptr, seg_count_ptr, seg_start_pt
 
 @triton.jit
 def vmoba_fwd_kernel(
-    q_ptr, k_desc, v_desc, o_ptr, acc_ptr, ml_ptr, qlist_ptr,
-    seg_start_ptr, seg_count_ptr, seg_tiles_ptr, first_tile_ptr, item_seg_ptr, wait_ptr, done_ptr, ticket_ptr,
-    starts_ptr, lengths_ptr,
-    stride_qb, stride_qs, stride_qh,
-    stride_ob, stride_os, stride_oh,
-    H, S, BH, n_seg, qk_scale,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GRAB: tl.constexpr, IEEE: tl.constexpr,
+    q_ptr,
+    k_desc,
+    v_desc,
+    o_ptr,
+    acc_ptr,
+    ml_ptr,
+    qlist_ptr,
+    seg_start_ptr,
+    seg_count_ptr,
+    seg_tiles_ptr,
+    first_tile_ptr,
+    item_seg_ptr,
+    wait_ptr,
+    done_ptr,
+    ticket_ptr,
+    starts_ptr,
+    lengths_ptr,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    H,
+    S,
+    BH,
+    n_seg,
+    qk_scale,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    GRAB: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """Every tile of every segment. Segment `c * BH + bh`: the queries of sample-head `bh` that
     selected key block `c`, `qlist[seg_start : seg_start + seg_count]`; work item `w` is tile
@@ -166,7 +217,9 @@ def vmoba_fwd_kernel(
     total = tl.load(first_tile_ptr + n_seg)
     work = tl.atomic_add(ticket_ptr, 1) * GRAB
     finished = -1  # the segment of the previous item, merged but not yet released
-    seg, info = _item(work, total, item_seg_ptr, first_tile_ptr, seg_count_ptr, seg_start_ptr, qlist_ptr, BM)
+    seg, info = _item(
+        work, total, item_seg_ptr, first_tile_ptr, seg_count_ptr, seg_start_ptr, qlist_ptr, BM
+    )
     while work < total:
         i_c = seg // BH
         i_bh = seg % BH
@@ -176,19 +229,33 @@ def vmoba_fwd_kernel(
         tok = (info & INDEX_MASK).to(tl.int64)
         first = (info & FIRST_FLAG) != 0
         last = (info & LAST_FLAG) != 0
-        p_q = q_ptr + i_b.to(tl.int64) * stride_qb + tok[:, None] * stride_qs + i_h * stride_qh + o_d[None, :]
+        p_q = (
+            q_ptr
+            + i_b.to(tl.int64) * stride_qb
+            + tok[:, None] * stride_qs
+            + i_h * stride_qh
+            + o_d[None, :]
+        )
         b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)  # [BM, D]
         block_start = tl.load(starts_ptr + i_c)
         block_len = tl.load(lengths_ptr + i_c)
         wait = tl.load(wait_ptr + seg)
 
         # tickets hand out GRAB consecutive items at a time (fewer atomics, each a stall)
-        if (work + 1) % GRAB == 0:
+        if (work + 1) % GRAB == 0:  # noqa: SIM108  (Triton kernel: the atomic only on this branch)
             next_work = tl.atomic_add(ticket_ptr, 1) * GRAB
         else:
             next_work = work + 1
-        next_seg, next_info = _item(next_work, total, item_seg_ptr, first_tile_ptr, seg_count_ptr, seg_start_ptr,
-                                    qlist_ptr, BM)
+        next_seg, next_info = _item(
+            next_work,
+            total,
+            item_seg_ptr,
+            first_tile_ptr,
+            seg_count_ptr,
+            seg_start_ptr,
+            qlist_ptr,
+            BM,
+        )
 
         b_m = tl.full([BM], -float("inf"), dtype=tl.float32)
         b_l = tl.zeros([BM], dtype=tl.float32)
@@ -198,8 +265,21 @@ def vmoba_fwd_kernel(
         # the partial last key tile runs inside the pipelined loop: as a separate step after it,
         # its load is exposed (measured slower on the H200)
         for j in range(0, tl.cdiv(block_len, BN)):
-            b_m, b_l, b_acc = _attend_keys_at(b_q, b_m, b_l, b_acc, k_desc, v_desc, row, col, j * BN, block_len,
-                                              qk_scale, BN, IEEE)
+            b_m, b_l, b_acc = _attend_keys_at(
+                b_q,
+                b_m,
+                b_l,
+                b_acc,
+                k_desc,
+                v_desc,
+                row,
+                col,
+                j * BN,
+                block_len,
+                qk_scale,
+                BN,
+                IEEE,
+            )
 
         # release the previous item now that its stores have long completed (a release right after
         # them waits for them); always before waiting below, which may depend on it
@@ -215,11 +295,18 @@ def vmoba_fwd_kernel(
 
         # merge with the query's earlier blocks (log-sum-exp, in place; .cg: written by other SMs)
         p_ml = ml_ptr + (i_bh.to(tl.int64) * S + tok) * 2
-        p_acc = acc_ptr + i_b.to(tl.int64) * stride_ob + tok[:, None] * stride_os + i_h * stride_oh + o_d[None, :]
+        p_acc = (
+            acc_ptr
+            + i_b.to(tl.int64) * stride_ob
+            + tok[:, None] * stride_os
+            + i_h * stride_oh
+            + o_d[None, :]
+        )
         old = m_r & ~first
         m_old = tl.load(p_ml, mask=old, other=-float("inf"), cache_modifier=".cg")
         l_old = tl.load(p_ml + 1, mask=old, other=0.0, cache_modifier=".cg")
-        o_old = tl.load(p_acc, mask=old[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)  # normalised
+        # normalised
+        o_old = tl.load(p_acc, mask=old[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
         m_new = tl.maximum(m_old, b_m)
         a_old = l_old * tl.math.exp2(m_old - m_new)
         a_new = tl.math.exp2(b_m - m_new)
@@ -229,14 +316,21 @@ def vmoba_fwd_kernel(
         tl.store(p_ml, m_new, mask=keep)
         tl.store(p_ml + 1, b_l, mask=keep)
         tl.store(p_acc, (b_acc / b_l[:, None]).to(acc_ptr.dtype.element_ty), mask=keep[:, None])
-        p_o = o_ptr + i_b.to(tl.int64) * stride_ob + tok[:, None] * stride_os + i_h * stride_oh + o_d[None, :]
+        p_o = (
+            o_ptr
+            + i_b.to(tl.int64) * stride_ob
+            + tok[:, None] * stride_os
+            + i_h * stride_oh
+            + o_d[None, :]
+        )
         done = m_r & last
         tl.store(p_o, (b_acc / b_l[:, None]).to(o_ptr.dtype.element_ty), mask=done[:, None])
         tl.debug_barrier()  # every thread's stores before the release
         finished = seg
         work = next_work
         seg = next_seg
-        info = tl.where(next_info >= 0, next_info, -1)  # same value; carrying next_info itself crashed
+        # same value; carrying next_info itself crashed
+        info = tl.where(next_info >= 0, next_info, -1)
         # Triton's layout pass (RemoveLayoutConversions) for 64-row tiles
     if finished >= 0:
         tl.atomic_add(done_ptr + finished, 1, sem="release")
@@ -270,13 +364,17 @@ def query_index(selection: Selection, bm: int, blk: int) -> QueryIndex:
     tile_base = torch.cumsum(flat, 0) - flat  # int64, exclusive
     per_query = selection.max_blocks_per_query
     qlist = torch.empty(bh * s * per_query, device=dev, dtype=torch.int32)
-    vmoba_scatter_kernel[(n_ct, bh)](selection.bits, tile_base, qlist, s, bh, c, n_ct, W=words, BLK=blk)
+    vmoba_scatter_kernel[(n_ct, bh)](
+        selection.bits, tile_base, qlist, s, bh, c, n_ct, W=words, BLK=blk
+    )
     seg_count = tile_count.sum(-1, dtype=torch.int32).view(-1)  # [C * BH]
     seg_tiles = (seg_count + (bm - 1)) // bm
     first_tile = torch.zeros(c * bh + 1, device=dev, dtype=torch.int32)
     torch.cumsum(seg_tiles, 0, out=first_tile[1:])
     # every segment has at most one partial tile
-    item_seg = torch.empty(triton.cdiv(bh * s * per_query, bm) + c * bh, device=dev, dtype=torch.int32)
+    item_seg = torch.empty(
+        triton.cdiv(bh * s * per_query, bm) + c * bh, device=dev, dtype=torch.int32
+    )
     vmoba_items_kernel[(c * bh,)](seg_tiles, first_tile, item_seg, BLK=256)
     # the previous non-empty block of the same sample-head, as a segment index
     block = torch.arange(c, device=dev, dtype=torch.int32)[:, None].expand(c, bh)
@@ -284,12 +382,20 @@ def query_index(selection: Selection, bm: int, blk: int) -> QueryIndex:
     prev = torch.cat([torch.full((1, bh), -1, device=dev, dtype=torch.int32), latest[:-1]])
     heads = torch.arange(bh, device=dev, dtype=torch.int32)[None, :]
     wait = torch.where(prev >= 0, prev * bh + heads, -1)
-    return QueryIndex(qlist=qlist, seg_start=tile_base.view(c, bh, n_ct)[:, :, 0].contiguous().view(-1),
-                      seg_count=seg_count, seg_tiles=seg_tiles, first_tile=first_tile, item_seg=item_seg,
-                      wait=wait.view(-1))
+    return QueryIndex(
+        qlist=qlist,
+        seg_start=tile_base.view(c, bh, n_ct)[:, :, 0].contiguous().view(-1),
+        seg_count=seg_count,
+        seg_tiles=seg_tiles,
+        first_tile=first_tile,
+        item_seg=item_seg,
+        wait=wait.view(-1),
+    )
 
 
-def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison: bool = False) -> torch.Tensor:
+def attend(
+    q, k, v, selection: Selection, softmax_scale: float, out=None, poison: bool = False
+) -> torch.Tensor:
     """Attention over the selected blocks: the query index, then one persistent launch.
 
     `out`: an optional preallocated `[B, S, H, D]` output. `poison` fills the internal state with
@@ -318,24 +424,56 @@ def attend(q, k, v, selection: Selection, softmax_scale: float, out=None, poison
     done = torch.zeros(n_seg + 1, device=dev, dtype=torch.int32)  # per segment, then the ticket
     n_prog = cfg["programs"] if interpreting() else cfg["ctas_per_sm"] * _sm_count(dev)
     # keys and values in blocked order, so every block is a run of rows a TMA descriptor can load
-    kb, vb = (x.contiguous() if layout.is_identity else x.index_select(1, layout.perm) for x in (k, v))
-    k_desc, v_desc = (TensorDescriptor.from_tensor(x.view(b * s, h * d), [cfg["BN"], d]) for x in (kb, vb))
+    kb, vb = (
+        x.contiguous() if layout.is_identity else x.index_select(1, layout.perm) for x in (k, v)
+    )
+    k_desc, v_desc = (
+        TensorDescriptor.from_tensor(x.view(b * s, h * d), [cfg["BN"], d]) for x in (kb, vb)
+    )
     vmoba_fwd_kernel[(n_prog,)](
-        q, k_desc, v_desc, out, acc, ml, index.qlist,
-        index.seg_start, index.seg_count, index.seg_tiles, index.first_tile, index.item_seg, index.wait, done,
+        q,
+        k_desc,
+        v_desc,
+        out,
+        acc,
+        ml,
+        index.qlist,
+        index.seg_start,
+        index.seg_count,
+        index.seg_tiles,
+        index.first_tile,
+        index.item_seg,
+        index.wait,
+        done,
         done[n_seg:],
-        layout.starts, layout.lengths,
-        q.stride(0), q.stride(1), q.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        h, s, bh, n_seg, softmax_scale * LOG2E,
-        D=d, BM=cfg["BM"], BN=cfg["BN"], GRAB=cfg["grab"],
-        IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        layout.starts,
+        layout.lengths,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        h,
+        s,
+        bh,
+        n_seg,
+        softmax_scale * LOG2E,
+        D=d,
+        BM=cfg["BM"],
+        BN=cfg["BN"],
+        GRAB=cfg["grab"],
+        IEEE=q.dtype == torch.float32,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and not interpreting() else {}),
     )
     return out
 
 
-def sparse_attention(q, k, v, *, grid, kind: str, config: VMoBAConfig, softmax_scale: float, stats=None):
+def sparse_attention(
+    q, k, v, *, grid, kind: str, config: VMoBAConfig, softmax_scale: float, stats=None
+):
     """`vmoba_attention` on the device. `q, k, v [B, S, H, D]` -> `[B, S, H, D]`.
 
     `stats`, if a dict, receives (no sync) `attended`, a 0-dim fp64 device tensor with

@@ -24,7 +24,9 @@ def interpreting() -> bool:
 def check_supported(q: torch.Tensor, num_blocks: int) -> None:
     """Raise `ValueError` for inputs the Triton kernels do not handle."""
     if not (q.is_cuda or interpreting()):
-        raise ValueError("kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use kernel='reference'")
+        raise ValueError(
+            "kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use kernel='reference'"
+        )
     allowed = (torch.float16, torch.bfloat16) if q.is_cuda else (torch.float16, torch.float32)
     if q.dtype not in allowed:
         raise ValueError(f"kernel='triton' supports {allowed} on {q.device.type}, got {q.dtype}")
@@ -32,8 +34,10 @@ def check_supported(q: torch.Tensor, num_blocks: int) -> None:
     if d not in (16, 32, 64, 128, 256) or (q.is_cuda and d not in (64, 128)):
         raise ValueError(f"kernel='triton' supports head dim D in (64, 128), got {d}")
     if num_blocks > MAX_BLOCKS:
-        raise ValueError(f"kernel='triton' supports at most {MAX_BLOCKS} blocks per layer, got {num_blocks}; "
-                         "use larger chunks")
+        raise ValueError(
+            f"kernel='triton' supports at most {MAX_BLOCKS} blocks per layer, got {num_blocks}; "
+            "use larger chunks"
+        )
     if q.shape[1] * num_blocks >= 2**32 or q.shape[1] >= 2**29:
         raise ValueError(f"too many tokens for the triton kernels: S={q.shape[1]}")
 
@@ -54,19 +58,35 @@ def _monotone_key(x):
 def _query_tile(q_ptr, i_b, i_h, o_i, m_i, stride_qb, stride_qs, stride_qh, D: tl.constexpr):
     """The queries `o_i` of one head, `[BM, D]`."""
     o_d = tl.arange(0, D)
-    p_q = q_ptr + i_b.to(tl.int64) * stride_qb + o_i[:, None].to(tl.int64) * stride_qs + i_h * stride_qh + o_d[None, :]
+    p_q = (
+        q_ptr
+        + i_b.to(tl.int64) * stride_qb
+        + o_i[:, None].to(tl.int64) * stride_qs
+        + i_h * stride_qh
+        + o_d[None, :]
+    )
     return tl.load(p_q, mask=m_i[:, None], other=0.0)
 
 
 @triton.jit
-def _gate_scores(b_q, km_hi_ptr, km_lo_ptr, i_bh, c0, CW: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr,
-                 SPLIT: tl.constexpr, IEEE: tl.constexpr):
+def _gate_scores(
+    b_q,
+    km_hi_ptr,
+    km_lo_ptr,
+    i_bh,
+    c0,
+    CW: tl.constexpr,
+    C_PAD: tl.constexpr,
+    D: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Gate scores `[BM, CW]` (fp32) of a query tile against the block means `[c0, c0 + CW)`."""
     o_d = tl.arange(0, D)
     o_c = c0 + tl.arange(0, CW)
     p_km = (i_bh * C_PAD + o_c[:, None]).to(tl.int64) * D + o_d[None, :]
     b_hi = tl.load(km_hi_ptr + p_km)  # [CW, D], rows >= C are zero
-    if IEEE:
+    if IEEE:  # noqa: SIM108  (Triton kernel: a constexpr branch, one tl.dot per specialization)
         b_g = tl.dot(b_q, tl.trans(b_hi), input_precision="ieee")
     else:
         b_g = tl.dot(b_q, tl.trans(b_hi))

@@ -46,20 +46,46 @@ def gate_config(c_pad: int, head_dim: int, interpreter: bool) -> dict:
 
 # Attention: BM gathered queries x BN keys per step; `grab` work items per ticket.
 _ATTN_GPU = {
-    64: {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2, "compact_block": 1024,
-         "partial_dtype": "float16", "grab": 2},
+    64: {
+        "BM": 128,
+        "BN": 64,
+        "num_warps": 4,
+        "num_stages": 3,
+        "ctas_per_sm": 2,
+        "compact_block": 1024,
+        "partial_dtype": "float16",
+        "grab": 2,
+    },
     # measured on the H200 (720p 2D top-k 25%): BN 128 with 3 stages beat 2 stages, BN 64 and
     # BM 64 x 2 CTAs; fp16 running outputs beat fp32 (half the traffic)
-    128: {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3, "ctas_per_sm": 1, "compact_block": 1024,
-          "partial_dtype": "float16", "grab": 2},
+    128: {
+        "BM": 128,
+        "BN": 128,
+        "num_warps": 8,
+        "num_stages": 3,
+        "ctas_per_sm": 1,
+        "compact_block": 1024,
+        "partial_dtype": "float16",
+        "grab": 2,
+    },
 }
 # Short blocks: a tile runs only a few key tiles, so its start and merge weigh more; two programs
 # per SM overlap one's start with the other's matmuls. Measured on the H200: BM 64 is faster for
 # 480p's blocks (455 keys in 3D, 1,365 in 2D), BM 128 from 720p 2D's 1,890 keys on.
-_ATTN_GPU_SHORT_BLOCKS = {128: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2}}
+_ATTN_GPU_SHORT_BLOCKS = {
+    128: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2}
+}
 SHORT_BLOCK = 1536  # keys
-_ATTN_INTERPRETER = {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1, "programs": 2, "compact_block": 256,
-                     "partial_dtype": "float16", "grab": 2}
+_ATTN_INTERPRETER = {
+    "BM": 32,
+    "BN": 32,
+    "num_warps": 4,
+    "num_stages": 1,
+    "programs": 2,
+    "compact_block": 256,
+    "partial_dtype": "float16",
+    "grab": 2,
+}
 
 
 def attention_config(head_dim: int, interpreter: bool, max_block_len: int) -> dict:

@@ -23,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _attended_tokens, _gate_scores, _monotone_key, _query_tile, _selection_bits, interpreting
+from .common import (
+    _attended_tokens,
+    _gate_scores,
+    _monotone_key,
+    _query_tile,
+    _selection_bits,
+    interpreting,
+)
 
 # passes of `vmoba_global_pass_kernel` (its PHASE)
 PHASE_MINMAX = 1  # pass 1
@@ -41,7 +48,8 @@ R_A1, R_B1 = tl.constexpr(3), tl.constexpr(4)  # the first histogram's band that
 R_A2, R_B2 = tl.constexpr(5), tl.constexpr(6)  # the band compacted as candidates
 R_NEED = tl.constexpr(7)  # mass of other pairs to take
 R_DIRECT = tl.constexpr(8)  # 1: the first band is compacted as is (no second histogram)
-R_J_LO, R_J_HI = tl.constexpr(9), tl.constexpr(10)  # the third level's bins that can hold the cutoff
+# the third level's bins that can hold the cutoff
+R_J_LO, R_J_HI = tl.constexpr(9), tl.constexpr(10)
 
 # the third level: its bins over the candidates, and room for those it keeps per head (up to
 # CAP / NEAR_BINS on average; more only where values crowd one bin). 512 bins: measured faster
@@ -82,7 +90,9 @@ def _histogram(b_bin, b_keep, N: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
-def _store_word(mask_ptr, lengths_ptr, b_sel, i_bh, o_i, m_i, S, C, c0, CW: tl.constexpr, W: tl.constexpr):
+def _store_word(
+    mask_ptr, lengths_ptr, b_sel, i_bh, o_i, m_i, S, C, c0, CW: tl.constexpr, W: tl.constexpr
+):
     """Write the selection of the blocks `[c0, c0 + CW)` (CW <= 32: one bit word a query); return
     the tokens they attend."""
     o_c = c0 + tl.arange(0, CW)
@@ -93,10 +103,35 @@ def _store_word(mask_ptr, lengths_ptr, b_sel, i_bh, o_i, m_i, S, C, c0, CW: tl.c
 
 @triton.jit
 def _global_columns(
-    b_q, km_hi_ptr, km_lo_ptr, lengths_ptr, mask_ptr, range_ptr, cand_val_ptr, cand_pair_ptr, cand_n_ptr,
-    cutoff_ptr, geo_ptr, i_bh, o_i, m_i, self_c, S, C, CAP, m_take, c0,
-    CW: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, NB: tl.constexpr, W: tl.constexpr,
-    PHASE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, KIND: tl.constexpr,
+    b_q,
+    km_hi_ptr,
+    km_lo_ptr,
+    lengths_ptr,
+    mask_ptr,
+    range_ptr,
+    cand_val_ptr,
+    cand_pair_ptr,
+    cand_n_ptr,
+    cutoff_ptr,
+    geo_ptr,
+    i_bh,
+    o_i,
+    m_i,
+    self_c,
+    S,
+    C,
+    CAP,
+    m_take,
+    c0,
+    CW: tl.constexpr,
+    C_PAD: tl.constexpr,
+    D: tl.constexpr,
+    NB: tl.constexpr,
+    W: tl.constexpr,
+    PHASE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+    KIND: tl.constexpr,
 ):
     """threshold_global's pass PHASE over the blocks `[c0, c0 + CW)` of a query tile.
 
@@ -136,7 +171,8 @@ def _global_columns(
             hist = _histogram(tl.maximum(tl.minimum(b_bin, NB - 1), 0), inside, BM * CW, NB)
             s0 = tl.sum(tl.sum(tl.where(other & (b_n >= b1), b_n, 0.0), axis=1), axis=0)
         else:
-            o_pair = o_c[None, :].to(tl.int64) * S + o_i[:, None]  # block-major pair index (< 2**32)
+            # block-major pair index (< 2**32)
+            o_pair = o_c[None, :].to(tl.int64) * S + o_i[:, None]
             if PHASE == 4:
                 # pass 4: compact the pairs in [a2, b2); exact mass at or above b2; the mask of every
                 # pair but those (a degenerate head's mask is rewritten by pass 5)
@@ -144,24 +180,39 @@ def _global_columns(
                 b2 = tl.load(p_r + R_B2)
                 s0 = tl.sum(tl.sum(tl.where(other & (b_n >= b2), b_n, 0.0), axis=1), axis=0)
                 inside = other & (b_n >= a2) & (b_n < b2)
-                if flat == 0:
-                    if tl.sum(tl.sum(inside.to(tl.int32), axis=1), axis=0) > 0:  # most tiles hold a few
+                if flat == 0:  # noqa: SIM102  (Triton kernel: `and` would not short-circuit the tile sum)
+                    # most tiles hold a few
+                    if tl.sum(tl.sum(inside.to(tl.int32), axis=1), axis=0) > 0:
                         # a slot per pair from one counter per head (cheaper than a scan of the tile)
-                        slot = tl.atomic_add(cand_n_ptr + i_bh + tl.zeros([BM, CW], dtype=tl.int32), 1,
-                                             mask=inside, sem="relaxed")
+                        slot = tl.atomic_add(
+                            cand_n_ptr + i_bh + tl.zeros([BM, CW], dtype=tl.int32),
+                            1,
+                            mask=inside,
+                            sem="relaxed",
+                        )
                         keep = inside & (slot < CAP)
                         p_c = i_bh.to(tl.int64) * CAP + slot
                         tl.store(cand_val_ptr + p_c, b_n, mask=keep)
-                        tl.store(cand_pair_ptr + p_c, o_pair.to(tl.int32), mask=keep)  # the low 32 bits
-                b_sel = valid & (is_self | (other & (b_n >= b2)))  # pairs of the band are added later
-                attended = _store_word(mask_ptr, lengths_ptr, b_sel, i_bh, o_i, m_i, S, C, c0, CW, W)
+                        # the low 32 bits
+                        tl.store(cand_pair_ptr + p_c, o_pair.to(tl.int32), mask=keep)
+                # pairs of the band are added later
+                b_sel = valid & (is_self | (other & (b_n >= b2)))
+                attended = _store_word(
+                    mask_ptr, lengths_ptr, b_sel, i_bh, o_i, m_i, S, C, c0, CW, W
+                )
             else:
                 # pass 5: the whole mask (a degenerate head ranks pairs by (block, query) alone)
                 if flat > 0:
-                    b_sel = is_self | (other & (_degenerate_rank(geo_ptr, o_i, o_c, S, KIND) < m_take))
+                    b_sel = is_self | (
+                        other & (_degenerate_rank(geo_ptr, o_i, o_c, S, KIND) < m_take)
+                    )
                 else:
-                    b_sel = is_self | (other & (_pair_keys(b_n, o_pair) >= tl.load(cutoff_ptr + i_bh)))
-                attended = _store_word(mask_ptr, lengths_ptr, b_sel & valid, i_bh, o_i, m_i, S, C, c0, CW, W)
+                    b_sel = is_self | (
+                        other & (_pair_keys(b_n, o_pair) >= tl.load(cutoff_ptr + i_bh))
+                    )
+                attended = _store_word(
+                    mask_ptr, lengths_ptr, b_sel & valid, i_bh, o_i, m_i, S, C, c0, CW, W
+                )
     return s0, s1, attended, hist
 
 
@@ -185,19 +236,40 @@ def _combine(s0, s1, attended, hist, r0, r1, r_att, r_hist, PHASE: tl.constexpr)
 
 @triton.jit
 def vmoba_global_pass_kernel(
-    q_ptr, km_hi_ptr, km_lo_ptr, ids_ptr, lengths_ptr,
-    mask_ptr, att_ptr,  # outputs of the mask-writing passes (4 and 5)
+    q_ptr,
+    km_hi_ptr,
+    km_lo_ptr,
+    ids_ptr,
+    lengths_ptr,
+    mask_ptr,
+    att_ptr,  # outputs of the mask-writing passes (4 and 5)
     stats_ptr,  # [BH, n_tiles, 4] fp32 partials (min/max, or sums)
     range_ptr,  # [BH, RANGE_SLOTS] fp32
     hist_ptr,  # [BH, NB] int32
-    cand_val_ptr, cand_pair_ptr, cand_n_ptr,  # candidates [BH, CAP]: value fp32, pair int32; count [BH]
+    cand_val_ptr,
+    cand_pair_ptr,
+    cand_n_ptr,  # candidates [BH, CAP]: value fp32, pair int32; count [BH]
     cutoff_ptr,  # cutoff key [BH] int64
     geo_ptr,  # int32 [9]: T, Hg, Wg, ct, ch, cw, nT, nH, nW (effective chunks of the kind)
-    stride_qb, stride_qs, stride_qh,
-    H, S, C, n_tiles, CAP, m_take,
-    BM: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
-    PHASE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, KIND: tl.constexpr,
-    GROUPS: tl.constexpr, TAIL: tl.constexpr,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    H,
+    S,
+    C,
+    n_tiles,
+    CAP,
+    m_take,
+    BM: tl.constexpr,
+    C_PAD: tl.constexpr,
+    D: tl.constexpr,
+    NB: tl.constexpr,
+    PHASE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+    KIND: tl.constexpr,
+    GROUPS: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     """Pass PHASE (1-5) of threshold_global over one query tile of one head.
 
@@ -206,12 +278,13 @@ def vmoba_global_pass_kernel(
     touch.
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    if PHASE == 3:
+    if PHASE == 3:  # noqa: SIM102  (Triton kernel: constexpr guard, the load only in PHASE 3)
         if tl.load(range_ptr + i_bh * RANGE_SLOTS + R_DIRECT) > 0:
             return  # the head's first band is compacted as is
     if PHASE == 5:
         found = tl.load(cand_n_ptr + i_bh)
-        degenerate = tl.load(range_ptr + i_bh * RANGE_SLOTS + R_FLAT)  # both loads in flight at once
+        # both loads in flight at once
+        degenerate = tl.load(range_ptr + i_bh * RANGE_SLOTS + R_FLAT)
         if (found <= CAP) & (degenerate == 0):
             return  # pass 4 and the patch wrote the mask
     i_b, i_h = i_bh // H, i_bh % H
@@ -225,9 +298,36 @@ def vmoba_global_pass_kernel(
     s0, s1, attended, hist = _no_columns(NB, PHASE)
     for g in tl.static_range(N_GROUPS):
         r0, r1, r_att, r_hist = _global_columns(
-            b_q, km_hi_ptr, km_lo_ptr, lengths_ptr, mask_ptr, range_ptr, cand_val_ptr, cand_pair_ptr,
-            cand_n_ptr, cutoff_ptr, geo_ptr, i_bh, o_i, m_i, self_c, S, C, CAP, m_take, g * 32,
-            32 if g < GROUPS else TAIL, C_PAD, D, NB, W, PHASE, SPLIT, IEEE, KIND)
+            b_q,
+            km_hi_ptr,
+            km_lo_ptr,
+            lengths_ptr,
+            mask_ptr,
+            range_ptr,
+            cand_val_ptr,
+            cand_pair_ptr,
+            cand_n_ptr,
+            cutoff_ptr,
+            geo_ptr,
+            i_bh,
+            o_i,
+            m_i,
+            self_c,
+            S,
+            C,
+            CAP,
+            m_take,
+            g * 32,
+            32 if g < GROUPS else TAIL,
+            C_PAD,
+            D,
+            NB,
+            W,
+            PHASE,
+            SPLIT,
+            IEEE,
+            KIND,
+        )
         s0, s1, attended, hist = _combine(s0, s1, attended, hist, r0, r1, r_att, r_hist, PHASE)
     p_s = stats_ptr + (i_bh * n_tiles + i_t) * 4
     if PHASE <= 4:
@@ -241,7 +341,11 @@ def vmoba_global_pass_kernel(
     if PHASE >= 4:
         tl.store(att_ptr + i_bh * n_tiles + i_t, attended)
         for w in tl.static_range(N_GROUPS, W):  # words past the last block
-            tl.store(mask_ptr + (i_bh.to(tl.int64) * S + o_i) * W + w, tl.zeros([BM], dtype=tl.int32), mask=m_i)
+            tl.store(
+                mask_ptr + (i_bh.to(tl.int64) * S + o_i) * W + w,
+                tl.zeros([BM], dtype=tl.int32),
+                mask=m_i,
+            )
 
 
 @triton.jit
@@ -302,7 +406,7 @@ def _degenerate_rank(geo_ptr, o_i, o_c, S, KIND: tl.constexpr):
         full_rows = ch_c * CH  # spatial rows above the tile row
         rows_h = tl.minimum(CH, HG - h0)
         below_plane = full_rows * WG + rows_h * w0  # tiles before (ch_c, cw_c) in one plane
-        if KIND == 2:
+        if KIND == 2:  # noqa: SIM108  (Triton kernel: constexpr branch, kept as the kernel reads)
             below = below_plane * T
         else:
             below = t0 * HG * WG + below_plane * lt
@@ -346,8 +450,15 @@ def _cutoff_bins(cnt_i, a, b, need, NB: tl.constexpr):
 
 @triton.jit
 def vmoba_decide_kernel(
-    hist_ptr, stats_ptr, range_ptr, n_tiles, tau, direct_max,
-    STEP: tl.constexpr, NB: tl.constexpr, NT_PAD: tl.constexpr,
+    hist_ptr,
+    stats_ptr,
+    range_ptr,
+    n_tiles,
+    tau,
+    direct_max,
+    STEP: tl.constexpr,
+    NB: tl.constexpr,
+    NT_PAD: tl.constexpr,
 ):
     """Per head: narrow the cutoff range from pass 2's histogram (STEP 1), pass 3's (STEP 2) or the
     candidates' (STEP 3: the bins j3 of [a2, b2) that can hold the cutoff).
@@ -413,8 +524,9 @@ def _candidate_chunk(cand_n_ptr, i_bh, i_k, CAP, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def vmoba_band_hist_kernel(range_ptr, cand_val_ptr, cand_n_ptr, hist_ptr, CAP,
-                           NB: tl.constexpr, CHUNK: tl.constexpr):
+def vmoba_band_hist_kernel(
+    range_ptr, cand_val_ptr, cand_n_ptr, hist_ptr, CAP, NB: tl.constexpr, CHUNK: tl.constexpr
+):
     """Level 3: histogram over [a2, b2) of one chunk of a head's candidates."""
     i_k, i_bh = tl.program_id(0), tl.program_id(1)
     o_k, m_k, count = _candidate_chunk(cand_n_ptr, i_bh, i_k, CAP, CHUNK)
@@ -429,8 +541,20 @@ def vmoba_band_hist_kernel(range_ptr, cand_val_ptr, cand_n_ptr, hist_ptr, CAP,
 
 
 @triton.jit
-def vmoba_near_kernel(range_ptr, cand_val_ptr, cand_pair_ptr, cand_n_ptr, near_ptr, near_n_ptr, near_min_ptr,
-                      above_ptr, CAP, NB: tl.constexpr, CHUNK: tl.constexpr, NEAR: tl.constexpr):
+def vmoba_near_kernel(
+    range_ptr,
+    cand_val_ptr,
+    cand_pair_ptr,
+    cand_n_ptr,
+    near_ptr,
+    near_n_ptr,
+    near_min_ptr,
+    above_ptr,
+    CAP,
+    NB: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NEAR: tl.constexpr,
+):
     """Level 3: the candidates of one chunk in bins [j_lo, j_hi] go to `near` (their keys), the
     mass of those above is added to `above` (fp64: sums of values this close are exact, so the
     order of the additions does not matter)."""
@@ -445,18 +569,34 @@ def vmoba_near_kernel(range_ptr, cand_val_ptr, cand_pair_ptr, cand_n_ptr, near_p
     j_lo = tl.load(p_r + R_J_LO).to(tl.int32)
     j_hi = tl.load(p_r + R_J_HI).to(tl.int32)
     inside = m_k & (bins >= j_lo) & (bins <= j_hi)
-    tl.atomic_add(above_ptr + i_bh, tl.sum(tl.where(m_k & (bins > j_hi), val.to(tl.float64), 0.0), axis=0))
+    tl.atomic_add(
+        above_ptr + i_bh, tl.sum(tl.where(m_k & (bins > j_hi), val.to(tl.float64), 0.0), axis=0)
+    )
     if tl.sum(inside.to(tl.int32), axis=0) > 0:
         key = _pair_keys(val, _stored_pairs(tl.load(cand_pair_ptr + base + o_k, mask=m_k, other=0)))
-        slot = tl.atomic_add(near_n_ptr + i_bh + tl.zeros([CHUNK], dtype=tl.int32), 1, mask=inside, sem="relaxed")
+        slot = tl.atomic_add(
+            near_n_ptr + i_bh + tl.zeros([CHUNK], dtype=tl.int32), 1, mask=inside, sem="relaxed"
+        )
         tl.store(near_ptr + i_bh.to(tl.int64) * NEAR + slot, key, mask=inside & (slot < NEAR))
-        tl.atomic_min(near_min_ptr + i_bh, tl.min(tl.where(inside, key, 9223372036854775807), axis=0))
+        tl.atomic_min(
+            near_min_ptr + i_bh, tl.min(tl.where(inside, key, 9223372036854775807), axis=0)
+        )
 
 
 @triton.jit
 def vmoba_cutoff_kernel(
-    stats_ptr, range_ptr, cand_n_ptr, near_ptr, near_n_ptr, near_min_ptr, above_ptr, cutoff_ptr,
-    n_tiles, CAP, NT_PAD: tl.constexpr, NEAR: tl.constexpr,
+    stats_ptr,
+    range_ptr,
+    cand_n_ptr,
+    near_ptr,
+    near_n_ptr,
+    near_min_ptr,
+    above_ptr,
+    cutoff_ptr,
+    n_tiles,
+    CAP,
+    NT_PAD: tl.constexpr,
+    NEAR: tl.constexpr,
 ):
     """Per head: the exact cutoff key from the candidates kept near it: the largest key whose
     "take every pair at or above it" reaches the mass still needed, by bisection over the 64-bit
@@ -467,8 +607,12 @@ def vmoba_cutoff_kernel(
     i_bh = tl.program_id(0)
     p_r = range_ptr + i_bh * RANGE_SLOTS
     o_t = tl.arange(0, NT_PAD)
-    above = tl.sum(tl.load(stats_ptr + (i_bh * n_tiles + o_t) * 4, mask=o_t < n_tiles, other=0.0).to(tl.float64),
-                   axis=0)
+    above = tl.sum(
+        tl.load(stats_ptr + (i_bh * n_tiles + o_t) * 4, mask=o_t < n_tiles, other=0.0).to(
+            tl.float64
+        ),
+        axis=0,
+    )
     need = tl.load(p_r + R_NEED).to(tl.float64) - above  # the mass still to take beyond the band
     nothing_needed = need <= 0
     need -= tl.load(above_ptr + i_bh)  # ... and beyond the near candidates
@@ -494,8 +638,21 @@ def vmoba_cutoff_kernel(
 
 
 @triton.jit
-def vmoba_patch_kernel(cand_val_ptr, cand_pair_ptr, cand_n_ptr, cutoff_ptr, lengths_ptr, mask_ptr, att_ptr,
-                       S, n_tiles, CAP, BM: tl.constexpr, W: tl.constexpr, CHUNK: tl.constexpr):
+def vmoba_patch_kernel(
+    cand_val_ptr,
+    cand_pair_ptr,
+    cand_n_ptr,
+    cutoff_ptr,
+    lengths_ptr,
+    mask_ptr,
+    att_ptr,
+    S,
+    n_tiles,
+    CAP,
+    BM: tl.constexpr,
+    W: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     """Add the candidates at or above the cutoff to the mask pass 4 wrote, and their blocks' tokens
     to their tiles' attended counts (integer sums: exact in fp32 below 2**24, whatever the order)."""
     i_k, i_bh = tl.program_id(0), tl.program_id(1)
@@ -508,9 +665,16 @@ def vmoba_patch_kernel(cand_val_ptr, cand_pair_ptr, cand_n_ptr, cutoff_ptr, leng
     take = m_k & (_pair_keys(val, pair) >= tl.load(cutoff_ptr + i_bh))
     c = (pair // S).to(tl.int32)
     i = pair % S
-    tl.atomic_or(mask_ptr + (i_bh.to(tl.int64) * S + i) * W + c // 32, 1 << (c % 32), mask=take, sem="relaxed")
+    tl.atomic_or(
+        mask_ptr + (i_bh.to(tl.int64) * S + i) * W + c // 32,
+        1 << (c % 32),
+        mask=take,
+        sem="relaxed",
+    )
     b_len = tl.load(lengths_ptr + c, mask=take, other=0).to(tl.float32)
-    tl.atomic_add(att_ptr + i_bh * n_tiles + (i // BM).to(tl.int32), b_len, mask=take, sem="relaxed")
+    tl.atomic_add(
+        att_ptr + i_bh * n_tiles + (i // BM).to(tl.int32), b_len, mask=take, sem="relaxed"
+    )
 
 
 def column_groups(num_blocks: int) -> tuple[int, int]:
@@ -520,7 +684,9 @@ def column_groups(num_blocks: int) -> tuple[int, int]:
     return full, (0 if rest == 0 else max(16, triton.next_power_of_2(rest)))
 
 
-def select_global(q, hi, lo, split: bool, layout, bits, attended, cfg: dict, *, tau: float, kind: str) -> None:
+def select_global(
+    q, hi, lo, split: bool, layout, bits, attended, cfg: dict, *, tau: float, kind: str
+) -> None:
     """Launch threshold_global's passes: fills `bits [B, H, S, W]` and `attended [B*H, n_tiles]`.
 
     `hi, lo, split`: the gate operands (`selection.gate_operands`); `cfg`: `gate_config`'s.
@@ -542,26 +708,64 @@ def select_global(q, hi, lo, split: bool, layout, bits, attended, cfg: dict, *, 
     cand_pair = torch.empty(bh, cap, device=dev, dtype=torch.int32)
     cand_n = torch.zeros(bh, device=dev, dtype=torch.int32)
     cutoff = torch.empty(bh, device=dev, dtype=torch.int64)
-    m_take = min(max(math.ceil(tau * s * c - s), 0), s * (c - 1))  # pairs to take when every gate of a head is equal
+    # pairs to take when every gate of a head is equal
+    m_take = min(max(math.ceil(tau * s * c - s), 0), s * (c - 1))
     kind_id = {"1d": 1, "2d": 2, "3d": 3}[kind]
     groups, tail = column_groups(c)
 
     def gate_pass(phase: int):
         vmoba_global_pass_kernel[(n_tiles, bh)](
-            q, hi, lo, layout.ids, layout.lengths, bits, attended, stats, ranges, hist,
-            cand_val, cand_pair, cand_n, cutoff, layout.geometry,
-            q.stride(0), q.stride(1), q.stride(2),
-            h, s, c, n_tiles, cap, m_take,
-            BM=bm, C_PAD=c_pad, D=d, NB=nb, PHASE=phase, SPLIT=split, IEEE=q.dtype == torch.float32,
-            KIND=kind_id, GROUPS=groups, TAIL=tail, num_warps=cfg["num_warps"],
+            q,
+            hi,
+            lo,
+            layout.ids,
+            layout.lengths,
+            bits,
+            attended,
+            stats,
+            ranges,
+            hist,
+            cand_val,
+            cand_pair,
+            cand_n,
+            cutoff,
+            layout.geometry,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            h,
+            s,
+            c,
+            n_tiles,
+            cap,
+            m_take,
+            BM=bm,
+            C_PAD=c_pad,
+            D=d,
+            NB=nb,
+            PHASE=phase,
+            SPLIT=split,
+            IEEE=q.dtype == torch.float32,
+            KIND=kind_id,
+            GROUPS=groups,
+            TAIL=tail,
+            num_warps=cfg["num_warps"],
         )
 
     nt_pad = triton.next_power_of_2(n_tiles)
 
     def decide(step: int, counts=hist):
         vmoba_decide_kernel[(bh,)](
-            counts, stats, ranges, n_tiles, float(tau), cap if cfg["direct"] else -1,
-            STEP=step, NB=counts.shape[-1], NT_PAD=nt_pad, num_warps=4,
+            counts,
+            stats,
+            ranges,
+            n_tiles,
+            float(tau),
+            cap if cfg["direct"] else -1,
+            STEP=step,
+            NB=counts.shape[-1],
+            NT_PAD=nt_pad,
+            num_warps=4,
         )
 
     gate_pass(PHASE_MINMAX)
@@ -579,18 +783,36 @@ def select_global(q, hi, lo, split: bool, layout, bits, attended, cfg: dict, *, 
     vmoba_band_hist_kernel[chunks](ranges, cand_val, cand_n, hist3, cap, NB=NEAR_BINS, CHUNK=chunk)
     decide(3, hist3)
     near = _near_buffers(bh, dev)
-    vmoba_near_kernel[chunks](ranges, cand_val, cand_pair, cand_n, *near, cap, NB=NEAR_BINS, CHUNK=chunk, NEAR=NEAR)
-    vmoba_cutoff_kernel[(bh,)](stats, ranges, cand_n, *near, cutoff, n_tiles, cap, NT_PAD=nt_pad, NEAR=NEAR,
-                               num_warps=1)
-    vmoba_patch_kernel[chunks](cand_val, cand_pair, cand_n, cutoff, layout.lengths, bits, attended,
-                               s, n_tiles, cap, BM=bm, W=c_pad // 32, CHUNK=chunk)
+    vmoba_near_kernel[chunks](
+        ranges, cand_val, cand_pair, cand_n, *near, cap, NB=NEAR_BINS, CHUNK=chunk, NEAR=NEAR
+    )
+    vmoba_cutoff_kernel[(bh,)](
+        stats, ranges, cand_n, *near, cutoff, n_tiles, cap, NT_PAD=nt_pad, NEAR=NEAR, num_warps=1
+    )
+    vmoba_patch_kernel[chunks](
+        cand_val,
+        cand_pair,
+        cand_n,
+        cutoff,
+        layout.lengths,
+        bits,
+        attended,
+        s,
+        n_tiles,
+        cap,
+        BM=bm,
+        W=c_pad // 32,
+        CHUNK=chunk,
+    )
     gate_pass(PHASE_MASK)  # only degenerate heads and those whose candidates overflowed
 
 
 def _near_buffers(bh: int, dev):
     """The third level's state per head: near-cutoff keys, their count, the lowest of them, and
     the mass of the candidates above them."""
-    return (torch.empty(bh, NEAR, device=dev, dtype=torch.int64),
-            torch.zeros(bh, device=dev, dtype=torch.int32),
-            torch.full((bh,), torch.iinfo(torch.int64).max, device=dev, dtype=torch.int64),
-            torch.zeros(bh, device=dev, dtype=torch.float64))
+    return (
+        torch.empty(bh, NEAR, device=dev, dtype=torch.int64),
+        torch.zeros(bh, device=dev, dtype=torch.int32),
+        torch.full((bh,), torch.iinfo(torch.int64).max, device=dev, dtype=torch.int64),
+        torch.zeros(bh, device=dev, dtype=torch.float64),
+    )

@@ -27,8 +27,21 @@ def _row_condition(b_key, b_val, other, cut, n_self, target, topk, MODE_TOPK: tl
 
 
 @triton.jit
-def _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C,
-                BM: tl.constexpr, C_PAD: tl.constexpr):
+def _store_mask(
+    mask_ptr,
+    lengths_ptr,
+    att_ptr,
+    b_sel,
+    i_bh,
+    i_t,
+    o_i,
+    m_i,
+    S,
+    n_tiles,
+    C,
+    BM: tl.constexpr,
+    C_PAD: tl.constexpr,
+):
     """Write selected blocks as bit words, and the tile's attended-token count."""
     W: tl.constexpr = C_PAD // 32
     o_c = tl.arange(0, C_PAD)
@@ -41,12 +54,29 @@ def _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n
 
 @triton.jit
 def vmoba_query_select_kernel(
-    q_ptr, km_hi_ptr, km_lo_ptr, ids_ptr, lengths_ptr,
-    mask_ptr, att_ptr,  # outputs: bit words [B, H, S, W], attended tokens [BH, n_tiles]
-    stride_qb, stride_qs, stride_qh,
-    H, S, C, n_tiles, tau, topk,
-    BM: tl.constexpr, C_PAD: tl.constexpr, D: tl.constexpr,
-    MODE_TOPK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, TOPK_ITER: tl.constexpr,
+    q_ptr,
+    km_hi_ptr,
+    km_lo_ptr,
+    ids_ptr,
+    lengths_ptr,
+    mask_ptr,
+    att_ptr,  # outputs: bit words [B, H, S, W], attended tokens [BH, n_tiles]
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    H,
+    S,
+    C,
+    n_tiles,
+    tau,
+    topk,
+    BM: tl.constexpr,
+    C_PAD: tl.constexpr,
+    D: tl.constexpr,
+    MODE_TOPK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+    TOPK_ITER: tl.constexpr,
 ):
     """Select the blocks of one `[BM, C_PAD]` query tile of one head and write its mask."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -71,7 +101,9 @@ def vmoba_query_select_kernel(
             best = tl.max(b_unique, axis=1)
             b_unique = tl.where(b_unique == best[:, None], -9223372036854775807 - 1, b_unique)
         b_sel = valid & (is_self | (other & (b_unique == -9223372036854775807 - 1)))
-        _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
+        _store_mask(
+            mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD
+        )
         return
     if MODE_TOPK:
         b_val = b_g
@@ -80,7 +112,9 @@ def vmoba_query_select_kernel(
         hi = tl.max(tl.where(valid, b_g, -float("inf")), axis=1)
         span = hi - lo
         flat = span <= 1e-6 * tl.maximum(tl.abs(hi), tl.abs(lo))
-        b_val = (b_g - lo[:, None]) * (1.0 / tl.where(flat, 1.0, span))[:, None]  # a product, not a division per pair
+        b_val = (b_g - lo[:, None]) * (1.0 / tl.where(flat, 1.0, span))[
+            :, None
+        ]  # a product, not a division per pair
         b_val = tl.where(flat[:, None], 1.0, b_val)
     n_self = tl.sum(tl.where(is_self, b_val, 0.0), axis=1)
     target = tau * tl.sum(tl.where(valid, b_val, 0.0), axis=1)
@@ -106,13 +140,18 @@ def vmoba_query_select_kernel(
     else:
         have = n_self + tl.sum(tl.where(above, b_val, 0.0), axis=1)
         tie_val = tl.max(tl.where(ties, b_val, 0.0), axis=1)
-        take_tie = ties & ((have[:, None] + rank.to(tl.float32) * tie_val[:, None]) < target[:, None])
+        take_tie = ties & (
+            (have[:, None] + rank.to(tl.float32) * tie_val[:, None]) < target[:, None]
+        )
     b_sel = (is_self | above | take_tie) & valid
-    _store_mask(mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD)
+    _store_mask(
+        mask_ptr, lengths_ptr, att_ptr, b_sel, i_bh, i_t, o_i, m_i, S, n_tiles, C, BM, C_PAD
+    )
 
 
-def select_per_query(q, hi, lo, split: bool, layout, bits, attended, cfg: dict, *, mode: str, tau: float,
-                     topk: int) -> None:
+def select_per_query(
+    q, hi, lo, split: bool, layout, bits, attended, cfg: dict, *, mode: str, tau: float, topk: int
+) -> None:
     """Launch the per-query selection: fills `bits [B, H, S, W]` and `attended [B*H, n_tiles]`.
 
     `hi, lo, split`: the gate operands (`selection.gate_operands`); `cfg`: `gate_config`'s.
@@ -122,9 +161,28 @@ def select_per_query(q, hi, lo, split: bool, layout, bits, attended, cfg: dict, 
     c_pad = hi.shape[1]
     n_tiles = attended.shape[1]
     vmoba_query_select_kernel[(n_tiles, b * h)](
-        q, hi, lo, layout.ids, layout.lengths, bits, attended,
-        q.stride(0), q.stride(1), q.stride(2),
-        h, s, c, n_tiles, float(tau), int(topk),
-        BM=cfg["BM"], C_PAD=c_pad, D=d, MODE_TOPK=mode == "topk", SPLIT=split, IEEE=q.dtype == torch.float32,
-        TOPK_ITER=mode == "topk" and min(topk, c) - 1 <= TOPK_ITER_MAX, num_warps=cfg["num_warps"],
+        q,
+        hi,
+        lo,
+        layout.ids,
+        layout.lengths,
+        bits,
+        attended,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        h,
+        s,
+        c,
+        n_tiles,
+        float(tau),
+        int(topk),
+        BM=cfg["BM"],
+        C_PAD=c_pad,
+        D=d,
+        MODE_TOPK=mode == "topk",
+        SPLIT=split,
+        IEEE=q.dtype == torch.float32,
+        TOPK_ITER=mode == "topk" and min(topk, c) - 1 <= TOPK_ITER_MAX,
+        num_warps=cfg["num_warps"],
     )

@@ -67,7 +67,9 @@ def gate_operands(kmean: torch.Tensor, dtype: torch.dtype, c_pad: int):
     return hi, lo, True
 
 
-def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: VMoBAConfig, kind: str) -> Selection:
+def select_bits(
+    q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: VMoBAConfig, kind: str
+) -> Selection:
     """Gate and select on the device. `q, k [B, S, H, D]` -> `Selection`."""
     b, s, h, d = q.shape
     c = layout.num_blocks
@@ -85,7 +87,9 @@ def select_bits(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: V
     if mode == "threshold_global":
         select_global(q, hi, lo, split, layout, bits, attended, cfg, tau=tau, kind=kind)
     else:
-        select_per_query(q, hi, lo, split, layout, bits, attended, cfg, mode=mode, tau=tau, topk=topk)
+        select_per_query(
+            q, hi, lo, split, layout, bits, attended, cfg, mode=mode, tau=tau, topk=topk
+        )
     per_query = max(1, min(topk, c)) if mode == "topk" else c
     return Selection(bits=bits, attended=attended, layout=layout, max_blocks_per_query=per_query)
 
