@@ -52,6 +52,18 @@ def alive(name: str) -> Ops[bool]:
     return bool((yield lambda r: r.exists(worker_key(name))))
 
 
+def info(name: str) -> Ops[Optional[dict]]:
+    """The heartbeat info of worker `name` while it is alive, else None."""
+    value = yield lambda r: r.get(worker_key(name))
+    if value is None:
+        return None
+    try:
+        found = json.loads(as_text(value))
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def live(queue: Optional[str] = None) -> Ops[list[dict]]:
     """Heartbeat infos of workers alive now (on `queue`, if given); forgets the dead ones."""
     names = sorted(as_text(n) for n in (yield lambda r: r.smembers(WORKERS_KEY)))

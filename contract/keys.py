@@ -4,6 +4,7 @@
 |---|---|---|
 | `job:<id>` | hash | the record (`record.JobRecord`); timings as `t:<name>` fields |
 | `jobs` | zset | every job, scored by `created_at` (listing) |
+| `jobs:owner:<owner>` | zset | the jobs of one API key (`owner_id`), by `created_at` (its listing) |
 | `queued` | zset | jobs waiting to start, by `created_at` (queue depth, positions, 429) |
 | `running` | zset | jobs in progress, by `started_at` (the janitor's `worker_lost` scan) |
 | `expiry` | zset | finished jobs, by `expires_at` (the janitor's retention scan) |
@@ -38,6 +39,16 @@ JANITOR_LOCK_KEY = f"{PREFIX}janitor:lock"
 METRICS_JOBS_KEY = f"{PREFIX}metrics:jobs"  # field: final status -> count
 METRICS_STAGE_KEY = f"{PREFIX}metrics:stage:"  # + stage name: histogram hash
 METRICS_STEP_KEY = f"{PREFIX}metrics:step"  # histogram hash of mean denoising step time
+
+
+def owner_index_key(owner: str) -> str:
+    """The listing index of one owner's jobs (`owner` as `owner_id` made it)."""
+    return f"{INDEX_KEY}:owner:{owner}"
+
+
+def owner_id(api_key: str) -> str:
+    """Who owns the jobs an API key creates: a hash of the key (records never hold the key)."""
+    return hashlib.sha256(f"vmoba-owner\0{api_key}".encode()).hexdigest()[:32]
 
 
 def new_job_id() -> str:

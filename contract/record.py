@@ -35,9 +35,12 @@ class JobRecord:
     error_message: Optional[str] = None
     files: list = field(default_factory=list)  # names under DATA_DIR/jobs/<id>/
     worker: Optional[str] = None
-    attempts: int = 0
+    attempts: int = 0  # times a worker started it
+    lost: int = 0  # times it was re-queued because its worker died (`LOST_JOB_RETRIES`)
     seq: int = 0  # number of the last event
     request_sha: str = ""
+    # Who may see the job: `keys.owner_id` of the API key that created it ("" without keys).
+    owner: str = ""
 
     @property
     def is_terminal(self) -> bool:
@@ -47,7 +50,7 @@ class JobRecord:
         return asdict(self)
 
 
-_INT_FIELDS = ("progress", "step", "total_steps", "attempts", "seq")
+_INT_FIELDS = ("progress", "step", "total_steps", "attempts", "lost", "seq")
 _OPT_INT_FIELDS = ("seed",)
 _FLOAT_FIELDS = ("created_at",)
 _OPT_FLOAT_FIELDS = ("started_at", "completed_at", "expires_at", "density")
@@ -109,7 +112,7 @@ def decode_record(job_id: str, raw: dict) -> Optional[JobRecord]:
             setattr(rec, name, json.loads(value) if value else type(getattr(rec, name))())
         elif name in _OPT_STR_FIELDS:
             setattr(rec, name, value or None)
-        elif name in ("status", "stage", "model", "request_sha"):
+        elif name in ("status", "stage", "model", "request_sha", "owner"):
             setattr(rec, name, value)
     return rec
 

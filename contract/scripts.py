@@ -22,6 +22,7 @@ from .keys import (
     RUNNING_KEY,
     events_channel,
     job_key,
+    owner_index_key,
     replay_key,
 )
 from .record import as_text, fields_json, make_event
@@ -46,10 +47,10 @@ end
 """
 
 # Create a record unless the Idempotency-Key maps to a live job or the queue is full.
-# KEYS: job hash, index zset, queued zset, idempotency key
+# KEYS: job hash, index zset, queued zset, idempotency key, the owner's index zset
 # ARGV: job id, created score, max queued (0 = no limit), use idempotency ("1"/"0"),
 #       idempotency ttl s, request sha, fields (a JSON object of strings: one argument instead of
-#       dozens, which costs the client less to encode)
+#       dozens, which costs the client less to encode), owner ('' = none: no owner index)
 # Returns {"created"|"existing"|"conflict"|"full", job id, queue rank or -1}.
 CREATE_LUA = (
     FLAT_LUA
@@ -73,6 +74,7 @@ end
 redis.call('HSET', KEYS[1], unpack(flat(ARGV[7])))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+if ARGV[8] ~= '' then redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1]) end
 if ARGV[4] == '1' then
   redis.call('SET', KEYS[4], ARGV[1], 'EX', tonumber(ARGV[5]))
 end
@@ -130,6 +132,25 @@ return seq
 )
 
 
+# Put back the record of a finished job that Redis lost (the janitor found its result, sidecar
+# included, in storage), unless a record exists.
+# KEYS: job hash, index zset, the owner's index zset, expiry zset
+# ARGV: job id, created score, expires score, record TTL s, fields JSON, owner ('' = none)
+# Returns 1 when restored, 0 when a record exists.
+RESTORE_LUA = (
+    FLAT_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(flat(ARGV[5])))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+return 1
+"""
+)
+
+
 class CreateResult(NamedTuple):
     """What `create` did: `outcome` is `"created"`, `"existing"` (same Idempotency-Key and
     request), `"conflict"` (same key, another request) or `"full"` (queue full, nothing stored)."""
@@ -164,8 +185,10 @@ def create_call(
     max_queued: int,
     sha: str,
     now: float,
+    owner: str = "",
 ) -> ScriptCall:
-    """Arguments of `CREATE_LUA` for a new queued job."""
+    """Arguments of `CREATE_LUA` for a new queued job (`owner`: `keys.owner_id` of the API key
+    creating it, "" when keys are off)."""
     fields = {
         "status": JobStatus.queued,
         "stage": Stage.queued,
@@ -180,8 +203,15 @@ def create_call(
         "seq": 0,
         "request_sha": sha,
         "files": [],
+        "owner": owner,
     }
-    keys = [job_key(job_id), INDEX_KEY, QUEUED_KEY, idempotency_key or f"{PREFIX}idem:-"]
+    keys = [
+        job_key(job_id),
+        INDEX_KEY,
+        QUEUED_KEY,
+        idempotency_key or f"{PREFIX}idem:-",
+        owner_index_key(owner or "-"),
+    ]
     args = [
         job_id,
         repr(now),
@@ -190,6 +220,7 @@ def create_call(
         int(idempotency_ttl_s),
         sha,
         fields_json(fields),
+        owner,
     ]
     return ScriptCall(keys, args)
 
@@ -249,3 +280,20 @@ def end_call(
         score=fields["expires_at"],
         ttl_s=retention_s + RECORD_GRACE_S,
     )
+
+
+def restore_call(job_id: str, fields: dict, *, created_at: float, expires_at: float) -> ScriptCall:
+    """Arguments of `RESTORE_LUA`: a terminal record with `fields` (its `owner` among them),
+    listed at `created_at`, removed by retention at `expires_at`."""
+    owner = str(fields.get("owner") or "")
+    keys = [job_key(job_id), INDEX_KEY, owner_index_key(owner or "-"), EXPIRY_KEY]
+    ttl = max(1, int(expires_at - time.time()) + RECORD_GRACE_S)
+    args = [
+        job_id,
+        repr(created_at),
+        repr(expires_at),
+        ttl,
+        fields_json({**fields, "created_at": created_at, "expires_at": expires_at}),
+        owner,
+    ]
+    return ScriptCall(keys, args)

@@ -36,6 +36,7 @@ from .keys import (
     is_job_id,
     job_key,
     new_job_id,
+    owner_index_key,
     replay_key,
     request_sha,
 )
@@ -44,12 +45,14 @@ from .record import JobRecord, as_text, decode_record
 from .scripts import (
     CREATE_LUA,
     RECORD_GRACE_S,
+    RESTORE_LUA,
     TRANSITION_LUA,
     CreateResult,
     ScriptCall,
     create_call,
     create_result,
     end_call,
+    restore_call,
     transition_call,
 )
 from .status import DENOISING_PERCENT, STAGE_PERCENT, ErrorCode, JobStatus, Stage, enum_value
@@ -69,6 +72,7 @@ class _JobOps:
         self.retention_s = int(retention_s)
         self._create_script = redis.register_script(CREATE_LUA)
         self._transition_script = redis.register_script(TRANSITION_LUA)
+        self._restore_script = redis.register_script(RESTORE_LUA)
 
     def _script(self, script: Any, call: ScriptCall) -> Any:
         return lambda _client: script(keys=call.keys, args=call.args)
@@ -90,9 +94,11 @@ class _JobOps:
         max_queued: int = 0,
         sha: Optional[str] = None,
         now: Optional[float] = None,
+        owner: str = "",
     ) -> Ops[CreateResult]:
         """Store a new queued job, unless `idempotency_key` already names one or `max_queued`
-        jobs are waiting. `sha` fingerprints the request for idempotency (default: of `request`)."""
+        jobs are waiting. `sha` fingerprints the request for idempotency (default: of `request`);
+        `owner` (`keys.owner_id` of the creating API key) is who may see the job."""
         call = create_call(
             check_job_id(job_id) if job_id else new_job_id(),
             request,
@@ -103,6 +109,7 @@ class _JobOps:
             max_queued=max_queued,
             sha=sha or request_sha(request),
             now=time.time() if now is None else now,
+            owner=owner,
         )
         return create_result((yield self._script(self._create_script, call)))
 
@@ -131,19 +138,20 @@ class _JobOps:
         limit: int = 20,
         after: Optional[str] = None,
         order: str = "desc",
+        owner: Optional[str] = None,
     ) -> Ops[tuple[list[tuple[JobRecord, Optional[int]]], bool]]:
         """Jobs newest first (`order="desc"`) or oldest first, starting after job `after`, each
-        with its queue position. Returns `(items, has_more)`; `KeyError` for an unknown `after`."""
+        with its queue position: every job, or with `owner` only that owner's. Returns
+        `(items, has_more)`; `KeyError` for an unknown `after`."""
         desc = order == "desc"
+        index = INDEX_KEY if owner is None else owner_index_key(owner or "-")
         start = 0
         if after is not None:
-            rank = yield lambda r: (r.zrevrank if desc else r.zrank)(INDEX_KEY, after)
+            rank = yield lambda r: (r.zrevrank if desc else r.zrank)(index, after)
             if rank is None:
                 raise KeyError(after)
             start = int(rank) + 1
-        raw_ids = yield lambda r: (r.zrevrange if desc else r.zrange)(
-            INDEX_KEY, start, start + limit
-        )
+        raw_ids = yield lambda r: (r.zrevrange if desc else r.zrange)(index, start, start + limit)
         ids = [as_text(x) for x in raw_ids]
         has_more = len(ids) > limit
         ids = ids[:limit]
@@ -157,7 +165,7 @@ class _JobOps:
         items = []
         for i, jid in enumerate(ids):
             rec = decode_record(jid, out[2 * i])
-            if rec is not None:
+            if rec is not None and (owner is None or rec.owner == owner):
                 items.append((rec, _position(out[2 * i + 1])))
         return items, has_more
 
@@ -254,14 +262,16 @@ class _JobOps:
         timings: Optional[dict] = None,
         density: Optional[float] = None,
         attention: Optional[dict] = None,
+        allowed: Iterable[JobStatus] = (JobStatus.in_progress,),
     ) -> Ops[bool]:
         """in_progress -> completed; results kept for `retention_s`. `attention`: the VMoBA
-        settings that ran and where each came from."""
+        settings that ran and where each came from. The janitor also completes waiting jobs
+        whose result it finds in storage (`allowed`)."""
         return (
             yield from self._end(
                 job_id,
                 JobStatus.completed,
-                [JobStatus.in_progress],
+                allowed,
                 stage=Stage.done,
                 progress=100,
                 files=list(files),
@@ -305,9 +315,9 @@ class _JobOps:
             )
         )
 
-    def _mark_requeued(self, job_id: str, reason: str = "") -> Ops[bool]:
-        """in_progress -> queued again (SIGTERM, or a retry after `worker_lost`). The caller
-        enqueues the RQ job again."""
+    def _mark_requeued(self, job_id: str, reason: str = "", lost: bool = False) -> Ops[bool]:
+        """in_progress -> queued again (SIGTERM, or with `lost` a retry after its worker died,
+        counted in the record's `lost`). The caller enqueues the RQ job again."""
         created = yield lambda r: r.hget(job_key(job_id), "created_at")
         score = float(as_text(created)) if created is not None else time.time()
         fields = {
@@ -326,9 +336,20 @@ class _JobOps:
             queued="add",
             running="rem",
             score=score,
+            incr="lost" if lost else "",
             reason=reason,
         )
         return (yield from self._transition(call)) > 0
+
+    def _restore(
+        self, job_id: str, fields: dict, *, created_at: float, expires_at: float
+    ) -> Ops[bool]:
+        """Put back a finished job's record that Redis lost (built by the janitor from the
+        job's sidecar in storage); False when a record exists."""
+        call = restore_call(
+            check_job_id(job_id), fields, created_at=created_at, expires_at=expires_at
+        )
+        return bool((yield self._script(self._restore_script, call)))
 
     def _end(
         self, job_id: str, status: JobStatus, allowed: Iterable[JobStatus], **extra: Any
@@ -375,6 +396,10 @@ class _JobOps:
     def _worker_alive(self, name: str) -> Ops[bool]:
         return (yield from heartbeats.alive(name))
 
+    def _worker_info(self, name: str) -> Ops[Optional[dict]]:
+        """The heartbeat info of a live worker (what it runs now: `job_id`), else None."""
+        return (yield from heartbeats.info(name))
+
     def _live_workers(self, queue: Optional[str] = None) -> Ops[list[dict]]:
         """Heartbeat infos of workers alive now (on `queue`, if given)."""
         return (yield from heartbeats.live(queue))
@@ -384,12 +409,15 @@ class _JobOps:
     def _delete(self, job_id: str) -> Ops[bool]:
         """Remove a job's record, index entries, events and flag (not its files). False if it
         did not exist."""
+        owner = as_text((yield lambda r: r.hget(job_key(job_id), "owner")))
 
         def build(pipe: Any) -> None:
             pipe.delete(job_key(job_id))
             pipe.delete(replay_key(job_id), cancel_key(job_id), input_key(job_id))
             for key in (INDEX_KEY, QUEUED_KEY, RUNNING_KEY, EXPIRY_KEY):
                 pipe.zrem(key, job_id)
+            if owner:
+                pipe.zrem(owner_index_key(owner), job_id)
 
         return bool((yield pipelined(build, transaction=True))[0])
 
@@ -419,6 +447,7 @@ class JobStore(_JobOps):
     mark_failed = sync_method(_JobOps._mark_failed)
     mark_cancelled = sync_method(_JobOps._mark_cancelled)
     mark_requeued = sync_method(_JobOps._mark_requeued)
+    restore = sync_method(_JobOps._restore)
     request_cancel = sync_method(_JobOps._request_cancel)
     is_cancel_requested = sync_method(_JobOps._is_cancel_requested)
     put_input_image = sync_method(_JobOps._put_input_image)
@@ -426,6 +455,7 @@ class JobStore(_JobOps):
     heartbeat = sync_method(_JobOps._heartbeat)
     drop_worker = sync_method(_JobOps._drop_worker)
     worker_alive = sync_method(_JobOps._worker_alive)
+    worker_info = sync_method(_JobOps._worker_info)
     live_workers = sync_method(_JobOps._live_workers)
     delete = sync_method(_JobOps._delete)
     metrics_snapshot = sync_method(_JobOps._metrics_snapshot)
@@ -452,6 +482,7 @@ class AsyncJobStore(_JobOps):
     mark_failed = async_method(_JobOps._mark_failed)
     mark_cancelled = async_method(_JobOps._mark_cancelled)
     mark_requeued = async_method(_JobOps._mark_requeued)
+    restore = async_method(_JobOps._restore)
     request_cancel = async_method(_JobOps._request_cancel)
     is_cancel_requested = async_method(_JobOps._is_cancel_requested)
     put_input_image = async_method(_JobOps._put_input_image)
@@ -459,6 +490,7 @@ class AsyncJobStore(_JobOps):
     heartbeat = async_method(_JobOps._heartbeat)
     drop_worker = async_method(_JobOps._drop_worker)
     worker_alive = async_method(_JobOps._worker_alive)
+    worker_info = async_method(_JobOps._worker_info)
     live_workers = async_method(_JobOps._live_workers)
     delete = async_method(_JobOps._delete)
     metrics_snapshot = async_method(_JobOps._metrics_snapshot)

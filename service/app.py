@@ -60,6 +60,6 @@ def create_app(settings: Optional[ServiceSettings] = None) -> FastAPI:
     app.include_router(page.router)
     app.mount(page.STATIC_URL, StaticFiles(directory=page.STATIC_DIR), name="static")
     # Outermost last: metrics see every answer, 401s included.
-    app.add_middleware(AuthMiddleware, keys=settings.api_keys)
+    app.add_middleware(AuthMiddleware, keys=settings.api_keys, admin_keys=settings.admin_api_keys)
     app.add_middleware(MetricsMiddleware)
     return app

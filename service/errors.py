@@ -5,7 +5,10 @@ as a traceback. `install_error_handlers(app)` maps:
 
 - `APIError` (raised by our code) -> its status;
 - pydantic `ValidationError` / FastAPI `RequestValidationError` -> 400 `invalid_request`;
-- Starlette `HTTPException` (unknown route, wrong method) -> its status;
+- Starlette `HTTPException` (unknown route, wrong method) -> its status; a 405's `Allow` names
+  every method the path takes (all its routes, not only the first one matched);
+- the client hanging up before its request body arrived (`ClientDisconnect`) -> 499 (nginx's
+  "client closed request"; nobody reads it), logged at INFO: not a server error;
 - Redis being unreachable -> 503; results storage being unreachable (`StorageUnavailable`) -> 503
   `storage_unavailable` + `Retry-After`; anything else -> 500 `internal_error` (logged, never
   shown).
@@ -23,6 +26,9 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from starlette.routing import Match
 
 from contract.storage import StorageUnavailable
 
@@ -94,6 +100,26 @@ def error_response(err: APIError) -> JSON:
     )
 
 
+# Status recorded for requests whose client went away before they were read (nginx's).
+CLIENT_CLOSED_REQUEST = 499
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves at this request's path (asked of the router
+    itself, one method at a time, so included routers count too)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes
+        )
+    ]
+
+
 def not_found(job_id: Any) -> APIError:
     return APIError(
         404,
@@ -160,9 +186,23 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
-        elif exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path}"
-        return error_response(APIError(exc.status_code, message, headers=exc.headers))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = allowed_methods(request)
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
+            message = (
+                f"method {request.method} is not allowed on {request.url.path}; "
+                f"allowed: {headers.get('Allow', 'none')}"
+            )
+        return error_response(APIError(exc.status_code, message, headers=headers))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect):
+        log.info(
+            "client hung up before its request was read: %s %s", request.method, request.url.path
+        )
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)

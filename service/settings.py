@@ -37,7 +37,11 @@ class ServiceSettings(SharedSettings):
     # on a 2-core machine (bench/results/api-*.json); metrics are summed across them.
     API_WORKERS: int = Field(2, ge=1, le=64)
     # Comma-separated bearer keys; empty means no authentication. /healthz and /readyz stay open.
+    # Each key sees only the jobs it created (any other job is a 404 to it).
     API_KEYS: str = ""
+    # Comma-separated bearer keys that see and manage every job (operators). Accepted as well as
+    # API_KEYS; setting only these turns authentication on too.
+    ADMIN_API_KEYS: str = ""
     # Largest request body accepted (JSON or multipart), bytes.
     MAX_BODY_BYTES: int = Field(256 * 1024, ge=1024)
     # Image-to-video input images: largest file accepted, bytes (10 MiB), and largest image,
@@ -89,15 +93,21 @@ class ServiceSettings(SharedSettings):
     DEFAULT_GUIDANCE_SCALE: float | None = None
     DEFAULT_FPS: int | None = None
 
-    @field_validator("API_KEYS")
+    @field_validator("API_KEYS", "ADMIN_API_KEYS")
     @classmethod
     def _strip_keys(cls, value: str) -> str:
         return ",".join(k.strip() for k in value.split(",") if k.strip())
 
     @property
     def api_keys(self) -> tuple[str, ...]:
-        """The accepted bearer keys; empty when authentication is off."""
+        """The accepted bearer keys of ordinary users; with `admin_api_keys` empty, authentication
+        is off."""
         return tuple(k for k in self.API_KEYS.split(",") if k)
+
+    @property
+    def admin_api_keys(self) -> tuple[str, ...]:
+        """The bearer keys that see every job."""
+        return tuple(k for k in self.ADMIN_API_KEYS.split(",") if k)
 
     @property
     def max_body_bytes(self) -> int:

@@ -110,10 +110,16 @@ async def validate_request(state: AppState, body: dict) -> Submission:
 
 
 async def submit(
-    state: AppState, sub: Submission, *, idem_key: Optional[str] = None, auth_scope: str = ""
+    state: AppState,
+    sub: Submission,
+    *,
+    idem_key: Optional[str] = None,
+    auth_scope: str = "",
+    owner: str = "",
 ) -> tuple[JobRecord, Optional[int], bool]:
-    """Create and enqueue a job. Returns `(record, queue position, created)`; `created` is False
-    when an idempotent retry found its earlier job."""
+    """Create and enqueue a job owned by `owner` (`contract.keys.owner_id` of the API key, ""
+    without keys). Returns `(record, queue position, created)`; `created` is False when an
+    idempotent retry found its earlier job."""
     settings = state.settings
     if idem_key is not None and not 1 <= len(idem_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
         raise APIError(
@@ -141,6 +147,7 @@ async def submit(
         max_queued=settings.MAX_QUEUE_DEPTH,
         sha=sha,
         now=now,
+        owner=owner,
     )
     if result.outcome == "full":
         raise APIError(
@@ -189,6 +196,7 @@ async def submit(
         created_at=now,
         total_steps=job.num_inference_steps,
         request_sha=sha,
+        owner=owner,
     )
     return rec, result.position, True
 

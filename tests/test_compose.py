@@ -64,6 +64,7 @@ def compose_config(*files: Path, env: dict | None = None) -> dict:
         "RETENTION_S",
         "WORKER_GPUS",
         "API_KEYS",
+        "ADMIN_API_KEYS",
         "STOP_GRACE_S",
         "WORKER_DEVICE",
         "REDIS_URL",

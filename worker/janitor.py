@@ -5,22 +5,34 @@ sweep runs at a time across hosts; `python -m worker.janitor` runs one sweep by 
 
 1. **Dead workers' jobs.** A worker is alive while its heartbeat key `vmoba:worker:<name>`
    exists (TTL `HEARTBEAT_TTL_S`, refreshed every `HEARTBEAT_INTERVAL_S` by a thread of the
-   worker, busy or not). A job `in_progress` on a worker that is not alive, and an RQ job in the
+   worker, busy or not). A job `in_progress` on a worker that is not alive, an RQ job in the
    started registry of a worker that is not alive (a death between RQ taking the job and our
-   record saying so), is lost: re-queued at the front if it has been started at most
-   `LOST_JOB_RETRIES` times, else failed with `worker_lost` and its files removed. RQ's own
-   state is made to agree (started registry entries removed; job re-enqueued, or moved to RQ's
-   failed registry). The launcher also calls `reap_worker` the moment one of its workers exits,
-   so local deaths are handled at once rather than after the heartbeat TTL.
+   record saying so), and a job `in_progress` on a live worker whose heartbeat says it runs
+   something else (Redis lost an update, e.g. a restart) is lost. A lost job is, in this order:
+   **completed** when its result (video and sidecar) is in storage (it finished; only the record
+   did not say so: a finished video is never deleted here); **cancelled** when a cancel was
+   requested (e.g. the launcher stopped a worker that did not honour it in time); re-queued at
+   the front when its workers died fewer than `LOST_JOB_RETRIES` times before (graceful
+   re-queues, SIGTERM, do not count: the record's `lost`); else failed with `worker_lost` and
+   its partial files removed. RQ's own state is made to agree (started registry entries removed;
+   job re-enqueued, deleted, or moved to RQ's failed registry). The launcher also calls
+   `reap_worker` the moment one of its workers exits, so local deaths are handled at once rather
+   than after the heartbeat TTL.
 2. **Orphaned queued jobs.** A record `queued` for longer than `ORPHAN_GRACE_S` whose RQ job is
-   gone, failed, stopped or finished (e.g. RQ's maintenance failed a job stuck in its
-   intermediate queue) can never start: it fails with `worker_lost` (`cancelled` if RQ cancelled
-   it), so clients stop waiting.
+   not waiting in its queue (gone, failed, stopped or finished: e.g. Redis lost the enqueue,
+   or RQ's maintenance failed a job stuck in its intermediate queue) would never start: its
+   result is looked for in storage (completed if there), else it is enqueued again from the
+   record (which holds the validated request), at most `ORPHAN_REQUEUES` times, then failed with
+   `worker_lost` (`cancelled` if RQ cancelled it), so clients stop waiting.
 3. **Retention.** Finished jobs past `expires_at`: files first (with object storage, every
    object under the job's prefix), then the record.
 4. **Leftovers.** Staging directories of killed workers older than `STAGING_MAX_AGE_S` (and, with
    object storage, multipart uploads they left open), and job directories or prefixes with no
-   record (deleted jobs) older than the same age.
+   record (deleted jobs) older than the same age. A complete result with no record whose
+   retention has not run out is a finished job whose record Redis lost: its record is put back
+   (completed, with its owner) from the sidecar instead.
+5. **Start-up.** The first sweep of a janitor also completes every waiting record whose result
+   is in storage (Redis lost the completion and the job was queued again).
 
 Storage being unreachable (`StorageUnavailable`) skips the file passes of this sweep: records of
 expired jobs stay until their files are gone, so the next sweep tries again.
@@ -39,9 +51,11 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from contract.enqueue import enqueue
+from contract.files import INPUT_FILE, META_FILE, THUMBNAIL_FILE, VIDEO_FILE
 from contract.keys import JANITOR_LOCK_KEY, QUEUED_KEY, job_key
 from contract.record import as_text
 from contract.status import ErrorCode
+from contract.status import JobStatus as JobStatus_
 from contract.storage import Storage, StorageUnavailable
 from contract.store import JobStore
 from contract.supervise import setup_logging
@@ -51,13 +65,14 @@ from .storage import open_storage
 
 log = logging.getLogger("worker.janitor")
 
-# A queued record younger than this may still be on its way into RQ (the API creates the record,
-# then enqueues): leave it alone.
-ORPHAN_GRACE_S = 60.0
 # Expired jobs removed per sweep (the next sweep continues).
 EXPIRED_BATCH = 500
 # RQ keeps failures of lost jobs this long (they are diagnostics; our record is the truth).
 RQ_FAILURE_TTL_S = 7 * 24 * 3600
+# An orphaned queued job is enqueued again at most this often before it fails (a job that RQ
+# keeps failing before it starts must not loop forever).
+ORPHAN_REQUEUES = 3
+ORPHAN_COUNT_FIELD = "orphan_requeues"
 
 
 @dataclass
@@ -68,6 +83,8 @@ class SweepReport:
     expired: list = field(default_factory=list)
     staging: list = field(default_factory=list)
     stray_dirs: list = field(default_factory=list)
+    recovered: list = field(default_factory=list)  # finished jobs found in storage
+    cancelled: list = field(default_factory=list)  # lost jobs whose cancel was requested
 
     def __bool__(self) -> bool:
         return any(getattr(self, f) for f in self.__dataclass_fields__)
@@ -80,6 +97,7 @@ class Janitor:
         self.storage = storage
         self.settings = settings
         self.queues = [Queue(name, connection=redis) for name in settings.queues]
+        self.started_up = False  # the first sweep also reconciles waiting records with storage
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> Janitor:
@@ -102,11 +120,15 @@ class Janitor:
         try:
             report = SweepReport()
             self.reap_dead(report)
+            self.reap_stuck(report)
             self.fail_orphans(report, now=now)
             report.staging = self.storage.clean_staging(self.settings.STAGING_MAX_AGE_S)
             try:
+                if not self.started_up:
+                    self.complete_waiting_from_storage(report)
+                    self.started_up = True
                 self.remove_expired(report, now=now)
-                self.remove_stray_dirs(report)
+                self.remove_stray_dirs(report, now=now)
             except StorageUnavailable as exc:
                 log.warning("janitor: results storage unavailable, files left for later: %s", exc)
             if report:
@@ -171,8 +193,39 @@ class Janitor:
                     # Our record is final (or gone): only RQ still thinks it runs.
                     self._rq_fail(job_id, job, f"worker {worker} died after the job ended")
 
+    def reap_stuck(self, report: SweepReport) -> None:
+        """Jobs `in_progress` on a live worker whose heartbeat, written well after the job
+        started, names another job or none: the worker is not running them (e.g. Redis lost
+        an update in a restart, or the worker never learnt it had started the job)."""
+        margin = 2 * self.settings.HEARTBEAT_INTERVAL_S + 1.0
+        for job_id in self.store.running_jobs():
+            rec = self.store.get(job_id)
+            if rec is None or rec.status != "in_progress" or not rec.worker:
+                continue
+            info = self.store.worker_info(rec.worker)
+            if info is None or info.get("job_id") == job_id:
+                continue  # dead (reap_dead's) or running it
+            if float(info.get("ts") or 0) <= (rec.started_at or 0) + margin:
+                continue  # the heartbeat may predate the job's start
+            self._lost(rec, f"worker {rec.worker} is alive but does not run the job", report)
+
     def _lost(self, rec, why: str, report: SweepReport, job: Job | None = None) -> None:
         job = job if job is not None else self._fetch(rec.id)
+        try:
+            if self._recover(rec, job, report):
+                return
+        except StorageUnavailable as exc:
+            # A finished result may be there: decide once storage answers (next sweep).
+            log.warning("job %s: %s; storage unavailable, deciding later: %s", rec.id, why, exc)
+            return
+        if self.store.is_cancel_requested(rec.id):
+            message = f"cancelled by request; {why} before the job stopped"
+            if self.store.mark_cancelled(rec.id, message):
+                self._remove_partial(rec.id)
+                report.cancelled.append(rec.id)
+                log.warning("job %s cancelled: %s", rec.id, why)
+            self._rq_fail(rec.id, job, message)
+            return
         if rec.status == "queued":
             # The worker died before our record said it started: nothing ran, so run it again
             # (this does not count against LOST_JOB_RETRIES).
@@ -181,8 +234,8 @@ class Janitor:
             log.warning("job %s re-queued: %s before it started", rec.id, why)
             return
         started = max(rec.attempts, 1)
-        if started <= self.settings.LOST_JOB_RETRIES:
-            if self.store.mark_requeued(rec.id, reason=f"worker_lost: {why}"):
+        if rec.lost < self.settings.LOST_JOB_RETRIES:
+            if self.store.mark_requeued(rec.id, reason=f"worker_lost: {why}", lost=True):
                 self._rq_requeue(rec, job)
                 report.requeued.append(rec.id)
                 log.warning("job %s re-queued: %s (attempt %d)", rec.id, why, started)
@@ -193,47 +246,98 @@ class Janitor:
             + (
                 "not retried (LOST_JOB_RETRIES=0)"
                 if self.settings.LOST_JOB_RETRIES == 0
-                else f"already retried {started - 1} time(s)"
+                else f"already retried {rec.lost} time(s)"
             )
         )
         if self.store.mark_failed(rec.id, ErrorCode.worker_lost.value, message):
-            try:
-                self.storage.remove(rec.id)
-            except StorageUnavailable as exc:  # retention removes them with the record
-                log.warning("job %s: could not remove its files: %s", rec.id, exc)
+            self._remove_partial(rec.id)
             report.lost.append(rec.id)
             log.warning("job %s failed: %s", rec.id, message)
         self._rq_fail(rec.id, job, message)
 
+    def _remove_partial(self, job_id: str) -> None:
+        """Files of a job that did not finish (a complete result was ruled out before)."""
+        try:
+            self.storage.remove(job_id)
+        except StorageUnavailable as exc:  # retention removes them with the record
+            log.warning("job %s: could not remove its files: %s", job_id, exc)
+
+    def _recover(self, rec, job: Job | None, report: SweepReport) -> bool:
+        """Complete a waiting or running record whose result is in storage; True if it is.
+        `StorageUnavailable` when storage cannot tell."""
+        meta = self.storage.finished_result(rec.id)
+        if meta is None:
+            return False
+        if self.store.mark_completed(
+            rec.id, allowed=(JobStatus_.queued, JobStatus_.in_progress), **completed_fields(meta)
+        ):
+            report.recovered.append(rec.id)
+            log.warning(
+                "job %s completed: its result was in storage, its record said %s",
+                rec.id,
+                rec.status,
+            )
+        self._rq_forget(rec.id, job)
+        return True
+
+    def complete_waiting_from_storage(self, report: SweepReport) -> None:
+        """Waiting records whose result is already in storage (Redis lost the completion)."""
+        for job_id in [as_text(x) for x in self.redis.zrange(QUEUED_KEY, 0, -1)]:
+            rec = self.store.get(job_id)
+            if rec is not None and rec.status == "queued":
+                self._recover(rec, self._fetch(job_id), report)
+
     # -- 2. orphans ----------------------------------------------------------------------------
     def fail_orphans(self, report: SweepReport, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        cutoff = now - ORPHAN_GRACE_S
+        cutoff = now - self.settings.ORPHAN_GRACE_S
         ids = [as_text(x) for x in self.redis.zrangebyscore(QUEUED_KEY, "-inf", cutoff)]
         for job_id in ids:
             job = self._fetch(job_id)
             status = job.get_status(refresh=False) if job is not None else None
-            if status in (
-                JobStatus.QUEUED,
-                JobStatus.STARTED,
-                JobStatus.SCHEDULED,
-                JobStatus.DEFERRED,
-            ):
+            if status in (JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+                continue
+            if status == JobStatus.QUEUED and job is not None and self._waiting_in_rq(job):
                 continue
             if status == JobStatus.CANCELED:
                 if self.store.mark_cancelled(job_id, "cancelled in the queue"):
                     report.orphaned.append(job_id)
                 continue
+            rec = self.store.get(job_id)
+            if rec is None or rec.status != "queued":
+                continue
+            try:
+                if self._recover(rec, job, report):
+                    continue
+            except StorageUnavailable as exc:
+                log.warning("job %s: storage unavailable, deciding later: %s", job_id, exc)
+                continue
             what = "is gone" if status is None else f"is {status.value}"  # None: no job
+            if status == JobStatus.QUEUED:
+                what = "is not in its queue"
+            if int(self.redis.hincrby(job_key(job_id), ORPHAN_COUNT_FIELD, 1)) <= ORPHAN_REQUEUES:
+                self._rq_requeue(rec, job)
+                report.requeued.append(job_id)
+                log.warning("job %s enqueued again: its RQ job %s", job_id, what)
+                continue
             detail = ""
             if job is not None and status == JobStatus.FAILED:
                 latest = job.latest_result()
                 if latest is not None and latest.exc_string:
                     detail = ": " + " ".join(latest.exc_string.strip().splitlines()[-1:])[:300]
-            message = f"the queue lost this job before it started (its RQ job {what}{detail})"
+            message = (
+                f"the queue lost this job before it started (its RQ job {what}{detail}; "
+                f"enqueued again {ORPHAN_REQUEUES} times)"
+            )
             if self.store.mark_failed(job_id, ErrorCode.worker_lost.value, message):
                 report.orphaned.append(job_id)
                 log.warning("job %s failed: %s", job_id, message)
+
+    def _waiting_in_rq(self, job: Job) -> bool:
+        """Whether RQ's job sits in its queue (or is being handed to a worker)."""
+        queue = self._queue_for(job)
+        keys = (queue.key, queue.intermediate_queue_key)
+        return any(self.redis.lpos(key, job.id) is not None for key in keys)
 
     # -- 3. retention --------------------------------------------------------------------------
     def remove_expired(self, report: SweepReport, *, now: float | None = None) -> None:
@@ -246,17 +350,56 @@ class Janitor:
             report.expired.append(job_id)
 
     # -- 4. leftovers --------------------------------------------------------------------------
-    def remove_stray_dirs(self, report: SweepReport) -> None:
+    def remove_stray_dirs(self, report: SweepReport, *, now: float | None = None) -> None:
+        """Files with no record: a finished job's record is put back (Redis lost it), the rest
+        (deleted or expired jobs) removed once `STAGING_MAX_AGE_S` old."""
         ids = self.storage.job_ids()
         if not ids:
             return
+        now = time.time() if now is None else now
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.exists(job_key(job_id))
         for job_id, exists in zip(ids, pipe.execute()):
-            if not exists and self.storage.age_s(job_id) > self.settings.STAGING_MAX_AGE_S:
+            if exists:
+                continue
+            meta = self.storage.finished_result(job_id)
+            if meta is not None and self._restore(job_id, meta, now):
+                report.recovered.append(job_id)
+                continue
+            if self.storage.age_s(job_id) > self.settings.STAGING_MAX_AGE_S:
                 self.storage.remove(job_id)
                 report.stray_dirs.append(job_id)
+
+    def _restore(self, job_id: str, meta: dict, now: float) -> bool:
+        """Put back the completed record of a finished job from its sidecar, unless its
+        retention has run out."""
+        completed_at = float(meta.get("created_at") or 0)
+        expires_at = completed_at + self.settings.RETENTION_S
+        if expires_at <= now:
+            return False
+        request = meta.get("request") or {}
+        steps = int(request.get("num_inference_steps") or 0)
+        fields = {
+            "status": "completed",
+            "stage": "done",
+            "progress": 100,
+            "step": steps,
+            "total_steps": steps,
+            "request": request,
+            "seed": meta.get("seed"),
+            "model": request.get("model") or "",
+            "completed_at": completed_at,
+            "attempts": int((meta.get("worker") or {}).get("attempt") or 1),
+            "seq": 0,
+            "owner": meta.get("owner") or "",
+            **completed_fields(meta),
+        }
+        created_at = float(meta.get("submitted_at") or completed_at)
+        if not self.store.restore(job_id, fields, created_at=created_at, expires_at=expires_at):
+            return False
+        log.warning("job %s: its record was lost; put back as completed from its sidecar", job_id)
+        return True
 
     # -- RQ side -------------------------------------------------------------------------------
     def _fetch(self, job_id: str) -> Job | None:
@@ -294,6 +437,12 @@ class Janitor:
             result_ttl_s=self.settings.RQ_RESULT_TTL_S,
         )
 
+    def _rq_forget(self, job_id: str, job: Job | None) -> None:
+        """RQ has nothing left to do for a job (it finished): out of its queue and registries."""
+        self._drop_started_entries(job_id)
+        if job is not None:
+            job.delete(remove_from_queue=True)
+
     def _rq_fail(self, job_id: str, job: Job | None, message: str) -> None:
         self._drop_started_entries(job_id)
         if job is None:
@@ -312,6 +461,30 @@ class Janitor:
                     return queue
             return Queue(job.origin, connection=self.redis)
         return self.queues[0]
+
+
+def completed_fields(meta: dict) -> dict:
+    """`mark_completed`'s arguments from a finished job's sidecar (`worker.jobs` writes it)."""
+    files = [
+        (meta.get("video") or {}).get("file") or VIDEO_FILE,
+        (meta.get("thumbnail") or {}).get("file") or THUMBNAIL_FILE,
+        META_FILE,
+    ]
+    if meta.get("task") == "i2v":
+        files.append(INPUT_FILE)
+    return {
+        "files": files,
+        "timings": {k: v for k, v in (meta.get("timings") or {}).items() if _number(v)},
+        "density": meta.get("density") if _number(meta.get("density")) else None,
+        "attention": {
+            "settings": meta.get("attention") or {},
+            "sources": meta.get("attention_sources") or {},
+        },
+    }
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def main() -> int:

@@ -35,7 +35,11 @@ Every way out ends the record in a final state, or back in `queued` for another 
 | SIGTERM, long job left | queued again | re-queued at the front (`Retry`) |
 | second SIGTERM (cold shutdown) | queued again | re-queued at the front |
 | anything else | failed `internal_error` | finished |
-| worker killed | the janitor: failed `worker_lost`, or re-queued (`LOST_JOB_RETRIES`) | cleaned up by the janitor |
+| worker killed | the janitor (`worker.janitor`): see below | cleaned up by the janitor |
+| cancel not honoured in `CANCEL_GRACE_S` | the launcher kills the worker: cancelled | cleaned up by the janitor |
+
+A killed worker's job is completed if its result is in storage, cancelled if a cancel was
+requested, else re-queued (`LOST_JOB_RETRIES`) or failed with `worker_lost`.
 
 Test hooks (only with `ENABLE_TEST_HOOKS=1`; never in a deployment): a payload may carry
 `"_test": {"step_delay_s": 0.2, "oom_at_step": 2, "fail_at_step": 3}` to sleep after every step,
@@ -57,7 +61,7 @@ from rq.timeouts import JobTimeoutException
 
 from contract.files import INPUT_FILE, META_FILE, RESULT_FILES, THUMBNAIL_FILE, VIDEO_FILE
 from contract.keys import cancel_key, is_job_id, job_key
-from contract.record import as_text
+from contract.record import JobRecord, as_text
 from contract.request import ValidatedRequest
 from contract.status import ErrorCode, Stage
 from contract.storage import Staged, StorageUnavailable
@@ -147,6 +151,7 @@ class JobRun:
         # "" when the payload names no valid job: `run` refuses it before anything uses the id.
         self.job_id: str = job_id if is_job_id(job_id) else ""
         self.cur: CurrentJob | None = None  # set once the job has started
+        self.record: JobRecord | None = None  # the record as the run found it
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self):
@@ -161,6 +166,7 @@ class JobRun:
         if rec.is_terminal:
             log.info("job %s is already %s, skipping", job_id, rec.status)
             return {"job_id": job_id, "status": rec.status}
+        self.record = rec
         if rec.status == "queued" and store.is_cancel_requested(job_id):
             store.mark_cancelled(job_id, "cancelled before it started")
             return {"job_id": job_id, "status": "cancelled"}
@@ -303,7 +309,7 @@ class JobRun:
                 files.append(INPUT_FILE)
             timings["encoding_s"] = time.perf_counter() - t_enc
             timings["total_s"] = time.monotonic() - cur.started
-            density = gen.attention.get("density")
+            density = achieved_density(gen.attention)
             staged.write_json(
                 META_FILE,
                 self._sidecar(request, attention, sources, gen, video, thumb, timings, attempt),
@@ -489,10 +495,13 @@ class JobRun:
         timings,
         attempt,
     ) -> dict:
-        rt = self.rt
+        rt, rec = self.rt, self.record
         return {
             "id": self.job_id,
             "created_at": time.time(),
+            # What the janitor needs to put the job's record back should Redis lose it.
+            "submitted_at": rec.created_at if rec else None,
+            "owner": rec.owner if rec else "",
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
             "seed": request.seed,
@@ -503,7 +512,7 @@ class JobRun:
             "attention": attention.to_dict(),
             "attention_sources": sources,
             "attention_stats": gen.attention,
-            "density": gen.attention.get("density"),
+            "density": achieved_density(gen.attention),
             "timings": timings,
             "peak_gpu_memory_bytes": gen.peak_memory_bytes,
             "video": {
@@ -529,6 +538,16 @@ class JobRun:
             },
             "versions": rt.versions,
         }
+
+
+def achieved_density(stats: dict) -> float | None:
+    """The attention density a run achieved (1.0 = dense): VMoBA's measure over its sparse
+    calls, and 1.0 for a run that made none (`backend: dense`, or every step dense), which
+    VMoBA's statistics leave empty; None when sparse calls were not counted."""
+    density = stats.get("density")
+    if density is None and (stats.get("layer_calls") or {}).get("sparse") == 0:
+        return 1.0
+    return density
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

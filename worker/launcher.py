@@ -14,6 +14,12 @@ The launcher itself never imports torch (it stays small and cannot hold a CUDA c
 - when a worker dies, hands its job to the janitor at once (failed with `worker_lost` or
   re-queued) rather than waiting for its heartbeat to expire, and runs the janitor every
   `JANITOR_INTERVAL_S` for workers on other hosts and expired results;
+- watches each worker every `HEARTBEAT_INTERVAL_S` and kills it (SIGKILL), to be replaced at once,
+  when its heartbeat has stopped for `HEARTBEAT_TTL_S` (a process hung with the GIL held, or
+  stopped: the job then follows the worker-lost rules) or when the job it runs was cancelled
+  more than `CANCEL_GRACE_S` ago and it has not stopped (a step that does not end: the job ends
+  `cancelled`). A worker that has not beaten yet (loading its model) is left alone, and so is
+  every worker while Redis does not answer (no heartbeat can be written then);
 - on SIGTERM or SIGINT forwards SIGTERM to the workers (each finishes or re-queues its job) and
   exits when they have; a second signal is forwarded too (workers then re-queue at once).
 """
@@ -55,6 +61,9 @@ class Slot:
     start_after: float = 0.0
     restarts: int = 0
     history: list = field(default_factory=list)
+    last_beat: float = 0.0  # wall time of the last heartbeat seen (0: none yet)
+    cancel_seen: dict = field(default_factory=dict)  # job id -> when its cancel was first seen
+    kill_reason: str = ""  # why the launcher killed the current process
 
 
 def detect_gpus(env: dict) -> list[str]:
@@ -118,14 +127,19 @@ class Launcher:
         *,
         janitor=None,
         command: list[str] | None = None,
+        store=None,
     ):
         self.settings = settings
         self.slots = slots
         self.janitor = janitor
+        self.store = store if store is not None else getattr(janitor, "store", None)
         self.command = command or [sys.executable, "-m", "worker.run"]
         self.stopping = False
         self.signals = 0
         self.next_janitor_at = 0.0
+        self.next_watch_at = 0.0
+        self.redis_back_at = 0.0  # wall time Redis answered again after failing (0: never failed)
+        self.redis_down = False
         self.host = socket.gethostname()
 
     # -- processes ---------------------------------------------------------------------------
@@ -134,6 +148,9 @@ class Launcher:
         env = {**os.environ, **slot.env, "WORKER_NAME": slot.name}
         slot.proc = spawn(self.command, env)
         slot.started_at = time.monotonic()
+        slot.last_beat = 0.0
+        slot.cancel_seen = {}
+        slot.kill_reason = ""
         log.info("started worker %s (pid %d) on %s", slot.name, slot.proc.pid, slot.label)
 
     def on_exit(self, slot: Slot, code: int) -> None:
@@ -141,6 +158,8 @@ class Launcher:
         assert proc is not None, "on_exit is for the slot's process that just ended"
         uptime = time.monotonic() - slot.started_at
         how = describe_exit(code)
+        if slot.kill_reason:
+            how = f"killed by its launcher: {slot.kill_reason}"
         slot.history.append((slot.name, code))
         (log.info if code in (0, EXIT_RESTART) else log.warning)(
             "worker %s (pid %d) ended after %.1f s with %s", slot.name, proc.pid, uptime, how
@@ -155,7 +174,8 @@ class Launcher:
             return
         slot.restarts += 1
         slot.backoff.max_s = self.settings.RESTART_BACKOFF_MAX_S
-        delay = slot.backoff.delay_s(code, uptime)
+        # A worker the launcher killed was replaced on purpose: at once.
+        delay = slot.backoff.delay_s(EXIT_RESTART if slot.kill_reason else code, uptime)
         slot.start_after = time.monotonic() + delay
         log.info("restarting %s in %.0f s", slot.label, delay)
 
@@ -164,6 +184,63 @@ class Launcher:
             if slot.proc is not None and slot.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     slot.proc.send_signal(sig)
+
+    # -- watchdog ----------------------------------------------------------------------------
+    def watch(self) -> None:
+        """One look at every worker's heartbeat and at the cancel flag of the job it runs (see
+        the module docstring)."""
+        if self.store is None:
+            return
+        try:
+            for slot in self.slots:
+                if slot.proc is not None and slot.proc.poll() is None and not slot.kill_reason:
+                    self.watch_slot(slot)
+        except Exception as exc:  # Redis unreachable: nobody can beat; judge nobody
+            if not self.redis_down:
+                log.warning("watchdog: cannot read heartbeats (%s); not judging workers", exc)
+            self.redis_down = True
+            return
+        if self.redis_down:
+            self.redis_down = False
+            self.redis_back_at = time.time()
+
+    def watch_slot(self, slot: Slot) -> None:
+        s = self.settings
+        assert self.store is not None
+        info = self.store.worker_info(slot.name)
+        now = time.time()
+        if self.redis_down:
+            # Redis answers again: heartbeats lost meanwhile are not the worker's fault.
+            self.redis_back_at = now
+        if info is not None:
+            slot.last_beat = max(slot.last_beat, float(info.get("ts") or 0.0))
+        elif slot.last_beat and now - max(slot.last_beat, self.redis_back_at) > s.HEARTBEAT_TTL_S:
+            self.kill(
+                slot,
+                f"its heartbeat stopped {now - slot.last_beat:.1f} s ago "
+                f"(HEARTBEAT_TTL_S={s.HEARTBEAT_TTL_S:g}): hung or stopped",
+            )
+            return
+        job_id = info.get("job_id") if info else None
+        if not job_id or not self.store.is_cancel_requested(job_id):
+            return
+        seen = slot.cancel_seen.setdefault(job_id, time.monotonic())
+        if time.monotonic() - seen > s.CANCEL_GRACE_S:
+            self.kill(
+                slot,
+                f"job {job_id} was cancelled {time.monotonic() - seen:.1f} s ago and has not "
+                f"stopped (CANCEL_GRACE_S={s.CANCEL_GRACE_S:g})",
+            )
+
+    def kill(self, slot: Slot, reason: str) -> None:
+        """SIGKILL a worker that cannot be trusted to stop; `run` reaps and replaces it."""
+        proc = slot.proc
+        if proc is None:
+            return
+        log.error("killing worker %s (pid %d): %s", slot.name, proc.pid, reason)
+        slot.kill_reason = reason
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
     # -- main loop ---------------------------------------------------------------------------
     def request_stop(self, signum, frame) -> None:
@@ -197,6 +274,9 @@ class Launcher:
             if self.stopping and alive == 0:
                 log.info("all workers stopped")
                 return 0
+            if now >= self.next_watch_at:
+                self.next_watch_at = now + self.settings.HEARTBEAT_INTERVAL_S
+                self.watch()
             if self.janitor is not None and now >= self.next_janitor_at and not self.stopping:
                 self.next_janitor_at = now + self.settings.JANITOR_INTERVAL_S
                 try:

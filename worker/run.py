@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 
-import redis as redis_lib
 from rq import SimpleWorker
 
 from contract.supervise import EXIT_RESTART, setup_logging
@@ -118,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     # RQ's blocking dequeue waits minutes and RQ raises the socket timeout of its connection to
     # cover that, but only new connections pick it up; redis-py 8's default timeout is 5 s. A client
     # of its own, unused until RQ configures it, keeps an idle worker from timing out, backing off
-    # (up to a minute) and picking up new jobs late.
-    rq_connection = redis_lib.Redis.from_url(settings.REDIS_URL)
+    # (up to a minute) and picking up new jobs late. Like the runtime's, it rides out a Redis
+    # restart (REDIS_RETRY_S).
+    rq_connection = settings.redis_client()
     worker = GenerationWorker(
         settings.queues,
         connection=rq_connection,

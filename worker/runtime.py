@@ -125,15 +125,13 @@ class Runtime:
     def load(cls, settings: WorkerSettings, *, redis_client: Optional[Redis] = None) -> Runtime:
         """Connect, load every model of `MODEL` on this process's device, install VMoBA and warm
         up."""
-        import redis as redis_lib
-
         from contract.store import JobStore
 
         from .storage import StorageUnavailable, open_storage
 
         device = resolve_device(settings.WORKER_DEVICE)
         models = {spec.id: load_model(spec, device, settings) for spec in settings.models()}
-        client = redis_client or redis_lib.Redis.from_url(settings.REDIS_URL)
+        client = redis_client or settings.redis_client()
         storage = open_storage(settings)
         try:
             storage.check()

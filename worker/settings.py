@@ -54,7 +54,13 @@ class WorkerSettings(SharedSettings):
     """How often each worker writes its heartbeat, busy or idle."""
     HEARTBEAT_TTL_S: float = Field(15.0, gt=0)
     """A worker whose heartbeat is older than this is dead; its job is failed or retried. Several
-    intervals, so a slow Redis round trip is not a death."""
+    intervals, so a slow Redis round trip is not a death. A worker process whose heartbeat
+    stopped this long (hung with the GIL held, SIGSTOPped) is killed and replaced by its
+    launcher."""
+    REDIS_RETRY_S: float = Field(30.0, ge=0)
+    """How long a worker retries a Redis command that meets a dropped connection (exponential
+    back-off up to 1 s apart) before the error counts: a Redis restart (its append-only file
+    keeps the data) pauses the running job instead of failing it."""
     LOST_JOB_RETRIES: int = Field(0, ge=0, le=3)
     """How many times a job whose worker died is re-queued before it fails with `worker_lost`
     (0: fail at once; 1: retry once)."""
@@ -70,6 +76,12 @@ class WorkerSettings(SharedSettings):
     HARD_TIMEOUT_GRACE_S: float = Field(60.0, gt=0)
     """If a job overruns its timeout by this much without reaching a step boundary (a hung
     kernel, a stuck decode), the watchdog fails it and kills the process, which is restarted."""
+    CANCEL_GRACE_S: float = Field(10.0, gt=0)
+    """A running job stops at its next denoising step once cancelled. If it has not stopped this
+    long after its launcher saw the cancel (a long step, a stuck kernel, a slow decode or
+    upload), the launcher kills the worker process (SIGKILL), the job ends `cancelled` and a
+    fresh worker takes its place: a cancel takes effect within about this plus two
+    `HEARTBEAT_INTERVAL_S`."""
     STOP_GRACE_S: float = Field(90.0, ge=0)
     """On SIGTERM the current job finishes if it should end within this many seconds; otherwise
     it stops at the next step and is re-queued at the front. Keep below compose's
@@ -94,6 +106,10 @@ class WorkerSettings(SharedSettings):
     # --- janitor -----------------------------------------------------------------------------
     JANITOR_INTERVAL_S: float = Field(10.0, gt=0)
     """How often the launcher runs the janitor (dead workers' jobs, expired results)."""
+    ORPHAN_GRACE_S: float = Field(60.0, gt=0)
+    """A queued record younger than this may still be on its way into RQ (the API creates the
+    record, then enqueues): the janitor leaves it alone; older, with no RQ job waiting, it is
+    enqueued again."""
     STAGING_MAX_AGE_S: float = Field(3600.0, gt=0)
     """Staging directories untouched this long were left by a killed worker and are removed."""
 
@@ -132,6 +148,26 @@ class WorkerSettings(SharedSettings):
         if not names:
             raise ValueError(f"QUEUE_NAME names no queue: {self.QUEUE_NAME!r}")
         return [queue_name(q, spec.id) for q in names for spec in self.models()]
+
+    def redis_client(self, **kwargs):
+        """A client of `REDIS_URL` that rides out a Redis restart (`REDIS_RETRY_S`)."""
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError, TimeoutError
+        from redis.retry import Retry
+
+        first, cap = 0.05, 1.0
+        retries, waited = 0, 0.0
+        while waited < self.REDIS_RETRY_S:
+            waited += min(cap, first * 2**retries)
+            retries += 1
+        retry = Retry(ExponentialBackoff(cap=cap, base=first), retries)
+        return redis.Redis.from_url(
+            self.REDIS_URL,
+            retry=retry,
+            retry_on_error=[ConnectionError, TimeoutError],
+            **kwargs,
+        )
 
     def name(self) -> str:
         import os

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
-from ..files import STAGING_DIR
+from ..files import META_FILE, STAGING_DIR, VIDEO_FILE
 from ..keys import check_job_id
 
 
@@ -166,6 +166,28 @@ class Storage(ABC):
     @abstractmethod
     def exists(self, job_id: str) -> bool:
         """Whether the job has a complete published result."""
+
+    def finished_result(self, job_id: str) -> dict | None:
+        """The sidecar (`meta.json`) of a job whose result is complete, i.e. its video and its
+        sidecar are both published (the sidecar goes last, and `remove` takes it first); None
+        otherwise. The janitor uses it to tell a finished job from a lost one."""
+        if self.stat(job_id, META_FILE) is None or self.stat(job_id, VIDEO_FILE) is None:
+            return None
+        try:
+            body = self.open(job_id, META_FILE)
+        except FileNotFoundError:
+            return None
+        try:
+            chunks = []
+            while chunk := body.read(1 << 16):
+                chunks.append(chunk)
+        finally:
+            body.close()
+        try:
+            meta = json.loads(b"".join(chunks))
+        except ValueError:
+            return None
+        return meta if isinstance(meta, dict) and meta.get("id") == job_id else None
 
     @abstractmethod
     def job_ids(self) -> list[str]:

@@ -8,6 +8,7 @@ removes. Only server-made ids (`video_<32 hex>`) ever become paths.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, ClassVar
 
-from ..files import JOBS_DIR, VIDEO_FILE, job_dir
+from ..files import JOBS_DIR, META_FILE, VIDEO_FILE, job_dir
 from ..keys import JOB_ID_RE
 from .base import ObjectInfo, Staged, Storage
 
@@ -72,6 +73,9 @@ class LocalStorage(Storage):
         path = self.job_dir(job_id)
         if not path.exists():
             return False
+        # The sidecar first: files left by an interrupted removal never look like a result.
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.unlink(path / META_FILE)
         shutil.rmtree(path, ignore_errors=True)
         return True
 

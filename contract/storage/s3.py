@@ -284,6 +284,13 @@ class S3Storage(Storage):
         removed = False
         with self._errors(f"removing {prefix}"):
             keys = [obj["Key"] for obj in self._objects(prefix)]
+            meta = self.key(job_id, META_FILE)
+            if meta in keys:
+                # The sidecar first: objects left by an interrupted removal never look like a
+                # result (the janitor would take them for one).
+                self.client.delete_object(Bucket=self.bucket, Key=meta)
+                keys.remove(meta)
+                removed = True
             for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
                 batch = keys[i : i + 1000]
                 out = self.client.delete_objects(

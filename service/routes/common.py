@@ -13,7 +13,7 @@ from contract.record import JobRecord
 from contract.status import JobStatus
 
 from .. import metrics
-from ..auth import key_of
+from ..auth import Principal, key_of, principal_of
 from ..bodies import IMAGE_FIELDS, parse_form_or_json, read_body
 from ..downloads import serve_file
 from ..errors import APIError, not_found
@@ -60,8 +60,9 @@ async def submit_job(
     """Queue a validated request (idempotently), count it, and give the response headers:
     `Location: {location}{id}`, plus `Idempotent-Replayed` when an earlier job was returned."""
     key, scope = idempotency(request)
+    owner = principal_of(request).owner
     try:
-        rec, pos, created = await submit(state, sub, idem_key=key, auth_scope=scope)
+        rec, pos, created = await submit(state, sub, idem_key=key, auth_scope=scope, owner=owner)
     except APIError as e:
         if e.status == 429:
             metrics.REJECTED.labels("queue_full").inc()
@@ -74,12 +75,15 @@ async def submit_job(
     return rec, pos, headers
 
 
-async def load(state: AppState, job_id: str) -> tuple[JobRecord, Optional[int], bool]:
-    """`(record, position, cancel requested)` or 404."""
+async def load(
+    state: AppState, job_id: str, who: Principal
+) -> tuple[JobRecord, Optional[int], bool]:
+    """`(record, position, cancel requested)`, or 404 when there is no such job or it belongs to
+    another API key than `who`'s (the same answer: nothing tells another key's job exists)."""
     if not is_job_id(job_id):
         raise not_found(job_id)
     rec, pos, cancel = await state.store.get_full(job_id)
-    if rec is None:
+    if rec is None or not who.sees(rec.owner):
         raise not_found(job_id)
     return rec, pos, cancel
 
@@ -95,19 +99,22 @@ def list_args(limit: int, order: str, after: Optional[str]) -> None:
         )
 
 
-async def list_jobs(state: AppState, limit: int, order: str, after: Optional[str]):
+async def list_jobs(state: AppState, limit: int, order: str, after: Optional[str], who: Principal):
     list_args(limit, order, after)
     try:
-        return await state.store.list(limit=limit, after=after, order=order)
+        return await state.store.list(limit=limit, after=after, order=order, owner=who.list_owner)
     except KeyError:
         raise APIError(
             400, f"after={after!r} is not a job on this server (deleted or expired?)", param="after"
         ) from None
 
 
-async def list_page(state: AppState, limit: int, order: str, after: Optional[str], view) -> dict:
-    """One cursor page, `{object: "list", data, first_id, last_id, has_more}`, items via `view`."""
-    items, has_more = await list_jobs(state, limit, order, after)
+async def list_page(
+    state: AppState, limit: int, order: str, after: Optional[str], view, who: Principal
+) -> dict:
+    """One cursor page of the jobs `who` sees, `{object: "list", data, first_id, last_id,
+    has_more}`, items via `view`."""
+    items, has_more = await list_jobs(state, limit, order, after, who)
     data = [view(rec, pos) for rec, pos in items]
     return {
         "object": "list",
@@ -118,12 +125,14 @@ async def list_page(state: AppState, limit: int, order: str, after: Optional[str
     }
 
 
-async def cancel(state: AppState, job_id: str) -> tuple[JobRecord, Optional[int], bool]:
+async def cancel(
+    state: AppState, job_id: str, who: Principal
+) -> tuple[JobRecord, Optional[int], bool]:
     """Cancel a job: a waiting one at once (also in RQ), a running one by its worker at the next
     step (the flag). Terminal jobs: cancelled ones answer as they are, others 409."""
-    rec, _, _ = await load(state, job_id)
+    rec, _, _ = await load(state, job_id, who)
     if rec.status == JobStatus.cancelled:
-        return await load(state, job_id)
+        return await load(state, job_id, who)
     if rec.is_terminal:
         raise APIError(
             409, f"job {job_id} already ended as {rec.status}; nothing to cancel", param="id"
@@ -131,13 +140,13 @@ async def cancel(state: AppState, job_id: str) -> tuple[JobRecord, Optional[int]
     await state.store.request_cancel(job_id)
     if await state.store.mark_cancelled(job_id, allowed=(JobStatus.queued,)):
         await anyio.to_thread.run_sync(cancel_in_rq, state, job_id)
-    return await load(state, job_id)
+    return await load(state, job_id, who)
 
 
-async def delete(state: AppState, job_id: str) -> None:
+async def delete(state: AppState, job_id: str, who: Principal) -> None:
     """Delete a finished or waiting job with its files (files first: with storage unreachable
     the answer is a 503 and the job stays, to be deleted again); a running one is a 409."""
-    rec, _, _ = await load(state, job_id)
+    rec, _, _ = await load(state, job_id, who)
     if rec.status == JobStatus.in_progress:
         raise APIError(
             409,
@@ -166,7 +175,7 @@ async def file_response(
 ) -> Response:
     """A finished job's file, with HTTP Range support (206 / 416), or a redirect to it
     (`service.downloads`)."""
-    rec, _, _ = await load(state, job_id)
+    rec, _, _ = await load(state, job_id, principal_of(request))
     if rec.status != JobStatus.completed:
         detail = f" ({rec.error_code}: {rec.error_message})" if rec.error_code else ""
         raise APIError(

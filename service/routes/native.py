@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from contract.files import THUMBNAIL_FILE, VIDEO_FILE
 from contract.request import GenerateRequest
 
+from ..auth import principal_of
 from ..errors import APIError
 from ..responses import JSON
 from ..schemas import ErrorBody, JobObject, request_body
@@ -55,7 +56,7 @@ async def list_jobs(
 ):
     """Jobs newest first; page with `after=<last id>` while `has_more`."""
     state = get_state(request)
-    page = await common.list_page(state, limit, order, after, job_view)
+    page = await common.list_page(state, limit, order, after, job_view, principal_of(request))
     return JSON(page, headers=common.poll_headers(state))
 
 
@@ -63,7 +64,7 @@ async def list_jobs(
 async def get_job(request: Request, job_id: str):
     """Status, progress, queue position, seed, timings, density, error, `expires_at`."""
     state = get_state(request)
-    rec, pos, cancel = await common.load(state, job_id)
+    rec, pos, cancel = await common.load(state, job_id, principal_of(request))
     return JSON(job_view(rec, pos, cancel_requested=cancel), headers=common.poll_headers(state))
 
 
@@ -73,7 +74,7 @@ async def job_events_route(
 ):
     """Server-Sent Events: a snapshot, then live progress, until the job ends (see `service.sse`)."""
     state = get_state(request)
-    await common.load(state, job_id)
+    await common.load(state, job_id, principal_of(request))
     resume = None
     if last_event_id is not None:
         try:
@@ -114,7 +115,7 @@ async def cancel_job(request: Request, job_id: str):
     """Cancel: a waiting job ends at once (200, cancelled); a running one stops at its next step
     (202, `cancel_requested: true`); a finished one is a 409."""
     state = get_state(request)
-    rec, pos, flag = await common.cancel(state, job_id)
+    rec, pos, flag = await common.cancel(state, job_id, principal_of(request))
     return JSON(
         job_view(rec, pos, cancel_requested=flag), status_code=200 if rec.is_terminal else 202
     )
@@ -123,5 +124,5 @@ async def cancel_job(request: Request, job_id: str):
 @router.delete("/jobs/{job_id}", responses=ERRORS)
 async def delete_job(request: Request, job_id: str):
     """Delete a waiting or finished job and its files (a running one: cancel it first)."""
-    await common.delete(get_state(request), job_id)
+    await common.delete(get_state(request), job_id, principal_of(request))
     return common.deleted_response(job_id, "job.deleted")

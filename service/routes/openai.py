@@ -17,6 +17,7 @@ from fastapi import APIRouter, Query, Request
 from contract.files import THUMBNAIL_FILE, VIDEO_FILE
 from contract.request import Limits, frames_for_seconds, to_float, to_int
 
+from ..auth import principal_of
 from ..errors import APIError
 from ..responses import JSON
 from ..schemas import ErrorBody, VideoCreateForm, VideoObject, request_body
@@ -110,14 +111,14 @@ async def list_videos(
 ):
     """Cursor list: `{object: "list", data, first_id, last_id, has_more}`."""
     state = get_state(request)
-    page = await common.list_page(state, limit, order, after, video_view)
+    page = await common.list_page(state, limit, order, after, video_view, principal_of(request))
     return JSON(page, headers=common.poll_headers(state))
 
 
 @router.get("/videos/{video_id}", response_model=VideoObject, responses=ERRORS)
 async def retrieve_video(request: Request, video_id: str):
     state = get_state(request)
-    rec, pos, _ = await common.load(state, video_id)
+    rec, pos, _ = await common.load(state, video_id, principal_of(request))
     return JSON(video_view(rec, pos), headers=common.poll_headers(state))
 
 
@@ -142,5 +143,5 @@ async def video_content(request: Request, video_id: str, variant: str = Query("v
 @router.delete("/videos/{video_id}", responses=ERRORS)
 async def delete_video(request: Request, video_id: str):
     """`{"id", "object": "video.deleted", "deleted": true}`."""
-    await common.delete(get_state(request), video_id)
+    await common.delete(get_state(request), video_id, principal_of(request))
     return common.deleted_response(video_id, "video.deleted")

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from .. import metrics
+from ..auth import Principal, principal_of
 from ..responses import JSON
 from ..state import AppState, get_state
 
@@ -21,7 +22,8 @@ async def healthz():
 @router.get("/readyz")
 async def readyz(request: Request):
     """200 when Redis answers and at least one worker on our queue has a live heartbeat, else 503
-    with the reason."""
+    with the reason. Open with API keys on: then only a request with a valid key sees the
+    workers' names (which hold host names and process ids)."""
     state = get_state(request)
     try:
         await state.redis.ping()
@@ -39,9 +41,11 @@ async def readyz(request: Request):
             },
             status_code=503,
         )
-    return JSON(
-        {"ready": True, "workers": len(workers), "worker_names": [w.get("name") for w in workers]}
-    )
+    body: dict = {"ready": True, "workers": len(workers)}
+    who = principal_of(request)
+    if who.admin or who.authenticated:  # keys off, or a valid key: not a stranger's probe
+        body["worker_names"] = [w.get("name") for w in workers]
+    return JSON(body)
 
 
 @router.get("/metrics")
@@ -53,10 +57,11 @@ async def metrics_route(request: Request):
     return Response(metrics.render(snap, live), media_type=metrics.CONTENT_TYPE)
 
 
-async def served_models(state: AppState) -> list[dict]:
+async def served_models(state: AppState, who: Principal) -> list[dict]:
     """The configured models and any other a live worker serves: registry facts, this
     deployment's limits for each, its default VMoBA settings (as a live worker computes them at
-    the model's default size) and the live workers serving it."""
+    the model's default size) and the live workers serving it (with the job each runs only for
+    `who` may see every job: with API keys, another key's job id is not shown)."""
     workers = await state.store.live_workers(state.settings.QUEUE_NAME)
     specs = dict(state.models)
     for w in workers:
@@ -79,7 +84,14 @@ async def served_models(state: AppState) -> list[dict]:
                 "limits": limits,
                 "attention_defaults": advertised.get("attention_defaults"),
                 "available": bool(serving),
-                "workers": [{k: w.get(k) for k in ("name", "device", "job_id")} for w in serving],
+                "workers": [
+                    {
+                        k: w.get(k)
+                        for k in ("name", "device", "job_id")
+                        if k != "job_id" or who.admin
+                    }
+                    for w in serving
+                ],
             }
         )
     return out
@@ -88,11 +100,14 @@ async def served_models(state: AppState) -> list[dict]:
 @router.get("/models")
 async def models(request: Request):
     """Models this deployment serves (see `served_models`)."""
-    return JSON({"object": "list", "data": await served_models(get_state(request))})
+    return JSON(
+        {"object": "list", "data": await served_models(get_state(request), principal_of(request))}
+    )
 
 
 @router.get("/v1/models")
 async def openai_models(request: Request):
     """The same models in the OpenAI list format (extra fields as in `/models`)."""
-    data = [{**m, "created": 0} for m in await served_models(get_state(request))]
+    served = await served_models(get_state(request), principal_of(request))
+    data = [{**m, "created": 0} for m in served]
     return JSON({"object": "list", "data": data})

@@ -70,6 +70,42 @@ def test_both_storages_publish_serve_and_remove_alike(storage):
     storage.check()
 
 
+def test_a_finished_result_is_the_video_with_its_sidecar(storage, monkeypatch):
+    """`finished_result` (what the janitor trusts over a lost record) needs both files; and
+    `remove` takes the sidecar first, so an interrupted removal never leaves a 'result'."""
+    job_id, video_only = new_job_id(), new_job_id()
+    assert storage.finished_result(job_id) is None
+    stage_job(storage, job_id, b"video")
+    assert storage.finished_result(job_id) == {"id": job_id}
+    with storage.stage(video_only) as staged:
+        staged.file(VIDEO_FILE).write_bytes(b"v")
+        staged.publish()
+    assert storage.finished_result(video_only) is None
+
+    removed = []
+    if isinstance(storage, LocalStorage):
+        import shutil
+
+        real = shutil.rmtree
+        monkeypatch.setattr(
+            shutil, "rmtree", lambda path, **kw: removed.append(sorted(os.listdir(path)))
+        )
+    else:
+        monkeypatch.setattr(
+            storage.client,
+            "delete_objects",
+            lambda **kw: removed.append(
+                sorted(o["Key"].rsplit("/", 1)[1] for o in kw["Delete"]["Objects"])
+            )
+            or {},
+        )
+    storage.remove(job_id)  # the bulk removal "fails": only the sidecar went
+    assert removed == [[THUMBNAIL_FILE, VIDEO_FILE]]
+    assert storage.finished_result(job_id) is None
+    if isinstance(storage, LocalStorage):
+        real(storage.job_dir(job_id))
+
+
 def test_a_failed_write_leaves_nothing_anywhere(storage):
     job_id = new_job_id()
     with pytest.raises(RuntimeError), storage.stage(job_id) as staged:

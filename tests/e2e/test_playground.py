@@ -103,7 +103,8 @@ class PlaygroundStack(Stack):
                 "warning",
             ],
             cwd=ROOT,
-            env={**base, "API_KEYS": API_KEY},
+            # An admin key: it sees the jobs the open API made (a plain key sees only its own).
+            env={**base, "ADMIN_API_KEYS": API_KEY},
             stdout=open(self.keyed_log, "wb"),  # noqa: SIM115 - open for the child's whole life
             stderr=subprocess.STDOUT,
         )

@@ -18,7 +18,7 @@ from contract.files import VIDEO_FILE
 from contract.keys import JANITOR_LOCK_KEY as LOCK_KEY
 from contract.keys import new_job_id
 from contract.store import JobStore
-from worker.janitor import Janitor
+from worker.janitor import ORPHAN_REQUEUES, Janitor
 from worker.settings import WorkerSettings
 from worker.storage import ResultStorage
 
@@ -122,22 +122,37 @@ def test_reap_worker_handles_only_that_worker(env, redis_client):
     assert store.get(other).status == "in_progress"
 
 
-def test_orphaned_queued_jobs_end(env, redis_client):
+def test_orphaned_queued_jobs_are_enqueued_again_then_end(env, redis_client):
+    """A waiting record whose RQ job is not waiting (Redis lost the enqueue, RQ failed it) is
+    enqueued again from the record, a few times at most; one RQ cancelled ends cancelled."""
     janitor, store, _ = env()
+    queue = Queue(TINY_QUEUE, connection=redis_client)
     gone = submit(redis_client)
     Job.fetch(gone, connection=redis_client).delete()
     cancelled = submit(redis_client)
     Job.fetch(cancelled, connection=redis_client).cancel()
+    dropped = submit(redis_client)
+    queue.remove(dropped)  # RQ's job says queued, but no queue holds it
     waiting = submit(redis_client)
     fresh_gone = submit(redis_client)
     assert janitor.sweep().orphaned == []  # young records may still be on their way into RQ
     Job.fetch(fresh_gone, connection=redis_client).delete()
     report = janitor.sweep(now=time.time() + 120)
-    assert sorted(report.orphaned) == sorted([gone, cancelled, fresh_gone])
-    assert (store.get(gone).status, store.get(gone).error_code) == ("failed", "worker_lost")
-    assert "lost this job" in store.get(gone).error_message
-    assert store.get(cancelled).status == "cancelled"
-    assert store.get(waiting).status == "queued"
+    assert sorted(report.requeued) == sorted([gone, dropped, fresh_gone])
+    assert report.orphaned == [cancelled] and store.get(cancelled).status == "cancelled"
+    assert sorted(queue.job_ids) == sorted([gone, dropped, fresh_gone, waiting])
+    assert Job.fetch(gone, connection=redis_client).args[0]["job_id"] == gone
+    assert all(store.get(j).status == "queued" for j in (gone, dropped, fresh_gone, waiting))
+
+    # A job that keeps getting lost before it starts ends after ORPHAN_REQUEUES tries.
+    for _ in range(ORPHAN_REQUEUES - 1):
+        Job.fetch(gone, connection=redis_client).delete()
+        assert janitor.sweep(now=time.time() + 120).requeued == [gone]
+    Job.fetch(gone, connection=redis_client).delete()
+    assert janitor.sweep(now=time.time() + 120).orphaned == [gone]
+    rec = store.get(gone)
+    assert (rec.status, rec.error_code) == ("failed", "worker_lost")
+    assert "lost this job" in rec.error_message
 
 
 def test_expired_results_and_records_are_removed(env, redis_client):
@@ -184,3 +199,131 @@ def test_one_sweep_at_a_time(env, redis_client):
     redis_client.delete(LOCK_KEY)
     assert janitor.sweep() is not None
     assert not redis_client.exists(LOCK_KEY)
+
+
+def publish_result(storage, job_id, **meta):
+    """A complete result as a worker publishes it: the video, a thumbnail and the sidecar."""
+    sidecar = {
+        "id": job_id,
+        "created_at": time.time(),
+        "request": {"prompt": "p", "num_inference_steps": 2, "model": "tiny-wan2.1-t2v"},
+        "seed": 3,
+        "timings": {"denoising_s": 1.5, "total_s": 2.0},
+        "density": 0.4,
+        "attention": {"backend": "vmoba"},
+        "attention_sources": {"backend": "request"},
+        "video": {"file": "video.mp4"},
+        "thumbnail": {"file": "thumbnail.jpg"},
+        "worker": {"attempt": 1},
+        **meta,
+    }
+    with storage.stage(job_id) as staged:
+        staged.file(VIDEO_FILE).write_bytes(os.urandom(64))
+        staged.file("thumbnail.jpg").write_bytes(os.urandom(16))
+        staged.write_json("meta.json", sidecar)
+        staged.publish()
+
+
+def test_a_lost_job_whose_result_is_stored_is_completed_not_deleted(env, redis_client):
+    """Killed between publishing the result and marking the record: the video stays and the
+    job is completed from its sidecar, whatever LOST_JOB_RETRIES says."""
+    janitor, store, storage = env(LOST_JOB_RETRIES=0)
+    job_id = submit(redis_client)
+    start_in_rq(redis_client, job_id, "ghost")
+    assert store.mark_started(job_id, worker="ghost")
+    publish_result(storage, job_id)
+    report = janitor.reap_worker("ghost", reason="signal SIGKILL")
+    assert report.recovered == [job_id] and report.lost == []
+    rec = store.get(job_id)
+    assert (rec.status, rec.density, rec.timings["denoising_s"]) == ("completed", 0.4, 1.5)
+    assert rec.attention["sources"] == {"backend": "request"} and "meta.json" in rec.files
+    assert storage.finished_result(job_id) is not None  # the video was kept
+    assert not Job.exists(job_id, connection=redis_client)
+    queue = Queue(TINY_QUEUE, connection=redis_client)
+    assert StartedJobRegistry(queue=queue).get_job_and_execution_ids(cleanup=False) == []
+
+
+def test_a_lost_job_with_a_cancel_request_ends_cancelled(env, redis_client):
+    janitor, store, storage = env(LOST_JOB_RETRIES=1)
+    job_id = running_on(redis_client, store, storage, "ghost")  # a video, no sidecar: partial
+    store.request_cancel(job_id)
+    report = janitor.reap_worker("ghost", reason="signal SIGKILL")
+    assert report.cancelled == [job_id] and report.requeued == []
+    rec = store.get(job_id)
+    assert (rec.status, rec.error_code) == ("cancelled", "cancelled")
+    assert "SIGKILL" in rec.error_message and not storage.job_dir(job_id).exists()
+
+
+def test_graceful_requeues_do_not_count_as_lost(env, redis_client):
+    """SIGTERM re-queues (the record's attempts go up) leave LOST_JOB_RETRIES untouched."""
+    janitor, store, storage = env(LOST_JOB_RETRIES=1)
+    job_id = submit(redis_client)
+    for worker in ("stopped-1", "stopped-2"):
+        assert store.mark_started(job_id, worker=worker)
+        assert store.mark_requeued(job_id, reason="worker shutting down")
+    start_in_rq(redis_client, job_id, "ghost-1")
+    assert store.mark_started(job_id, worker="ghost-1")
+    assert janitor.reap_worker("ghost-1").requeued == [job_id]
+    rec = store.get(job_id)
+    assert (rec.status, rec.attempts, rec.lost) == ("queued", 3, 1)
+    start_in_rq(redis_client, job_id, "ghost-2")
+    assert store.mark_started(job_id, worker="ghost-2")
+    assert janitor.reap_worker("ghost-2").lost == [job_id]
+    rec = store.get(job_id)
+    assert (rec.status, rec.attempts) == ("failed", 4)
+    assert "already retried 1 time" in rec.error_message
+
+
+def test_a_job_its_live_worker_does_not_run_is_lost(env, redis_client):
+    """The record says in progress on a live worker whose heartbeat, written well after the job
+    started, names no job (e.g. Redis lost an update in a restart)."""
+    janitor, store, storage = env(LOST_JOB_RETRIES=1)
+    job_id = submit(redis_client)
+    start_in_rq(redis_client, job_id, "busy-elsewhere")
+    assert store.mark_started(job_id, worker="busy-elsewhere")
+    store.heartbeat("busy-elsewhere", {"queue": "vmoba", "job_id": None}, ttl_s=30)
+    assert janitor.sweep().requeued == []  # the heartbeat may predate the job's start
+    store.update(job_id, started_at=time.time() - 60)
+    assert janitor.sweep().requeued == [job_id]
+    assert store.get(job_id).status == "queued"
+
+    assert store.mark_started(job_id, worker="busy-elsewhere")
+    store.update(job_id, started_at=time.time() - 60)
+    store.heartbeat("busy-elsewhere", {"queue": "vmoba", "job_id": job_id}, ttl_s=30)
+    assert janitor.sweep().requeued == []  # running it: left alone
+
+
+def test_start_up_completes_waiting_records_whose_result_is_stored(env, redis_client):
+    janitor, store, storage = env()
+    job_id = submit(redis_client)
+    publish_result(storage, job_id)
+    other = submit(redis_client)
+    assert janitor.sweep().recovered == [job_id]
+    assert store.get(job_id).status == "completed" and store.get(other).status == "queued"
+    assert Queue(TINY_QUEUE, connection=redis_client).job_ids == [other]
+
+
+def test_a_finished_job_whose_record_was_lost_is_put_back(env, redis_client):
+    from contract.keys import owner_id
+
+    janitor, store, storage = env(RETENTION_S=3600, STAGING_MAX_AGE_S=600)
+    kept, expired = new_job_id(), new_job_id()
+    submitted = time.time() - 30
+    publish_result(storage, kept, owner=owner_id("key-a"), submitted_at=submitted)
+    publish_result(storage, expired, created_at=time.time() - 7200)
+    past = time.time() - 3600
+    os.utime(storage.job_dir(expired), (past, past))
+    report = janitor.sweep()
+    assert report.recovered == [kept] and report.stray_dirs == [expired]
+    rec = store.get(kept)
+    assert (rec.status, rec.owner, rec.seed, rec.model) == (
+        "completed",
+        owner_id("key-a"),
+        3,
+        "tiny-wan2.1-t2v",
+    )
+    assert abs(rec.created_at - submitted) < 1e-3 and rec.expires_at > time.time() + 3000
+    assert [r.id for r, _ in store.list(owner=owner_id("key-a"))[0]] == [kept]
+    assert storage.finished_result(kept) is not None
+    assert not storage.job_dir(expired).exists()
+    assert janitor.sweep().recovered == []  # once

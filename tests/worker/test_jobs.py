@@ -353,3 +353,15 @@ def test_flow_shift_changes_the_schedule_and_vmoba_still_runs(rt, redis_client):
     assert stats["layer_calls"]["sparse"] > 0, (seed, stats)
     scheduler = rt.model("tiny-wan2.1-t2v").pipes["t2v"].scheduler
     assert scheduler.config.flow_shift == 3.0  # restored after the call
+
+
+@pytest.mark.parametrize("attention", [{"backend": "dense"}, {"dense_steps": 1.0}])
+def test_a_dense_run_reports_density_one(rt, redis_client, attention):
+    """No sparse attention call at all (dense backend, or every step dense) is density 1.0,
+    in the record and in the sidecar."""
+    job_id = submit(redis_client, attention=attention)
+    run_worker(rt)
+    rec = JobStore(redis_client).get(job_id)
+    assert (rec.status, rec.density) == ("completed", 1.0)
+    meta = json.loads((rt.storage.job_dir(job_id) / "meta.json").read_text())
+    assert meta["density"] == 1.0 and meta["attention_stats"]["layer_calls"]["sparse"] == 0
