@@ -109,6 +109,7 @@ class JobObject(BaseModel):
     density: Optional[float] = None
     error: Optional[JobError] = None
     cancel_requested: bool = False
+    warning: Optional[str] = None  # on create: no live worker serves the model yet
     attempts: int = 0
     worker: Optional[str] = None
     urls: dict = Field(default_factory=dict)

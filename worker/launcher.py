@@ -107,7 +107,7 @@ def plan_slots(settings: WorkerSettings, env: dict) -> list[Slot]:
                 "WORKER_DEVICE=cuda but no GPU is visible (CUDA_VISIBLE_DEVICES, nvidia-smi)"
             )
     cpu_env = {"CUDA_VISIBLE_DEVICES": "", "WORKER_DEVICE": "cpu"}
-    if settings.WORKER_DEVICE == "auto" and settings.MODEL != "tiny":
+    if settings.WORKER_DEVICE == "auto" and any(s.weights != "tiny" for s in settings.models()):
         log.warning(
             "no GPU visible: running one CPU worker with MODEL=tiny instead of MODEL=%s "
             "(set WORKER_DEVICE=cpu to run that model on the CPU anyway)",

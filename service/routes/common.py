@@ -54,11 +54,28 @@ def idempotency(request: Request) -> tuple[Optional[str], str]:
     return request.headers.get("idempotency-key"), key_of(request.scope)
 
 
+async def no_worker_warning(state: AppState, model_id: str) -> Optional[str]:
+    """A word for the client when no live worker serves the model it asked for: the job is
+    queued all the same (docs/api.md says why)."""
+    workers = await state.store.live_workers(state.settings.QUEUE_NAME)
+    if any(model_id in (w.get("models") or ()) for w in workers):
+        return None
+    return (
+        f"no live worker serves {model_id} right now; the job waits in its queue until one "
+        "starts (GET /models shows which models are available)"
+    )
+
+
+def with_warning(body: dict, warning: Optional[str]) -> dict:
+    return {**body, "warning": warning} if warning else body
+
+
 async def submit_job(
     state: AppState, request: Request, sub: Submission, location: str
-) -> tuple[JobRecord, Optional[int], dict]:
-    """Queue a validated request (idempotently), count it, and give the response headers:
-    `Location: {location}{id}`, plus `Idempotent-Replayed` when an earlier job was returned."""
+) -> tuple[JobRecord, Optional[int], dict, Optional[str]]:
+    """Queue a validated request (idempotently), count it, and give the response headers
+    (`Location: {location}{id}`, plus `Idempotent-Replayed` when an earlier job was returned) and
+    a warning when no live worker serves the job's model."""
     key, scope = idempotency(request)
     owner = principal_of(request).owner
     try:
@@ -72,7 +89,7 @@ async def submit_job(
         metrics.SUBMITTED.inc()
     else:
         headers["Idempotent-Replayed"] = "true"
-    return rec, pos, headers
+    return rec, pos, headers, await no_worker_warning(state, sub.spec.id)
 
 
 async def load(

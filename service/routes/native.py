@@ -41,10 +41,10 @@ async def generate(request: Request):
     and `Location: /jobs/{id}`; 429 + Retry-After when the queue is full."""
     state = get_state(request)
     body = await common.read_request_body(state, request)
-    rec, pos, headers = await common.submit_job(
+    rec, pos, headers, warning = await common.submit_job(
         state, request, await validate_request(state, body), "/jobs/"
     )
-    return JSON(job_view(rec, pos), status_code=202, headers=headers)
+    return JSON(common.with_warning(job_view(rec, pos), warning), status_code=202, headers=headers)
 
 
 @router.get("/jobs", responses=ERRORS)

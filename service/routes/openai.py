@@ -96,10 +96,10 @@ async def create_video(request: Request):
     body = await common.read_request_body(state, request)
     spec = await resolve_model(state, body.get("model"))
     body = {**from_openai(state.limits(spec), body), "model": spec.id}
-    rec, pos, headers = await common.submit_job(
+    rec, pos, headers, warning = await common.submit_job(
         state, request, await validate_request(state, body), "/v1/videos/"
     )
-    return JSON(video_view(rec, pos), headers=headers)
+    return JSON(common.with_warning(video_view(rec, pos), warning), headers=headers)
 
 
 @router.get("/videos", responses=ERRORS)

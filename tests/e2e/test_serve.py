@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import av
 import httpx
+import numpy as np
 import openai
 import pytest
+from PIL import Image
 
 from service.serve import free_port
 
@@ -99,7 +102,8 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    s = Stack(tmp)
+    # The default tiny twin and an image-to-video one (Wan 2.2 TI2V), on one CPU worker.
+    s = Stack(tmp, MODEL="tiny,tiny-wan2.2-ti2v")
     try:
         s.wait_ready()
         yield s
@@ -222,6 +226,29 @@ def test_openai_client(stack, tmp_path):
         assert video.id in [v.id for v in client.videos.list(limit=5).data]
         assert client.videos.retrieve(video.id).expires_at > video.created_at
         assert client.videos.delete(video.id).deleted
+
+
+def test_openai_client_image_to_video(stack, tmp_path):
+    """`videos.create(..., input_reference=open(png, "rb"))` with the real client makes a video."""
+    image = tmp_path / "first.png"
+    rng = np.random.default_rng(random.randrange(2**31))
+    Image.fromarray(rng.integers(0, 256, (96, 160, 3), dtype=np.uint8)).save(image)
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0)
+    with warnings.catch_warnings(), open(image, "rb") as f:
+        warnings.simplefilter("ignore", DeprecationWarning)
+        video = client.videos.create(
+            model="tiny-wan2.2-ti2v",
+            prompt="the boat sails off",
+            seconds="1",
+            size="64x64",
+            input_reference=f,
+            extra_body={"num_inference_steps": 2},
+        )
+        video = client.videos.poll(video.id, poll_interval_ms=200)
+    assert video.status == "completed" and video.model == "tiny-wan2.2-ti2v", video
+    assert decode(client.videos.download_content(video.id).read(), tmp_path) == (17, 64, 64, 16.0)
+    job = httpx.get(f"{stack.url}/jobs/{video.id}").json()
+    assert job["request"]["task"] == "i2v" and job["attention"]["sources"]["select"] == "model"
 
 
 def test_cli(stack, tmp_path):

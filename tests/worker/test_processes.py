@@ -8,29 +8,11 @@ import signal
 import time
 
 import pytest
-from worker_helpers import events, submit, wait_for, worker_env
+from worker_helpers import events, live_worker, submit, wait_for, wait_status, worker_env
 
 from contract.store import JobStore
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def live_worker(store, predicate=lambda info: True, timeout_s=90):
-    return wait_for(
-        lambda: next((w for w in store.live_workers() if predicate(w)), None),
-        timeout_s=timeout_s,
-        interval_s=0.1,
-        what="a live worker",
-    )
-
-
-def wait_status(store, job_id, statuses, timeout_s=60):
-    return wait_for(
-        lambda: (r := store.get(job_id)) is not None and r.status in statuses and r,
-        timeout_s=timeout_s,
-        interval_s=0.05,
-        what=f"job {job_id} to be {statuses}",
-    )
 
 
 def test_kill_9_mid_job_the_launcher_retries_it_on_a_new_worker(

@@ -78,8 +78,9 @@ def submit(
     body.setdefault("height", 32)
     body.setdefault("num_inference_steps", 2)
     model = body.pop("model", "tiny-wan2.1-t2v")
+    task = body.pop("task", "t2v")
     request = GenerateRequest.model_validate(body, context={"limits": Limits()}).validated(
-        seed=body.get("seed", 0), model=model
+        seed=body.get("seed", 0), model=model, task=task
     )
     job_id = new_job_id()
     JobStore(redis_client).create(
@@ -155,3 +156,21 @@ class Proc:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+def live_worker(store, predicate=lambda info: True, timeout_s=90):
+    return wait_for(
+        lambda: next((w for w in store.live_workers() if predicate(w)), None),
+        timeout_s=timeout_s,
+        interval_s=0.1,
+        what="a live worker",
+    )
+
+
+def wait_status(store, job_id, statuses, timeout_s=60):
+    return wait_for(
+        lambda: (r := store.get(job_id)) is not None and r.status in statuses and r,
+        timeout_s=timeout_s,
+        interval_s=0.05,
+        what=f"job {job_id} to be {statuses}",
+    )
