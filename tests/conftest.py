@@ -1,11 +1,18 @@
-"""Shared fixtures. Add yours below; keep existing ones stable (several suites use them)."""
+"""Shared fixtures. Add yours below; keep existing ones stable (several suites use them).
+
+Seeded randomness for every test: torch's (CPU and CUDA) and Python's global generators are
+seeded by the autouse `seed` fixture, fixed per test (a hash of its id) unless `VMOBA_TEST_SEED`
+is set, which runs every test with that seed; a failing test's report shows its seed and how to
+rerun with it. Tests that draw random numbers name the fixture when they use the value."""
 
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -233,3 +240,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Without a GPU the Triton kernels run in Triton's CPU interpreter (read when kernels are defined).
 if not has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+SEED_ENV = "VMOBA_TEST_SEED"
+_SEED = pytest.StashKey[int]()
+
+
+@pytest.fixture(autouse=True)
+def seed(request) -> int:
+    """This test's seed; the global generators are seeded with it before the test runs."""
+    import torch
+
+    value = int(os.environ.get(SEED_ENV) or zlib.crc32(request.node.nodeid.encode()))
+    torch.manual_seed(value)
+    random.seed(value)
+    request.node.stash[_SEED] = value
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    value = item.stash.get(_SEED, None)
+    if report.failed and value is not None:
+        report.sections.append(
+            (
+                "random seed",
+                f"this test ran with seed {value}; rerun it with "
+                f"{SEED_ENV}={value} pytest '{item.nodeid}'",
+            )
+        )

@@ -9,8 +9,7 @@ import signal
 import time
 
 import pytest
-from test_processes import live_worker, wait_status
-from worker_helpers import events, submit, wait_for, worker_env
+from worker_helpers import events, live_worker, submit, wait_for, wait_status, worker_env
 
 from contract.store import JobStore
 
