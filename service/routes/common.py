@@ -22,6 +22,11 @@ from ..state import AppState
 from ..submit import Submission, cancel_in_rq, submit
 
 MAX_LIST_LIMIT = 100
+# What the list routes accept, for the OpenAPI spec only (the routes check it themselves, with
+# their own error messages).
+LIMIT_SCHEMA = {"minimum": 1, "maximum": MAX_LIST_LIMIT}
+ORDER_SCHEMA = {"enum": ["asc", "desc"]}
+AFTER_SCHEMA = {"pattern": "^video_[0-9a-f]{32}$"}
 
 
 def poll_headers(state: AppState) -> dict:

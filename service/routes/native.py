@@ -26,6 +26,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+SSE_CONTENT = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
 @router.post(
     "/generate",
     status_code=202,
@@ -50,9 +53,9 @@ async def generate(request: Request):
 @router.get("/jobs", responses=ERRORS)
 async def list_jobs(
     request: Request,
-    limit: int = Query(20),
-    order: str = Query("desc"),
-    after: Optional[str] = Query(None),
+    limit: int = Query(20, json_schema_extra=common.LIMIT_SCHEMA),
+    order: str = Query("desc", json_schema_extra=common.ORDER_SCHEMA),
+    after: Optional[str] = Query(None, json_schema_extra=common.AFTER_SCHEMA),
 ):
     """Jobs newest first; page with `after=<last id>` while `has_more`."""
     state = get_state(request)
@@ -68,7 +71,10 @@ async def get_job(request: Request, job_id: str):
     return JSON(job_view(rec, pos, cancel_requested=cancel), headers=common.poll_headers(state))
 
 
-@router.get("/jobs/{job_id}/events", responses=ERRORS)
+@router.get(
+    "/jobs/{job_id}/events",
+    responses={**ERRORS, 200: {"description": "Server-Sent Events", "content": SSE_CONTENT}},
+)
 async def job_events_route(
     request: Request, job_id: str, last_event_id: Optional[str] = Header(None)
 ):

@@ -105,9 +105,9 @@ async def create_video(request: Request):
 @router.get("/videos", responses=ERRORS)
 async def list_videos(
     request: Request,
-    limit: int = Query(20),
-    order: str = Query("desc"),
-    after: Optional[str] = Query(None),
+    limit: int = Query(20, json_schema_extra=common.LIMIT_SCHEMA),
+    order: str = Query("desc", json_schema_extra=common.ORDER_SCHEMA),
+    after: Optional[str] = Query(None, json_schema_extra=common.AFTER_SCHEMA),
 ):
     """Cursor list: `{object: "list", data, first_id, last_id, has_more}`."""
     state = get_state(request)
@@ -124,7 +124,11 @@ async def retrieve_video(request: Request, video_id: str):
 
 @router.get("/videos/{video_id}/content", responses=ERRORS)
 @router.head("/videos/{video_id}/content", include_in_schema=False)
-async def video_content(request: Request, video_id: str, variant: str = Query("video")):
+async def video_content(
+    request: Request,
+    video_id: str,
+    variant: str = Query("video", json_schema_extra={"enum": ["video", "thumbnail"]}),
+):
     """The mp4 (`variant=video`, HTTP Range supported) or the JPEG thumbnail."""
     state = get_state(request)
     if variant == "video":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from .. import metrics
 from ..auth import Principal, principal_of
@@ -19,7 +19,10 @@ async def healthz():
     return JSON({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={503: {"description": "not ready: Redis unreachable or no live worker (`reason`)"}},
+)
 async def readyz(request: Request):
     """200 when Redis answers and at least one worker on our queue has a live heartbeat, else 503
     with the reason. Open with API keys on: then only a request with a valid key sees the
@@ -48,7 +51,7 @@ async def readyz(request: Request):
     return JSON(body)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics_route(request: Request):
     """Prometheus text format (see `service.metrics`)."""
     state = get_state(request)
