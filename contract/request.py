@@ -28,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -251,6 +252,12 @@ class GenerateRequest(BaseModel):
         None, description="UniPC flow shift; default 3.0 below 720p, 5.0 from 720p (Wan's)"
     )
     attention: AttentionRequest = Field(default_factory=AttentionRequest)
+
+    @field_validator("attention", mode="before")
+    @classmethod
+    def _null_attention_is_the_default(cls, value):
+        # `"attention": null` means what leaving it out means, like every other optional field.
+        return AttentionRequest() if value is None else value
 
     @model_validator(mode="after")
     def _complete_and_check(self, info: ValidationInfo) -> GenerateRequest:

@@ -4,9 +4,10 @@ It fails on a 5xx, a response that does not match its documented schema, a statu
 content type that is not documented, a request that should be refused but was accepted, ...
 
 Left out: `/readyz` (503 without a worker, by design, and this server has none) and the
-`positive_data_acceptance` check, whose findings are refusals by design that the spec cannot
-express (`after=` an id that is no job here; a Last-Event-ID that is not an integer) or not fixed
-yet (JSON `"attention": null`, multipart fields sent as the string "null")."""
+`positive_data_acceptance` check, whose findings are refusals by design that the spec does not
+express (`after=` an id that is no job here; a Last-Event-ID that is not an integer; an empty
+prompt) or not fixed yet (multipart form fields sent as the string "null", e.g. `model=null`).
+It found, and the app now accepts, JSON `"attention": null` (the default, like any other null)."""
 
 from __future__ import annotations
 
