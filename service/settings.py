@@ -54,6 +54,10 @@ class ServiceSettings(SharedSettings):
     # -- queue and jobs ------------------------------------------------------------------------
     # Jobs waiting (queued, not started) beyond which POSTs get 429 + Retry-After.
     MAX_QUEUE_DEPTH: int = Field(64, ge=1)
+    # A request whose estimated run time on the fastest worker serving its model (their measured
+    # speed, `contract.speed`) exceeds this is refused with 400 and the estimate; 0 turns it off.
+    # Requests are admitted while no serving worker has measured its speed yet.
+    MAX_JOB_S: float = Field(3600.0, ge=0)
     # Retry-After sent with 429, and with 503 when results storage is unreachable, seconds.
     RETRY_AFTER_S: int = Field(10, ge=1)
     # How long an Idempotency-Key maps to its job (1 day).

@@ -29,6 +29,7 @@ from contract.keys import idempotency_key, new_job_id, new_seed, request_sha
 from contract.models import ModelSpec
 from contract.record import JobRecord
 from contract.request import GenerateRequest, ValidatedRequest
+from contract.speed import Shape, SpeedModel
 
 from .errors import APIError
 from .images import Upload, fit_image, from_data_url
@@ -109,6 +110,36 @@ async def validate_request(state: AppState, body: dict) -> Submission:
     return Submission(spec, req, "i2v", png)
 
 
+def fastest_estimate_s(live: list[dict], model_id: str, shape: Shape) -> Optional[float]:
+    """The run time `shape` should take on the fastest live worker serving `model_id`, by the
+    speeds in their heartbeats; None while none of them has measured one."""
+    estimates = []
+    for info in live:
+        models = info.get("models") or [info.get("model")]
+        speed = SpeedModel.from_dict(info.get("speed"))
+        if model_id in models and speed is not None:
+            estimates.append(speed.estimate_s(shape))
+    return min(estimates, default=None)
+
+
+async def check_run_time(state: AppState, sub: Submission) -> None:
+    """400 when the request would run longer than `MAX_JOB_S` on every worker serving its model."""
+    limit = state.settings.MAX_JOB_S
+    if limit <= 0:
+        return
+    estimate = fastest_estimate_s(
+        await state.store.live_workers(), sub.spec.id, Shape.of(sub.request)
+    )
+    if estimate is not None and estimate > limit:
+        raise APIError(
+            400,
+            f"this request would take about {estimate:.0f} s on the fastest worker serving "
+            f"{sub.spec.id}, over this server's limit of {limit:.0f} s (MAX_JOB_S); ask for "
+            "fewer frames, a smaller size or fewer steps",
+            code="job_too_long",
+        )
+
+
 async def submit(
     state: AppState,
     sub: Submission,
@@ -128,6 +159,7 @@ async def submit(
             f"characters, got {len(idem_key)}",
             param="Idempotency-Key",
         )
+    await check_run_time(state, sub)
     req = sub.request
     fingerprint = req.model_dump(mode="json")
     if sub.image is not None:

@@ -11,7 +11,7 @@ what users see; RQ only carries the work. A run:
 4. runs the pipeline with the request's VMoBA settings for this call only. After every denoising
    step it publishes progress and checks, in one Redis round trip, the cancel flag and that the
    record is still this worker's; it enforces the job's timeout (request size x measured speed,
-   see `worker.speed`) and a pending SIGTERM (re-queue unless the job ends within
+   see `contract.speed`) and a pending SIGTERM (re-queue unless the job ends within
    `STOP_GRACE_S`). Stopping raises out of the diffusers step callback, so the VAE decode is
    skipped and the GPU memory is freed at once;
 5. writes `video.mp4`, `thumbnail.jpg` and `meta.json` into a staging directory and publishes
@@ -63,12 +63,12 @@ from contract.files import INPUT_FILE, META_FILE, RESULT_FILES, THUMBNAIL_FILE, 
 from contract.keys import cancel_key, is_job_id, job_key
 from contract.record import JobRecord, as_text
 from contract.request import ValidatedRequest
+from contract.speed import Shape
 from contract.status import ErrorCode, Stage
 from contract.storage import Staged, StorageUnavailable
 
 from . import runtime as runtime_mod
 from .runtime import CurrentJob, Runtime, free_memory
-from .speed import Shape
 from .video import encode_mp4, write_thumbnail
 
 log = logging.getLogger("worker.jobs")

@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from contract.models import ModelSpec
+from contract.speed import Shape, SpeedModel
 
 from .settings import WorkerSettings, parse_size
-from .speed import Shape, SpeedModel
 
 if TYPE_CHECKING:  # for annotations only: `Runtime.load` imports what it uses (vmoba needs torch)
     from redis import Redis
@@ -163,7 +163,7 @@ class Runtime:
 
     def warm_up(self) -> None:
         """One short generation per model and task: loads lazy modules, compiles the Triton
-        kernels, and measures this worker's speed for timeouts (see `worker.speed`)."""
+        kernels, and measures this worker's speed for timeouts (see `contract.speed`)."""
         if self.settings.WARMUP_STEPS == 0:
             return
         for loaded in self.models.values():

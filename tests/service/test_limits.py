@@ -11,6 +11,7 @@ import pytest
 from rq import Queue
 
 from contract.enqueue import queue_name
+from contract.speed import Shape, SpeedModel
 from contract.store import JobStore
 
 # The RQ queue the tiny model's jobs go to (QUEUE_NAME "vmoba").
@@ -156,3 +157,62 @@ def test_redis_down_is_503_not_500(make_server):
         assert r.status_code == 503 and "Redis" in r.json()["error"]["message"]
         assert http.get("/readyz").status_code == 503
         assert http.get("/healthz").status_code == 200
+
+
+def _speed(s_per_unit: float, samples: int = 1) -> dict:
+    """A heartbeat's speed as a worker publishes it (`SpeedModel.to_dict`)."""
+    return SpeedModel(
+        s_per_unit=s_per_unit, s_per_mpx=1.0, fixed_s=2.0, ref_tokens=1024, samples=samples
+    ).to_dict()
+
+
+def test_requests_longer_than_max_job_s_are_refused_with_the_estimate(make_server, redis_client):
+    store = JobStore(redis_client)
+    model = "tiny-wan2.1-t2v"
+    store.heartbeat("slow", {"models": [model], "speed": _speed(1e-1)}, ttl_s=30)
+    store.heartbeat("fast", {"models": [model], "speed": _speed(1e-4)}, ttl_s=30)
+    store.heartbeat("unmeasured", {"models": [model], "speed": _speed(1e-6, samples=0)}, ttl_s=30)
+    store.heartbeat("other-model", {"models": ["tiny-wan2.2-ti2v"], "speed": _speed(1e-9)})
+    big = {
+        "prompt": "long",
+        "num_frames": 33,
+        "width": 256,
+        "height": 256,
+        "num_inference_steps": 40,
+        "guidance_scale": 5.0,
+    }
+    shape = Shape(33, 256, 256, 40, 5.0)
+    fastest = SpeedModel.from_dict(_speed(1e-4))
+    assert fastest is not None
+    estimate = fastest.estimate_s(shape)
+    server = make_server(MAX_JOB_S=estimate * 0.9)
+    with httpx.Client(base_url=server.url) as http:
+        r = http.post("/generate", json=big)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "job_too_long"
+        assert f"about {estimate:.0f} s" in err["message"] and "MAX_JOB_S" in err["message"]
+        assert http.get("/jobs").json()["data"] == []  # nothing was created
+        small = {**big, "num_frames": 5, "num_inference_steps": 2}
+        assert http.post("/generate", json=small).status_code == 202
+    # On the slow worker alone the small job is too long as well; with no measured worker at all,
+    # requests are admitted (the worker's own timeout still bounds them).
+    store.drop_worker("fast")
+    with httpx.Client(base_url=server.url) as http:
+        assert http.post("/generate", json=small).json()["error"]["code"] == "job_too_long"
+        store.drop_worker("slow")
+        assert http.post("/generate", json=big).status_code == 202
+    # 0 turns the check off.
+    store.heartbeat("slow", {"models": [model], "speed": _speed(1e-1)}, ttl_s=30)
+    off = make_server(MAX_JOB_S=0)
+    with httpx.Client(base_url=off.url) as http:
+        assert http.post("/generate", json=big).status_code == 202
+
+
+def test_speed_round_trips_through_a_heartbeat():
+    measured = SpeedModel.prior("cpu")
+    measured.observe(Shape(5, 64, 64, 2, 5.0), denoise_s=1.5, decode_encode_s=0.2, fixed_s=0.3)
+    assert SpeedModel.from_dict(measured.to_dict()) == measured
+    assert SpeedModel.from_dict(SpeedModel.prior("cpu").to_dict()) is None  # not measured yet
+    for bad in (None, "fast", {"s_per_unit": 1}, {**measured.to_dict(), "fixed_s": "x"}):
+        assert SpeedModel.from_dict(bad) is None

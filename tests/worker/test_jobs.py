@@ -297,7 +297,7 @@ def test_sigterm_lets_a_short_job_finish(rt, redis_client):
 
 
 def test_timeout_comes_from_the_request_size_and_measured_speed(rt, redis_client):
-    from worker.speed import Shape
+    from contract.speed import Shape
 
     configure(rt, JOB_TIMEOUT_MIN_S=0.001, JOB_TIMEOUT_FACTOR=4.0)
     rt.speed.s_per_unit, rt.speed.s_per_mpx, rt.speed.fixed_s = 0.01, 2.0, 1.0

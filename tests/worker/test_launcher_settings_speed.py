@@ -10,9 +10,9 @@ import sys
 import pytest
 from worker_helpers import ROOT
 
+from contract.speed import Shape, SpeedModel, latent_tokens
 from worker.launcher import EXIT_RESTART, Launcher, Slot, detect_gpus, plan_slots
 from worker.settings import WorkerSettings, parse_size
-from worker.speed import Shape, SpeedModel, latent_tokens
 
 
 @pytest.mark.parametrize(

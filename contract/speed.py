@@ -1,7 +1,8 @@
-"""How long a request should take on this worker, from its size and the worker's measured speed.
+"""How long a request should take on a worker, from its size and the worker's measured speed.
 
-A job's timeout is `factor x estimate` (clamped to `[JOB_TIMEOUT_MIN_S, JOB_TIMEOUT_MAX_S]`), not
-RQ's fixed 180 s. The estimate has three parts:
+The worker times its jobs out with it; the API refuses a request whose estimate on the fastest
+serving worker exceeds `MAX_JOB_S`. A job's timeout is `factor x estimate` (clamped to
+`[JOB_TIMEOUT_MIN_S, JOB_TIMEOUT_MAX_S]`), not RQ's fixed 180 s. The estimate has three parts:
 
 - denoising: `steps x passes x tokens x max(1, tokens / ref_tokens) x s_per_unit`, with
   `passes = 2` under classifier-free guidance (`guidance_scale > 1`: two transformer calls per
@@ -13,12 +14,14 @@ RQ's fixed 180 s. The estimate has three parts:
 - a fixed part (text encoder, bookkeeping).
 
 The worker measures `s_per_unit` and `s_per_mpx` in its warm-up generation and refines them after
-every completed job (exponential average), and publishes them in its heartbeat.
+every completed job (exponential average), and publishes them in its heartbeat (`to_dict`; the
+API reads them back with `from_dict`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 # Wan 2.1 (and the tiny model, built with the same compression): VAE 4x temporal, 8x spatial,
 # transformer patch 1x2x2, so one token covers 4 frames x 16 x 16 pixels.
@@ -109,6 +112,23 @@ class SpeedModel:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object) -> Optional[SpeedModel]:
+        """A heartbeat's speed if it is well formed and measured (`samples > 0`), else None."""
+        if not isinstance(data, dict):
+            return None
+        try:
+            model = cls(
+                s_per_unit=float(data["s_per_unit"]),
+                s_per_mpx=float(data["s_per_mpx"]),
+                fixed_s=float(data["fixed_s"]),
+                ref_tokens=int(data["ref_tokens"]),
+                samples=int(data.get("samples", 0)),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        return model if model.samples > 0 else None
 
     @classmethod
     def prior(cls, device: str) -> SpeedModel:
