@@ -224,6 +224,11 @@ class AttentionRequest(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+# What the spec says of a prompt ("not blank"); the validator below gives the message.
+# (Python's str.strip also takes \x1c-\x1f and \x85, which a JSON Schema regex's \s does not.)
+PROMPT_PATTERN = r"[^\s\x1c-\x1f\x85]"
+
+
 class GenerateRequest(BaseModel):
     """A generation request as received. Omitted fields get the model's defaults in `validated`.
 
@@ -239,7 +244,7 @@ class GenerateRequest(BaseModel):
     model: Optional[str] = Field(
         None, description="a served model (GET /models); omitted: the deployment's default"
     )
-    prompt: str
+    prompt: str = Field(json_schema_extra={"minLength": 1, "pattern": PROMPT_PATTERN})
     negative_prompt: Optional[str] = None
     seed: Optional[Int] = None
     num_frames: Optional[Int] = None

@@ -19,6 +19,7 @@ import anyio
 from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
+from . import openapi
 from .auth import AuthMiddleware
 from .errors import install_error_handlers
 from .metrics import MetricsMiddleware
@@ -62,4 +63,6 @@ def create_app(settings: Optional[ServiceSettings] = None) -> FastAPI:
     # Outermost last: metrics see every answer, 401s included.
     app.add_middleware(AuthMiddleware, keys=settings.api_keys, admin_keys=settings.admin_api_keys)
     app.add_middleware(MetricsMiddleware)
+    specs = settings.models()
+    openapi.install(app, [settings.limits_for(s) for s in specs], [s.id for s in specs])
     return app

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
 
-from contract.request import AttentionRequest
+from contract.request import PROMPT_PATTERN, AttentionRequest
 from contract.status import JobStatus, Stage
 
 
@@ -18,7 +18,7 @@ class VideoCreateForm(BaseModel):
     `routes.openai.from_openai`). Form values are strings; `attention` may be JSON or
     `attention[backend]=...` keys."""
 
-    prompt: str
+    prompt: str = Field(json_schema_extra={"minLength": 1, "pattern": PROMPT_PATTERN})
     model: Optional[str] = Field(None, description="must be the served model, or omitted")
     seconds: Optional[str] = Field(None, description='clip length, e.g. "4" (16 fps: 65 frames)')
     size: Optional[str] = Field(None, description='"WIDTHxHEIGHT", multiples of 16')
@@ -51,17 +51,31 @@ def _inline_refs(schema: dict) -> dict:
     return walk(schema)
 
 
+def _without_null(schema: dict) -> dict:
+    """A form's fields: a form cannot send null (a field is left out instead), so
+    `anyOf: [X, null]` becomes `X` in each property."""
+    props = {}
+    for name, prop in schema.get("properties", {}).items():
+        options = [o for o in prop.get("anyOf", []) if o.get("type") != "null"]
+        if len(options) == 1:
+            prop = {
+                **{k: v for k, v in prop.items() if k not in ("anyOf", "default")},
+                **options[0],
+            }
+        props[name] = prop
+    return {**schema, "properties": props}
+
+
+FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
 def request_body(content: dict) -> dict:
     """`openapi_extra` documenting a body the route reads itself: `{media type: model}`."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                media: {"schema": _inline_refs(model.model_json_schema())}
-                for media, model in content.items()
-            },
-        }
-    }
+    schemas = {}
+    for media, model in content.items():
+        schema = _inline_refs(model.model_json_schema())
+        schemas[media] = {"schema": _without_null(schema) if media in FORM_MEDIA_TYPES else schema}
+    return {"requestBody": {"required": True, "content": schemas}}
 
 
 # -- response objects --------------------------------------------------------------------------

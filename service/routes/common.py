@@ -126,8 +126,11 @@ async def list_jobs(state: AppState, limit: int, order: str, after: Optional[str
     try:
         return await state.store.list(limit=limit, after=after, order=order, owner=who.list_owner)
     except KeyError:
+        # A well-formed cursor naming no job here: like any unknown job, 404.
         raise APIError(
-            400, f"after={after!r} is not a job on this server (deleted or expired?)", param="after"
+            404,
+            f"after={after!r} is not a job on this server (deleted or expired?)",
+            param="after",
         ) from None
 
 

@@ -76,7 +76,9 @@ async def get_job(request: Request, job_id: str):
     responses={**ERRORS, 200: {"description": "Server-Sent Events", "content": SSE_CONTENT}},
 )
 async def job_events_route(
-    request: Request, job_id: str, last_event_id: Optional[str] = Header(None)
+    request: Request,
+    job_id: str,
+    last_event_id: Optional[str] = Header(None, json_schema_extra={"pattern": "^[0-9]{1,18}$"}),
 ):
     """Server-Sent Events: a snapshot, then live progress, until the job ends (see `service.sse`)."""
     state = get_state(request)

@@ -84,7 +84,7 @@ def test_another_keys_job_is_invisible_on_every_route(keyed, store, run_job):
         assert listed(bob) == {mine}
         assert listed(alice) == {done, running, waiting}
         # Paging after another key's job is refused like any unknown cursor.
-        assert bob.get("/jobs", params={"after": done}).status_code == 400
+        assert bob.get("/jobs", params={"after": done}).status_code == 404
         # Nor does the live worker give the running job's id away.
         workers = bob.get("/models").json()["data"][0]["workers"]
         assert workers and all("job_id" not in w for w in workers)

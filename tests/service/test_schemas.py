@@ -188,3 +188,38 @@ def test_payload_round_trip():
     assert got_id == job_id and got == req
     with pytest.raises(ValueError):
         ValidatedRequest.from_payload({"prompt": "no id"})
+
+
+def _option(prop: dict) -> dict:
+    """A property's non-null option."""
+    return next((o for o in prop.get("anyOf", [prop]) if o.get("type") != "null"), prop)
+
+
+def test_openapi_states_this_deployments_limits():
+    from service.app import create_app
+
+    settings = ServiceSettings(MODEL="tiny", MAX_NUM_FRAMES=33, MAX_STEPS=12, MAX_SIDE_PX=512)
+    spec = create_app(settings).openapi()
+    for path in ("/generate", "/v1/videos"):
+        for media, body in spec["paths"][path]["post"]["requestBody"]["content"].items():
+            schema = body["schema"]
+            props = schema["properties"]
+            assert _option(props["num_frames"])["enum"] == [5, 9, 13, 17, 21, 25, 29, 33]
+            assert _option(props["width"]) | {"title": None} == {
+                "type": "integer",
+                "minimum": 32,
+                "maximum": 512,
+                "multipleOf": 16,
+                "title": None,
+            }
+            assert _option(props["num_inference_steps"])["maximum"] == 12
+            assert _option(props["model"])["enum"] == ["tiny-wan2.1-t2v"]
+            assert props["prompt"]["minLength"] == 1 and props["prompt"]["maxLength"] == 2000
+            assert schema["additionalProperties"] is False
+            assert "262144 pixels" in schema["description"]  # the tiny model's pixel budget
+            if media != "application/json":  # a form cannot send null
+                assert all("anyOf" not in p or len(p["anyOf"]) > 1 for p in props.values())
+                assert "null" not in str([p.get("type") for p in props.values()])
+    events = spec["paths"]["/jobs/{job_id}/events"]["get"]["parameters"]
+    last_id = next(p for p in events if p["in"] == "header")
+    assert last_id["schema"]["type"] == "string" and last_id["schema"]["pattern"]

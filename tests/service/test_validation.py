@@ -152,7 +152,7 @@ def test_bad_ids_and_queries(http):
     check_error(http.get("/jobs", params={"limit": "ten"}), 400, "limit")
     check_error(http.get("/jobs", params={"order": "sideways"}), 400, "asc", "desc")
     check_error(http.get("/jobs", params={"after": "../x"}), 400, "after")
-    check_error(http.get("/v1/videos", params={"after": "video_" + "1" * 32}), 400, "not a job")
+    check_error(http.get("/v1/videos", params={"after": "video_" + "1" * 32}), 404, "not a job")
     job_id = http.post("/generate", json={"prompt": "p"}).json()["id"]
     check_error(
         http.get(f"/v1/videos/{job_id}/content", params={"variant": "spritesheet"}),
