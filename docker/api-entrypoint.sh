@@ -1,5 +1,6 @@
 #!/bin/sh
-# Start the API the way `make serve` does: uvicorn with the app factory, uvloop and httptools.
+# Start the API the way `make serve` does: uvicorn with the app factory, uvloop and httptools
+# (with a deadline on request headers: service/http.py).
 # With several uvicorn processes, Prometheus counters are summed through files in a fresh dir.
 set -eu
 workers="${API_WORKERS:-1}"
@@ -9,5 +10,5 @@ if [ "$workers" -gt 1 ]; then
 fi
 exec python -m uvicorn --factory service.app:create_app \
     --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" --workers "$workers" \
-    --loop uvloop --http httptools --no-access-log --proxy-headers \
+    --loop uvloop --http service.http:HeaderTimeoutProtocol --no-access-log --proxy-headers \
     --timeout-graceful-shutdown 5 "$@"

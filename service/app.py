@@ -22,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 from . import openapi
 from .auth import AuthMiddleware
 from .errors import install_error_handlers
+from .http import HeaderTimeoutProtocol
 from .metrics import MetricsMiddleware
 from .routes import native, openai, ops, page
 from .settings import ServiceSettings, get_settings
@@ -63,6 +64,7 @@ def create_app(settings: Optional[ServiceSettings] = None) -> FastAPI:
     # Outermost last: metrics see every answer, 401s included.
     app.add_middleware(AuthMiddleware, keys=settings.api_keys, admin_keys=settings.admin_api_keys)
     app.add_middleware(MetricsMiddleware)
+    HeaderTimeoutProtocol.header_timeout_s = settings.HEADER_TIMEOUT_S
     specs = settings.models()
     openapi.install(app, [settings.limits_for(s) for s in specs], [s.id for s in specs])
     return app

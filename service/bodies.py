@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
+import anyio
 import orjson
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -22,8 +23,9 @@ MAX_FORM_FIELDS = 64
 IMAGE_FIELDS = ("image", "input_reference")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or 413 once it passes `limit` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, or 413 once it passes `limit` bytes, or 408 when it has not all arrived
+    after `timeout_s` (a client sending slowly or stopping half-way holds no connection long)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -35,11 +37,18 @@ async def read_body(request: Request, limit: int) -> bytes:
         if too_big:
             raise APIError(413, f"request body has {declared} bytes; at most {limit} allowed")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
+    with anyio.move_on_after(timeout_s) as scope:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+    if scope.cancelled_caught:
+        raise APIError(
+            408,
+            f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)",
+            headers={"Connection": "close"},
+        )
     return b"".join(chunks)
 
 

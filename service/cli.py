@@ -145,6 +145,7 @@ class Client:
         failures = 0
         while True:
             headers = {"Last-Event-ID": str(last_id)} if last_id is not None else {}
+            event = ""
             try:
                 with self.http.stream(
                     "GET",
@@ -156,6 +157,8 @@ class Client:
                         raise Refused(f"{r.status_code}: {r.read().decode()[:300]}")
                     for event, id_, data in parse_sse(r.iter_lines()):
                         last_id = id_ if id_ is not None else last_id
+                        if event == "unavailable":  # Redis is restarting: resume shortly
+                            break
                         if event == "deleted":
                             raise Refused(f"job {job_id} was deleted")
                         if event in ("snapshot", "completed", "failed", "cancelled"):
@@ -165,6 +168,9 @@ class Client:
                         else:
                             bar.show(data)
                 failures = 0
+                if event == "unavailable":
+                    time.sleep(1)
+                    continue
             except (httpx.TransportError, json.JSONDecodeError):
                 failures += 1
                 if failures > 5:  # streams keep breaking (a proxy?): poll instead

@@ -56,6 +56,7 @@ _CODES = {
     405: "method_not_allowed",
     409: "conflict",
     413: "request_too_large",
+    408: "request_timeout",
     415: "unsupported_media_type",
     429: "queue_full",
     503: "unavailable",

@@ -263,7 +263,7 @@ class Stack:
             "--loop",
             "uvloop",
             "--http",
-            "httptools",
+            "service.http:HeaderTimeoutProtocol",
             "--no-access-log",
             "--log-level",
             "warning",

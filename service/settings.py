@@ -42,6 +42,10 @@ class ServiceSettings(SharedSettings):
     # Comma-separated bearer keys that see and manage every job (operators). Accepted as well as
     # API_KEYS; setting only these turns authentication on too.
     ADMIN_API_KEYS: str = ""
+    # A request's headers must arrive within this many seconds of the connection opening or the
+    # request beginning (`service.http`), and its body within this many after them; else 408.
+    HEADER_TIMEOUT_S: float = Field(10.0, gt=0)
+    BODY_TIMEOUT_S: float = Field(30.0, gt=0)
     # Largest request body accepted (JSON or multipart), bytes.
     MAX_BODY_BYTES: int = Field(256 * 1024, ge=1024)
     # Image-to-video input images: largest file accepted, bytes (10 MiB), and largest image,

@@ -5,6 +5,7 @@ Wire format (one event per blank-line-separated block):
 ```
 id: 7
 event: snapshot | started | progress | stage | requeued | completed | failed | cancelled | deleted
+       | unavailable
 data: {...}
 ```
 
@@ -16,6 +17,8 @@ data: {...}
   the events it missed (from the replay list) instead of a snapshot.
 - Idle streams get a `: ping` comment every `SSE_PING_S` seconds; a job deleted meanwhile ends the
   stream with a `deleted` event.
+- If Redis goes away mid-stream, the stream ends with an `unavailable` event (and a `retry`
+  hint): the client reconnects with `Last-Event-ID` and misses nothing.
 
 The channel is subscribed before the snapshot is read, so no event falls between the two; events
 already covered by the snapshot (seq not above it) are skipped.
@@ -28,12 +31,17 @@ from collections.abc import AsyncIterator
 from typing import Optional
 
 import anyio
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contract.keys import events_channel
 from contract.status import TERMINAL_VALUES
 
 from .state import AppState
 from .views import job_view
+
+# How long a client should wait before reconnecting after an `unavailable` event.
+RECONNECT_MS = 1000
 
 
 def sse(event: str, data: dict, id_: Optional[int] = None) -> bytes:
@@ -42,6 +50,19 @@ def sse(event: str, data: dict, id_: Optional[int] = None) -> bytes:
 
 
 async def job_events(
+    state: AppState, job_id: str, last_event_id: Optional[int] = None
+) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in _job_events(state, job_id, last_event_id):
+            yield chunk
+    except (RedisConnectionError, RedisTimeoutError):
+        yield b"retry: %d\n" % RECONNECT_MS + sse(
+            "unavailable",
+            {"message": "Redis is unavailable; reconnect with Last-Event-ID to resume"},
+        )
+
+
+async def _job_events(
     state: AppState, job_id: str, last_event_id: Optional[int] = None
 ) -> AsyncIterator[bytes]:
     store = state.store

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 import redis.asyncio as aredis
 from fastapi import Request
 from redis import Redis as SyncRedis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 
 from contract.enqueue import queue_name
@@ -95,8 +99,17 @@ class AppState:
 
 
 def open_state(settings: ServiceSettings) -> AppState:
+    # After a Redis restart every pooled connection is stale: each is pinged before use when idle
+    # for a second and reconnected (retried once more on a connection error), so a restart costs
+    # the seconds Redis is down, not a 503 per stale connection for minutes.
     pool = aredis.ConnectionPool.from_url(
-        settings.REDIS_URL, max_connections=settings.REDIS_MAX_CONNECTIONS
+        settings.REDIS_URL,
+        max_connections=settings.REDIS_MAX_CONNECTIONS,
+        health_check_interval=1,
+        socket_connect_timeout=2,
+        socket_keepalive=True,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     client = aredis.Redis(connection_pool=pool)
     sync_client = SyncRedis.from_url(settings.REDIS_URL)

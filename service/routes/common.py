@@ -37,7 +37,7 @@ async def read_request_body(state: AppState, request: Request) -> dict:
     """A create body as a dict (JSON, multipart or urlencoded). Bodies may exceed
     `MAX_BODY_BYTES` only by the image they carry."""
     s = state.settings
-    raw = await read_body(request, s.max_body_bytes)
+    raw = await read_body(request, s.max_body_bytes, s.BODY_TIMEOUT_S)
     too_big = APIError(
         413,
         f"request body has {len(raw)} bytes; at most {s.MAX_BODY_BYTES} "

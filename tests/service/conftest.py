@@ -33,6 +33,7 @@ class LiveServer:
             log_level="warning",
             lifespan="on",
             loop="asyncio",
+            http="service.http:HeaderTimeoutProtocol",  # as make serve runs it
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

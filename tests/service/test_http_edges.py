@@ -85,3 +85,37 @@ def test_a_client_that_hangs_up_mid_body_is_not_a_500(server, http, caplog):
     assert requests_with_status(http, "500") == before
     assert "unhandled error" not in caplog.text
     assert http.post("/generate", json={"prompt": "still fine"}).status_code == 202
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """What the server sends before it closes the connection."""
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_half_sent_requests_get_408_and_the_connection_back(make_server):
+    server = make_server(HEADER_TIMEOUT_S=0.5, BODY_TIMEOUT_S=0.5)
+    # Headers that never finish, and a connection that never says anything.
+    for sent in (b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-le", b""):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(sent)
+            t0 = time.monotonic()
+            answer = read_answer(s)
+            assert time.monotonic() - t0 < 5
+            assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
+    # A body that stops half-way.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(
+            b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b'content-length: 100\r\n\r\n{"prompt": "a fox'
+        )
+        head, _, body = read_answer(s).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert b"did not arrive within 0.5 s (17 bytes came)" in body
+    # Complete requests, and keep-alive between them, are unaffected.
+    with httpx.Client(base_url=server.url) as http:
+        for _ in range(2):
+            assert http.post("/generate", json={"prompt": "fine"}).status_code == 202
+            time.sleep(0.3)
