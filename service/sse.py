@@ -79,16 +79,17 @@ async def _job_events(
                 return
             last_seq = rec.seq
         else:
-            last_seq = last_event_id
-            for ev in await store.events_since(job_id, last_event_id):
+            # An id past the record's (another server's, or made up) resumes from now.
+            last_seq = min(last_event_id, rec.seq)
+            for ev in await store.events_since(job_id, last_seq):
                 last_seq = max(last_seq, ev["seq"])
                 if ev["type"] in TERMINAL_VALUES:
                     yield sse(ev["type"], job_view(rec, pos, cancel_requested=cancel), ev["seq"])
                     return
                 yield sse(ev["type"], ev, ev["seq"])
-            if rec.is_terminal:
-                if last_seq < rec.seq:  # its terminal event has left the replay list
-                    yield sse(rec.status, job_view(rec, pos, cancel_requested=cancel), rec.seq)
+            if rec.is_terminal:  # its terminal event was seen already or left the replay list:
+                # the stream of an ended job always ends with its final state, never empty
+                yield sse(rec.status, job_view(rec, pos, cancel_requested=cancel), rec.seq)
                 return
         while True:
             msg = await pubsub.get_message(

@@ -70,10 +70,13 @@ def test_stream_follows_a_job_to_the_end(server, http, store, run_job):
         f"{server.url}/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[3])}
     )
     assert [e for e, _, _ in resumed] == names[4:]
-    assert (
-        read_events(f"{server.url}/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[-1])})
-        == []
-    )
+    # Resuming at or past the end of a finished job gives its final state, never an empty stream.
+    for last in (ids[-1], ids[-1] + 1000):
+        end = read_events(
+            f"{server.url}/jobs/{job_id}/events", headers={"Last-Event-ID": str(last)}
+        )
+        assert [(e, i) for e, i, _ in end] == [("completed", ids[-1])]
+        assert end[0][2]["status"] == "completed"
 
 
 def test_stream_ends_on_cancel_and_on_delete(server, http, store):
