@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import redis
 from rq import Queue
 from rq.registry import StartedJobRegistry
-from test_serve import Stack, children_of
+from stack import Stack, children_of, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -78,20 +77,8 @@ def wait_done(http: httpx.Client, job_id: str, timeout_s: float = 120) -> dict:
 
 @pytest.fixture
 def stack(tmp_path):
-    s = Stack(tmp_path, JANITOR_INTERVAL_S="1", LOST_JOB_RETRIES="0")
-    try:
-        s.wait_ready()
+    with running(tmp_path, JANITOR_INTERVAL_S="1", LOST_JOB_RETRIES="0") as s:
         yield s
-    finally:
-        if s.proc.poll() is None:
-            s.proc.send_signal(signal.SIGINT)
-            try:
-                s.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                for pid in children_of(s.proc.pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                s.proc.kill()
 
 
 def last_event(url: str, job_id: str, opened: threading.Event, out: list) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serve import Stack, children_of
+from stack import Stack, children_of
 
 from service.serve import free_port
 

@@ -5,10 +5,6 @@ the API streams from storage, a delete removes the objects, and nothing lands in
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
 import time
 import uuid
 import warnings
@@ -16,7 +12,7 @@ import warnings
 import httpx
 import openai
 import pytest
-from test_serve import Stack, children_of, decode, sse_events
+from stack import decode, running, sse_events
 
 from contract.files import META_FILE, THUMBNAIL_FILE, VIDEO_FILE
 
@@ -35,21 +31,9 @@ def bucket(moto_server):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, moto_server, bucket):
     tmp = tmp_path_factory.mktemp("serve-s3")
-    s = Stack(tmp, STORAGE_URL=f"s3://{bucket}/{PREFIX}", **moto_server.env())
-    s.data_dir = tmp / "data"
-    try:
-        s.wait_ready()
+    with running(tmp, STORAGE_URL=f"s3://{bucket}/{PREFIX}", **moto_server.env()) as s:
+        s.data_dir = tmp / "data"
         yield s
-    finally:
-        if s.proc.poll() is None:
-            s.proc.send_signal(signal.SIGINT)
-            try:
-                s.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                for pid in children_of(s.proc.pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                s.proc.kill()
 
 
 @pytest.fixture

@@ -17,18 +17,16 @@ failed (the killed worker's job is retried: LOST_JOB_RETRIES=1)."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import random
 import signal
-import subprocess
 import time
 
 import httpx
 import pytest
 import redis
+from stack import decode, running
 from test_durable import kill_redis, redis_server_of
-from test_serve import Stack, children_of, decode
 
 from contract.store import JobStore
 
@@ -43,25 +41,13 @@ TERMINAL = ("completed", "cancelled", "failed")
 
 @pytest.fixture
 def stack(tmp_path):
-    s = Stack(
+    with running(
         tmp_path,
         MAX_QUEUE_DEPTH=str(2 * N_JOBS),
         JANITOR_INTERVAL_S="1",
         LOST_JOB_RETRIES="1",
-    )
-    try:
-        s.wait_ready()
+    ) as s:
         yield s
-    finally:
-        if s.proc.poll() is None:
-            s.proc.send_signal(signal.SIGINT)
-            try:
-                s.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                for pid in children_of(s.proc.pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                s.proc.kill()
 
 
 def call(http: httpx.Client, method: str, path: str, deadline: float, **kw) -> httpx.Response:
