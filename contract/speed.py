@@ -1,7 +1,7 @@
 """How long a request should take on a worker, from its size and the worker's measured speed.
 
-The worker times its jobs out with it; the API refuses a request whose estimate on the fastest
-serving worker exceeds `MAX_JOB_S`. A job's timeout is `factor x estimate` (clamped to
+The worker times its jobs out with it (`estimate_s`); the API refuses a request whose lower bound
+(`lower_bound_s`) on the fastest serving worker exceeds `MAX_JOB_S`. A job's timeout is `factor x estimate` (clamped to
 `[JOB_TIMEOUT_MIN_S, JOB_TIMEOUT_MAX_S]`), not RQ's fixed 180 s. The estimate has three parts:
 
 - denoising: `steps x passes x tokens x max(1, tokens / ref_tokens) x s_per_unit`, with
@@ -89,11 +89,18 @@ class SpeedModel:
     samples: int = 0
 
     def estimate_s(self, shape: Shape) -> float:
+        """The run time, erring long above the measured size (for timeouts)."""
         return (
             self.fixed_s
             + shape.denoise_units(self.ref_tokens) * self.s_per_unit
             + shape.megapixels * self.s_per_mpx
         )
+
+    def lower_bound_s(self, shape: Shape) -> float:
+        """The run time with denoising linear in tokens at every size: never more than the real
+        one, as attention only adds to it (for admission: refuse only what cannot fit)."""
+        linear_units = shape.denoise_units(ref_tokens=shape.tokens)
+        return self.fixed_s + linear_units * self.s_per_unit + shape.megapixels * self.s_per_mpx
 
     def timeout_s(self, shape: Shape, *, factor: float, min_s: float, max_s: float) -> float:
         return min(max_s, max(min_s, factor * self.estimate_s(shape)))

@@ -111,14 +111,14 @@ async def validate_request(state: AppState, body: dict) -> Submission:
 
 
 def fastest_estimate_s(live: list[dict], model_id: str, shape: Shape) -> Optional[float]:
-    """The run time `shape` should take on the fastest live worker serving `model_id`, by the
-    speeds in their heartbeats; None while none of them has measured one."""
+    """The least run time `shape` can take on the fastest live worker serving `model_id`, by the
+    speeds in their heartbeats (`SpeedModel.lower_bound_s`); None while none has measured one."""
     estimates = []
     for info in live:
         models = info.get("models") or [info.get("model")]
         speed = SpeedModel.from_dict(info.get("speed"))
         if model_id in models and speed is not None:
-            estimates.append(speed.estimate_s(shape))
+            estimates.append(speed.lower_bound_s(shape))
     return min(estimates, default=None)
 
 
@@ -133,7 +133,7 @@ async def check_run_time(state: AppState, sub: Submission) -> None:
     if estimate is not None and estimate > limit:
         raise APIError(
             400,
-            f"this request would take about {estimate:.0f} s on the fastest worker serving "
+            f"this request would take at least {estimate:.0f} s on the fastest worker serving "
             f"{sub.spec.id}, over this server's limit of {limit:.0f} s (MAX_JOB_S); ask for "
             "fewer frames, a smaller size or fewer steps",
             code="job_too_long",

@@ -14,12 +14,10 @@ The tests run in order and build on each other (one page, one stack for the modu
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from stack import Stack, children_of
+from stack import Stack
 
 from service.serve import free_port
 
@@ -126,15 +124,7 @@ class PlaygroundStack(Stack):
         if self.keyed.poll() is None:
             self.keyed.terminate()
             self.keyed.wait(timeout=30)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                for pid in children_of(self.proc.pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self.proc.kill()
+        super().stop()
 
 
 @pytest.fixture(scope="module")

@@ -184,14 +184,14 @@ def test_requests_longer_than_max_job_s_are_refused_with_the_estimate(make_serve
     shape = Shape(33, 256, 256, 40, 5.0)
     fastest = SpeedModel.from_dict(_speed(1e-4))
     assert fastest is not None
-    estimate = fastest.estimate_s(shape)
+    estimate = fastest.lower_bound_s(shape)
     server = make_server(MAX_JOB_S=estimate * 0.9)
     with httpx.Client(base_url=server.url) as http:
         r = http.post("/generate", json=big)
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert err["code"] == "job_too_long"
-        assert f"about {estimate:.0f} s" in err["message"] and "MAX_JOB_S" in err["message"]
+        assert f"at least {estimate:.0f} s" in err["message"] and "MAX_JOB_S" in err["message"]
         assert http.get("/jobs").json()["data"] == []  # nothing was created
         small = {**big, "num_frames": 5, "num_inference_steps": 2}
         assert http.post("/generate", json=small).status_code == 202
@@ -213,6 +213,11 @@ def test_speed_round_trips_through_a_heartbeat():
     measured = SpeedModel.prior("cpu")
     measured.observe(Shape(5, 64, 64, 2, 5.0), denoise_s=1.5, decode_encode_s=0.2, fixed_s=0.3)
     assert SpeedModel.from_dict(measured.to_dict()) == measured
+    # Admission's bound never exceeds the timeout's estimate; they agree up to the measured size.
+    small, big = Shape(5, 32, 32, 2, 5.0), Shape(33, 512, 512, 20, 5.0)
+    measured.ref_tokens = small.tokens
+    assert measured.lower_bound_s(small) == measured.estimate_s(small)
+    assert measured.lower_bound_s(big) < measured.estimate_s(big)
     assert SpeedModel.from_dict(SpeedModel.prior("cpu").to_dict()) is None  # not measured yet
     for bad in (None, "fast", {"s_per_unit": 1}, {**measured.to_dict(), "fixed_s": "x"}):
         assert SpeedModel.from_dict(bad) is None
