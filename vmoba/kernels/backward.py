@@ -17,8 +17,8 @@ the selected pairs:
   and values stay in registers while it walks the segment's gathered queries `BM` at a time;
   dK and dV accumulate in fp32 and are stored once, straight to the keys' natural positions. A
   key tile has one owner, so no atomics; keys of a block no query of the head selected get zeros.
-- `vmoba_bwd_dq_kernel`: the forward's work items (a segment's gathered query tiles, each split
-  into `BM`-row parts) against their block's keys; a part's dQ for that block is added to an fp32
+- `vmoba_bwd_dq_kernel`: the index's work items (a segment's gathered query tiles, `BM` rows)
+  against their block's keys; a part's dQ for that block is added to an fp32
   buffer with one atomic add per (query, selected block, channel), not per key tile.
 
 Extra memory: the fp32 dQ buffer (twice `q` in bf16), the keys and values in blocked order (as
@@ -147,21 +147,18 @@ def vmoba_bwd_dq_kernel(
     qk_scale,
     sm_scale,
     D: tl.constexpr,
-    FWD_BM: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dQ contributions of every (segment, gathered query tile): the forward's work list
-    (`first_tile`, `item_seg`, tiles of `FWD_BM` queries), each item split into `FWD_BM // BM`
-    parts, taken in a strided persistent loop. `dq [B, S, H, D]` fp32, accumulated atomically."""
-    split: tl.constexpr = FWD_BM // BM
+    """dQ contributions of every (segment, gathered query tile): the work list of an index built
+    with tiles of `BM` queries (`first_tile`, `item_seg`), taken in a strided persistent loop.
+    `dq [B, S, H, D]` fp32, accumulated atomically."""
     o_d = tl.arange(0, D)
-    total = tl.load(first_tile_ptr + n_seg) * split
+    total = tl.load(first_tile_ptr + n_seg)
     for work in range(tl.program_id(0), total, tl.num_programs(0)):
-        item = work // split
-        seg = tl.load(item_seg_ptr + item)
-        row0 = (item - tl.load(first_tile_ptr + seg)) * FWD_BM + (work % split) * BM
+        seg = tl.load(item_seg_ptr + work)
+        row0 = (work - tl.load(first_tile_ptr + seg)) * BM
         count = tl.load(seg_count_ptr + seg)
         if row0 < count:
             i_c = seg // BH
@@ -206,8 +203,9 @@ def attend_backward(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`dq, dk, dv [B, S, H, D]` (dtype of `q`) of `attend(q, k, v, selection, softmax_scale)`,
-    given its output `out` and the `lse [B*H, S]` it wrote. The query index is built again
-    (cheaper to rebuild than to keep: it is sized for every block a query may select)."""
+    given its output `out` and the `lse [B*H, S]` it wrote. The query index is built again, with
+    the dq kernel's tile size (cheaper than keeping the forward's: it is sized for every block a
+    query may select)."""
     b, s, h, d = q.shape
     layout = selection.layout
     bh, c, dev = b * h, layout.num_blocks, q.device
@@ -216,9 +214,8 @@ def attend_backward(
     precision = "ieee" if q.dtype == torch.float32 else None  # None: tl.dot's default
     qk_scale = softmax_scale * LOG2E
     cfg = backward_config(interpreting())
-    fwd = attention_config(d, interpreting(), layout.max_len)
-    fwd_bm = fwd["BM"]
-    index = query_index(selection, fwd_bm, fwd["compact_block"])
+    qc = cfg["dq"]
+    index = query_index(selection, qc["BM"], attention_config(d, interpreting(), 0)["compact_block"])
 
     delta = torch.empty(bh, s, device=dev, dtype=torch.float32)
     blk = 32 if interpreting() else 64
@@ -260,8 +257,6 @@ def attend_backward(
     )
 
     dq32 = torch.zeros(b, s, h, d, device=dev, dtype=torch.float32)
-    qc = cfg["dq"]
-    assert fwd_bm % qc["BM"] == 0, "dq tiles split the forward's tiles"
     k_desc, v_desc = (
         TensorDescriptor.from_tensor(x.view(b * s, h * d), [qc["BN"], d]) for x in (kb, vb)
     )
@@ -288,7 +283,6 @@ def attend_backward(
         qk_scale,
         softmax_scale,
         D=d,
-        FWD_BM=fwd_bm,
         BM=qc["BM"],
         BN=qc["BN"],
         PRECISION=precision,

@@ -100,8 +100,8 @@ def attention_config(head_dim: int, interpreter: bool, max_block_len: int) -> di
 
 
 # Backward: `dkdv` programs hold BN keys (dK, dV accumulate in fp32 registers) and walk the
-# block's gathered queries BM at a time; `dq` tiles take BM gathered queries (a divisor of the
-# forward's BM: the forward's work list is reused) against BN keys at a time. Starting points
+# block's gathered queries BM at a time; `dq` tiles take BM gathered queries (the backward builds
+# its own query index in tiles of this BM) against BN keys at a time. Starting points
 # from the flash-attention backward's usual shapes for D=128 on Hopper, not yet tuned here.
 _BWD_GPU = {
     "dkdv": {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2},
