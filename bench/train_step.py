@@ -74,7 +74,7 @@ def timed_steps(model, optimizer, inputs, warmup: int, steps: int, context) -> d
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return dict(
         step_ms=statistics.median(times),
         step_ms_all=times,

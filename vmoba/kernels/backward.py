@@ -215,7 +215,9 @@ def attend_backward(
     qk_scale = softmax_scale * LOG2E
     cfg = backward_config(interpreting())
     qc = cfg["dq"]
-    index = query_index(selection, qc["BM"], attention_config(d, interpreting(), 0)["compact_block"])
+    index = query_index(
+        selection, qc["BM"], attention_config(d, interpreting(), 0)["compact_block"]
+    )
 
     delta = torch.empty(bh, s, device=dev, dtype=torch.float32)
     blk = 32 if interpreting() else 64

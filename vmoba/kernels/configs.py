@@ -101,11 +101,14 @@ def attention_config(head_dim: int, interpreter: bool, max_block_len: int) -> di
 
 # Backward: `dkdv` programs hold BN keys (dK, dV accumulate in fp32 registers) and walk the
 # block's gathered queries BM at a time; `dq` tiles take BM gathered queries (the backward builds
-# its own query index in tiles of this BM) against BN keys at a time. Starting points
-# from the flash-attention backward's usual shapes for D=128 on Hopper, not yet tuned here.
+# its own query index in tiles of this BM) against BN keys at a time. Measured on the H100 at
+# 576p, top-k 25%, every layer kind (bench/results/tuning-backward-h100.json): dkdv BM 64 x BN 128
+# with 8 warps, 2 stages took 26.5-27.5 ms (BM 32: 31-34, 3 stages or BM 128 or BN 64 x 4 warps:
+# about the same, BN 128 x 4 warps: 79-84); dq BM 128 x BN 64, 8 warps, 3 stages took 11.0-16.6 ms
+# against 13.3-21.5 for BM 64 x BN 64, 4 warps, 2 CTAs per SM.
 _BWD_GPU = {
     "dkdv": {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2},
-    "dq": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2},
+    "dq": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "ctas_per_sm": 1},
 }
 # the interpreter's cost is per program and per loop step: large tiles keep CPU tests short
 _BWD_INTERPRETER = {
