@@ -5,7 +5,7 @@ Tolerance: relative L2 error `|g - g_ref| / |g_ref|` of `dq, dk, dv`, per dtype 
 the interpreter computes dots exactly, so fp32 is near machine precision and fp16 carries the
 rounding of the inputs, the softmax weights and `dS` to fp16 for the dots (as every flash backward
 does); on a GPU bf16 has 8 mantissa bits (measured at the Wan grids on an H100: dq 5.5e-3, dk and
-dv 2.4e-3, bench/results/backward-check-h100.json).
+dv 2.4e-3, bench/results/backward-check-h100*.json).
 """
 
 import math

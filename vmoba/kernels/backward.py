@@ -18,11 +18,11 @@ the selected pairs:
   dK and dV accumulate in fp32 and are stored once, straight to the keys' natural positions. A
   key tile has one owner, so no atomics; keys of a block no query of the head selected get zeros.
 - `vmoba_bwd_dq_kernel`: the index's work items (a segment's gathered query tiles, `BM` rows)
-  against their block's keys; a part's dQ for that block is added to an fp32
-  buffer with one atomic add per (query, selected block, channel), not per key tile.
+  against their block's keys; a tile's dQ for that block is added to an fp32 buffer with one
+  atomic add per (query, selected block, channel), not per key tile.
 
 Extra memory: the fp32 dQ buffer (twice `q` in bf16), the keys and values in blocked order (as
-the forward makes them), `delta`. No host synchronisation.
+the forward makes them), the query index (rebuilt), `delta`. No host synchronisation.
 """
 
 from __future__ import annotations
