@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: serve test browser lint format bench bench-attention bench-check bench-pipeline bench-worker bench-api clean
+.PHONY: serve test browser lint format bench bench-attention bench-check bench-pipeline bench-worker bench-train bench-api clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench-attention: $(VENV)/.installed-dev
 
 bench-check: $(VENV)/.installed-dev
 	$(PY) -m bench.check_attention
+
+bench-train: $(VENV)/.installed-dev
+	$(PY) -m bench.check_backward
+	$(PY) -m bench.attention_backward
+	$(PY) -m bench.train_step
 
 bench-worker: $(VENV)/.installed-dev
 	$(PY) -m bench.worker_e2e

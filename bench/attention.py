@@ -66,22 +66,31 @@ def dense_ms(q, k, v, sdpa: str) -> float:
 
 
 _FLEX = None
+FLEX_BLOCK = 128
 
 
-def flex_ms(q, k, v, density: float, seed: int = 0) -> tuple[float, float]:
-    """FlexAttention with a random block mask of `density` (128x128 blocks, all full)."""
+def compiled_flex():
+    """FlexAttention compiled once per process (static shapes)."""
     global _FLEX
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     if _FLEX is None:
         _FLEX = torch.compile(flex_attention, dynamic=False)
-    b, s, h, d = q.shape
-    blk = 128
-    n = math.ceil(s / blk)
-    s_pad = n * blk
-    qt, kt, vt = (
-        F.pad(x, (0, 0, 0, 0, 0, s_pad - s)).transpose(1, 2).contiguous() for x in (q, k, v)
-    )
+    return _FLEX
+
+
+def flex_layout(x: torch.Tensor) -> torch.Tensor:
+    """`[B, S, H, D]` -> `[B, H, S_pad, D]`, `S` zero-padded to whole 128-token blocks."""
+    s_pad = math.ceil(x.shape[1] / FLEX_BLOCK) * FLEX_BLOCK
+    return F.pad(x, (0, 0, 0, 0, 0, s_pad - x.shape[1])).transpose(1, 2).contiguous()
+
+
+def random_block_mask(b: int, h: int, s: int, density: float, seed: int = 0):
+    """A FlexAttention `BlockMask` keeping `round(density * n)` random full 128x128 key blocks
+    per query block (the diagonal block always), and the density it has."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = math.ceil(s / FLEX_BLOCK)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     per_row = max(1, round(density * n))
     scores = torch.rand(b, h, n, n, generator=gen)
@@ -91,9 +100,20 @@ def flex_ms(q, k, v, density: float, seed: int = 0) -> tuple[float, float]:
     idx = torch.cat([idx, torch.zeros(b, h, n, n - per_row, dtype=torch.int32)], -1).cuda()
     counts = torch.full((b, h, n), per_row, dtype=torch.int32, device="cuda")
     zero_counts = torch.zeros_like(counts)
-    mask = BlockMask.from_kv_blocks(zero_counts, idx, counts, idx, BLOCK_SIZE=blk, mask_mod=None)
-    ms = median_ms(lambda: _FLEX(qt, kt, vt, block_mask=mask), REP_MS)
-    return ms, per_row / n
+    mask = BlockMask.from_kv_blocks(
+        zero_counts, idx, counts, idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=None
+    )
+    return mask, per_row / n
+
+
+def flex_ms(q, k, v, density: float, seed: int = 0) -> tuple[float, float]:
+    """FlexAttention with a random block mask of `density` (128x128 blocks, all full)."""
+    b, s, h, _ = q.shape
+    qt, kt, vt = (flex_layout(x) for x in (q, k, v))
+    mask, achieved = random_block_mask(b, h, s, density, seed)
+    flex = compiled_flex()
+    ms = median_ms(lambda: flex(qt, kt, vt, block_mask=mask), REP_MS)
+    return ms, achieved
 
 
 def work_ratio(bits_bool, layout, cfg) -> float:

@@ -97,6 +97,12 @@ def environment(device="cuda") -> dict:
         "diffusers": _version("diffusers"),
         "cuda": torch.version.cuda if cuda else None,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
+        # the kernels' tuning hooks (vmoba/kernels/configs.py), when set
+        "config_overrides": {
+            key: value
+            for key, value in os.environ.items()
+            if key.startswith("VMOBA_") and key.endswith("_CONFIG")
+        },
     }
 
 

@@ -31,9 +31,11 @@ def vmoba_attention(
     (`config.layer_kinds`); each query attends to the tokens of the key blocks
     `select_blocks` gives it (its own block always). `softmax_scale` defaults to `1/sqrt(D)`.
 
-    `kernel`: `"triton"` (CUDA, fp16/bf16, `D` in {64, 128}; no backward yet, so inputs that
-    require grad raise with grad mode on), `"reference"` (plain PyTorch, any device,
-    differentiable), or `"auto"` (Triton for CUDA half-precision inputs, the reference otherwise).
+    `kernel`: `"triton"` (CUDA, fp16/bf16, `D` in {64, 128}), `"reference"` (plain PyTorch, any
+    device), or `"auto"` (Triton for CUDA half-precision inputs, the reference otherwise). Both
+    are differentiable in `q, k, v` for the selection they made (the gate and selection are
+    discrete and get no gradient); the Triton path saves what its backward needs only when grad
+    mode is on and an input requires grad (`vmoba.autograd`).
 
     `stats`: an optional dict that receives, without a host sync, `attended` (a 0-dim fp64 device
     tensor: `sum_{b,h,i} |K(b,h,i)|`, the key tokens attended) and `num_blocks` (`C`).
@@ -43,10 +45,10 @@ def vmoba_attention(
     kind = config.kind(layer_idx)
     if _use_triton(kernel, q):
         if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-            raise RuntimeError(
-                "the Triton VMoBA kernel has no backward yet: its output would not be "
-                "differentiable; use kernel='reference' for gradients (or run under "
-                "torch.no_grad() / torch.inference_mode())"
+            from .autograd import trainable_attention
+
+            return trainable_attention(
+                q, k, v, grid=grid, kind=kind, config=config, softmax_scale=scale, stats=stats
             )
         from .kernels.attention import sparse_attention
 

@@ -195,6 +195,23 @@ def build_random_components(
     return parts
 
 
+def build_random_transformer(config: dict, *, device: str = "cuda", dtype=None, seed: int = 0):
+    """A `WanTransformer3DModel` of `config` (e.g. `WAN21_T2V_1_3B`) with random weights at the
+    scale of trained ones, in `dtype` (default bf16 on CUDA) except diffusers' fp32 modules, in
+    eval mode with gradients off (a benchmark turns them on to train it)."""
+    from diffusers import WanTransformer3DModel
+
+    from .pipeline import resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype, device)
+    with torch.random.fork_rng(devices=[]), torch.device(device), _default_dtype(torch_dtype):
+        torch.manual_seed(seed)
+        model: Any = WanTransformer3DModel(**config)
+    _trained_scale_init(model, torch.Generator(device=device).manual_seed(seed))
+    _cast_keeping_fp32(model, torch_dtype)
+    return model.eval().requires_grad_(False)
+
+
 def build_random_pipeline(
     name: str, *, device: str = "cuda", dtype=None, seed: int = 0, architectures: dict | None = None
 ):

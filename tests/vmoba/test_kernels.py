@@ -348,24 +348,21 @@ def test_unsupported_inputs_raise(seed):
         select_blocks(x, x, grid=g, layer_idx=1, config=tiny, kernel="triton")
 
 
-def test_triton_path_refuses_inputs_that_need_gradients(seed):
-    """The Triton path has no backward yet: with grad mode on and an input that requires grad it
-    raises instead of returning an output silently cut from the graph; the reference path stays
-    differentiable."""
+def test_triton_path_is_differentiable_like_the_reference(seed):
+    """Inputs that require grad get gradients through the Triton path (`vmoba.autograd`; the
+    backward itself is tested in test_backward.py) close to the reference path's; under no_grad
+    the output is cut from the graph."""
     grid = (3, 5, 7)
     q, k, v = qkv(grid, DTYPES[0])
-    for x in (q, k, v):
-        leaf = x.detach().requires_grad_(True)
-        args = [leaf if y is x else y for y in (q, k, v)]
-        with pytest.raises(RuntimeError, match="no backward.*kernel='reference'"):
-            vmoba_attention(*args, grid=grid, layer_idx=0, config=CFG, kernel="triton")
     q.requires_grad_(True)
     with torch.no_grad():
         out = vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, kernel="triton")
     assert not out.requires_grad
-    ref = vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, kernel="reference")
-    ref.float().square().sum().backward()
-    assert q.grad is not None and q.grad.abs().sum() > 0
-    torch.testing.assert_close(
-        out.float(), ref.detach().float(), atol=ATOL[q.dtype], rtol=RTOL[q.dtype]
-    )
+    grads = []
+    for kernel in ("triton", "reference"):
+        q.grad = None
+        y = vmoba_attention(q, k, v, grid=grid, layer_idx=0, config=CFG, kernel=kernel)
+        y.float().square().sum().backward()
+        assert q.grad is not None
+        grads.append(q.grad.float())
+    assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-2  # relative L2

@@ -1,7 +1,8 @@
 """VMoBA inside diffusers Wan pipelines: processors, per-call settings, statistics.
 
 Modules: `settings` (the settings a call accepts), `statistics` (what the calls did, and the
-timer), `processor` (the self-attention processor), `install` (`install_vmoba`, the handle).
+timer), `processor` (the self-attention processor), `install` (`install_vmoba`, the handle),
+`training` (activation checkpointing that works with VMoBA installed; `docs/training.md`).
 
 ```python
 from vmoba.diffusers import AttentionSettings, install_vmoba
@@ -40,6 +41,7 @@ from __future__ import annotations
 from ..config import ATTENTION_BACKENDS, KERNELS, AttentionSettings
 from .install import VMoBAHandle, install_vmoba
 from .processor import VMoBAAttnProcessor
+from .training import enable_gradient_checkpointing
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -47,5 +49,6 @@ __all__ = [
     "AttentionSettings",
     "VMoBAAttnProcessor",
     "VMoBAHandle",
+    "enable_gradient_checkpointing",
     "install_vmoba",
 ]

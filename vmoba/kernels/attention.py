@@ -39,7 +39,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..config import VMoBAConfig
-from ..partition import block_layout
+from ..partition import BlockLayout, block_layout
 from .common import interpreting
 from .configs import attention_config
 from .selection import Selection, select_bits
@@ -173,6 +173,7 @@ def vmoba_fwd_kernel(
     o_ptr,
     acc_ptr,
     ml_ptr,
+    lse_ptr,
     qlist_ptr,
     seg_start_ptr,
     seg_count_ptr,
@@ -200,6 +201,7 @@ def vmoba_fwd_kernel(
     BN: tl.constexpr,
     GRAB: tl.constexpr,
     IEEE: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
     """Every tile of every segment. Segment `c * BH + bh`: the queries of sample-head `bh` that
     selected key block `c`, `qlist[seg_start : seg_start + seg_count]`; work item `w` is tile
@@ -209,6 +211,8 @@ def vmoba_fwd_kernel(
     `[B*S, H*D]` with `[BN, D]` tiles (a block's keys are contiguous rows). `acc [B, S, H, D]`
     holds each query's output so far, normalised (its dtype, fp32 or fp16, sets the merge
     precision and traffic), and `ml [BH, S, 2]` its running max (log2 domain) and denominator.
+    `WRITE_LSE`: also store each query's final log-sum-exp (log2 domain, scale included) in
+    `lse [BH, S]`, for the backward.
 
     The next item's ticket, segment and query list are loaded before this item's key loop, so
     their chain of dependent loads is hidden behind the matmuls.
@@ -325,6 +329,8 @@ def vmoba_fwd_kernel(
         )
         done = m_r & last
         tl.store(p_o, (b_acc / b_l[:, None]).to(o_ptr.dtype.element_ty), mask=done[:, None])
+        if WRITE_LSE:
+            tl.store(lse_ptr + i_bh.to(tl.int64) * S + tok, m_new + tl.math.log2(b_l), mask=done)
         tl.debug_barrier()  # every thread's stores before the release
         finished = seg
         work = next_work
@@ -394,12 +400,21 @@ def query_index(selection: Selection, bm: int, blk: int) -> QueryIndex:
 
 
 def attend(
-    q, k, v, selection: Selection, softmax_scale: float, out=None, poison: bool = False
+    q,
+    k,
+    v,
+    selection: Selection,
+    softmax_scale: float,
+    out=None,
+    poison: bool = False,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over the selected blocks: the query index, then one persistent launch.
 
     `out`: an optional preallocated `[B, S, H, D]` output. `poison` fills the internal state with
-    NaN first (tests: any read of state no block wrote shows up in the output).
+    NaN first (tests: any read of state no block wrote shows up in the output). `lse`: an
+    optional `[B*H, S]` fp32 tensor that receives every query's log-sum-exp (log2 domain, scale
+    included), which the backward needs.
     """
     b, s, h, d = q.shape
     layout = selection.layout
@@ -424,9 +439,7 @@ def attend(
     done = torch.zeros(n_seg + 1, device=dev, dtype=torch.int32)  # per segment, then the ticket
     n_prog = cfg["programs"] if interpreting() else cfg["ctas_per_sm"] * _sm_count(dev)
     # keys and values in blocked order, so every block is a run of rows a TMA descriptor can load
-    kb, vb = (
-        x.contiguous() if layout.is_identity else x.index_select(1, layout.perm) for x in (k, v)
-    )
+    kb, vb = blocked(k, layout), blocked(v, layout)
     k_desc, v_desc = (
         TensorDescriptor.from_tensor(x.view(b * s, h * d), [cfg["BN"], d]) for x in (kb, vb)
     )
@@ -437,6 +450,7 @@ def attend(
         out,
         acc,
         ml,
+        ml if lse is None else lse,
         index.qlist,
         index.seg_start,
         index.seg_count,
@@ -464,11 +478,17 @@ def attend(
         BN=cfg["BN"],
         GRAB=cfg["grab"],
         IEEE=q.dtype == torch.float32,
+        WRITE_LSE=lse is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and not interpreting() else {}),
     )
     return out
+
+
+def blocked(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """`x [B, S, H, D]` with tokens in blocked order (every block a run of rows), contiguous."""
+    return x.contiguous() if layout.is_identity else x.index_select(1, layout.perm)
 
 
 def sparse_attention(

@@ -97,3 +97,31 @@ def attention_config(head_dim: int, interpreter: bool, max_block_len: int) -> di
     # tuning hook for bench/tune_attention.py: VMOBA_ATTN_CONFIG='{"BN": 64, "num_stages": 4}'
     cfg.update(json.loads(os.environ.get("VMOBA_ATTN_CONFIG", "{}")))
     return cfg
+
+
+# Backward: `dkdv` programs hold BN keys (dK, dV accumulate in fp32 registers) and walk the
+# block's gathered queries BM at a time; `dq` tiles take BM gathered queries (the backward builds
+# its own query index in tiles of this BM) against BN keys at a time. Measured on the H100 at
+# 576p, top-k 25%, every layer kind (bench/results/tuning-backward-h100.json): dkdv BM 64 x BN 128
+# with 8 warps, 2 stages took 26.5-27.5 ms (BM 32: 31-34, 3 stages or BM 128 or BN 64 x 4 warps:
+# about the same, BN 128 x 4 warps: 79-84); dq BM 128 x BN 64, 8 warps, 3 stages took 11.0-16.6 ms
+# against 13.3-21.5 for BM 64 x BN 64, 4 warps, 2 CTAs per SM.
+_BWD_GPU = {
+    "dkdv": {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2},
+    "dq": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "ctas_per_sm": 1},
+}
+# the interpreter's cost is per program and per loop step: large tiles keep CPU tests short
+_BWD_INTERPRETER = {
+    "dkdv": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
+    "dq": {"BM": 16, "BN": 32, "num_warps": 4, "num_stages": 1, "programs": 2},
+}
+
+
+def backward_config(interpreter: bool) -> dict:
+    if interpreter:
+        return {name: dict(cfg) for name, cfg in _BWD_INTERPRETER.items()}
+    cfg = {name: dict(c) for name, c in _BWD_GPU.items()}
+    # tuning hook: VMOBA_BWD_CONFIG='{"dkdv": {"BM": 32}, "dq": {"BN": 128}}'
+    for name, changes in json.loads(os.environ.get("VMOBA_BWD_CONFIG", "{}")).items():
+        cfg[name].update(changes)
+    return cfg

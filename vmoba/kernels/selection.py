@@ -90,8 +90,20 @@ def select_bits(
         select_per_query(
             q, hi, lo, split, layout, bits, attended, cfg, mode=mode, tau=tau, topk=topk
         )
-    per_query = max(1, min(topk, c)) if mode == "topk" else c
-    return Selection(bits=bits, attended=attended, layout=layout, max_blocks_per_query=per_query)
+    return Selection(
+        bits=bits,
+        attended=attended,
+        layout=layout,
+        max_blocks_per_query=blocks_per_query_bound(config, kind, c),
+    )
+
+
+def blocks_per_query_bound(config: VMoBAConfig, kind: str, num_blocks: int) -> int:
+    """The most blocks a query can select, known on the host: top-k's k, else every block."""
+    tau, topk = config.threshold, config.topk_for(kind)
+    if config.select != "topk" and (tau <= 0 or tau >= 1):
+        return 1 if tau <= 0 else num_blocks
+    return max(1, min(topk, num_blocks)) if config.select == "topk" else num_blocks
 
 
 def select_mask(q, k, *, grid, kind: str, config: VMoBAConfig) -> torch.Tensor:
