@@ -135,6 +135,22 @@ def test_odd_shapes_single_head_and_tiny_blocks(seed):
     assert_every_layer_matches(q, k, v, grid, cfg)
 
 
+@pytest.mark.parametrize("early, grab", [(True, 2), (False, 1), (True, 3)])
+def test_work_pipeline_settings_match_reference(seed, monkeypatch, early, grab):
+    """The attention kernel fetches work items several ahead (tickets of `grab` items, a query
+    tile whose segment ends mid-ticket, programs left with nothing) and, with `early_merge`,
+    loads a tile's merge state before its key loop when its wait is already over."""
+    real = attn_k.attention_config
+    monkeypatch.setattr(
+        attn_k,
+        "attention_config",
+        lambda *a: {**real(*a), "early_merge": early, "grab": grab, "programs": 3},
+    )
+    grid = (3, 4, 5)
+    q, k, v = qkv(grid, DTYPES[0], b=2, h=2)
+    assert_every_layer_matches(q, k, v, grid, CFG.replace(select="threshold_query", threshold=0.3))
+
+
 @pytest.mark.parametrize("mode", ["topk", "threshold_global"])
 def test_query_index_lists_every_selected_pair_once(seed, mode):
     """The transposed index against the selection: segment `c * BH + bh` holds exactly the
