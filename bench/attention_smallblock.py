@@ -94,11 +94,16 @@ def run_kind(name, grid, kind, q, k, v, cudnn, kernels, args, base) -> list[dict
     records, first_out = [], None
     rows = torch.randperm(q.shape[1], device=q.device)[: args.rows].sort().values
     for label, module, override in kernels:
+        if name not in override.get("presets", [name]):
+            continue
+        override = {key: val for key, val in override.items() if key != "presets"}
         os.environ["VMOBA_ATTN_CONFIG"] = json.dumps(override)
         rec = {**common, "kernel": label, "config_override": override}
         try:
             attend = module.attend
-            out = attend(q, k, v, sel, scale)  # compiles
+            # compiles; NaN-poisoned output and state: what no tile wrote stays NaN
+            out = attend(q, k, v, sel, scale, out=torch.full_like(q, math.nan), poison=True)
+            rec["unwritten"] = int(out.isnan().sum())
             rec["config"] = module.attention_config(q.shape[-1], False, layout.max_len)
             rec["attend_ms"] = median_ms(lambda a=attend: a(q, k, v, sel, scale), args.rep_ms)
             rec["fwd_ms"] = median_ms(
@@ -173,6 +178,7 @@ def main(argv=None):
     kernels = []
     if args.baseline:
         kernels.append(("baseline", importlib.import_module(args.baseline), {}))
+    # an override may name the presets it is for: {"presets": ["wan1.3b-720p-81f"], "BM": 64}
     kernels += [("current", current, v) for v in json.loads(args.variants)]
     env = environment()
     print(env, flush=True)
