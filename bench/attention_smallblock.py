@@ -2,14 +2,19 @@
 FlexAttention, and a kernel against a baseline kernel module in the same process.
 
 For each preset and layer kind at the default top-k (`vmoba.defaults.topk_for_grid`):
-- `cudnn_ms` (dense SDPA), `flex_ms` (random 128x128 block mask of the same density);
+- `cudnn_ms` (dense SDPA, before the preset's kinds; `cudnn_ms_after` after them), `flex_ms`
+  (random 128x128 block mask of the same density);
 - per kernel (the baseline module, then this tree's `vmoba.kernels.attention` with each config
   override): `fwd_ms` (selection + attention, what a layer costs), `attend_ms` (attention alone
-  on a fixed selection, the index build included), `percent_of_ideal` =
+  on a fixed selection, the index build included), `unwritten` (elements of a NaN-poisoned
+  output left NaN), `percent_of_ideal` =
   `100 * density * cudnn_ms / fwd_ms` (perfect efficiency runs the density's share of cuDNN's
   time), whether its output is bit-identical to the baseline's, and the error against the
   plain-PyTorch masked attention on sampled rows (fp32 math);
-- `kernels_us`: GPU time per kernel of one `attend` call (torch profiler): where the time goes.
+- `kernels_us`: GPU time per kernel of one forward (selection and attention; torch profiler):
+  where the time goes.
+
+`fwd_ms` is the median of `--rounds` medians, each round timing every kernel in turn.
 
     python -m bench.attention_smallblock --baseline vmoba.kernels.attention_baseline \
         [--presets ...] [--variants '[{}, {"BM": 64}]'] [--rep-ms 200] [--out DIR]
@@ -91,42 +96,61 @@ def run_kind(name, grid, kind, q, k, v, cudnn, kernels, args, base) -> list[dict
         "cudnn_ms": cudnn,
         "selection_ms": sel_ms,
     }
-    records, first_out = [], None
+    first_out = None
     rows = torch.randperm(q.shape[1], device=q.device)[: args.rows].sort().values
+    runs = []  # (module, override, record) of the kernels measured at this preset
     for label, module, override in kernels:
-        if name not in override.get("presets", [name]):
-            continue
-        override = {key: val for key, val in override.items() if key != "presets"}
-        os.environ["VMOBA_ATTN_CONFIG"] = json.dumps(override)
-        rec = {**common, "kernel": label, "config_override": override}
-        try:
-            attend = module.attend
-            # compiles; NaN-poisoned output and state: what no tile wrote stays NaN
-            out = attend(q, k, v, sel, scale, out=torch.full_like(q, math.nan), poison=True)
-            rec["unwritten"] = int(out.isnan().sum())
-            rec["config"] = module.attention_config(q.shape[-1], False, layout.max_len)
-            rec["attend_ms"] = median_ms(lambda a=attend: a(q, k, v, sel, scale), args.rep_ms)
-            rec["fwd_ms"] = median_ms(
-                lambda a=attend: a(q, k, v, select_bits(q, k, layout, cfg, kind), scale),
-                args.rep_ms,
+        if name in override.get("presets", [name]):
+            override = {key: val for key, val in override.items() if key != "presets"}
+            runs.append(
+                (module, override, {**common, "kernel": label, "config_override": override})
             )
+    # rounds over all kernels, so a drift of the GPU's clocks reaches each about alike
+    for rnd in range(args.rounds):
+        for module, override, rec in runs:
+            if "error" in rec:
+                continue
+            os.environ["VMOBA_ATTN_CONFIG"] = json.dumps(override)
+            attend = module.attend
+            try:
+                if rnd == 0:
+                    # compiles; NaN-poisoned output and state: what no tile wrote stays NaN
+                    out = torch.full_like(q, math.nan)
+                    attend(q, k, v, sel, scale, out=out, poison=True)
+                    rec["unwritten"] = int(out.isnan().sum())
+                    rec["config"] = module.attention_config(q.shape[-1], False, layout.max_len)
+                    if first_out is None:
+                        first_out = out
+                    rec["bit_identical_to_first"] = bool(torch.equal(out, first_out))
+                    rec.update(reference_error(q, k, v, sel, out, grid, kind, cfg, rows))
+                    del out
+                    rec["attend_ms"] = median_ms(
+                        lambda a=attend: a(q, k, v, sel, scale), args.rep_ms
+                    )
+                    if args.profile:
+                        rec["kernels_us"] = kernel_times(
+                            lambda a=attend: a(q, k, v, select_bits(q, k, layout, cfg, kind), scale)
+                        )
+                rec.setdefault("fwd_ms_rounds", []).append(
+                    median_ms(
+                        lambda a=attend: a(q, k, v, select_bits(q, k, layout, cfg, kind), scale),
+                        args.rep_ms,
+                    )
+                )
+            except Exception as exc:
+                traceback.print_exc()
+                rec["error"] = repr(exc)[:500]
+            finally:
+                os.environ.pop("VMOBA_ATTN_CONFIG", None)
+    records = []
+    for _, override, rec in runs:
+        if "fwd_ms_rounds" in rec:
+            rec["fwd_ms"] = sorted(rec["fwd_ms_rounds"])[len(rec["fwd_ms_rounds"]) // 2]
             rec["speedup_vs_cudnn"] = cudnn / rec["fwd_ms"]
             rec["percent_of_ideal"] = 100 * density * cudnn / rec["fwd_ms"]
-            if first_out is None:
-                first_out = out
-            rec["bit_identical_to_first"] = bool(torch.equal(out, first_out))
-            rec.update(reference_error(q, k, v, sel, out, grid, kind, cfg, rows))
-            if args.profile:
-                rec["kernels_us"] = kernel_times(lambda a=attend: a(q, k, v, sel, scale))
-            del out
-        except Exception as exc:
-            traceback.print_exc()
-            rec["error"] = repr(exc)[:500]
-        finally:
-            os.environ.pop("VMOBA_ATTN_CONFIG", None)
         records.append(rec)
         print(
-            f"{name} {kind} {label} {json.dumps(override)}: "
+            f"{name} {kind} {rec['kernel']} {json.dumps(override)}: "
             + ", ".join(
                 f"{key} {rec[key]:.3f}"
                 if isinstance(rec.get(key), float)
@@ -136,11 +160,15 @@ def run_kind(name, grid, kind, q, k, v, cudnn, kernels, args, base) -> list[dict
                     "attend_ms",
                     "percent_of_ideal",
                     "bit_identical_to_first",
-                    "max_abs_err",
+                    "rel_l2_err",
+                    "unwritten",
+                    "fwd_ms_rounds",
                 )
             ),
             flush=True,
         )
+    if not args.flex:
+        return records
     try:
         fms, fdens = attention_bench.flex_ms(q, k, v, density)
         records.append(
@@ -170,6 +198,8 @@ def main(argv=None):
     ap.add_argument("--rep-ms", type=int, default=200, help="timing budget per measurement")
     ap.add_argument("--rows", type=int, default=256, help="rows checked against the reference")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--no-flex", dest="flex", action="store_false")
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds over all kernels")
     ap.add_argument("--out", default=str(RESULTS_DIR / "attention-smallblock.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -203,6 +233,13 @@ def main(argv=None):
         for kind in args.kinds:
             records += run_kind(name, grid, kind, q, k, v, cudnn, kernels, args, base)
             write_json(Path(args.out), {"environment": env, "records": records})
+        # again at the end: how far the GPU's speed drifted over the preset's runs
+        after = attention_bench.dense_ms(q, k, v, "cudnn")
+        print(f"{name} cudnn again {after:.2f} ms", flush=True)
+        for rec in records:
+            if rec["preset"] == name:
+                rec["cudnn_ms_after"] = after
+        write_json(Path(args.out), {"environment": env, "records": records})
         del q, k, v
         torch.cuda.empty_cache()
 
