@@ -520,12 +520,7 @@ def attend(
     done = torch.zeros(n_seg + 1, device=dev, dtype=torch.int32)  # per segment, then the ticket
     n_prog = cfg["programs"] if interpreting() else cfg["ctas_per_sm"] * _sm_count(dev)
     # keys and values in blocked order, so every block is a run of rows a TMA descriptor can load
-    if cfg.get("blocked_kv", "triton") == "triton":
-        kb, vb = blocked_kv(k, v, layout)
-    else:  # measured against the kernel
-        kb, vb = (
-            x.contiguous() if layout.is_identity else x.index_select(1, layout.perm) for x in (k, v)
-        )
+    kb, vb = blocked_kv(k, v, layout)
     k_desc, v_desc = (
         TensorDescriptor.from_tensor(x.view(b * s, h * d), [cfg["BN"], d]) for x in (kb, vb)
     )
