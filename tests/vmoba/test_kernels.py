@@ -137,13 +137,14 @@ def test_odd_shapes_single_head_and_tiny_blocks(seed):
 
 @pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
 def test_blocked_kv_is_the_layout_permutation(seed, kind):
-    """Keys and values copied into blocked order, from contiguous tensors and from views of a
-    packed `[B, S, 2, H, D]` tensor (strided tokens and heads)."""
+    """Keys and values copied into blocked order, from contiguous tensors, from views of a
+    packed `[B, S, 2, H, D]` tensor and from views with a strided head dimension."""
     grid = (3, 5, 7)
     layout = block_layout(grid, kind, CFG, device=DEVICE)
     k, v = qkv(grid, DTYPES[0])[1:]
-    kv = torch.stack([k, v], 2)
-    for kk, vv in ((k, v), (kv[:, :, 0], kv[:, :, 1])):
+    kv, kv_last = torch.stack([k, v], 2), torch.stack([k, v], -1)
+    # contiguous; tokens and heads strided; the head dim strided too (copied first)
+    for kk, vv in ((k, v), (kv[:, :, 0], kv[:, :, 1]), (kv_last[..., 0], kv_last[..., 1])):
         kb, vb = blocked.blocked_kv(kk, vv, layout)
         assert kb.is_contiguous() and vb.is_contiguous()
         assert torch.equal(kb, kk.index_select(1, layout.perm))

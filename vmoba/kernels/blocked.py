@@ -52,9 +52,10 @@ def vmoba_blocked_kv_kernel(
 
 
 def blocked_kv(k: torch.Tensor, v: torch.Tensor, layout: BlockLayout):
-    """`k, v [B, S, H, D]` (last dim contiguous) -> contiguous copies in blocked token order."""
+    """`k, v [B, S, H, D]` -> contiguous copies in blocked token order."""
     if layout.is_identity:
         return k.contiguous(), v.contiguous()
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
     b, s, h, d = k.shape
     kb = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     vb = torch.empty(v.shape, device=v.device, dtype=v.dtype)
