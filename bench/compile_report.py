@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vmoba.kernels import attention as attn_k
+from vmoba.kernels import blocked as blocked_k
 from vmoba.kernels import pooling as pool_k
 from vmoba.kernels import select_global as global_k
 from vmoba.kernels import select_query as query_k
@@ -27,7 +28,7 @@ PTR_TYPES = {
     "o_ptr": "*bf16",
     "km_hi_ptr": "*bf16",
     "km_lo_ptr": "*bf16",
-    "acc_ptr": "*fp32",
+    "acc_ptr": "*fp16",  # the running output of half-precision inputs (partial_dtype)
     "ml_ptr": "*fp32",
     "stats_ptr": "*fp32",
     "range_ptr": "*fp32",
@@ -41,6 +42,8 @@ PTR_TYPES = {
     "out_ptr": "*fp32",
     "seg_start_ptr": "*i64",
     "tile_base_ptr": "*i64",
+    "kb_ptr": "*bf16",
+    "vb_ptr": "*bf16",
 }
 FLOAT_ARGS = {"qk_scale", "tau"}
 
@@ -95,31 +98,32 @@ def main():
         (
             "fwd D128 BM128 BN64 w8 s2",
             attn_k.vmoba_fwd_kernel,
-            dict(D=128, BM=128, BN=64, GRAB=2, IEEE=False),
+            dict(D=128, BM=128, BN=64, GRAB=2, IEEE=False, EARLY=False),
             8,
             2,
         ),
         (
             "fwd D128 BM128 BN128 w8 s3",
             attn_k.vmoba_fwd_kernel,
-            dict(D=128, BM=128, BN=128, GRAB=2, IEEE=False),
+            dict(D=128, BM=128, BN=128, GRAB=2, IEEE=False, EARLY=False),
             8,
             3,
         ),
         (
             "fwd D64 BM128 BN64 w4 s3",
             attn_k.vmoba_fwd_kernel,
-            dict(D=64, BM=128, BN=64, GRAB=2, IEEE=False),
+            dict(D=64, BM=128, BN=64, GRAB=2, IEEE=False, EARLY=False),
             4,
             3,
         ),
         (
-            "fwd D128 BM64 BN64 w4 s3",
+            "fwd D128 BM64 BN64 w4 s3 early",
             attn_k.vmoba_fwd_kernel,
-            dict(D=128, BM=64, BN=64, GRAB=2, IEEE=False),
+            dict(D=128, BM=64, BN=64, GRAB=2, IEEE=False, EARLY=True),
             4,
             3,
         ),
+        ("blocked kv D128", blocked_k.vmoba_blocked_kv_kernel, dict(D=128, BR=64), 4, 1),
         ("pool D128", pool_k.vmoba_pool_kernel, dict(D=128, BT=64), 4, 1),
         (
             "query topk-iter C64",

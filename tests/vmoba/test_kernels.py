@@ -19,7 +19,7 @@ import torch
 from vmoba import VMoBAConfig, block_ids, select_blocks, vmoba_attention
 from vmoba.inputs import locality_qkv
 from vmoba.kernels import attention as attn_k
-from vmoba.kernels import select_global, select_query, selection
+from vmoba.kernels import blocked, select_global, select_query, selection
 from vmoba.partition import block_layout
 
 MODES = ("topk", "threshold_query", "threshold_global")
@@ -133,6 +133,38 @@ def test_odd_shapes_single_head_and_tiny_blocks(seed):
     )
     q, k, v = qkv(grid, DTYPES[0], b=1, h=1)
     assert_every_layer_matches(q, k, v, grid, cfg)
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
+def test_blocked_kv_is_the_layout_permutation(seed, kind):
+    """Keys and values copied into blocked order, from contiguous tensors, from views of a
+    packed `[B, S, 2, H, D]` tensor and from views with a strided head dimension."""
+    grid = (3, 5, 7)
+    layout = block_layout(grid, kind, CFG, device=DEVICE)
+    k, v = qkv(grid, DTYPES[0])[1:]
+    kv, kv_last = torch.stack([k, v], 2), torch.stack([k, v], -1)
+    # contiguous; tokens and heads strided; the head dim strided too (copied first)
+    for kk, vv in ((k, v), (kv[:, :, 0], kv[:, :, 1]), (kv_last[..., 0], kv_last[..., 1])):
+        kb, vb = blocked.blocked_kv(kk, vv, layout)
+        assert kb.is_contiguous() and vb.is_contiguous()
+        assert torch.equal(kb, kk.index_select(1, layout.perm))
+        assert torch.equal(vb, vv.index_select(1, layout.perm))
+
+
+@pytest.mark.parametrize("early, grab", [(True, 2), (False, 1), (True, 3)])
+def test_work_pipeline_settings_match_reference(seed, monkeypatch, early, grab):
+    """The attention kernel fetches work items several ahead (tickets of `grab` items, a query
+    tile whose segment ends mid-ticket, programs left with nothing) and, with `early_merge`,
+    loads a tile's merge state before its key loop when its wait is already over."""
+    real = attn_k.attention_config
+    monkeypatch.setattr(
+        attn_k,
+        "attention_config",
+        lambda *a: {**real(*a), "early_merge": early, "grab": grab, "programs": 3},
+    )
+    grid = (3, 4, 5)
+    q, k, v = qkv(grid, DTYPES[0], b=2, h=2)
+    assert_every_layer_matches(q, k, v, grid, CFG.replace(select="threshold_query", threshold=0.3))
 
 
 @pytest.mark.parametrize("mode", ["topk", "threshold_global"])

@@ -39,7 +39,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..config import VMoBAConfig
-from ..partition import BlockLayout, block_layout
+from ..partition import block_layout
+from .blocked import blocked_kv
 from .common import interpreting
 from .configs import attention_config
 from .selection import Selection, select_bits
@@ -144,25 +145,40 @@ def vmoba_items_kernel(seg_tiles_ptr, first_tile_ptr, item_seg_ptr, BLK: tl.cons
 
 
 @triton.jit
-def _item(
-    work,
-    total,
-    item_seg_ptr,
-    first_tile_ptr,
-    seg_count_ptr,
-    seg_start_ptr,
-    qlist_ptr,
-    BM: tl.constexpr,
+def _next_work(work, ticket_ptr, GRAB: tl.constexpr):
+    """The work item after `work` of this program: the next of its ticket, or a new ticket's first
+    (tickets hand out GRAB consecutive items: fewer atomics, each a stall). Relaxed: a ticket
+    orders nothing (the default acq_rel fenced first, waiting for the last item's stores)."""
+    if (work + 1) % GRAB == 0:  # noqa: SIM108  (Triton kernel: the atomic only on this branch)
+        nxt = tl.atomic_add(ticket_ptr, 1, sem="relaxed") * GRAB
+    else:
+        nxt = work + 1
+    return nxt
+
+
+@triton.jit
+def _segment(
+    seg, live, first_tile_ptr, seg_count_ptr, seg_start_ptr, wait_ptr, starts_ptr, lengths_ptr, BH
 ):
-    """Segment of work item `work` and its queries' info words (-1 past the segment's end)."""
-    live = work < total
-    seg = tl.load(item_seg_ptr + work, mask=live, other=0)
-    first = tl.load(first_tile_ptr + seg)
-    count = tl.load(seg_count_ptr + seg)
-    start = tl.load(seg_start_ptr + seg)
+    """What an item needs of its segment: first tile, query count and start, its key block's
+    start and length, and the segment to wait for (-1: none, or a dead item)."""
+    first = tl.load(first_tile_ptr + seg, mask=live, other=0)
+    count = tl.load(seg_count_ptr + seg, mask=live, other=0)
+    start = tl.load(seg_start_ptr + seg, mask=live, other=0)
+    wait = tl.load(wait_ptr + seg, mask=live, other=-1)
+    i_c = seg // BH
+    block_start = tl.load(starts_ptr + i_c, mask=live, other=0)
+    block_len = tl.load(lengths_ptr + i_c, mask=live, other=0)
+    return first, count, start, wait, block_start, block_len
+
+
+@triton.jit
+def _queries(work, live, first, count, start, wait, qlist_ptr, seg_tiles_ptr, BM: tl.constexpr):
+    """An item's query info words (-1 past its segment's end) and the tile count to wait for."""
     o_r = (work - first) * BM + tl.arange(0, BM)
     info = tl.load(qlist_ptr + start + o_r, mask=(o_r < count) & live, other=-1)
-    return seg, info
+    need = tl.load(seg_tiles_ptr + wait, mask=wait >= 0, other=0)
+    return info, need
 
 
 @triton.jit
@@ -202,6 +218,7 @@ def vmoba_fwd_kernel(
     GRAB: tl.constexpr,
     IEEE: tl.constexpr,
     WRITE_LSE: tl.constexpr,
+    EARLY: tl.constexpr = False,
 ):
     """Every tile of every segment. Segment `c * BH + bh`: the queries of sample-head `bh` that
     selected key block `c`, `qlist[seg_start : seg_start + seg_count]`; work item `w` is tile
@@ -214,25 +231,59 @@ def vmoba_fwd_kernel(
     `WRITE_LSE`: also store each query's final log-sum-exp (log2 domain, scale included) in
     `lse [BH, S]`, for the backward.
 
-    The next item's ticket, segment and query list are loaded before this item's key loop, so
-    their chain of dependent loads is hidden behind the matmuls.
+    Finding an item is a chain of dependent loads (ticket -> segment -> segment data -> query
+    list); a program runs it as a pipeline over its next items, one link per item: while item `i`
+    computes, the loads for `i + 1` (query list), `i + 2` (segment data), `i + 3` (segment) and
+    the ticket for `i + 4` are in flight, each needing only what the previous item's loads
+    brought. So no link's latency stalls a tile start; only its query rows and first key tiles do.
+
+    `EARLY`: a tile whose wait is already over when it starts loads its merge state before its
+    key loop, behind the matmuls, instead of after it (the state's registers fit 64-row tiles).
     """
     o_d = tl.arange(0, D)
     total = tl.load(first_tile_ptr + n_seg)
-    work = tl.atomic_add(ticket_ptr, 1) * GRAB
-    finished = -1  # the segment of the previous item, merged but not yet released
-    seg, info = _item(
-        work, total, item_seg_ptr, first_tile_ptr, seg_count_ptr, seg_start_ptr, qlist_ptr, BM
+    # fill the pipeline: item a (now) complete, b with its segment data, c with its segment, d
+    work_a = tl.atomic_add(ticket_ptr, 1, sem="relaxed") * GRAB
+    work_b = _next_work(work_a, ticket_ptr, GRAB)
+    work_c = _next_work(work_b, ticket_ptr, GRAB)
+    work_d = _next_work(work_c, ticket_ptr, GRAB)
+    seg_a = tl.load(item_seg_ptr + work_a, mask=work_a < total, other=0)
+    seg_b = tl.load(item_seg_ptr + work_b, mask=work_b < total, other=0)
+    seg_c = tl.load(item_seg_ptr + work_c, mask=work_c < total, other=0)
+    first_a, count_a, start_a, wait_a, bstart_a, blen_a = _segment(
+        seg_a,
+        work_a < total,
+        first_tile_ptr,
+        seg_count_ptr,
+        seg_start_ptr,
+        wait_ptr,
+        starts_ptr,
+        lengths_ptr,
+        BH,
     )
-    while work < total:
-        i_c = seg // BH
-        i_bh = seg % BH
+    first_b, count_b, start_b, wait_b, bstart_b, blen_b = _segment(
+        seg_b,
+        work_b < total,
+        first_tile_ptr,
+        seg_count_ptr,
+        seg_start_ptr,
+        wait_ptr,
+        starts_ptr,
+        lengths_ptr,
+        BH,
+    )
+    info_a, need_a = _queries(
+        work_a, work_a < total, first_a, count_a, start_a, wait_a, qlist_ptr, seg_tiles_ptr, BM
+    )
+    finished = -1  # the segment of the previous item, merged but not yet released
+    while work_a < total:
+        i_bh = seg_a % BH
         i_b = i_bh // H
         i_h = i_bh % H
-        m_r = info >= 0
-        tok = (info & INDEX_MASK).to(tl.int64)
-        first = (info & FIRST_FLAG) != 0
-        last = (info & LAST_FLAG) != 0
+        m_r = info_a >= 0
+        tok = (info_a & INDEX_MASK).to(tl.int64)
+        first = (info_a & FIRST_FLAG) != 0
+        last = (info_a & LAST_FLAG) != 0
         p_q = (
             q_ptr
             + i_b.to(tl.int64) * stride_qb
@@ -241,34 +292,51 @@ def vmoba_fwd_kernel(
             + o_d[None, :]
         )
         b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)  # [BM, D]
-        block_start = tl.load(starts_ptr + i_c)
-        block_len = tl.load(lengths_ptr + i_c)
-        wait = tl.load(wait_ptr + seg)
 
-        # tickets hand out GRAB consecutive items at a time (fewer atomics, each a stall)
-        if (work + 1) % GRAB == 0:  # noqa: SIM108  (Triton kernel: the atomic only on this branch)
-            next_work = tl.atomic_add(ticket_ptr, 1) * GRAB
-        else:
-            next_work = work + 1
-        next_seg, next_info = _item(
-            next_work,
-            total,
-            item_seg_ptr,
+        # one link of the chain for each of the next items (none depends on another's result)
+        info_b, need_b = _queries(
+            work_b, work_b < total, first_b, count_b, start_b, wait_b, qlist_ptr, seg_tiles_ptr, BM
+        )
+        first_c, count_c, start_c, wait_c, bstart_c, blen_c = _segment(
+            seg_c,
+            work_c < total,
             first_tile_ptr,
             seg_count_ptr,
             seg_start_ptr,
-            qlist_ptr,
-            BM,
+            wait_ptr,
+            starts_ptr,
+            lengths_ptr,
+            BH,
         )
+        seg_d = tl.load(item_seg_ptr + work_d, mask=work_d < total, other=0)
+        work_e = _next_work(work_d, ticket_ptr, GRAB)
+
+        if EARLY:  # the wait already over? then the merge state loads behind the key loop
+            ready = wait_a < 0
+            if wait_a >= 0:
+                ready = tl.atomic_add(done_ptr + wait_a, 0, sem="acquire") >= need_a
+                tl.debug_barrier()
+            early = m_r & ~first & ready
+            p_pre = ml_ptr + (i_bh.to(tl.int64) * S + tok) * 2
+            m_pre = tl.load(p_pre, mask=early, other=-float("inf"), cache_modifier=".cg")
+            l_pre = tl.load(p_pre + 1, mask=early, other=0.0, cache_modifier=".cg")
+            p_pre = (
+                acc_ptr
+                + i_b.to(tl.int64) * stride_ob
+                + tok[:, None] * stride_os
+                + i_h * stride_oh
+                + o_d[None, :]
+            )
+            o_pre = tl.load(p_pre, mask=early[:, None], other=0.0, cache_modifier=".cg")
 
         b_m = tl.full([BM], -float("inf"), dtype=tl.float32)
         b_l = tl.zeros([BM], dtype=tl.float32)
         b_acc = tl.zeros([BM, D], dtype=tl.float32)
-        row = i_b * S + block_start
+        row = i_b * S + bstart_a
         col = i_h * D
         # the partial last key tile runs inside the pipelined loop: as a separate step after it,
         # its load is exposed (measured slower on the H200)
-        for j in range(0, tl.cdiv(block_len, BN)):
+        for j in range(0, tl.cdiv(blen_a, BN)):
             b_m, b_l, b_acc = _attend_keys_at(
                 b_q,
                 b_m,
@@ -279,7 +347,7 @@ def vmoba_fwd_kernel(
                 row,
                 col,
                 j * BN,
-                block_len,
+                blen_a,
                 qk_scale,
                 BN,
                 IEEE,
@@ -290,11 +358,13 @@ def vmoba_fwd_kernel(
         if finished >= 0:
             tl.atomic_add(done_ptr + finished, 1, sem="release")
         # the previous non-empty block of this sample-head must have merged before this one does
-        if wait >= 0:
-            need = tl.load(seg_tiles_ptr + wait)
-            got = tl.atomic_add(done_ptr + wait, 0, sem="acquire")
-            while got < need:
-                got = tl.atomic_add(done_ptr + wait, 0, sem="acquire")
+        late = wait_a >= 0
+        if EARLY:
+            late = late & ~ready
+        if late:
+            got = tl.atomic_add(done_ptr + wait_a, 0, sem="acquire")
+            while got < need_a:
+                got = tl.atomic_add(done_ptr + wait_a, 0, sem="acquire")
             tl.debug_barrier()
 
         # merge with the query's earlier blocks (log-sum-exp, in place; .cg: written by other SMs)
@@ -307,10 +377,17 @@ def vmoba_fwd_kernel(
             + o_d[None, :]
         )
         old = m_r & ~first
+        if EARLY:
+            old = old & ~ready
         m_old = tl.load(p_ml, mask=old, other=-float("inf"), cache_modifier=".cg")
         l_old = tl.load(p_ml + 1, mask=old, other=0.0, cache_modifier=".cg")
         # normalised
-        o_old = tl.load(p_acc, mask=old[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+        o_old = tl.load(p_acc, mask=old[:, None], other=0.0, cache_modifier=".cg")
+        if EARLY:
+            m_old = tl.where(ready, m_pre, m_old)
+            l_old = tl.where(ready, l_pre, l_old)
+            o_old = tl.where(ready, o_pre, o_old)
+        o_old = o_old.to(tl.float32)
         m_new = tl.maximum(m_old, b_m)
         a_old = l_old * tl.math.exp2(m_old - m_new)
         a_new = tl.math.exp2(b_m - m_new)
@@ -332,12 +409,31 @@ def vmoba_fwd_kernel(
         if WRITE_LSE:
             tl.store(lse_ptr + i_bh.to(tl.int64) * S + tok, m_new + tl.math.log2(b_l), mask=done)
         tl.debug_barrier()  # every thread's stores before the release
-        finished = seg
-        work = next_work
-        seg = next_seg
-        # same value; carrying next_info itself crashed
-        info = tl.where(next_info >= 0, next_info, -1)
-        # Triton's layout pass (RemoveLayoutConversions) for 64-row tiles
+        finished = seg_a
+        # advance the pipeline by one item
+        work_a, seg_a, wait_a, bstart_a, blen_a, need_a = (
+            work_b,
+            seg_b,
+            wait_b,
+            bstart_b,
+            blen_b,
+            need_b,
+        )
+        # same value; carrying the loaded words themselves crashed Triton's layout pass
+        # (RemoveLayoutConversions) for 64-row tiles
+        info_a = tl.where(info_b >= 0, info_b, -1)
+        work_b, seg_b, first_b, count_b, start_b, wait_b, bstart_b, blen_b = (
+            work_c,
+            seg_c,
+            first_c,
+            count_c,
+            start_c,
+            wait_c,
+            bstart_c,
+            blen_c,
+        )
+        work_c, seg_c = work_d, seg_d
+        work_d = work_e
     if finished >= 0:
         tl.atomic_add(done_ptr + finished, 1, sem="release")
 
@@ -439,7 +535,7 @@ def attend(
     done = torch.zeros(n_seg + 1, device=dev, dtype=torch.int32)  # per segment, then the ticket
     n_prog = cfg["programs"] if interpreting() else cfg["ctas_per_sm"] * _sm_count(dev)
     # keys and values in blocked order, so every block is a run of rows a TMA descriptor can load
-    kb, vb = blocked(k, layout), blocked(v, layout)
+    kb, vb = blocked_kv(k, v, layout)
     k_desc, v_desc = (
         TensorDescriptor.from_tensor(x.view(b * s, h * d), [cfg["BN"], d]) for x in (kb, vb)
     )
@@ -479,16 +575,12 @@ def attend(
         GRAB=cfg["grab"],
         IEEE=q.dtype == torch.float32,
         WRITE_LSE=lse is not None,
+        EARLY=cfg.get("early_merge", False),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and not interpreting() else {}),
     )
     return out
-
-
-def blocked(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """`x [B, S, H, D]` with tokens in blocked order (every block a run of rows), contiguous."""
-    return x.contiguous() if layout.is_identity else x.index_select(1, layout.perm)
 
 
 def sparse_attention(

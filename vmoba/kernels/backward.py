@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .attention import INDEX_MASK, LOG2E, _sm_count, blocked, query_index
+from .attention import INDEX_MASK, LOG2E, _sm_count, query_index
+from .blocked import blocked_kv
 from .common import interpreting
 from .configs import attention_config, backward_config
 from .selection import Selection
@@ -223,7 +224,7 @@ def attend_backward(
     blk = 32 if interpreting() else 64
     vmoba_bwd_delta_kernel[(triton.cdiv(s, blk), bh)](out, grad_out, delta, h, s, D=d, BLK=blk)
 
-    kb, vb = blocked(k, layout), blocked(v, layout)
+    kb, vb = blocked_kv(k, v, layout)
     dk = torch.empty(b, s, h, d, device=dev, dtype=k.dtype)
     dv = torch.empty(b, s, h, d, device=dev, dtype=v.dtype)
     kv = cfg["dkdv"]

@@ -72,8 +72,18 @@ _ATTN_GPU = {
 # Short blocks: a tile runs only a few key tiles, so its start and merge weigh more; two programs
 # per SM overlap one's start with the other's matmuls. Measured on the H200: BM 64 is faster for
 # 480p's blocks (455 keys in 3D, 1,365 in 2D), BM 128 from 720p 2D's 1,890 keys on.
+# early_merge: a tile loads its merge state behind its key loop (H100, 480p batch 2: the kernel
+# 3-4% faster in 2D and 3D); at BM 128 its registers spill. BN 32, alone or with three programs
+# per SM (maxnreg 168), was slower at 480p in every kind.
 _ATTN_GPU_SHORT_BLOCKS = {
-    128: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "ctas_per_sm": 2}
+    128: {
+        "BM": 64,
+        "BN": 64,
+        "num_warps": 4,
+        "num_stages": 3,
+        "ctas_per_sm": 2,
+        "early_merge": True,
+    }
 }
 SHORT_BLOCK = 1536  # keys
 _ATTN_INTERPRETER = {
@@ -85,6 +95,7 @@ _ATTN_INTERPRETER = {
     "compact_block": 256,
     "partial_dtype": "float16",
     "grab": 2,
+    "early_merge": True,  # as the short-block GPU config
 }
 
 
