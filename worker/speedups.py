@@ -51,7 +51,7 @@ def apply_speedups(
     VAE's dtype on `{task: pipeline}`; returns what was done (for the logs and sidecars)."""
     from vmoba.diffusers.compile import compile_blocks
 
-    done = {"compile": compile_enabled(compile, device), "vae_dtype": None}
+    done: dict = {"compile": compile_enabled(compile, device), "vae_dtype": None}
     if done["compile"]:
         for transformer in _unique(pipes, "transformer"):
             compile_blocks(transformer, **(compile_options or {}))
