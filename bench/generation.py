@@ -373,20 +373,26 @@ def main(argv=None) -> int:
     cfg = pipe.transformer.config
     dtype = pipe.transformer.patch_embedding.weight.dtype
     sdpa, ctx = sdpa_context(args.device, cfg.num_attention_heads, cfg.attention_head_dim, dtype)
-    records = []
+    out = args.out or RESULTS_DIR / f"generation-{gpu_slug(env['gpu'])}.json"
+    records: list = []
+    merged: list = []
+
+    def save(new):  # after every variant, so a call cut short keeps what it measured
+        records.extend(new)
+        merged = merge(out, new, env["gpu"])
+        write_json(out, merged + summarize(merged, env["gpu"]))
+        return merged
+
     with ctx():
+        if args.vae:
+            vae = vae_records(pipe, size, args.device)
+            merged = save([{**env, "model": model, **r} for r in vae])
         for variant in variants:
             rec = run_variant(pipe, variant, size, args)
-            records.append({**env, "model": model, "sdpa": sdpa, **rec})
+            merged = save([{**env, "model": model, "sdpa": sdpa, **rec}])
             print(table(records[-1:]), flush=True)
-        if args.vae:
-            records += [{**env, "model": model, **r} for r in vae_records(pipe, size, args.device)]
-    out = args.out or RESULTS_DIR / f"generation-{gpu_slug(env['gpu'])}.json"
-    all_records = merge(out, records, env["gpu"])
-    all_records += summarize(all_records, env["gpu"])
-    write_json(out, all_records)
     print(table(records))
-    print(json.dumps(summarize(all_records, env["gpu"]), indent=1))
+    print(json.dumps(summarize(merged, env["gpu"]), indent=1))
     return 0
 
 
