@@ -38,6 +38,7 @@ from contract.models import ModelSpec
 
 from .settings import WorkerSettings, parse_size
 from .speed import Shape, SpeedModel
+from .speedups import compile_enabled
 
 if TYPE_CHECKING:  # for annotations only: `Runtime.load` imports what it uses (vmoba needs torch)
     from redis import Redis
@@ -175,20 +176,14 @@ class Runtime:
         frames, height, width = warmup_size(self.settings, loaded.spec)
         shape = Shape(frames, height, width, self.settings.WARMUP_STEPS, 5.0)
         t0 = time.perf_counter()
-        grid = loaded.spec.grid(frames, height, width)
-        attention, _ = self.attention_settings(loaded, grid, {})
-        image = warmup_image(width, height) if task == "i2v" else None
-        gen = self.generate(
-            loaded.spec.id,
-            task,
-            shape,
-            prompt=WARMUP_PROMPT,
-            negative_prompt="",
-            seed=0,
-            flow_shift=loaded.spec.defaults.flow_shift(width, height),
-            attention=attention,
-            image=image,
-        )
+        if compile_enabled(self.settings.COMPILE, self.device):
+            # One step at another size, then one at this size: the compiler specialises on the
+            # first size it sees and makes the sizes dynamic at the second, so no job size
+            # recompiles later, and the timed call below includes no compilation.
+            m = loaded.spec.size_multiple
+            self._warm_up_call(loaded, task, Shape(frames + 4, height + m, width + m, 1, 5.0))
+            self._warm_up_call(loaded, task, Shape(frames, height, width, 1, 5.0))
+        gen = self._warm_up_call(loaded, task, shape)
         # encode like a job would, into a scratch file, to time the encoder as well
         from .video import encode_mp4
 
@@ -223,6 +218,23 @@ class Runtime:
             shape.steps,
             time.perf_counter() - t0,
             self.speed.to_dict(),
+        )
+
+    def _warm_up_call(self, loaded: LoadedModel, task: str, shape: Shape) -> Generation:
+        frames, height, width = shape.num_frames, shape.height, shape.width
+        grid = loaded.spec.grid(frames, height, width)
+        attention, _ = self.attention_settings(loaded, grid, {})
+        image = warmup_image(width, height) if task == "i2v" else None
+        return self.generate(
+            loaded.spec.id,
+            task,
+            shape,
+            prompt=WARMUP_PROMPT,
+            negative_prompt="",
+            seed=0,
+            flow_shift=loaded.spec.defaults.flow_shift(width, height),
+            attention=attention,
+            image=image,
         )
 
     # -- running the pipeline ------------------------------------------------------------------
@@ -393,6 +405,7 @@ def load_model(spec: ModelSpec, device: str, settings: WorkerSettings) -> Loaded
 
     from .families import build_pipelines
     from .pipeline import describe
+    from .speedups import apply_speedups
 
     t0 = time.perf_counter()
     pipes = build_pipelines(
@@ -401,6 +414,8 @@ def load_model(spec: ModelSpec, device: str, settings: WorkerSettings) -> Loaded
     first = next(iter(pipes.values()))
     # The pipelines of one model share their transformers: one handle covers every task.
     handle = install_vmoba(first, AttentionSettings(kernel=settings.ATTENTION_KERNEL))
+    # after VMoBA: the compiled blocks must trace its processor, not the stock one
+    apply_speedups(pipes, device=device, compile=settings.COMPILE, vae=settings.VAE_DTYPE)
     info = {**describe(first), "model": spec.id, "weights": spec.weights}
     log.info(
         "loaded %s (%s) on %s in %.1f s (%s parameters)",
