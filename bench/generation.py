@@ -10,7 +10,8 @@ and each variant of `VARIANTS` in turn on the same modules:
   time as compiling the whole model, in a fraction of the compile time);
 - `vmoba`: what our worker runs: VMoBA installed with the model's default request (training-free
   top-k, the first 25% of the steps dense, `vmoba.defaults`), then `worker.speedups` (the
-  compiled blocks around VMoBA's op, the VAE in bf16).
+  compiled blocks around VMoBA's op, the VAE in bf16) and the worker's frame conversion (uint8 on
+  the device).
 
 SDPA tries cuDNN first for every variant (`sdpa_priority`), so the dense attention is the same
 kernel everywhere. Each variant first runs warm-up generations (compilation, Triton
@@ -125,9 +126,16 @@ def prepare(pipe, variant: str, device: str, grid, backend: str):
     return handle, AttentionSettings.from_dict(recommended_settings(grid, vmoba_trained=False))
 
 
-def generate(pipe, handle, settings, size, steps, device, *, encode=True, output_type="np"):
-    """One generation; stage times in seconds, per-step times in ms, the frames' checksum."""
-    from worker.video import encode_mp4, to_uint8_frames
+def generate(pipe, handle, settings, size, steps, device, *, encode=True, output_type=None):
+    """One generation; stage times in seconds, per-step times in ms, the frames' checksum.
+
+    Frames: the stock variants take them as numpy floats (`output_type="np"`, what a user of
+    diffusers does) and convert on the host; ours as the worker does (`"pt"`, converted to uint8
+    on the device, `worker.video.device_frames_to_uint8`)."""
+    from worker.video import device_frames_to_uint8, encode_mp4, to_uint8_frames
+
+    if output_type is None:
+        output_type = "np" if handle is None else "pt"
 
     frames_n, height, width = size
     marks: list[float] = []
@@ -165,8 +173,9 @@ def generate(pipe, handle, settings, size, steps, device, *, encode=True, output
     sync(device)
     t2 = time.perf_counter()
     record = {"text_encode_s": t1 - t0, "denoise_s": marks[-1] - t1, "decode_s": t2 - marks[-1]}
-    if output_type == "np":
-        frames = to_uint8_frames(out.frames)
+    if output_type != "latent":
+        convert = to_uint8_frames if output_type == "np" else device_frames_to_uint8
+        frames = convert(out.frames)
         with tempfile.TemporaryDirectory() as tmp:
             if encode:
                 encode_mp4(frames, Path(tmp) / "video.mp4", fps=FPS)

@@ -332,15 +332,15 @@ class Runtime:
                 num_inference_steps=shape.steps,
                 guidance_scale=shape.guidance_scale,
                 generator=generator,
-                output_type="np",
+                output_type="pt",  # frames stay on the device for device_frames_to_uint8
                 callback_on_step_end=callback,
                 **extra,
             )
         sync(cuda)
         t3 = time.perf_counter()
-        from .video import to_uint8_frames
+        from .video import device_frames_to_uint8
 
-        frames = to_uint8_frames(out.frames)
+        frames = device_frames_to_uint8(out.frames)
         del out, prompt_embeds, negative_embeds
         t2 = marks.get("denoised", t3)
         return Generation(
