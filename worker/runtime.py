@@ -415,8 +415,9 @@ def load_model(spec: ModelSpec, device: str, settings: WorkerSettings) -> Loaded
     # The pipelines of one model share their transformers: one handle covers every task.
     handle = install_vmoba(first, AttentionSettings(kernel=settings.ATTENTION_KERNEL))
     # after VMoBA: the compiled blocks must trace its processor, not the stock one
-    apply_speedups(pipes, device=device, compile=settings.COMPILE, vae=settings.VAE_DTYPE)
+    done = apply_speedups(pipes, device=device, compile=settings.COMPILE, vae=settings.VAE_DTYPE)
     info = {**describe(first), "model": spec.id, "weights": spec.weights}
+    info["compiled"] = done["compile"]
     log.info(
         "loaded %s (%s) on %s in %.1f s (%s parameters)",
         spec.id,

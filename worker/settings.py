@@ -40,8 +40,8 @@ class WorkerSettings(SharedSettings):
     in the warm-up, so the ready time includes it. Unset: on for CUDA workers, off on the CPU;
     `0` switches it off. Caches: `TORCHINDUCTOR_CACHE_DIR`, `TRITON_CACHE_DIR`."""
     VAE_DTYPE: Literal["auto", "bf16", "fp32"] = "auto"
-    """Precision of the VAE decode: `auto` is bf16 on CUDA (about twice as fast as fp32, the same
-    video within the tolerance bench/generation.py records), fp32 on the CPU."""
+    """Precision of the VAE decode: `auto` is bf16 on CUDA (1.56x faster than fp32 on an H100,
+    frames within 46.5 dB PSNR of fp32's: docs/benchmarks.md), fp32 on the CPU."""
     WARMUP_STEPS: int = Field(2, ge=0)
     """Denoising steps of the start-up generation that loads kernels and measures speed; 0 skips
     it (speed then comes from the first job)."""

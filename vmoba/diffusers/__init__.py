@@ -1,7 +1,8 @@
 """VMoBA inside diffusers Wan pipelines: processors, per-call settings, statistics.
 
 Modules: `settings` (the settings a call accepts), `statistics` (what the calls did, and the
-timer), `processor` (the self-attention processor), `install` (`install_vmoba`, the handle).
+timer), `processor` (the self-attention processor), `install` (`install_vmoba`, the handle),
+`compile` (`compile_blocks`: the transformer's repeated block compiled once around VMoBA's op).
 
 ```python
 from vmoba.diffusers import AttentionSettings, install_vmoba
