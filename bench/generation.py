@@ -206,6 +206,7 @@ def run_variant(pipe, variant, size, args) -> dict:
             generate(pipe, handle, settings, bumped(size), 1, dev, output_type="latent")
         generate(pipe, handle, settings, size, 2, dev, encode=False)
         warmup_s = time.perf_counter() - t0
+        graphs = _compiled_graphs()
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
         measured = generate(pipe, handle, settings, size, args.steps, dev)
@@ -230,9 +231,18 @@ def run_variant(pipe, variant, size, args) -> dict:
         )
         if handle is not None:
             record["timing_pass"] = timing_pass(pipe, handle, settings, size, dev)
+        # graphs dynamo compiled after the warm-up (the measured call and the timing pass, which
+        # has other settings): 0 when nothing recompiled
+        record["recompiled_graphs"] = _compiled_graphs() - graphs
         return record
     finally:
         reset(pipe, handle)
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def timing_pass(pipe, handle, settings, size, device) -> dict:
