@@ -17,6 +17,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     DATA_DIR=/data \
     HF_HOME=/models \
     TRITON_CACHE_DIR=/models/triton \
+    TORCHINDUCTOR_CACHE_DIR=/models/inductor \
     VMOBA_COMMIT=${VMOBA_COMMIT}
 
 # Triton compiles a small C launcher at first use: it needs a C compiler and Python's headers.

@@ -38,6 +38,7 @@ from contract.models import ModelSpec
 from contract.speed import Shape, SpeedModel
 
 from .settings import WorkerSettings, parse_size
+from .speedups import compile_enabled
 
 if TYPE_CHECKING:  # for annotations only: `Runtime.load` imports what it uses (vmoba needs torch)
     from redis import Redis
@@ -175,20 +176,14 @@ class Runtime:
         frames, height, width = warmup_size(self.settings, loaded.spec)
         shape = Shape(frames, height, width, self.settings.WARMUP_STEPS, 5.0)
         t0 = time.perf_counter()
-        grid = loaded.spec.grid(frames, height, width)
-        attention, _ = self.attention_settings(loaded, grid, {})
-        image = warmup_image(width, height) if task == "i2v" else None
-        gen = self.generate(
-            loaded.spec.id,
-            task,
-            shape,
-            prompt=WARMUP_PROMPT,
-            negative_prompt="",
-            seed=0,
-            flow_shift=loaded.spec.defaults.flow_shift(width, height),
-            attention=attention,
-            image=image,
-        )
+        if compile_enabled(self.settings.COMPILE, self.device):
+            # One step at another size, then one at this size: the compiler specialises on the
+            # first size it sees and makes the sizes dynamic at the second, so no job size
+            # recompiles later, and the timed call below includes no compilation.
+            m = loaded.spec.size_multiple
+            self._warm_up_call(loaded, task, Shape(frames + 4, height + m, width + m, 1, 5.0))
+            self._warm_up_call(loaded, task, Shape(frames, height, width, 1, 5.0))
+        gen = self._warm_up_call(loaded, task, shape)
         # encode like a job would, into a scratch file, to time the encoder as well
         from .video import encode_mp4
 
@@ -223,6 +218,23 @@ class Runtime:
             shape.steps,
             time.perf_counter() - t0,
             self.speed.to_dict(),
+        )
+
+    def _warm_up_call(self, loaded: LoadedModel, task: str, shape: Shape) -> Generation:
+        frames, height, width = shape.num_frames, shape.height, shape.width
+        grid = loaded.spec.grid(frames, height, width)
+        attention, _ = self.attention_settings(loaded, grid, {})
+        image = warmup_image(width, height) if task == "i2v" else None
+        return self.generate(
+            loaded.spec.id,
+            task,
+            shape,
+            prompt=WARMUP_PROMPT,
+            negative_prompt="",
+            seed=0,
+            flow_shift=loaded.spec.defaults.flow_shift(width, height),
+            attention=attention,
+            image=image,
         )
 
     # -- running the pipeline ------------------------------------------------------------------
@@ -320,15 +332,15 @@ class Runtime:
                 num_inference_steps=shape.steps,
                 guidance_scale=shape.guidance_scale,
                 generator=generator,
-                output_type="np",
+                output_type="pt",  # frames stay on the device for device_frames_to_uint8
                 callback_on_step_end=callback,
                 **extra,
             )
         sync(cuda)
         t3 = time.perf_counter()
-        from .video import to_uint8_frames
+        from .video import device_frames_to_uint8
 
-        frames = to_uint8_frames(out.frames)
+        frames = device_frames_to_uint8(out.frames)
         del out, prompt_embeds, negative_embeds
         t2 = marks.get("denoised", t3)
         return Generation(
@@ -393,6 +405,7 @@ def load_model(spec: ModelSpec, device: str, settings: WorkerSettings) -> Loaded
 
     from .families import build_pipelines
     from .pipeline import describe
+    from .speedups import apply_speedups
 
     t0 = time.perf_counter()
     pipes = build_pipelines(
@@ -401,7 +414,10 @@ def load_model(spec: ModelSpec, device: str, settings: WorkerSettings) -> Loaded
     first = next(iter(pipes.values()))
     # The pipelines of one model share their transformers: one handle covers every task.
     handle = install_vmoba(first, AttentionSettings(kernel=settings.ATTENTION_KERNEL))
+    # after VMoBA: the compiled blocks must trace its processor, not the stock one
+    done = apply_speedups(pipes, device=device, compile=settings.COMPILE, vae=settings.VAE_DTYPE)
     info = {**describe(first), "model": spec.id, "weights": spec.weights}
+    info["compiled"] = done["compile"]
     log.info(
         "loaded %s (%s) on %s in %.1f s (%s parameters)",
         spec.id,

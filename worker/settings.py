@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
@@ -35,6 +35,13 @@ class WorkerSettings(SharedSettings):
     """The operator's JSON object of `vmoba.AttentionSettings` fields, e.g.
     `{"select": "topk", "topk": [2, 6, 18]}`: over the model's defaults, under what a request
     sets (model < operator < request)."""
+    COMPILE: Optional[bool] = None
+    """`torch.compile` the transformer blocks (around VMoBA's op; `worker.speedups`) at start-up,
+    in the warm-up, so the ready time includes it. Unset: on for CUDA workers, off on the CPU;
+    `0` switches it off. Caches: `TORCHINDUCTOR_CACHE_DIR`, `TRITON_CACHE_DIR`."""
+    VAE_DTYPE: Literal["auto", "bf16", "fp32"] = "auto"
+    """Precision of the VAE decode: `auto` is bf16 on CUDA (1.56x faster than fp32 on an H100,
+    frames within 46.5 dB PSNR of fp32's: docs/benchmarks.md), fp32 on the CPU."""
     WARMUP_STEPS: int = Field(2, ge=0)
     """Denoising steps of the start-up generation that loads kernels and measures speed; 0 skips
     it (speed then comes from the first job)."""

@@ -75,6 +75,21 @@ def to_uint8_frames(frames) -> np.ndarray:
     return np.ascontiguousarray((np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8))
 
 
+def device_frames_to_uint8(video) -> np.ndarray:
+    """`WanPipeline(output_type="pt")` frames, `[1, F, 3, H, W]` in `[0, 1]` on any device, as
+    `to_uint8_frames` gives them (`[F, H, W, 3]` `uint8`, the same rounding), converted on that
+    device: a quarter of the bytes of float frames cross to the host, and the GPU rounds."""
+    import torch
+
+    if video.ndim != 5 or video.shape[0] != 1 or video.shape[2] != 3:
+        raise ValueError(f"expected one video [1, F, 3, H, W], got shape {tuple(video.shape)}")
+    x = video[0].float()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("frames contain NaN or infinite values")
+    x = (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return np.ascontiguousarray(x.permute(0, 2, 3, 1).cpu().numpy())
+
+
 def encode_mp4(
     frames,
     path: str | Path,

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.video import encode_mp4, mp4_top_level_boxes, to_uint8_frames, write_thumbnail
+from worker.video import (
+    device_frames_to_uint8,
+    encode_mp4,
+    mp4_top_level_boxes,
+    to_uint8_frames,
+    write_thumbnail,
+)
 
 
 def decode(path):
@@ -106,3 +112,29 @@ def test_bad_frames_are_rejected_with_the_reason(tmp_path, bad, match):
 def test_float_frames_are_clipped_and_scaled():
     frames = np.array([[[[-0.5, 0.5, 1.5]]]])
     assert to_uint8_frames(frames).tolist() == [[[[0, 128, 255]]]]
+
+
+def test_device_frames_to_uint8_matches_the_host_conversion():
+    """`[1, F, 3, H, W]` frames (what `output_type="pt"` gives) -> the same uint8 frames as
+    `to_uint8_frames` of the `[F, H, W, 3]` floats, out-of-range values and halves included."""
+    import torch
+
+    video = torch.rand(1, 3, 3, 5, 7) * 1.4 - 0.2
+    video[0, 0, 0, 0, :3] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255])
+    host = to_uint8_frames(video[0].permute(0, 2, 3, 1).numpy())
+    out = device_frames_to_uint8(video)
+    assert out.dtype == np.uint8 and out.shape == (3, 5, 7, 3) and out.flags.c_contiguous
+    assert np.array_equal(out, host)
+    assert np.array_equal(
+        device_frames_to_uint8(video.bfloat16()),
+        to_uint8_frames(video.bfloat16()[0].permute(0, 2, 3, 1)),
+    )
+
+
+def test_device_frames_to_uint8_refuses_bad_frames():
+    import torch
+
+    with pytest.raises(ValueError, match="NaN"):
+        device_frames_to_uint8(torch.full((1, 2, 3, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match="one video"):
+        device_frames_to_uint8(torch.rand(2, 2, 3, 4, 4))

@@ -2,7 +2,8 @@
 
 Modules: `settings` (the settings a call accepts), `statistics` (what the calls did, and the
 timer), `processor` (the self-attention processor), `install` (`install_vmoba`, the handle),
-`training` (activation checkpointing that works with VMoBA installed; `docs/training.md`).
+`training` (activation checkpointing that works with VMoBA installed; `docs/training.md`),
+`compile` (`compile_blocks`: the transformer's repeated block compiled once around VMoBA's op).
 
 ```python
 from vmoba.diffusers import AttentionSettings, install_vmoba

@@ -6,10 +6,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..attention import vmoba_attention
 from ..drift import DEFAULT_ROWS, drift_sums, sample_rows
+from ..ops import call_attention, register_processor
 from ..partition import block_layout, num_blocks
 from ..select import select_blocks
+from ..validate import resolve_scale
 from .statistics import Timer
 
 if TYPE_CHECKING:
@@ -31,9 +32,11 @@ class VMoBAAttnProcessor:
     """Self-attention processor for a `WanAttention` (`attn1`) that runs VMoBA or dense attention.
 
     It computes the projections, q/k norms and rotary embedding as the stock `WanAttnProcessor`
-    does, then `vmoba_attention` on `q, k, v [B, S, H, D]` for sparse calls, or the stock
+    does, then the custom op `vmoba::self_attention` (`vmoba.ops`), which runs `attend`: VMoBA
+    (`vmoba::attention`) on `q, k, v [B, S, H, D]` for sparse calls, or the stock
     `dispatch_attention_fn` for dense ones. The call's grid, step and settings come from the
-    handle's pre-hook on the transformer.
+    handle's pre-hook on the transformer and are read inside the op, so a compiled block
+    (`vmoba.diffusers.compile`) serves every request without recompiling.
     """
 
     # diffusers' set_attention_backend / enable_parallelism write these
@@ -44,6 +47,9 @@ class VMoBAAttnProcessor:
         self.handle = handle
         self.layer_idx = layer_idx
         self.stock = stock
+        # how vmoba::self_attention finds this object: a CPU tensor, not an int, so that the
+        # blocks of a model (one compiled code) differ in a graph input, not in a guard
+        self.key = torch.tensor(register_processor(self))
         self._attention_backend = getattr(stock, "_attention_backend", None)
         self._parallel_config = getattr(stock, "_parallel_config", None)
 
@@ -53,11 +59,12 @@ class VMoBAAttnProcessor:
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
     ):
+        # Traced by torch.compile: tensors only. What the call wants (dense or
+        # VMoBA, its settings, the statistics) is read at run time inside the op (`attend`).
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(
                 "VMoBAAttnProcessor is for self-attention without a mask (blocks.*.attn1)"
             )
-        fwd = self.handle._current_forward()
         query, key, value = _qkv_projections(attn, hidden_states)
         query = attn.norm_q(query)
         key = attn.norm_k(key)
@@ -67,10 +74,21 @@ class VMoBAAttnProcessor:
         if rotary_emb is not None:
             query = _apply_rotary(query, *rotary_emb)
             key = _apply_rotary(key, *rotary_emb)
+        if torch.is_grad_enabled() and query.requires_grad:
+            out = self.attend(query, key, value)  # differentiable (the reference kernel)
+        else:
+            out = torch.ops.vmoba.self_attention(query, key, value, self.key)
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
 
+    def attend(self, query, key, value):
+        """The attention of one call on `q, k, v [B, S, H, D]` (`vmoba::self_attention` runs
+        this): dense or VMoBA as the transformer call's pre-hook decided, with its statistics."""
+        fwd = self.handle._current_forward()
         settings, stats = fwd.state.settings, fwd.state.stats
         timer = Timer(query.device) if settings.collect_timing else None
-        call_stats: dict | None = None
+        attended = None
         if fwd.config is None:
             label = "dense"
             if timer:
@@ -78,32 +96,28 @@ class VMoBAAttnProcessor:
             out = self._dense(query, key, value)
         else:
             label = fwd.config.kind(self.layer_idx)
-            if timer:
-                timer.start()
             if self._parallel_config is not None:
                 raise ValueError(
                     "VMoBA does not support context parallelism (the grid would be split)"
                 )
-            call_stats = {} if settings.collect_density else None
-            out = vmoba_attention(
+            if timer:
+                timer.start()
+            out, attended = call_attention(
                 query,
                 key,
                 value,
                 grid=fwd.grid,
-                layer_idx=self.layer_idx,
+                kind=label,
                 config=fwd.config,
+                softmax_scale=resolve_scale(None, query.shape[-1]),
                 kernel=settings.kernel,
-                stats=call_stats,
             )
         if timer:
             stats.add_timing(label, *timer.stop())
-        self._count(fwd, query, label, call_stats)
+        self._count(fwd, query, label, attended if settings.collect_density else None)
         if fwd.config is not None and settings.collect_drift:  # after the timer: not timed
             self._drift(fwd, query, key, value, out, label)
-
-        out = out.flatten(2, 3).type_as(query)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        return out
 
     def _dense(self, query, key, value):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -145,15 +159,15 @@ class VMoBAAttnProcessor:
         b, _, h, _ = query.shape
         fwd.state.stats.add_drift(kind, fwd.step, sums[0], b * h * rows.numel(), rows.numel())
 
-    def _count(self, fwd: Forward, query, label, call_stats):
-        """Add this call to the job's statistics; `call_stats` is what `vmoba_attention` reported."""
+    def _count(self, fwd: Forward, query, label, attended):
+        """Add this call to the job's statistics; `attended`: the op's count of attended key
+        tokens (a device scalar), or `None` when not collected."""
         b, s, h, d = query.shape
         stats = fwd.state.stats
         if fwd.config is None:
             stats.add_dense(b, s, h * d)
             return
         blocks = num_blocks(fwd.grid, label, fwd.config)
-        attended = call_stats["attended"] if call_stats else None
         stats.add_sparse(label, b, h, s, h * d, blocks, attended)
 
 
