@@ -1,10 +1,10 @@
 """The trainable Triton path of `vmoba_attention`: a forward that keeps what the backward needs,
-the backward, and the private autograd Function that joins them.
+the backward, and the custom ops that join them (`vmoba::sparse_attention_fwd` with its
+autograd registered, `vmoba::sparse_attention_bwd`), so `torch.compile` traces training too.
 
-`attention_forward` and `attention_backward` are the pair a `torch.library` custom op registers
-with `register_autograd`: the forward returns tensors only (the output and `Saved`), and the
-backward takes them back with the same keyword arguments. The selection is discrete, so `q` and
-`k` get gradients through the attention only (as in the paper).
+`attention_forward` and `attention_backward` are the pair: the forward returns tensors only (the
+output and `Saved`), and the backward takes them back with the same keyword arguments. The
+selection is discrete, so `q` and `k` get gradients through the attention only (as in the paper).
 """
 
 from __future__ import annotations
@@ -13,11 +13,16 @@ from typing import NamedTuple
 
 import torch
 
-from .config import VMoBAConfig
+from .config import VMoBAConfig, config_args, config_from_args
 from .kernels.attention import attend
 from .kernels.backward import attend_backward
-from .kernels.selection import Selection, blocks_per_query_bound, select_bits
-from .partition import block_layout
+from .kernels.selection import (
+    Selection,
+    blocks_per_query_bound,
+    select_bits,
+    selection_shapes,
+)
+from .partition import block_layout, num_blocks
 
 
 class Saved(NamedTuple):
@@ -73,31 +78,118 @@ def attention_backward(
     return attend_backward(grad_out, q, k, v, out, saved.lse, selection, softmax_scale)
 
 
-class _VMoBAAttention(torch.autograd.Function):
-    """Runs only when a gradient is wanted, so inference never saves anything."""
+# -- the custom ops: what `torch.compile` traces (forward and backward alike) -----------------
+# `vmoba::sparse_attention_fwd` returns the output with `Saved`; its registered autograd saves
+# them and calls `vmoba::sparse_attention_bwd`. Every argument but the tensors is a constant.
 
-    @staticmethod
-    def forward(ctx, q, k, v, grid, kind, config, softmax_scale):
-        out, saved = attention_forward(
-            q, k, v, grid=grid, kind=kind, config=config, softmax_scale=softmax_scale
-        )
-        ctx.save_for_backward(q, k, v, out, *saved)
-        ctx.options = dict(grid=grid, kind=kind, config=config, softmax_scale=softmax_scale)
-        ctx.mark_non_differentiable(saved.attended)
-        return out, saved.attended
 
-    @staticmethod
-    def backward(ctx, grad_out, _grad_attended):
-        q, k, v, out, *saved = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out, q, k, v, out, Saved(*saved), **ctx.options)
-        return dq, dk, dv, None, None, None, None
+@torch.library.custom_op("vmoba::sparse_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: list[int],
+    kind: str,
+    chunks: list[int],
+    select: str,
+    threshold: float,
+    topk: list[int],
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    config = config_from_args(chunks, select, threshold, topk)
+    out, saved = attention_forward(
+        q, k, v, grid=tuple(grid), kind=kind, config=config, softmax_scale=softmax_scale
+    )
+    return out, *saved
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, grid, kind, chunks, select, threshold, topk, softmax_scale):
+    b, s, h, _ = q.shape
+    config = config_from_args(chunks, select, threshold, topk)
+    bits, attended = selection_shapes(q.shape, num_blocks(tuple(grid), kind, config))
+    return (
+        q.new_empty(q.shape),
+        q.new_empty((b * h, s), dtype=torch.float32),
+        q.new_empty(bits, dtype=torch.int32),
+        q.new_empty(attended, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("vmoba::sparse_attention_bwd", mutates_args=())
+def _bwd_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bits: torch.Tensor,
+    attended: torch.Tensor,
+    grid: list[int],
+    kind: str,
+    chunks: list[int],
+    select: str,
+    threshold: float,
+    topk: list[int],
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    config = config_from_args(chunks, select, threshold, topk)
+    return attention_backward(
+        grad_out.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        Saved(lse, bits, attended),
+        grid=tuple(grid),
+        kind=kind,
+        config=config,
+        softmax_scale=softmax_scale,
+    )
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, q, k, v, out, lse, bits, attended, *constants):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, *constants = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.mark_non_differentiable(*output[1:])  # the log-sum-exp, selection and counts
+    ctx.constants = constants
+
+
+def _backward(ctx, grad_out, _lse, _bits, _attended):
+    q, k, v, out, lse, bits, attended = ctx.saved_tensors
+    dq, dk, dv = torch.ops.vmoba.sparse_attention_bwd(
+        grad_out, q, k, v, out, lse, bits, attended, *ctx.constants
+    )
+    return (dq, dk, dv) + (None,) * len(ctx.constants)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def trainable_attention(
     q, k, v, *, grid, kind: str, config: VMoBAConfig, softmax_scale: float, stats=None
 ) -> torch.Tensor:
-    """`sparse_attention` with a backward. `stats` as there (no sync)."""
-    out, attended = _VMoBAAttention.apply(q, k, v, grid, kind, config, softmax_scale)
+    """`sparse_attention` with a backward (through the ops above, so it compiles). `stats` as
+    there (no sync)."""
+    args = config_args(config)
+    out, _lse, _bits, attended = torch.ops.vmoba.sparse_attention_fwd(
+        q,
+        k,
+        v,
+        list(grid),
+        kind,
+        args["chunks"],
+        args["select"],
+        args["threshold"],
+        args["topk"],
+        softmax_scale,
+    )
     if stats is not None:
         stats["attended"] = attended.double().sum()
         stats["num_blocks"] = block_layout(grid, kind, config, device=q.device).num_blocks

@@ -362,3 +362,28 @@ def merge_attention_settings(
             raise
         raise ValueError(f"{exc} (set by the {sources[bad]} attention settings)") from None
     return settings, sources
+
+
+# -- a config as the plain values of a custom op's arguments (`vmoba.ops`, `vmoba.autograd`) ----
+
+
+def config_args(config: VMoBAConfig) -> dict:
+    """`config` as the plain arguments of `vmoba::attention` (all but the tensors and kind)."""
+    return dict(
+        chunks=[config.temporal_chunk, *config.spatial_chunk, *config.st_chunk],
+        select=config.select,
+        threshold=config.threshold,
+        topk=list(config.topk),
+    )
+
+
+def config_from_args(chunks, select: str, threshold: float, topk) -> VMoBAConfig:
+    t, sh, sw, ct, ch, cw = chunks
+    return VMoBAConfig(
+        temporal_chunk=t,
+        spatial_chunk=(sh, sw),
+        st_chunk=(ct, ch, cw),
+        select=select,
+        threshold=threshold,
+        topk=tuple(topk),
+    )

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .config import VMoBAConfig
+from .config import VMoBAConfig, config_args, config_from_args
 
 # processor key -> the object whose `attend(q, k, v)` runs the call; weak, so a removed
 # processor does not stay alive here
@@ -41,28 +41,6 @@ def register_processor(processor) -> int:
     key = next(_KEYS)
     PROCESSORS[key] = processor
     return key
-
-
-def config_args(config: VMoBAConfig) -> dict:
-    """`config` as the plain arguments of `vmoba::attention` (all but the tensors and kind)."""
-    return dict(
-        chunks=[config.temporal_chunk, *config.spatial_chunk, *config.st_chunk],
-        select=config.select,
-        threshold=config.threshold,
-        topk=list(config.topk),
-    )
-
-
-def config_from_args(chunks, select: str, threshold: float, topk) -> VMoBAConfig:
-    t, sh, sw, ct, ch, cw = chunks
-    return VMoBAConfig(
-        temporal_chunk=t,
-        spatial_chunk=(sh, sw),
-        st_chunk=(ct, ch, cw),
-        select=select,
-        threshold=threshold,
-        topk=tuple(topk),
-    )
 
 
 @torch.library.custom_op("vmoba::attention", mutates_args=())

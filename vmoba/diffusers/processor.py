@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..attention import vmoba_attention
 from ..drift import DEFAULT_ROWS, drift_sums, sample_rows
 from ..ops import call_attention, register_processor
 from ..partition import block_layout, num_blocks
@@ -75,7 +76,7 @@ class VMoBAAttnProcessor:
             query = _apply_rotary(query, *rotary_emb)
             key = _apply_rotary(key, *rotary_emb)
         if torch.is_grad_enabled() and query.requires_grad:
-            out = self.attend(query, key, value)  # differentiable (the reference kernel)
+            out = self.attend(query, key, value)  # differentiable (see `_sparse`)
         else:
             out = torch.ops.vmoba.self_attention(query, key, value, self.key)
         out = out.flatten(2, 3).type_as(query)
@@ -102,22 +103,41 @@ class VMoBAAttnProcessor:
                 )
             if timer:
                 timer.start()
-            out, attended = call_attention(
-                query,
-                key,
-                value,
-                grid=fwd.grid,
-                kind=label,
-                config=fwd.config,
-                softmax_scale=resolve_scale(None, query.shape[-1]),
-                kernel=settings.kernel,
-            )
+            out, attended = self._sparse(fwd, label, query, key, value, settings.kernel)
         if timer:
             stats.add_timing(label, *timer.stop())
         self._count(fwd, query, label, attended if settings.collect_density else None)
         if fwd.config is not None and settings.collect_drift:  # after the timer: not timed
             self._drift(fwd, query, key, value, out, label)
         return out
+
+    def _sparse(self, fwd, kind: str, query, key, value, kernel: str):
+        """VMoBA on this layer -> `(out, attended)`: the inference op, or, when a gradient is
+        wanted (training), the public op, differentiable on either kernel (the Triton one
+        through `vmoba::sparse_attention_fwd`, which compiles)."""
+        if torch.is_grad_enabled() and query.requires_grad:
+            stats: dict = {}
+            out = vmoba_attention(
+                query,
+                key,
+                value,
+                grid=fwd.grid,
+                layer_idx=self.layer_idx,
+                config=fwd.config,
+                kernel=kernel,
+                stats=stats,
+            )
+            return out, stats["attended"]
+        return call_attention(
+            query,
+            key,
+            value,
+            grid=fwd.grid,
+            kind=kind,
+            config=fwd.config,
+            softmax_scale=resolve_scale(None, query.shape[-1]),
+            kernel=kernel,
+        )
 
     def _dense(self, query, key, value):
         from diffusers.models.attention_dispatch import dispatch_attention_fn

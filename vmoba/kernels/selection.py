@@ -67,20 +67,28 @@ def gate_operands(kmean: torch.Tensor, dtype: torch.dtype, c_pad: int):
     return hi, lo, True
 
 
+def selection_shapes(q_shape, num_blocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of `Selection.bits` and `Selection.attended` for `q [B, S, H, D]`."""
+    b, s, h, d = q_shape
+    c_pad = pad_blocks(num_blocks)
+    n_tiles = triton.cdiv(s, gate_config(c_pad, d, interpreting())["BM"])
+    return (b, h, s, c_pad // 32), (b * h, n_tiles)
+
+
 def select_bits(
     q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: VMoBAConfig, kind: str
 ) -> Selection:
     """Gate and select on the device. `q, k [B, S, H, D]` -> `Selection`."""
-    b, s, h, d = q.shape
+    d = q.shape[-1]
     c = layout.num_blocks
     check_supported(q, c)
     c_pad = pad_blocks(c)
     cfg = gate_config(c_pad, d, interpreting())
-    n_tiles = triton.cdiv(s, cfg["BM"])
     dev = q.device
     hi, lo, split = gate_operands(block_means(k, layout), q.dtype, c_pad)
-    bits = torch.empty(b, h, s, c_pad // 32, device=dev, dtype=torch.int32)
-    attended = torch.empty(b * h, n_tiles, device=dev, dtype=torch.float32)
+    bits_shape, attended_shape = selection_shapes(q.shape, c)
+    bits = torch.empty(bits_shape, device=dev, dtype=torch.int32)
+    attended = torch.empty(attended_shape, device=dev, dtype=torch.float32)
     mode, tau, topk = config.select, config.threshold, config.topk_for(kind)
     if mode != "topk" and (tau <= 0 or tau >= 1):
         mode, topk = "topk", (1 if tau <= 0 else c)  # self only, or everything
