@@ -14,6 +14,9 @@ Signals (RQ's handling, plus ours): the first SIGTERM/SIGINT lets the current jo
 ends within `STOP_GRACE_S`, else the job stops at its next step and goes back to the front of the
 queue; the worker then exits. A second signal re-queues at once. Exit code 75 asks the launcher
 for a restart (after a CUDA out-of-memory error, for a clean CUDA context).
+
+In a worker group (`GPUS_PER_JOB` > 1) this is rank 0; the other ranks run
+`worker.group.run_follower` instead, making rank 0's pipeline calls with it.
 """
 
 from __future__ import annotations
@@ -110,6 +113,10 @@ class Heartbeat(threading.Thread):
 def main(argv: list[str] | None = None) -> int:
     settings = WorkerSettings()
     setup_logging(settings.LOG_LEVEL)
+    if settings.GPUS_PER_JOB > 1 and settings.GROUP_RANK > 0:
+        from .group import run_follower
+
+        return run_follower(settings)
     rt = Runtime.load(settings)
     runtime_mod.install(rt)
     heartbeat = Heartbeat(rt)
@@ -131,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         worker.work(burst=settings.WORKER_BURST, logging_level=settings.LOG_LEVEL.upper())
     finally:
         heartbeat.stop()
+        if rt.group is not None and not rt.restart_reason:
+            rt.group.close()  # the followers exit too
         try:
             rt.store.drop_worker(rt.name)
         except Exception as exc:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import parallel
 from ..attention import vmoba_attention
 from ..drift import DEFAULT_ROWS, drift_sums, sample_rows
 from ..partition import block_layout, num_blocks
@@ -70,22 +71,24 @@ class VMoBAAttnProcessor:
 
         settings, stats = fwd.state.settings, fwd.state.stats
         timer = Timer(query.device) if settings.collect_timing else None
-        call_stats: dict | None = None
+        group, world = self._ulysses_group()
+        if timer:
+            timer.start()
         if fwd.config is None:
             label = "dense"
+            out = self._dense(query, key, value)  # diffusers' Ulysses when the sequence is split
             if timer:
-                timer.start()
-            out = self._dense(query, key, value)
+                stats.add_timing(label, *timer.stop())
+            # every rank counts the whole call (its tokens times N): all report the same totals
+            self._count(fwd, query.shape[0], query.shape[1] * world, query.shape[2], query, None)
         else:
             label = fwd.config.kind(self.layer_idx)
-            if timer:
-                timer.start()
-            if self._parallel_config is not None:
-                raise ValueError(
-                    "VMoBA does not support context parallelism (the grid would be split)"
-                )
-            call_stats = {} if settings.collect_density else None
-            out = vmoba_attention(
+            if group is not None:
+                # this rank's tokens of every head -> every token of this rank's heads
+                query, key, value = parallel.heads_from_sequence([query, key, value], group)
+                stats.group = group  # the device counters are this rank's heads: summed at the end
+            call_stats: dict | None = {} if settings.collect_density else None
+            heads_out = vmoba_attention(
                 query,
                 key,
                 value,
@@ -95,15 +98,31 @@ class VMoBAAttnProcessor:
                 kernel=settings.kernel,
                 stats=call_stats,
             )
-        if timer:
-            stats.add_timing(label, *timer.stop())
-        self._count(fwd, query, label, call_stats)
-        if fwd.config is not None and settings.collect_drift:  # after the timer: not timed
-            self._drift(fwd, query, key, value, out, label)
+            out = heads_out if group is None else parallel.sequence_from_heads(heads_out, group)
+            if timer:
+                stats.add_timing(label, *timer.stop())
+            b, s, h, _ = query.shape
+            self._count(fwd, b, s, h * world, query, call_stats)
+            if settings.collect_drift:  # after the timer: not timed
+                self._drift(fwd, query, key, value, heads_out, label, world)
 
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+    def _ulysses_group(self):
+        """`(process group, N)` of diffusers' context parallelism (Ulysses only), else
+        `(None, 1)`."""
+        config = self._parallel_config
+        cp = getattr(config, "context_parallel_config", None)
+        if cp is None:
+            return None, 1
+        if cp.ring_degree > 1:
+            raise ValueError(
+                "VMoBA needs every token of a head on one rank: use Ulysses context parallelism "
+                f"(ring_degree 1), got ring_degree={cp.ring_degree}"
+            )
+        return cp._ulysses_mesh.get_group(), cp.ulysses_degree
 
     def _dense(self, query, key, value):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -121,11 +140,13 @@ class VMoBAAttnProcessor:
             **extra,
         )
 
-    def _drift(self, fwd: Forward, query, key, value, out, kind: str):
+    def _drift(self, fwd: Forward, query, key, value, out, kind: str, world: int = 1):
         """Add this sparse call's drift sums (`vmoba.drift`) to the job's statistics, no sync.
 
         The selection is computed again with the same kernel, which gives the mask the attention
-        used (the selection is deterministic); `out` is the attention's own output."""
+        used (the selection is deterministic); `out` is the attention's own output. Under
+        context parallelism `query..out` hold this rank's `H/world` heads of every token: the
+        sums are this rank's share (the statistics add the ranks' up), the rows the call's."""
         config = fwd.config
         assert config is not None  # sparse calls only
         with torch.no_grad():
@@ -143,18 +164,22 @@ class VMoBAAttnProcessor:
                 query, key, value, rows, [(selected[:, :, rows], ids)], outs=[out[:, rows]]
             )
         b, _, h, _ = query.shape
-        fwd.state.stats.add_drift(kind, fwd.step, sums[0], b * h * rows.numel(), rows.numel())
+        fwd.state.stats.add_drift(
+            kind, fwd.step, sums[0], b * h * world * rows.numel(), rows.numel()
+        )
 
-    def _count(self, fwd: Forward, query, label, call_stats):
-        """Add this call to the job's statistics; `call_stats` is what `vmoba_attention` reported."""
-        b, s, h, d = query.shape
+    def _count(self, fwd: Forward, batch: int, tokens: int, heads: int, query, call_stats):
+        """Add this call (`batch` samples, `tokens` tokens, `heads` heads of the whole call) to
+        the job's statistics; `call_stats` is what `vmoba_attention` reported."""
+        d_model = heads * query.shape[-1]
         stats = fwd.state.stats
         if fwd.config is None:
-            stats.add_dense(b, s, h * d)
+            stats.add_dense(batch, tokens, d_model)
             return
+        label = fwd.config.kind(self.layer_idx)
         blocks = num_blocks(fwd.grid, label, fwd.config)
         attended = call_stats["attended"] if call_stats else None
-        stats.add_sparse(label, b, h, s, h * d, blocks, attended)
+        stats.add_sparse(label, batch, heads, tokens, d_model, blocks, attended)
 
 
 def _qkv_projections(attn, hidden_states):
