@@ -176,6 +176,10 @@ class JobRun:
             _, request = ValidatedRequest.from_payload(body)
             loaded = self.rt.model(request.model)
             grid = loaded.spec.grid(request.num_frames, request.height, request.width)
+            if self.rt.group is not None:  # the group splits the tokens evenly over its GPUs
+                from vmoba.parallel import check_tokens
+
+                check_tokens(grid[0] * grid[1] * grid[2], self.rt.group.size)
             attention, sources = self.rt.attention_settings(loaded, grid, request.attention)
             image = self._input_image(request)
         except ValueError as exc:
