@@ -16,6 +16,8 @@ $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -e ".[$*]"
 	touch $@
 
+# Settings come from the environment or the command line, e.g. `make serve GPUS_PER_JOB=2`
+# (groups of 2 GPUs share each job: docs/deploy.md, "One video on several GPUs").
 serve: $(VENV)/.installed-worker
 	$(PY) -m service.serve
 
