@@ -226,21 +226,23 @@ class Launcher:
         )
 
     def ended(self, slot: Slot) -> tuple[int, int] | None:
-        """`(rank, exit code)` of the first process of the slot found ended, else None. For a
-        group, every other rank is then killed (and reaped) before this returns."""
+        """`(rank, exit code)` of a process of the slot that has ended, else None. For a group,
+        every other rank is then killed (and reaped) before this returns. When several ended
+        already, one killed by a signal is named first: the others most likely failed after it
+        (a collective with a dead peer)."""
         assert slot.proc is not None
         procs = [slot.proc, *slot.followers]
-        found = next(((r, p.poll()) for r, p in enumerate(procs) if p.poll() is not None), None)
-        if found is None:
+        done = [(r, code) for r, p in enumerate(procs) if (code := p.poll()) is not None]
+        if not done:
             return None
-        rank, code = found
+        rank, code = min(done, key=lambda rc: (rc[1] >= 0, rc[0]))
         for other in procs:
             if other.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     other.kill()
         for other in procs:
             other.wait()
-        return rank, int(code if code is not None else procs[rank].wait())
+        return rank, code
 
     def on_exit(self, slot: Slot, code: int, rank: int = 0) -> None:
         proc = slot.proc

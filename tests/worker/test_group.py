@@ -161,7 +161,12 @@ def test_a_group_of_two_ranks_runs_cancels_and_survives_a_killed_rank(
     assert (rec.status, rec.attempts) == ("completed", 2), (rec, launcher.text()[-4000:])
     assert rec.worker != first["name"]
     assert "worker_lost" in [e.get("reason", "")[:11] for e in events(redis_client, job)]
-    assert "rank 1 of the group ended with signal SIGKILL" in launcher.text()
+    # rank 0 may see its peer gone (a failed collective: it exits at once) before the launcher
+    # sees the kill; either way the whole group went and the job followed the worker-lost rules
+    assert re.search(
+        r"rank (1 of the group ended with signal SIGKILL|0 of the group ended with exit code 75)",
+        launcher.text(),
+    )
     with pytest.raises(ProcessLookupError):  # the old rank 0 went with its group
         os.kill(first["pid"], 0)
 
