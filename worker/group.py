@@ -8,7 +8,7 @@ each seeing the group's GPUs and using GPU `rank` (`GROUP_RANK`, `GROUP_PORT`). 
 
 - Rank 0 is the RQ worker: it takes jobs, writes the records, heartbeats and results, exactly
   as a one-GPU worker does. Each pipeline call it makes (the warm-up, every job) is first
-  published in the store (`share`); the other ranks (followers, `run_follower`) wait for the
+  published in the store (`share`); the other ranks (followers, `worker.run.run_follower`) wait for the
   next call and make the same one, without decoding the video (rank 0 does).
 - After every denoising step rank 0 runs its checks (progress, cancel, timeout, shutdown) and
   publishes `go` or `stop` for that step; every follower waits for that word before its next
@@ -28,18 +28,15 @@ import io
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from .speed import Shape
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
     from .settings import WorkerSettings
 
 log = logging.getLogger("worker.group")
@@ -240,47 +237,6 @@ def decode_call(call: dict) -> dict:
         "attention": AttentionSettings.from_dict(call["attention"]),
         "image": image,
     }
-
-
-# -- followers -----------------------------------------------------------------------------
-class BeatFile(threading.Thread):
-    """Touches `path` every `interval_s`: the launcher's sign that this follower is not hung."""
-
-    def __init__(self, path: str, interval_s: float):
-        super().__init__(name="vmoba-group-beat", daemon=True)
-        self.path = Path(path)
-        self.interval_s = interval_s
-
-    def run(self) -> None:
-        while True:
-            try:
-                self.path.touch()
-            except OSError as exc:
-                log.warning("cannot touch %s: %s", self.path, exc)
-            time.sleep(self.interval_s)
-
-
-def run_follower(settings: WorkerSettings) -> int:
-    """A follower's life: join, load, then make rank 0's calls until it says exit. Any failure
-    ends the process: the launcher restarts the whole group."""
-    from .runtime import Runtime
-
-    if settings.GROUP_BEAT_FILE:
-        BeatFile(settings.GROUP_BEAT_FILE, settings.HEARTBEAT_INTERVAL_S).start()
-    rt: Runtime = Runtime.load(settings)
-    group = rt.group
-    assert group is not None and not group.leader
-    log.info("follower rank %d ready", group.rank)
-    while True:
-        call = group.next_call()
-        if call is None:
-            log.info("rank 0 said exit")
-            group.close()
-            return 0
-        try:
-            rt.generate(**decode_call(call), on_step=group.following, decode=False)
-        except GroupStop as exc:
-            log.info("%s", exc)
 
 
 def group_env(rank: int, size: int, port: int, beat_file: str) -> dict:
