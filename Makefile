@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: serve test browser lint format bench bench-attention bench-check bench-pipeline bench-worker bench-api clean
+.PHONY: serve test browser lint format bench bench-attention bench-check bench-pipeline bench-worker bench-api bench-context-parallel clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ bench-pipeline: $(VENV)/.installed-dev
 
 bench-api: $(VENV)/.installed-dev
 	$(PY) -m bench.api
+
+# One step on 1 GPU against CP_GPUS GPUs (Ulysses context parallelism): a host with that many.
+CP_GPUS ?= 2
+bench-context-parallel: $(VENV)/.installed-dev
+	$(PY) -m bench.context_parallel --gpus $(CP_GPUS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

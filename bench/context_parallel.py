@@ -261,13 +261,21 @@ def main(argv=None) -> int:
     t0 = time.time()
     runs = {}
     for world in (1, *args.gpus):
-        mp.spawn(run_rank, args=(world, args, free_port(), workdir), nprocs=world, join=True)
+        try:
+            mp.spawn(run_rank, args=(world, args, free_port(), workdir), nprocs=world, join=True)
+        except Exception as exc:  # keep the other runs; say what failed
+            print(f"N={world} FAILED: {type(exc).__name__}: {exc}", flush=True)
+            continue
         runs[world] = json.loads((Path(workdir) / f"record-{world}.json").read_text())
+        print(f"RECORD N={world} {json.dumps(runs[world])}", flush=True)
+    if 1 not in runs:
+        raise SystemExit("the 1-GPU baseline failed: nothing to compare")
     env = environment(args.device)
     out = args.out or RESULTS_DIR / f"context-parallel-{gpu_slug(env['gpu'])}.json"
     records = json.loads(out.read_text()) if out.exists() else []
     for n in args.gpus:
-        records.append(make_record(args, n, runs, workdir, env, time.time() - t0))
+        if n in runs:
+            records.append(make_record(args, n, runs, workdir, env, time.time() - t0))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"wrote {out}")
