@@ -331,6 +331,7 @@ def main(argv=None) -> int:
         record["worker_ready_s"] = round(time.monotonic() - t_launch, 2)
         record["device"] = worker.get("device")
         record["worker_speed"] = worker.get("speed")
+        record["worker_gpus_per_job"] = worker.get("gpus_per_job", 1)  # what the group reports
         print(f"worker ready in {record['worker_ready_s']} s on {record['device']}", flush=True)
 
         job_id = new_job_id()
