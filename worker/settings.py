@@ -53,6 +53,24 @@ class WorkerSettings(SharedSettings):
     ENCODE_PRESET: str = "medium"
     """x264 speed/size trade-off."""
 
+    # --- several GPUs per job (`worker.group`) ------------------------------------------------
+    GPUS_PER_JOB: int = Field(1, ge=1)
+    """GPUs that share one job (Ulysses context parallelism: each runs the whole pipeline on
+    1/N of the video's tokens, then attention on 1/N of the heads). The launcher starts groups
+    of this many ranks, one process per GPU; it must divide the model's attention heads (Wan
+    1.3B: 12 -> 2, 3, 4, 6; 14B: 40 -> 2, 4, 5, 8). 1: one worker per GPU. On a CPU-only host
+    it is the number of CPU processes of the one group (tests)."""
+    GROUP_RANK: int = Field(0, ge=0)
+    """This process's rank in its group; set by the launcher."""
+    GROUP_PORT: int = Field(0, ge=0, le=65535)
+    """Local TCP port of the group's store (rank 0 serves it); set by the launcher."""
+    GROUP_BEAT_FILE: str = ""
+    """A file a follower rank touches every `HEARTBEAT_INTERVAL_S` (its launcher reads the time:
+    `HEARTBEAT_TTL_S` without a touch means hung); set by the launcher."""
+    GROUP_TIMEOUT_S: float = Field(600.0, gt=0)
+    """How long the ranks wait for each other to join, and a collective (an all-to-all inside a
+    step) for every rank, before it fails and the group is restarted."""
+
     # --- identity and liveness ---------------------------------------------------------------
     WORKER_NAME: str = ""
     """Unique name of one worker process (RQ's and our heartbeat key); the launcher sets it.

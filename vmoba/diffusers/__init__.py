@@ -3,7 +3,8 @@
 Modules: `settings` (the settings a call accepts), `statistics` (what the calls did, and the
 timer), `processor` (the self-attention processor), `install` (`install_vmoba`, the handle),
 `training` (activation checkpointing that works with VMoBA installed; `docs/training.md`),
-`compile` (`compile_blocks`: the transformer's repeated block compiled once around VMoBA's op).
+`compile` (`compile_blocks`: the transformer's repeated block compiled once around VMoBA's op),
+`parallel` (`enable_ulysses`: one call split over several GPUs).
 
 ```python
 from vmoba.diffusers import AttentionSettings, install_vmoba
@@ -29,6 +30,12 @@ How it fits into diffusers (0.35+, `WanTransformer3DModel`):
 - Dense calls (steps before the `dense_steps` cutoff, or `backend="dense"`) run the stock
   attention (`dispatch_attention_fn`, the same call the stock processor makes) on the same
   projections, so they match the stock processor bit for bit.
+
+- Context parallelism: `parallel.enable_ulysses(transformers)` splits each call's tokens over the
+  ranks of the default `torch.distributed` group with diffusers' own hooks and dense Ulysses
+  attention; sparse calls exchange q/k/v with `vmoba.parallel` (every token of `H/N` heads per
+  rank), so each rank selects and attends exactly as one process would for its heads. The
+  statistics of a `use()` block are then summed over the ranks when it ends (every rank ends it).
 
 Statistics (`docs/vmoba.md` section 8) are accumulated on the device and read once when a
 `use()` block ends: achieved density per layer kind (`sum |K| / (H S^2)` over the sparse calls),

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import parallel
 from ..attention import vmoba_attention
 from ..drift import DEFAULT_ROWS, drift_sums, sample_rows
 from ..ops import call_attention, register_processor
@@ -85,30 +86,37 @@ class VMoBAAttnProcessor:
 
     def attend(self, query, key, value):
         """The attention of one call on `q, k, v [B, S, H, D]` (`vmoba::self_attention` runs
-        this): dense or VMoBA as the transformer call's pre-hook decided, with its statistics."""
+        this): dense or VMoBA as the transformer call's pre-hook decided, with its statistics.
+        Under Ulysses context parallelism `q, k, v` hold this rank's tokens of every head; a
+        sparse call exchanges them for every token of this rank's heads and back (inside the op,
+        so a compiled block never traces a collective)."""
         fwd = self.handle._current_forward()
         settings, stats = fwd.state.settings, fwd.state.stats
         timer = Timer(query.device) if settings.collect_timing else None
-        attended = None
+        group, world = self._ulysses_group()
+        if timer:
+            timer.start()
         if fwd.config is None:
             label = "dense"
+            out = self._dense(query, key, value)  # diffusers' Ulysses when the sequence is split
             if timer:
-                timer.start()
-            out = self._dense(query, key, value)
-        else:
-            label = fwd.config.kind(self.layer_idx)
-            if self._parallel_config is not None:
-                raise ValueError(
-                    "VMoBA does not support context parallelism (the grid would be split)"
-                )
-            if timer:
-                timer.start()
-            out, attended = self._sparse(fwd, label, query, key, value, settings.kernel)
+                stats.add_timing(label, *timer.stop())
+            # every rank counts the whole call (its tokens times N): all report the same totals
+            self._count(fwd, query.shape[0], query.shape[1] * world, query.shape[2], query, None)
+            return out
+        label = fwd.config.kind(self.layer_idx)
+        if group is not None:
+            # this rank's tokens of every head -> every token of this rank's heads
+            query, key, value = parallel.heads_from_sequence([query, key, value], group)
+            stats.group = group  # the device counters are this rank's heads: summed at the end
+        heads_out, attended = self._sparse(fwd, label, query, key, value, settings.kernel)
+        out = heads_out if group is None else parallel.sequence_from_heads(heads_out, group)
         if timer:
             stats.add_timing(label, *timer.stop())
-        self._count(fwd, query, label, attended if settings.collect_density else None)
-        if fwd.config is not None and settings.collect_drift:  # after the timer: not timed
-            self._drift(fwd, query, key, value, out, label)
+        b, s, h, _ = query.shape
+        self._count(fwd, b, s, h * world, query, attended if settings.collect_density else None)
+        if settings.collect_drift:  # after the timer: not timed
+            self._drift(fwd, query, key, value, heads_out, label, world)
         return out
 
     def _sparse(self, fwd, kind: str, query, key, value, kernel: str):
@@ -139,6 +147,20 @@ class VMoBAAttnProcessor:
             kernel=kernel,
         )
 
+    def _ulysses_group(self):
+        """`(process group, N)` of diffusers' context parallelism (Ulysses only), else
+        `(None, 1)`."""
+        config = self._parallel_config
+        cp = getattr(config, "context_parallel_config", None)
+        if cp is None:
+            return None, 1
+        if cp.ring_degree > 1:
+            raise ValueError(
+                "VMoBA needs every token of a head on one rank: use Ulysses context parallelism "
+                f"(ring_degree 1), got ring_degree={cp.ring_degree}"
+            )
+        return cp._ulysses_mesh.get_group(), cp.ulysses_degree
+
     def _dense(self, query, key, value):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
@@ -155,11 +177,13 @@ class VMoBAAttnProcessor:
             **extra,
         )
 
-    def _drift(self, fwd: Forward, query, key, value, out, kind: str):
+    def _drift(self, fwd: Forward, query, key, value, out, kind: str, world: int = 1):
         """Add this sparse call's drift sums (`vmoba.drift`) to the job's statistics, no sync.
 
         The selection is computed again with the same kernel, which gives the mask the attention
-        used (the selection is deterministic); `out` is the attention's own output."""
+        used (the selection is deterministic); `out` is the attention's own output. Under
+        context parallelism `query..out` hold this rank's `H/world` heads of every token: the
+        sums are this rank's share (the statistics add the ranks' up), the rows the call's."""
         config = fwd.config
         assert config is not None  # sparse calls only
         with torch.no_grad():
@@ -177,18 +201,22 @@ class VMoBAAttnProcessor:
                 query, key, value, rows, [(selected[:, :, rows], ids)], outs=[out[:, rows]]
             )
         b, _, h, _ = query.shape
-        fwd.state.stats.add_drift(kind, fwd.step, sums[0], b * h * rows.numel(), rows.numel())
+        fwd.state.stats.add_drift(
+            kind, fwd.step, sums[0], b * h * world * rows.numel(), rows.numel()
+        )
 
-    def _count(self, fwd: Forward, query, label, attended):
-        """Add this call to the job's statistics; `attended`: the op's count of attended key
-        tokens (a device scalar), or `None` when not collected."""
-        b, s, h, d = query.shape
+    def _count(self, fwd: Forward, batch: int, tokens: int, heads: int, query, attended):
+        """Add this call (`batch` samples, `tokens` tokens, `heads` heads of the whole call) to
+        the job's statistics; `attended`: the op's count of attended key tokens (a device
+        scalar), or `None` when not collected."""
+        d_model = heads * query.shape[-1]
         stats = fwd.state.stats
         if fwd.config is None:
-            stats.add_dense(b, s, h * d)
+            stats.add_dense(batch, tokens, d_model)
             return
+        label = fwd.config.kind(self.layer_idx)
         blocks = num_blocks(fwd.grid, label, fwd.config)
-        stats.add_sparse(label, b, h, s, h * d, blocks, attended)
+        stats.add_sparse(label, batch, heads, tokens, d_model, blocks, attended)
 
 
 def _qkv_projections(attn, hidden_states):

@@ -32,6 +32,9 @@ class Stats:
         # (step, kind) -> [drift sums (device [3] fp64: err2, ref2, mass), row vectors, calls]
         self.drift: dict[tuple, list] = {}
         self.drift_query_rows = 0  # query rows sampled per call (min(DEFAULT_ROWS, S))
+        # Set by context-parallel calls: their device counters (attended tokens, drift sums)
+        # cover this rank's heads only and are summed over this process group at the end.
+        self.group: Any = None
 
     def step(self, step, sparse: bool):
         if step is not None:
@@ -85,6 +88,8 @@ class Stats:
             dense_calls, dense_flops, steps = self.dense_calls, self.dense_flops, dict(self.steps)
             drift = {key: list(v) for key, v in self.drift.items()}
             query_rows = self.drift_query_rows
+        if self.group is not None:
+            sum_over_ranks(kinds, drift, self.group)
         by_kind, attended_all, pairs_all, sparse_flops, full_sparse = {}, 0.0, 0, 0.0, 0.0
         counted = True
         for kind in LAYER_KINDS:
@@ -124,6 +129,23 @@ class Stats:
         if settings.collect_drift:
             out["drift"] = drift_summary(drift, query_rows)
         return out
+
+
+def sum_over_ranks(kinds: dict, drift: dict, group) -> None:
+    """Replace each rank's device counters in `kinds` (attended tokens) and `drift` (sums) by
+    their sums over the ranks of `group`, in one all-reduce. Every rank of the group must call
+    it (the same calls ran on each, so the keys agree)."""
+    import torch.distributed as dist
+
+    slots = [(kinds, kind, 1) for kind in sorted(kinds) if kinds[kind][1] is not None]
+    slots += [(drift, key, 0) for key in sorted(drift, key=repr)]
+    if not slots:
+        return
+    parts = [torch.as_tensor(table[key][i]).double().reshape(-1) for table, key, i in slots]
+    flat = torch.cat(parts)
+    dist.all_reduce(flat, group=group)
+    for (table, key, i), chunk in zip(slots, flat.split([p.numel() for p in parts])):
+        table[key][i] = chunk.reshape(torch.as_tensor(table[key][i]).shape)
 
 
 def drift_summary(drift: dict, query_rows: int) -> dict:
