@@ -498,8 +498,10 @@ def load_model(
     handle = install_vmoba(first, AttentionSettings(kernel=settings.ATTENTION_KERNEL))
     if group is not None:
         group.parallelize(handle.transformers)
-    # after VMoBA (and the sequence split): the compiled blocks must trace its processor
-    done = apply_speedups(pipes, device=device, compile=settings.COMPILE, vae=settings.VAE_DTYPE)
+    # after VMoBA (and the sequence split): the compiled blocks must trace its processor. A group
+    # compiles only when COMPILE=1 says so: compile with the sequence split is not yet measured.
+    compile_setting = settings.COMPILE if group is None or settings.COMPILE is not None else False
+    done = apply_speedups(pipes, device=device, compile=compile_setting, vae=settings.VAE_DTYPE)
     info = {**describe(first), "model": spec.id, "weights": spec.weights}
     info["compiled"] = done["compile"]
     log.info(
