@@ -177,18 +177,8 @@ def trainable_attention(
 ) -> torch.Tensor:
     """`sparse_attention` with a backward (through the ops above, so it compiles). `stats` as
     there (no sync)."""
-    args = config_args(config)
     out, _lse, _bits, attended = torch.ops.vmoba.sparse_attention_fwd(
-        q,
-        k,
-        v,
-        list(grid),
-        kind,
-        args["chunks"],
-        args["select"],
-        args["threshold"],
-        args["topk"],
-        softmax_scale,
+        q, k, v, list(grid), kind, *config_args(config), softmax_scale
     )
     if stats is not None:
         stats["attended"] = attended.double().sum()

@@ -367,14 +367,11 @@ def merge_attention_settings(
 # -- a config as the plain values of a custom op's arguments (`vmoba.ops`, `vmoba.autograd`) ----
 
 
-def config_args(config: VMoBAConfig) -> dict:
-    """`config` as the plain arguments of `vmoba::attention` (all but the tensors and kind)."""
-    return dict(
-        chunks=[config.temporal_chunk, *config.spatial_chunk, *config.st_chunk],
-        select=config.select,
-        threshold=config.threshold,
-        topk=list(config.topk),
-    )
+def config_args(config: VMoBAConfig) -> tuple:
+    """`config` as the ops' plain arguments `(chunks, select, threshold, topk)`, in their order
+    after `grid, kind`; `config_from_args` takes them back."""
+    chunks = [config.temporal_chunk, *config.spatial_chunk, *config.st_chunk]
+    return chunks, config.select, config.threshold, list(config.topk)
 
 
 def config_from_args(chunks, select: str, threshold: float, topk) -> VMoBAConfig:

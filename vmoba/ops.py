@@ -102,17 +102,4 @@ def call_attention(
 ):
     """`vmoba::attention` with a `VMoBAConfig` -> `(out, attended)`."""
     op: Callable = torch.ops.vmoba.attention
-    args = config_args(config)
-    return op(
-        q,
-        k,
-        v,
-        list(grid),
-        kind,
-        args["chunks"],
-        args["select"],
-        args["threshold"],
-        args["topk"],
-        softmax_scale,
-        kernel,
-    )
+    return op(q, k, v, list(grid), kind, *config_args(config), softmax_scale, kernel)
