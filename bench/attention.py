@@ -28,19 +28,17 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import (
-    HEAD_DIM,
-    HEADS,
     PRESETS,
     RESULTS_DIR,
     environment,
     gpu_slug,
     median_ms,
+    preset_inputs,
     topk_for_density,
     write_json,
 )
 from vmoba import VMoBAConfig, num_blocks
 from vmoba.config import LAYER_KINDS
-from vmoba.inputs import locality_qkv
 from vmoba.kernels.attention import attend
 from vmoba.kernels.configs import attention_config
 from vmoba.kernels.selection import select_bits
@@ -157,20 +155,7 @@ def bench_vmoba(q, k, v, grid, kind, cfg):
 
 
 def run_preset(name, grid, quick: bool, env: dict, records: list):
-    torch.manual_seed(0)
-    q, k, v = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
-    s = q.shape[1]
-    base = dict(
-        gpu=env["gpu"],
-        commit=env["commit"],
-        preset=name,
-        tokens=s,
-        grid=list(grid),
-        heads=HEADS,
-        head_dim=HEAD_DIM,
-        dtype="bf16",
-        batch=1,
-    )
+    q, k, v, base = preset_inputs(name, env)
     q_bytes = q.numel() * q.element_size()
     dense = {}
     for sdpa in ("cudnn", "flash"):

@@ -25,19 +25,17 @@ import torch.nn.functional as F
 
 from bench import attention as fwd_bench
 from bench.common import (
-    HEAD_DIM,
-    HEADS,
     PRESETS,
     RESULTS_DIR,
     environment,
     gpu_slug,
     median_ms,
+    preset_inputs,
     topk_for_density,
     write_json,
 )
 from vmoba import VMoBAConfig, num_blocks, vmoba_attention
 from vmoba.config import LAYER_KINDS
-from vmoba.inputs import locality_qkv
 from vmoba.kernels.selection import select_bits
 from vmoba.partition import block_layout
 
@@ -104,20 +102,8 @@ def vmoba_fwd_bwd(q, k, v, grad_out, grid, kind, cfg, rep_ms) -> dict:
 
 def run_preset(name, env, records, rep_ms):
     grid = PRESETS[name]
-    torch.manual_seed(0)
-    q, k, v = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    q, k, v, base = preset_inputs(name, env)
     grad_out = torch.randn_like(q)
-    base = dict(
-        gpu=env["gpu"],
-        commit=env["commit"],
-        preset=name,
-        tokens=q.shape[1],
-        grid=list(grid),
-        heads=HEADS,
-        head_dim=HEAD_DIM,
-        dtype="bf16",
-        batch=1,
-    )
     cudnn = cudnn_fwd_bwd_ms(q, k, v, grad_out, rep_ms)
     records.append(
         {

@@ -37,11 +37,17 @@ from pathlib import Path
 import torch
 
 from bench import attention as attention_bench
-from bench.common import HEAD_DIM, HEADS, PRESETS, RESULTS_DIR, environment, median_ms, write_json
+from bench.common import (
+    PRESETS,
+    RESULTS_DIR,
+    environment,
+    median_ms,
+    preset_inputs,
+    write_json,
+)
 from vmoba import VMoBAConfig, block_ids, reference
 from vmoba.config import LAYER_KINDS
 from vmoba.defaults import topk_for_grid
-from vmoba.inputs import locality_qkv
 from vmoba.kernels import attention as current
 from vmoba.kernels.selection import select_bits
 from vmoba.partition import block_layout
@@ -215,19 +221,7 @@ def main(argv=None):
     records: list = []
     for name in args.presets:
         grid = PRESETS[name]
-        torch.manual_seed(0)
-        q, k, v = locality_qkv(grid, BATCH, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
-        base = dict(
-            gpu=env["gpu"],
-            commit=env["commit"],
-            preset=name,
-            tokens=q.shape[1],
-            grid=list(grid),
-            batch=BATCH,
-            heads=HEADS,
-            head_dim=HEAD_DIM,
-            dtype="bf16",
-        )
+        q, k, v, base = preset_inputs(name, env, BATCH)
         cudnn = attention_bench.dense_ms(q, k, v, "cudnn")
         print(f"{name} cudnn {cudnn:.2f} ms", flush=True)
         for kind in args.kinds:

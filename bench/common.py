@@ -135,3 +135,27 @@ def write_json(path: Path, records) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records, indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def preset_inputs(name: str, env: dict, batch: int = 1):
+    """Seeded bf16 locality `q, k, v [batch, S, HEADS, HEAD_DIM]` on the GPU for preset `name`,
+    and the fields every attention record of it starts with."""
+    import torch
+
+    from vmoba.inputs import locality_qkv
+
+    grid = PRESETS[name]
+    torch.manual_seed(0)
+    q, k, v = locality_qkv(grid, batch, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    base = dict(
+        gpu=env["gpu"],
+        commit=env["commit"],
+        preset=name,
+        tokens=q.shape[1],
+        grid=list(grid),
+        heads=HEADS,
+        head_dim=HEAD_DIM,
+        dtype="bf16",
+        batch=batch,
+    )
+    return q, k, v, base
