@@ -54,24 +54,32 @@ def _world(group) -> int:
 
 def heads_from_sequence(tensors: list[torch.Tensor], group=None) -> list[torch.Tensor]:
     """`P` tensors `[B, S/N, H, D]` (this rank's tokens, all heads) -> `P` contiguous tensors
-    `[B, S, H/N, D]` (every token, this rank's heads), in one all-to-all."""
+    `[B, S, H/N, D]` (every token, this rank's heads), one all-to-all each.
+
+    Each exchange is launched without waiting, so the layout copy of the next tensor overlaps the
+    transfer of the previous one; at batch 1 what arrives is already `[S, H/N, D]` in order (a
+    view, no copy)."""
     n = _world(group)
     first = tensors[0]
     b, s_local, h, d = first.shape
     check_heads(h, n)
     hl = h // n
-    # send[j, p] = tensor p's heads of rank j, for this rank's tokens: [N, P, B, S/N, H/N, D]
-    send = first.new_empty((n, len(tensors), b, s_local, hl, d))
-    for p, x in enumerate(tensors):
+    pending = []
+    for x in tensors:
         if x.shape != first.shape:
             raise ValueError(
                 f"q, k, v must have one shape, got {tuple(first.shape)} and {tuple(x.shape)}"
             )
-        send[:, p] = x.reshape(b, s_local, n, hl, d).permute(2, 0, 1, 3, 4)
-    recv = torch.empty_like(send)  # recv[j] = rank j's tokens of this rank's heads
-    dist.all_to_all_single(recv, send, group=group)
-    full = recv.permute(1, 2, 0, 3, 4, 5).reshape(len(tensors), b, n * s_local, hl, d)
-    return list(full.unbind(0))
+        # send[j] = this rank's tokens of rank j's heads: [N, B, S/N, H/N, D]
+        send = x.reshape(b, s_local, n, hl, d).permute(2, 0, 1, 3, 4).contiguous()
+        recv = torch.empty_like(send)  # recv[j] = rank j's tokens of this rank's heads
+        work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+        pending.append((work, send, recv))  # `send` lives until its exchange is done
+    out = []
+    for work, _send, recv in pending:
+        work.wait()
+        out.append(recv.transpose(0, 1).reshape(b, n * s_local, hl, d))
+    return out
 
 
 def sequence_from_heads(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -80,7 +88,8 @@ def sequence_from_heads(x: torch.Tensor, group=None) -> torch.Tensor:
     n = _world(group)
     b, s, hl, d = x.shape
     check_tokens(s, n)
-    send = x.reshape(b, n, s // n, hl, d).permute(1, 0, 2, 3, 4).contiguous()  # [N, B, S/N, H/N, D]
+    # [N, B, S/N, H/N, D]; at batch 1 already in order (a view)
+    send = x.reshape(b, n, s // n, hl, d).transpose(0, 1).contiguous()
     recv = torch.empty_like(send)  # recv[j] = heads of rank j for this rank's tokens
     dist.all_to_all_single(recv, send, group=group)
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s // n, n * hl, d)
