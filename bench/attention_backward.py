@@ -8,14 +8,18 @@ fixed random output gradient; `fwd_ms`: the inference forward (no grad) of the s
 in the same run: SDPA cuDNN forward + backward (dense), and FlexAttention forward + backward with
 a random 128x128 block mask of the VMoBA record's density (full blocks, the diagonal kept).
 `peak_extra_mem_over_q`: VMoBA's peak allocation during forward + backward beyond the inputs,
-the output gradient and the three input gradients, over the size of `q`.
+the output gradient and the three input gradients, over the size of `q`. `--bwd-configs`: several
+backward configs (`VMOBA_BWD_CONFIG` JSON each, e.g. '{}' and '{"fused_dq": true}') measured in
+turn against the same baselines; every VMoBA record keeps the config in effect (`bwd_config`).
 
     python -m bench.attention_backward [--presets wan1.3b-576p-93f ...] [--out DIR] [--rep-ms 300]
+        [--bwd-configs JSON ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -27,6 +31,8 @@ from bench import attention as fwd_bench
 from bench.common import (
     PRESETS,
     RESULTS_DIR,
+    bwd_config,
+    bwd_label,
     environment,
     gpu_slug,
     median_ms,
@@ -100,7 +106,7 @@ def vmoba_fwd_bwd(q, k, v, grad_out, grid, kind, cfg, rep_ms) -> dict:
     )
 
 
-def run_preset(name, env, records, rep_ms):
+def run_preset(name, env, records, rep_ms, bwd_overrides=(None,)):
     grid = PRESETS[name]
     q, k, v, base = preset_inputs(name, env)
     grad_out = torch.randn_like(q)
@@ -124,27 +130,37 @@ def run_preset(name, env, records, rep_ms):
             f"topk{kk}": paper.replace(select="topk", topk=(kk, kk, kk)),
         }
         for label, cfg in settings.items():
-            try:
-                res = vmoba_fwd_bwd(q, k, v, grad_out, grid, kind, cfg, rep_ms)
-            except Exception:
-                traceback.print_exc()
+            measured = []
+            for override in bwd_overrides:
+                try:
+                    with bwd_config(override) as bwd:
+                        res = vmoba_fwd_bwd(q, k, v, grad_out, grid, kind, cfg, rep_ms)
+                except Exception:
+                    traceback.print_exc()
+                    continue
+                rec = {
+                    **base,
+                    "layer_kind": kind,
+                    "impl": "vmoba",
+                    "select": label,
+                    "bwd_config": bwd,
+                    **res,
+                    "speedup_vs_cudnn": cudnn / res["fwd_bwd_ms"],
+                }
+                records.append(rec)
+                measured.append(rec)
+                print(
+                    f"{name} {kind} vmoba {label} [{bwd_label(bwd)}]: fwd+bwd "
+                    f"{res['fwd_bwd_ms']:.2f} ms (fwd {res['fwd_ms']:.2f}) density "
+                    f"{res['density']:.3f} x{rec['speedup_vs_cudnn']:.2f} "
+                    f"mem {res['peak_extra_mem_over_q']:.2f}q",
+                    flush=True,
+                )
+            if not measured:
                 continue
-            rec = {
-                **base,
-                "layer_kind": kind,
-                "impl": "vmoba",
-                "select": label,
-                **res,
-                "speedup_vs_cudnn": cudnn / res["fwd_bwd_ms"],
-            }
-            records.append(rec)
-            line = (
-                f"{name} {kind} vmoba {label}: fwd+bwd {res['fwd_bwd_ms']:.2f} ms "
-                f"(fwd {res['fwd_ms']:.2f}) density {res['density']:.3f} "
-                f"x{rec['speedup_vs_cudnn']:.2f} mem {res['peak_extra_mem_over_q']:.2f}q"
-            )
             try:
-                fms, fdens = flex_fwd_bwd_ms(q, k, v, grad_out, res["density"], rep_ms)
+                # one Flex baseline for every backward config: the density is the selection's
+                fms, fdens = flex_fwd_bwd_ms(q, k, v, grad_out, measured[0]["density"], rep_ms)
                 records.append(
                     {
                         **base,
@@ -156,11 +172,11 @@ def run_preset(name, env, records, rep_ms):
                         "speedup_vs_cudnn": cudnn / fms,
                     }
                 )
-                rec["speedup_vs_flex"] = fms / res["fwd_bwd_ms"]
-                line += f" | flex @ {fdens:.3f}: {fms:.2f} ms x{cudnn / fms:.2f}"
+                for rec in measured:
+                    rec["speedup_vs_flex"] = fms / rec["fwd_bwd_ms"]
+                print(f"{name} {kind} flex @ {fdens:.3f}: {fms:.2f} ms x{cudnn / fms:.2f}")
             except Exception:
                 traceback.print_exc()
-            print(line, flush=True)
 
 
 def main(argv=None):
@@ -168,6 +184,15 @@ def main(argv=None):
     ap.add_argument("--presets", nargs="*", default=list(DEFAULT_PRESETS))
     ap.add_argument("--out", default=str(RESULTS_DIR))
     ap.add_argument("--rep-ms", type=int, default=300, help="timing budget per measurement")
+    ap.add_argument(
+        "--bwd-configs",
+        nargs="+",
+        type=json.loads,
+        default=[None],
+        metavar="JSON",
+        help="backward configs to measure in turn (VMOBA_BWD_CONFIG each, e.g. '{}' for the "
+        "defaults and '{\"fused_dq\": true}'); default: the environment's",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.attention_backward needs a CUDA GPU")
@@ -176,19 +201,23 @@ def main(argv=None):
     records: list = []
     path = Path(args.out) / f"attention-backward-{gpu_slug()}.json"
     for name in args.presets:
-        run_preset(name, env, records, args.rep_ms)
+        run_preset(name, env, records, args.rep_ms, args.bwd_configs)
         write_json(path, {"environment": env, "records": records})
     table(records)
 
 
 def table(records):
-    print("\n| tokens | kind | impl | select | density | fwd+bwd ms | fwd ms | x cuDNN | x flex |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| tokens | kind | impl | select | backward | density | fwd+bwd ms | fwd ms | x cuDNN "
+        "| x flex |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         fwd = r.get("fwd_ms")
         flex = r.get("speedup_vs_flex")
+        bwd = bwd_label(r["bwd_config"]) if "bwd_config" in r else ""
         print(
-            f"| {r['tokens']} | {r['layer_kind']} | {r['impl']} | {r['select']} | "
+            f"| {r['tokens']} | {r['layer_kind']} | {r['impl']} | {r['select']} | {bwd} | "
             f"{r['density']:.3f} | {r['fwd_bwd_ms']:.2f} | {'' if fwd is None else f'{fwd:.2f}'} | "
             f"{r.get('speedup_vs_cudnn', 1.0):.2f} | {'' if flex is None else f'{flex:.2f}'} |"
         )

@@ -13,6 +13,8 @@ import os
 import platform
 import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +106,36 @@ def environment(device="cuda") -> dict:
             if key.startswith("VMOBA_") and key.endswith("_CONFIG")
         },
     }
+
+
+@contextmanager
+def bwd_config(override: dict | None) -> Iterator[dict]:
+    """Run the backward with `VMOBA_BWD_CONFIG` set to `override` (None: as the environment has
+    it), restored afterwards; yields the config in effect (what records store)."""
+    from vmoba.kernels.configs import backward_config
+
+    key = "VMOBA_BWD_CONFIG"
+    before = os.environ.get(key)
+    if override is not None:
+        os.environ[key] = json.dumps(override)
+    try:
+        yield backward_config(False)
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def bwd_label(cfg: dict) -> str:
+    """Short name of a backward config: the variant and its tiles (`BMxBN wW sS`)."""
+
+    def tiles(c: dict) -> str:
+        return f"{c['BM']}x{c['BN']} w{c['num_warps']} s{c['num_stages']}"
+
+    if cfg["fused_dq"]:
+        return f"fused {tiles(cfg['dkdv'])}"
+    return f"split {tiles(cfg['dkdv'])} / dq {tiles(cfg['dq'])}"
 
 
 def wan_transformer_config(tiny: bool = False, num_layers: int | None = None) -> dict:

@@ -8,7 +8,9 @@ does); on a GPU bf16 has 8 mantissa bits (measured at the Wan grids on an H100: 
 dv 2.4e-3, bench/results/backward-check-h100*.json).
 """
 
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from vmoba import VMoBAConfig, block_ids, reference, vmoba_attention
 from vmoba.autograd import Saved, attention_backward, attention_forward
 from vmoba.inputs import locality_qkv
 from vmoba.kernels import selection
+from vmoba.kernels.configs import backward_config
 from vmoba.partition import block_layout
 
 CFG = VMoBAConfig(temporal_chunk=2, spatial_chunk=(2, 3), st_chunk=(2, 3, 4), topk=(2, 3, 5))
@@ -33,6 +36,13 @@ REPEAT_TOL: dict = dict(atol=0, rtol=0) if DEVICE == "cpu" else {}
 def qkv(dtype, b=1, h=2, grid=GRID):
     d = 64 if DEVICE == "cuda" else 16
     return locality_qkv(grid, b, h, d, dtype=dtype, device=DEVICE)
+
+
+def use_variant(monkeypatch, fused: bool):
+    """The backward's variant (`fused_dq`: dQ made in the dK/dV kernel) through the benchmarks'
+    hook `VMOBA_BWD_CONFIG`, keeping any tile override already set."""
+    override = json.loads(os.environ.get("VMOBA_BWD_CONFIG", "{}"))
+    monkeypatch.setenv("VMOBA_BWD_CONFIG", json.dumps({**override, "fused_dq": fused}))
 
 
 def rel_l2(got, ref):
@@ -60,14 +70,17 @@ def triton_grads(q, k, v, grad_out, grid, layer, cfg):
 
 
 @pytest.mark.parametrize(
-    "mode,dtype",
+    "mode,dtype,fused",
     [
-        ("topk", DTYPES[0]),
-        ("threshold_query", DTYPES[1]),
-        ("threshold_global", DTYPES[1]),
+        ("topk", DTYPES[0], False),
+        ("threshold_query", DTYPES[1], False),
+        ("threshold_global", DTYPES[1], False),
+        ("topk", DTYPES[0], True),
+        ("threshold_global", DTYPES[1], True),
     ],
 )
-def test_gradients_match_reference_in_every_kind(seed, mode, dtype):
+def test_gradients_match_reference_in_every_kind(seed, monkeypatch, mode, dtype, fused):
+    use_variant(monkeypatch, fused)
     cfg = CFG.replace(select=mode, threshold=float(torch.empty(()).uniform_(0.2, 0.6)))
     q, k, v = qkv(dtype)
     grad_out = torch.randn_like(q)
@@ -109,10 +122,12 @@ def test_function_pair_matches_autograd_and_saves_the_log_sum_exp(seed):
     torch.testing.assert_close(saved.lse.double(), lse2, atol=1e-3, rtol=1e-4)
 
 
-def test_unselected_blocks_get_no_gradient(seed):
+@pytest.mark.parametrize("fused", [False, True])
+def test_unselected_blocks_get_no_gradient(seed, monkeypatch, fused):
     """With an output gradient on one query only, keys of the blocks that query did not select
     get exactly zero dK and dV (no silent dense fallback), the selected ones (nearly all) do not,
     and only that query's dq is non-zero."""
+    use_variant(monkeypatch, fused)
     cfg = CFG.replace(select="topk", topk=(1, 2, 3))  # of 2, 9 and 8 blocks
     q, k, v = qkv(DTYPES[0], b=1, h=2)
     for layer in range(3):
@@ -134,6 +149,23 @@ def test_unselected_blocks_get_no_gradient(seed):
         others = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
         others[i0] = False
         assert (dq[:, others] == 0).all() and (dq[:, i0] != 0).any()
+
+
+def test_backward_config_override(monkeypatch):
+    """`VMOBA_BWD_CONFIG` sets the variant and merges tile changes into the defaults (the
+    benchmarks record it); an unknown key is an error, not a silently ignored typo."""
+    for interpreter in (True, False):
+        monkeypatch.delenv("VMOBA_BWD_CONFIG", raising=False)
+        default = backward_config(interpreter)
+        other = not default["fused_dq"]
+        override = {"fused_dq": other, "dkdv": {"BM": 8}}
+        monkeypatch.setenv("VMOBA_BWD_CONFIG", json.dumps(override))
+        cfg = backward_config(interpreter)
+        assert cfg["fused_dq"] is other and cfg["dq"] == default["dq"]
+        assert cfg["dkdv"] == {**default["dkdv"], "BM": 8}
+        monkeypatch.setenv("VMOBA_BWD_CONFIG", '{"fuse_dq": true}')
+        with pytest.raises(ValueError, match="fuse_dq"):
+            backward_config(interpreter)
 
 
 def test_reference_gradcheck_fp64(seed):

@@ -21,6 +21,11 @@ the selected pairs:
   against their block's keys; a tile's dQ for that block is added to an fp32 buffer with one
   atomic add per (query, selected block, channel), not per key tile.
 
+Or, with the backward config's `fused_dq`, the dK/dV kernel also makes dQ from the `dS` it already
+has (`dS^T K` of its key tile, added atomically to the same fp32 buffer) and the dq kernel is not
+launched: five matrix products per (query tile, key tile) instead of seven (the dq kernel
+recomputes `QK^T` and `dO V^T`), at one atomic add per (query, key tile, channel).
+
 Extra memory: the fp32 dQ buffer (twice `q` in bf16), the keys and values in blocked order (as
 the forward makes them), the query index (rebuilt), `delta`. No host synchronisation.
 """
@@ -60,6 +65,7 @@ def vmoba_bwd_dkdv_kernel(
     v_desc,
     dk_ptr,
     dv_ptr,
+    dq_ptr,
     lse_ptr,
     delta_ptr,
     qlist_ptr,
@@ -77,11 +83,13 @@ def vmoba_bwd_dkdv_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     PRECISION: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
 ):
     """dK, dV of key tile `program_id(0)` of block `c` for sample-head `bh`, segment
     `program_id(1) = c * BH + bh`. `k_desc, v_desc`: blocked keys/values viewed as
     `[B*S, H*D]` with `[BN, D]` tiles; `q, dO, dK, dV` contiguous `[B, S, H, D]` (natural order);
-    `lse, delta [BH, S]` fp32."""
+    `lse, delta [BH, S]` fp32. `FUSED_DQ`: also add the tile's dQ to `dq [B, S, H, D]` fp32
+    (atomically: every key tile of every selected block adds to a query's row)."""
     i_n, seg = tl.program_id(0), tl.program_id(1)
     i_c = seg // BH
     i_bh = seg % BH
@@ -118,6 +126,10 @@ def vmoba_bwd_dkdv_kernel(
             b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
             b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
             b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)  # [BN, D]
+            if FUSED_DQ:
+                # rows past the block's end hold the next block's keys, but their dS is zero
+                b_dq = tl.dot(tl.trans(b_dst).to(b_k.dtype), b_k, input_precision=PRECISION)
+                tl.atomic_add(dq_ptr + offs, b_dq * sm_scale, mask=m_r[:, None], sem="relaxed")
         # each key's natural token, so dK and dV need no permutation afterwards
         tok_n = tl.load(perm_ptr + block_start + o_n, mask=m_n, other=0).to(tl.int64)
         offs_n = ((i_b.to(tl.int64) * S + tok_n) * H + i_h)[:, None] * D + o_d[None, :]
@@ -206,7 +218,7 @@ def attend_backward(
     """`dq, dk, dv [B, S, H, D]` (dtype of `q`) of `attend(q, k, v, selection, softmax_scale)`,
     given its output `out` and the `lse [B*H, S]` it wrote. The query index is built again, with
     the dq kernel's tile size (cheaper than keeping the forward's: it is sized for every block a
-    query may select)."""
+    query may select). `backward_config`'s `fused_dq` picks the variant (module docstring)."""
     b, s, h, d = q.shape
     layout = selection.layout
     bh, c, dev = b * h, layout.num_blocks, q.device
@@ -227,6 +239,7 @@ def attend_backward(
     kb, vb = blocked_kv(k, v, layout)
     dk = torch.empty(b, s, h, d, device=dev, dtype=k.dtype)
     dv = torch.empty(b, s, h, d, device=dev, dtype=v.dtype)
+    dq32 = torch.zeros(b, s, h, d, device=dev, dtype=torch.float32)
     kv = cfg["dkdv"]
     k_desc, v_desc = (
         TensorDescriptor.from_tensor(x.view(b * s, h * d), [kv["BN"], d]) for x in (kb, vb)
@@ -238,6 +251,7 @@ def attend_backward(
         v_desc,
         dk,
         dv,
+        dq32,
         lse,
         delta,
         index.qlist,
@@ -255,11 +269,13 @@ def attend_backward(
         BM=kv["BM"],
         BN=kv["BN"],
         PRECISION=precision,
+        FUSED_DQ=cfg["fused_dq"],
         num_warps=kv["num_warps"],
         num_stages=kv["num_stages"],
     )
+    if cfg["fused_dq"]:
+        return dq32.to(q.dtype), dk, dv
 
-    dq32 = torch.zeros(b, s, h, d, device=dev, dtype=torch.float32)
     k_desc, v_desc = (
         TensorDescriptor.from_tensor(x.view(b * s, h * d), [qc["BN"], d]) for x in (kb, vb)
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 # Gate/selection kernels: BM queries per program against all C_PAD block means.
 # bins: histogram bins of each of threshold_global's two levels. CAP: per-head room for the pairs
@@ -117,22 +118,33 @@ def attention_config(head_dim: int, interpreter: bool, max_block_len: int) -> di
 # with 8 warps, 2 stages took 26.5-27.5 ms (BM 32: 31-34, 3 stages or BM 128 or BN 64 x 4 warps:
 # about the same, BN 128 x 4 warps: 79-84); dq BM 128 x BN 64, 8 warps, 3 stages took 11.0-16.6 ms
 # against 13.3-21.5 for BM 64 x BN 64, 4 warps, 2 CTAs per SM.
+# fused_dq: the dK/dV kernel also adds each tile's dQ atomically (FA2's way) and the dq kernel is
+# not launched: 5 matrix products per tile pair instead of 7, but one fp32 atomic add per (query,
+# key tile, channel) instead of per (query, selected block, channel); the dq tiles then go unused.
 _BWD_GPU = {
+    "fused_dq": False,
     "dkdv": {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2},
     "dq": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "ctas_per_sm": 1},
 }
 # the interpreter's cost is per program and per loop step: large tiles keep CPU tests short
 _BWD_INTERPRETER = {
+    "fused_dq": False,
     "dkdv": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
     "dq": {"BM": 16, "BN": 32, "num_warps": 4, "num_stages": 1, "programs": 2},
 }
 
 
 def backward_config(interpreter: bool) -> dict:
-    if interpreter:
-        return {name: dict(cfg) for name, cfg in _BWD_INTERPRETER.items()}
-    cfg = {name: dict(c) for name, c in _BWD_GPU.items()}
-    # tuning hook: VMOBA_BWD_CONFIG='{"dkdv": {"BM": 32}, "dq": {"BN": 128}}'
-    for name, changes in json.loads(os.environ.get("VMOBA_BWD_CONFIG", "{}")).items():
-        cfg[name].update(changes)
+    """The backward's config; `VMOBA_BWD_CONFIG` overrides it, under the interpreter too (tests
+    choose the variant with it): `'{"fused_dq": true, "dkdv": {"BM": 32}, "dq": {"BN": 128}}'`
+    (tuning hook for bench/tune_backward.py and bench/attention_backward.py)."""
+    base = _BWD_INTERPRETER if interpreter else _BWD_GPU
+    cfg: dict[str, Any] = {name: dict(c) if isinstance(c, dict) else c for name, c in base.items()}
+    for name, change in json.loads(os.environ.get("VMOBA_BWD_CONFIG", "{}")).items():
+        if name not in cfg:
+            raise ValueError(f"VMOBA_BWD_CONFIG: unknown key {name!r}, expected one of {list(cfg)}")
+        if isinstance(cfg[name], dict):
+            cfg[name].update(change)
+        else:
+            cfg[name] = change
     return cfg
