@@ -7,8 +7,10 @@ sweep runs at a time across hosts; `python -m worker.janitor` runs one sweep by 
    exists (TTL `HEARTBEAT_TTL_S`, refreshed every `HEARTBEAT_INTERVAL_S` by a thread of the
    worker, busy or not). A job `in_progress` on a worker that is not alive, an RQ job in the
    started registry of a worker that is not alive (a death between RQ taking the job and our
-   record saying so), and a job `in_progress` on a live worker whose heartbeat says it runs
-   something else (Redis lost an update, e.g. a restart) is lost. A lost job is, in this order:
+   record saying so; the worker is the one RQ's execution names, written with the registry
+   entry, not the job's `worker_name`, written a moment later), and a job `in_progress` on a
+   live worker whose heartbeat says it runs something else (Redis lost an update, e.g. a
+   restart) is lost. A lost job is, in this order:
    **completed** when its result (video and sidecar) is in storage (it finished; only the record
    did not say so: a finished video is never deleted here); **cancelled** when a cancel was
    requested (e.g. the launcher stopped a worker that did not honour it in time); re-queued at
@@ -20,10 +22,12 @@ sweep runs at a time across hosts; `python -m worker.janitor` runs one sweep by 
    than after the heartbeat TTL.
 2. **Orphaned queued jobs.** A record `queued` for longer than `ORPHAN_GRACE_S` whose RQ job is
    not waiting in its queue (gone, failed, stopped or finished: e.g. Redis lost the enqueue,
-   or RQ's maintenance failed a job stuck in its intermediate queue) would never start: its
-   result is looked for in storage (completed if there), else it is enqueued again from the
-   record (which holds the validated request), at most `ORPHAN_REQUEUES` times, then failed with
-   `worker_lost` (`cancelled` if RQ cancelled it), so clients stop waiting.
+   or RQ's maintenance failed a job stuck in its intermediate queue; still queued in RQ but in
+   no queue only once it has looked so for `HEARTBEAT_TTL_S`: a worker taking the job leaves
+   it so for a moment) would never start: its result is looked for in storage (completed if
+   there), else it is enqueued again from the record (which holds the validated request), at
+   most `ORPHAN_REQUEUES` times, then failed with `worker_lost` (`cancelled` if RQ cancelled
+   it), so clients stop waiting.
 3. **Retention.** Finished jobs past `expires_at`: files first (with object storage, every
    object under the job's prefix), then the record.
 4. **Leftovers.** Staging directories of killed workers older than `STAGING_MAX_AGE_S` (and, with
@@ -47,6 +51,7 @@ from dataclasses import dataclass, field
 import redis as redis_lib
 from rq import Queue
 from rq.exceptions import NoSuchJobError
+from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
@@ -98,6 +103,8 @@ class Janitor:
         self.settings = settings
         self.queues = [Queue(name, connection=redis) for name in settings.queues]
         self.started_up = False  # the first sweep also reconciles waiting records with storage
+        # Jobs RQ says are queued that no queue holds, and when a sweep first saw them so.
+        self.orphan_suspects: dict[str, float] = {}
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> Janitor:
@@ -174,14 +181,18 @@ class Janitor:
             self._lost(rec, f"worker {rec.worker} died ({reason})", report)
         for queue in self.queues:
             registry = StartedJobRegistry(queue=queue)
-            for job_id, _execution in registry.get_job_and_execution_ids(cleanup=False):
+            for job_id, execution_id in registry.get_job_and_execution_ids(cleanup=False):
                 if job_id in seen:
                     continue
                 job = self._fetch(job_id)
-                worker = job.worker_name if job is not None else None
+                still_started, worker = self._execution_worker(registry, job_id, execution_id)
+                if not still_started:
+                    continue  # the execution ended since the registry was read
+                if worker is None and job is not None:  # its execution expired (job timeout)
+                    worker = job.worker_name
                 if only is not None and worker != only:
                     continue
-                if job is not None and is_alive(worker):
+                if is_alive(worker):
                     continue
                 seen.add(job_id)
                 rec = self.store.get(job_id)
@@ -291,6 +302,7 @@ class Janitor:
     def fail_orphans(self, report: SweepReport, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
         cutoff = now - self.settings.ORPHAN_GRACE_S
+        suspects, self.orphan_suspects = self.orphan_suspects, {}
         ids = [as_text(x) for x in self.redis.zrangebyscore(QUEUED_KEY, "-inf", cutoff)]
         for job_id in ids:
             job = self._fetch(job_id)
@@ -306,6 +318,11 @@ class Janitor:
             rec = self.store.get(job_id)
             if rec is None or rec.status != "queued":
                 continue
+            if status == JobStatus.QUEUED:
+                if self._started_entries(job_id):
+                    continue  # a worker is taking it: reap_dead's (alive or not decides)
+                if not self._still_lost(job_id, now, suspects):
+                    continue
             try:
                 if self._recover(rec, job, report):
                     continue
@@ -332,6 +349,19 @@ class Janitor:
             if self.store.mark_failed(job_id, ErrorCode.worker_lost.value, message):
                 report.orphaned.append(job_id)
                 log.warning("job %s failed: %s", job_id, message)
+
+    def _still_lost(self, job_id: str, now: float, suspects: dict[str, float]) -> bool:
+        """Whether a job RQ says is queued, that no queue holds and no started registry names,
+        has looked so on every sweep of this janitor for `HEARTBEAT_TTL_S`. A worker taking a
+        job leaves it so for a moment: a worker of several queues pops it (LPOP) and registers
+        it as started in its next transaction, and a sweep's reads may fall in between (or
+        between its own reads, as RQ moves it on). A live worker is done with that long before
+        its heartbeat would expire: a job still looking so then is lost."""
+        first_seen = suspects.get(job_id, now)
+        if now - first_seen >= self.settings.HEARTBEAT_TTL_S:
+            return True
+        self.orphan_suspects[job_id] = first_seen
+        return False
 
     def _waiting_in_rq(self, job: Job) -> bool:
         """Whether RQ's job sits in its queue (or is being handed to a worker)."""
@@ -408,18 +438,39 @@ class Janitor:
         except NoSuchJobError:
             return None
 
+    def _execution_worker(
+        self, registry: StartedJobRegistry, job_id: str, execution_id: str
+    ) -> tuple[bool, str | None]:
+        """Whether the started registry still holds this execution, and the worker RQ started
+        it on. That name is read from RQ's execution, which RQ writes in the same transaction
+        as the registry entry when a worker takes a job; the job's own `worker_name` is only
+        written in RQ's next transaction, and until then it is empty, or names the worker of an
+        earlier run of a re-queued job (maybe dead): the entry would look like a dead
+        worker's."""
+        execution = Execution(execution_id, job_id, self.redis)
+        with self.redis.pipeline() as pipe:  # one snapshot: the two go together
+            pipe.zscore(registry.key, execution.composite_key)
+            pipe.hget(execution.key, "worker_name")
+            score, worker = pipe.execute()
+        return score is not None, as_text(worker) or None
+
+    def _started_entries(self, job_id: str) -> list[tuple[str, list]]:
+        """The job's `<job_id>:<execution>` entries in the started registries, by key."""
+        found = []
+        for queue in self.queues:
+            key = StartedJobRegistry(queue=queue).key
+            entries = [
+                m for m in self.redis.zrange(key, 0, -1) if as_text(m).split(":", 1)[0] == job_id
+            ]
+            if entries:
+                found.append((key, entries))
+        return found
+
     def _drop_started_entries(self, job_id: str) -> None:
         """Remove every `<job_id>:<execution>` entry from the started registries (RQ would
         otherwise fail the job again when the entry's day-long TTL runs out)."""
-        for queue in self.queues:
-            registry = StartedJobRegistry(queue=queue)
-            stale = [
-                m
-                for m in self.redis.zrange(registry.key, 0, -1)
-                if as_text(m).split(":", 1)[0] == job_id
-            ]
-            if stale:
-                self.redis.zrem(registry.key, *stale)
+        for key, entries in self._started_entries(job_id):
+            self.redis.zrem(key, *entries)
 
     def _rq_requeue(self, rec, job: Job | None) -> None:
         self._drop_started_entries(rec.id)

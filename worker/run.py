@@ -80,6 +80,12 @@ class Heartbeat(threading.Thread):
             ttl_s=max(1, round(self.rt.settings.HEARTBEAT_TTL_S)),
         )
 
+    def start(self) -> None:
+        # The first beat before RQ can take a job: the janitor takes the worker a started job
+        # names for dead while it has no heartbeat.
+        self.beat()
+        super().start()
+
     def run(self) -> None:
         interval = self.rt.settings.HEARTBEAT_INTERVAL_S
         while True:

@@ -37,13 +37,21 @@ def env(redis_url, redis_client, tmp_path):
     return make
 
 
-def start_in_rq(redis_client, job_id, worker_name):
-    """RQ's side of a worker taking the job: an execution and the started registry entry."""
+def taking(redis_client, job_id, worker_name):
+    """RQ's first steps of a worker taking the job: off its queue, then (one transaction) its
+    execution and the started registry entry. The job does not name the worker yet: RQ's next
+    transaction, `worker.prepare_job_execution(job)`, does. Returns (worker, job)."""
     queue = Queue(TINY_QUEUE, connection=redis_client)
     job = Job.fetch(job_id, connection=redis_client)
     queue.remove(job)
     worker = SimpleWorker([queue], connection=redis_client, name=worker_name)
     worker.prepare_execution(job)
+    return worker, job
+
+
+def start_in_rq(redis_client, job_id, worker_name):
+    """RQ's side of a worker taking the job: an execution and the started registry entry."""
+    worker, job = taking(redis_client, job_id, worker_name)
     worker.prepare_job_execution(job)
     return job
 
@@ -111,6 +119,78 @@ def test_death_before_the_record_said_started_requeues(env, redis_client):
     assert Queue(TINY_QUEUE, connection=redis_client).job_ids == [job_id]
 
 
+def test_a_job_a_live_worker_is_taking_is_left_alone(env, redis_client):
+    """A sweep between RQ registering a start and the job naming its worker: the job names no
+    worker (a first run) or its last one (re-queued after its worker died), our record is still
+    queued. The worker RQ's execution names is alive: neither job is re-queued nor failed."""
+    janitor, store, _ = env(LOST_JOB_RETRIES=0)
+    queue = Queue(TINY_QUEUE, connection=redis_client)
+    rerun = submit(redis_client)
+    start_in_rq(redis_client, rerun, "ghost")
+    assert janitor.sweep().requeued == [rerun]  # its first worker died before it started
+    fresh = submit(redis_client)
+    for name in ("live-1", "live-2"):
+        store.heartbeat(name, {"queue": "vmoba"}, ttl_s=30)
+    taken = [taking(redis_client, fresh, "live-1"), taking(redis_client, rerun, "live-2")]
+    assert Job.fetch(fresh, connection=redis_client).worker_name is None
+    assert Job.fetch(rerun, connection=redis_client).worker_name == "ghost"
+    report = janitor.sweep(now=time.time() + 120)  # the records are old enough to be orphans
+    assert not report, report
+    assert janitor.reap_worker("ghost").requeued == []
+    assert all(store.get(j).status == "queued" for j in (fresh, rerun))
+    assert queue.job_ids == []
+    started = StartedJobRegistry(queue=queue).get_job_and_execution_ids(cleanup=False)
+    assert sorted(j for j, _ in started) == sorted([fresh, rerun])
+    for job_id, (worker, job) in zip((fresh, rerun), taken):
+        assert job.get_status() == JobStatus.QUEUED  # RQ did not fail it either
+        worker.prepare_job_execution(job)
+        assert store.mark_started(job_id, worker=worker.name)
+    assert not janitor.sweep(now=time.time() + 120)
+
+
+def test_a_worker_that_dies_taking_a_job_loses_it(env, redis_client):
+    """The same moment, but the worker RQ's execution names is dead: the job goes back to its
+    queue, from the sweep or at once from `reap_worker`, even when the job still names the
+    worker of an earlier run."""
+    janitor, store, _ = env(LOST_JOB_RETRIES=0)
+    queue = Queue(TINY_QUEUE, connection=redis_client)
+    first, second = submit(redis_client), submit(redis_client)
+    taking(redis_client, first, "ghost")
+    assert janitor.sweep().requeued == [first]
+    assert queue.job_ids == [first, second]
+    store.heartbeat("gone", {"queue": "vmoba"}, ttl_s=30)  # not expired yet
+    store.heartbeat("other", {"queue": "vmoba"}, ttl_s=30)
+    start_in_rq(redis_client, second, "other")
+    taking(redis_client, first, "gone")  # the job still names "ghost"
+    assert janitor.reap_worker("gone", reason="signal SIGKILL").requeued == [first]
+    assert queue.job_ids == [first] and store.get(first).status == "queued"
+    started = StartedJobRegistry(queue=queue).get_job_and_execution_ids(cleanup=False)
+    assert [j for j, _ in started] == [second]
+
+
+def test_a_job_popped_by_a_worker_is_not_an_orphan_until_it_stays_lost(env, redis_client):
+    """A worker of several queues pops a job (LPOP) before registering its start: RQ says
+    queued and no queue holds it. A job still so `HEARTBEAT_TTL_S` later (its worker died right
+    after the pop) is enqueued again; one that a worker registered is left to it."""
+    janitor, store, _ = env()
+    queue = Queue(TINY_QUEUE, connection=redis_client)
+    popped, lost = submit(redis_client), submit(redis_client)
+    queue.remove(popped)
+    queue.remove(lost)
+    t = time.time() + 120  # past ORPHAN_GRACE_S
+    assert janitor.sweep(now=t).requeued == []
+    worker = SimpleWorker([queue], connection=redis_client, name="live")
+    store.heartbeat("live", {"queue": "vmoba"}, ttl_s=30)
+    job = Job.fetch(popped, connection=redis_client)
+    worker.prepare_execution(job)  # registered; the job says queued until the next step
+    ttl = janitor.settings.HEARTBEAT_TTL_S
+    assert janitor.sweep(now=t + ttl / 2).requeued == []
+    assert janitor.sweep(now=t + ttl).requeued == [lost]
+    assert queue.job_ids == [lost] and store.get(popped).status == "queued"
+    worker.prepare_job_execution(job)
+    assert janitor.sweep(now=t + 2 * ttl).requeued == []
+
+
 def test_reap_worker_handles_only_that_worker(env, redis_client):
     janitor, store, storage = env(LOST_JOB_RETRIES=0)
     mine = running_on(redis_client, store, storage, "gone")
@@ -137,9 +217,12 @@ def test_orphaned_queued_jobs_are_enqueued_again_then_end(env, redis_client):
     fresh_gone = submit(redis_client)
     assert janitor.sweep().orphaned == []  # young records may still be on their way into RQ
     Job.fetch(fresh_gone, connection=redis_client).delete()
-    report = janitor.sweep(now=time.time() + 120)
-    assert sorted(report.requeued) == sorted([gone, dropped, fresh_gone])
+    t = time.time() + 120
+    report = janitor.sweep(now=t)
+    assert sorted(report.requeued) == sorted([gone, fresh_gone])
     assert report.orphaned == [cancelled] and store.get(cancelled).status == "cancelled"
+    # Popped by a worker about to register it, or lost: lost once it stays so.
+    assert janitor.sweep(now=t + janitor.settings.HEARTBEAT_TTL_S).requeued == [dropped]
     assert sorted(queue.job_ids) == sorted([gone, dropped, fresh_gone, waiting])
     assert Job.fetch(gone, connection=redis_client).args[0]["job_id"] == gone
     assert all(store.get(j).status == "queued" for j in (gone, dropped, fresh_gone, waiting))
