@@ -76,7 +76,6 @@ def triton_grads(q, k, v, grad_out, grid, layer, cfg):
         ("threshold_query", DTYPES[1], False),
         ("threshold_global", DTYPES[1], False),
         ("topk", DTYPES[0], True),
-        ("threshold_global", DTYPES[1], True),
     ],
 )
 def test_gradients_match_reference_in_every_kind(seed, monkeypatch, mode, dtype, fused):

@@ -114,13 +114,15 @@ def attention_config(head_dim: int, interpreter: bool, max_block_len: int) -> di
 # Backward: `dkdv` programs hold BN keys (dK, dV accumulate in fp32 registers) and walk the
 # block's gathered queries BM at a time; `dq` tiles take BM gathered queries (the backward builds
 # its own query index in tiles of this BM) against BN keys at a time. Measured on the H100 at
-# 576p, top-k 25%, every layer kind (bench/results/tuning-backward-h100.json): dkdv BM 64 x BN 128
+# 576p, top-k 25%, every layer kind (bench/results/tuning-backward-h100-a63120e.json): dkdv BM 64 x BN 128
 # with 8 warps, 2 stages took 26.5-27.5 ms (BM 32: 31-34, 3 stages or BM 128 or BN 64 x 4 warps:
 # about the same, BN 128 x 4 warps: 79-84); dq BM 128 x BN 64, 8 warps, 3 stages took 11.0-16.6 ms
 # against 13.3-21.5 for BM 64 x BN 64, 4 warps, 2 CTAs per SM.
 # fused_dq: the dK/dV kernel also adds each tile's dQ atomically (FA2's way) and the dq kernel is
 # not launched: 5 matrix products per tile pair instead of 7, but one fp32 atomic add per (query,
 # key tile, channel) instead of per (query, selected block, channel); the dq tiles then go unused.
+# On the H100 the atomics cost more than the two products saved: fused dK/dV+dQ 48-50 ms against
+# 37.7-44.2 split, best of six tiles (bench/results/tuning-backward-h100.json), so it stays off.
 _BWD_GPU = {
     "fused_dq": False,
     "dkdv": {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2},
