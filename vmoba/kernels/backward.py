@@ -84,7 +84,6 @@ def vmoba_bwd_dkdv_kernel(
     BN: tl.constexpr,
     PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr,
-    INDEX_AHEAD: tl.constexpr,
 ):
     """dK, dV of key tile `program_id(0)` of block `c` for sample-head `bh`, segment
     `program_id(1) = c * BH + bh`. `k_desc, v_desc`: blocked keys/values viewed as
@@ -108,18 +107,10 @@ def vmoba_bwd_dkdv_kernel(
         count = tl.load(seg_count_ptr + seg)
         b_dk = tl.zeros([BN, D], dtype=tl.float32)
         b_dv = tl.zeros([BN, D], dtype=tl.float32)
-        o_first = tl.arange(0, BM)
-        info_next = tl.load(qlist_ptr + start + o_first, mask=o_first < count, other=0)
         for i0 in range(0, count, BM):
             o_r = i0 + tl.arange(0, BM)
             m_r = o_r < count
-            if INDEX_AHEAD:
-                # the next tile's indices load while this tile computes: the gathered copies of
-                # the next tile need them, and a load in the loop body stalls every step
-                info = info_next
-                info_next = tl.load(qlist_ptr + start + o_r + BM, mask=o_r + BM < count, other=0)
-            else:
-                info = tl.load(qlist_ptr + start + o_r, mask=m_r, other=0)
+            info = tl.load(qlist_ptr + start + o_r, mask=m_r, other=0)
             tok = (info & INDEX_MASK).to(tl.int64)
             offs = ((i_b.to(tl.int64) * S + tok) * H + i_h)[:, None] * D + o_d[None, :]
             b_q = tl.load(q_ptr + offs, mask=m_r[:, None], other=0.0)  # [BM, D]
@@ -279,7 +270,6 @@ def attend_backward(
         BN=kv["BN"],
         PRECISION=precision,
         FUSED_DQ=cfg["fused_dq"],
-        INDEX_AHEAD=kv.get("index_ahead", False),
         num_warps=kv["num_warps"],
         num_stages=kv["num_stages"],
     )
