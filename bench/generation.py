@@ -30,9 +30,11 @@ frame and its `encode_s` is what the encoder takes after that; `total_s` is the 
 untiled and tiled), with peak memory and the difference of the decoded video from fp32's (max
 abs on [0, 1] frames, PSNR of the uint8 frames).
 
-The `vmoba` variant also runs a short timing pass (`collect_timing`: one dense and one VMoBA
-step, attention timed by CUDA events inside the op), which splits each variant's step time into
-attention and the rest (`profile` in the summary record).
+The `vmoba` variant also checks that its streamed decode gives the pipeline's frames bit for bit
+(`streamed_bit_identical`, `streamed_matches_plain`) and runs a short timing pass
+(`collect_timing`: one dense and one VMoBA step, attention timed by CUDA events inside the op),
+which splits each variant's step time into attention and the rest (`profile` in the summary
+record).
 
 Results go to `--out` (default `bench/results/generation-<gpu>.json`); records of the same
 size, variant and card already there are replaced, others kept, so the variants of one size can
@@ -253,6 +255,10 @@ def run_variant(pipe, variant, size, args) -> dict:
         # graphs dynamo compiled after the warm-up (the measured call and the timing pass, which
         # has other settings): 0 when nothing recompiled
         record["recompiled_graphs"] = _compiled_graphs() - graphs
+        if handle is not None:
+            record["streamed_bit_identical"] = streamed_matches_plain(
+                pipe, handle, settings, size, dev
+            )
         return record
     finally:
         reset(pipe, handle)
@@ -262,6 +268,45 @@ def _compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def streamed_matches_plain(pipe, handle, settings, size, device) -> bool:
+    """Whether the worker's streamed decode gives the frames the pipeline's own decode does
+    (`output_type="pt"`, uint8 on the device), bit for bit, on this card and VAE dtype: one
+    2-step call decoded by the pipeline, its final latents (kept by the step callback) decoded
+    again by `worker.decode.stream_decode`."""
+    from worker.decode import stream_decode
+    from worker.video import device_frames_to_uint8
+
+    frames_n, height, width = size
+    final = {}
+
+    def keep(_pipe, _i, _t, kwargs):
+        final["latents"] = kwargs["latents"]
+        return {}
+
+    with torch.no_grad(), handle.use(settings):
+        cond, uncond = pipe.encode_prompt(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            do_classifier_free_guidance=True,
+            device=torch.device(device),
+        )
+        out = pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            num_frames=frames_n,
+            height=height,
+            width=width,
+            num_inference_steps=2,
+            guidance_scale=GUIDANCE,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+            callback_on_step_end=keep,
+        )
+        plain = device_frames_to_uint8(out.frames)
+        del out
+        return bool(np.array_equal(stream_decode(pipe, final["latents"]), plain))
 
 
 def timing_pass(pipe, handle, settings, size, device) -> dict:

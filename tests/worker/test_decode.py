@@ -46,7 +46,7 @@ def video_pair(spec, pipe, task, frames, *, seed: int):
             prompt="a lighthouse at dusk",
             negative_prompt="blurry",
             do_classifier_free_guidance=True,
-            device=torch.device("cpu"),
+            device=pipe._execution_device,
             **prompt_kwargs(spec),
         )
     extra = call_kwargs(spec, task, guidance_scale=5.0, image=image, width=width, height=height)
@@ -139,3 +139,19 @@ def test_a_sink_that_raises_stops_the_decode_and_clears_the_cache(seed):
         stream_decode(pipe, latents, cancel_after_two)
     assert seen == [1, 4]
     assert all(f is None for f in pipe.vae._feat_map)  # no decoder activations kept
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_id", ["tiny-wan2.1-t2v", "tiny-wan2.2-ti2v"])
+def test_on_cuda_with_a_bf16_vae_the_host_copies_overlap_and_stay_bit_identical(model_id, seed):
+    """The CUDA path: chunks copied to pinned memory behind the next latent frame's decode."""
+    from contract.models import get_model
+
+    spec = get_model(model_id)
+    pipe = with_latent_statistics(build_pipelines(spec, seed=0)["t2v"], seed).to("cuda")
+    pipe.vae.to(torch.bfloat16)
+    video, latents = video_pair(spec, pipe, "t2v", 13, seed=seed)
+    chunks: list[np.ndarray] = []
+    streamed = stream_decode(pipe, latents, chunks.append)
+    assert np.array_equal(streamed, device_frames_to_uint8(video))
+    assert [len(c) for c in chunks] == [1, 4, 4, 4]
