@@ -10,8 +10,10 @@ and each variant of `VARIANTS` in turn on the same modules:
   time as compiling the whole model, in a fraction of the compile time);
 - `vmoba`: what our worker runs: VMoBA installed with the model's default request (training-free
   top-k, the first 25% of the steps dense, `vmoba.defaults`), then `worker.speedups` (the
-  compiled blocks around VMoBA's op, the VAE in bf16) and the worker's frame conversion (uint8 on
-  the device).
+  compiled blocks around VMoBA's op, the VAE in bf16) and the worker's streamed decode
+  (`worker.decode.stream_decode`: frames converted to uint8 on the device and handed, a latent
+  frame at a time, to the mp4 encoder `worker.video.Mp4Writer`, which encodes while the VAE
+  decodes the rest).
 
 SDPA tries cuDNN first for every variant (`sdpa_priority`), so the dense attention is the same
 kernel everywhere. Each variant first runs warm-up generations (compilation, Triton
@@ -19,16 +21,20 @@ and cuDNN autotuning; their time is recorded as `warmup_s`): one step at a size 
 dimension, then two steps at the measured size, as the worker's warm-up does (after two sizes
 the compiled code is dynamic in the sizes, so no later request recompiles). Then the measured
 generation: prompt encoding, `--steps` denoising steps with classifier-free guidance (guidance
-5), the VAE decode, and the mp4 encode (`worker.video.encode_mp4`), each timed with a device sync
-at its end; the denoising steps are timed one by one (sync in the step callback).
+5), the VAE decode, and the mp4 encode, each timed with a device sync at its end; the denoising
+steps are timed one by one (sync in the step callback). The stock variants decode, then encode
+(`worker.video.encode_mp4`); ours overlaps the two, so its `decode_s` ends at the last decoded
+frame and its `encode_s` is what the encoder takes after that; `total_s` is the wall time.
 
 `--vae` adds the VAE decode alone in each candidate precision and layout (fp32, bf16, each
 untiled and tiled), with peak memory and the difference of the decoded video from fp32's (max
 abs on [0, 1] frames, PSNR of the uint8 frames).
 
-The `vmoba` variant also runs a short timing pass (`collect_timing`: one dense and one VMoBA
-step, attention timed by CUDA events inside the op), which splits each variant's step time into
-attention and the rest (`profile` in the summary record).
+The `vmoba` variant also checks that its streamed decode gives the pipeline's frames bit for bit
+(`streamed_bit_identical`, `streamed_matches_plain`) and runs a short timing pass
+(`collect_timing`: one dense and one VMoBA step, attention timed by CUDA events inside the op),
+which splits each variant's step time into attention and the rest (`profile` in the summary
+record).
 
 Results go to `--out` (default `bench/results/generation-<gpu>.json`); records of the same
 size, variant and card already there are replaced, others kept, so the variants of one size can
@@ -126,17 +132,19 @@ def prepare(pipe, variant: str, device: str, grid, backend: str):
     return handle, AttentionSettings.from_dict(recommended_settings(grid, vmoba_trained=False))
 
 
-def generate(pipe, handle, settings, size, steps, device, *, encode=True, output_type=None):
-    """One generation; stage times in seconds, per-step times in ms, the frames' checksum.
+def generate(pipe, handle, settings, size, steps, device, *, decode=True, encode=True):
+    """One generation; stage times in seconds, per-step times in ms, the frames' mean.
 
-    Frames: the stock variants take them as numpy floats (`output_type="np"`, what a user of
-    diffusers does) and convert on the host; ours as the worker does (`"pt"`, converted to uint8
-    on the device, `worker.video.device_frames_to_uint8`)."""
-    from worker.video import device_frames_to_uint8, encode_mp4, to_uint8_frames
+    The stock variants decode as a user of diffusers does (`output_type="np"`, frames converted
+    on the host), then encode (`worker.video.encode_mp4`). Ours runs the worker's path: latents
+    out of the pipeline, `worker.decode.stream_decode` handing each latent frame's frames to a
+    `worker.video.Mp4Writer` while the VAE decodes the rest. `decode_s` runs from the last step
+    to the last decoded frame, `encode_s` from there to the written mp4 (as the worker's
+    `decoding_s` and `encoding_s`); `decode=False` stops at the latents."""
+    from worker.decode import stream_decode
+    from worker.video import Mp4Writer, encode_mp4, to_uint8_frames
 
-    if output_type is None:
-        output_type = "np" if handle is None else "pt"
-
+    stock = handle is None
     frames_n, height, width = size
     marks: list[float] = []
 
@@ -167,20 +175,33 @@ def generate(pipe, handle, settings, size, steps, device, *, encode=True, output
             num_inference_steps=steps,
             guidance_scale=GUIDANCE,
             generator=torch.Generator().manual_seed(0),
-            output_type=output_type,
+            output_type="np" if stock and decode else "latent",
             callback_on_step_end=on_step,
         )
-    sync(device)
-    t2 = time.perf_counter()
-    record = {"text_encode_s": t1 - t0, "denoise_s": marks[-1] - t1, "decode_s": t2 - marks[-1]}
-    if output_type != "latent":
-        convert = to_uint8_frames if output_type == "np" else device_frames_to_uint8
-        frames = convert(out.frames)
+    record: dict = {"text_encode_s": t1 - t0, "denoise_s": marks[-1] - t1}
+    if decode:
         with tempfile.TemporaryDirectory() as tmp:
-            if encode:
-                encode_mp4(frames, Path(tmp) / "video.mp4", fps=FPS)
-        t3 = time.perf_counter()
-        record.update(encode_s=t3 - t2, total_s=t3 - t0, frames_mean=float(frames.mean()))
+            path = Path(tmp) / "video.mp4"
+            if stock:
+                sync(device)
+                t2 = time.perf_counter()
+                frames = to_uint8_frames(out.frames)
+                if encode:
+                    encode_mp4(frames, path, fps=FPS)
+            else:
+                with Mp4Writer(path, fps=FPS) as mp4:
+                    frames = stream_decode(pipe, out.frames, mp4.write if encode else None)
+                    sync(device)
+                    t2 = time.perf_counter()
+                    if encode:
+                        mp4.finish()
+            t3 = time.perf_counter()
+        record.update(
+            decode_s=t2 - marks[-1],
+            encode_s=t3 - t2,
+            total_s=t3 - t0,
+            frames_mean=float(frames.mean()),
+        )
     record["step_ms"] = [1e3 * (b - a) for a, b in zip([t1, *marks[:-1]], marks)]
     record["attention_stats"] = dict(stats)
     return record
@@ -203,7 +224,7 @@ def run_variant(pipe, variant, size, args) -> dict:
     try:
         t0 = time.perf_counter()
         if variant != "stock-eager":
-            generate(pipe, handle, settings, bumped(size), 1, dev, output_type="latent")
+            generate(pipe, handle, settings, bumped(size), 1, dev, decode=False)
         generate(pipe, handle, settings, size, 2, dev, encode=False)
         warmup_s = time.perf_counter() - t0
         graphs = _compiled_graphs()
@@ -234,6 +255,10 @@ def run_variant(pipe, variant, size, args) -> dict:
         # graphs dynamo compiled after the warm-up (the measured call and the timing pass, which
         # has other settings): 0 when nothing recompiled
         record["recompiled_graphs"] = _compiled_graphs() - graphs
+        if handle is not None:
+            record["streamed_bit_identical"] = streamed_matches_plain(
+                pipe, handle, settings, size, dev
+            )
         return record
     finally:
         reset(pipe, handle)
@@ -245,10 +270,49 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def streamed_matches_plain(pipe, handle, settings, size, device) -> bool:
+    """Whether the worker's streamed decode gives the frames the pipeline's own decode does
+    (`output_type="pt"`, uint8 on the device), bit for bit, on this card and VAE dtype: one
+    2-step call decoded by the pipeline, its final latents (kept by the step callback) decoded
+    again by `worker.decode.stream_decode`."""
+    from worker.decode import stream_decode
+    from worker.video import device_frames_to_uint8
+
+    frames_n, height, width = size
+    final = {}
+
+    def keep(_pipe, _i, _t, kwargs):
+        final["latents"] = kwargs["latents"]
+        return {}
+
+    with torch.no_grad(), handle.use(settings):
+        cond, uncond = pipe.encode_prompt(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            do_classifier_free_guidance=True,
+            device=torch.device(device),
+        )
+        out = pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            num_frames=frames_n,
+            height=height,
+            width=width,
+            num_inference_steps=2,
+            guidance_scale=GUIDANCE,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+            callback_on_step_end=keep,
+        )
+        plain = device_frames_to_uint8(out.frames)
+        del out
+        return bool(np.array_equal(stream_decode(pipe, final["latents"]), plain))
+
+
 def timing_pass(pipe, handle, settings, size, device) -> dict:
     """Attention ms of one dense and one VMoBA step (the op timed with CUDA events)."""
     timed = settings.replace(collect_timing=True, dense_steps=0.5)
-    rec = generate(pipe, handle, timed, size, 2, device, output_type="latent")
+    rec = generate(pipe, handle, timed, size, 2, device, decode=False)
     by_kind = rec["attention_stats"]["attention_ms_by_kind"]
     sparse_ms = sum(v for k, v in by_kind.items() if k != "dense")
     return {

@@ -14,7 +14,12 @@ what users see; RQ only carries the work. A run:
    see `contract.speed`) and a pending SIGTERM (re-queue unless the job ends within
    `STOP_GRACE_S`). Stopping raises out of the diffusers step callback, so the VAE decode is
    skipped and the GPU memory is freed at once;
-5. writes `video.mp4`, `thumbnail.jpg` and `meta.json` into a staging directory and publishes
+5. decodes the video latent frame by latent frame (stage `decoding`), each chunk of frames going
+   to ffmpeg at once (`worker.decode`, `worker.video.Mp4Writer`), so the mp4 is encoded while
+   the rest is decoded; a cancel is checked after every chunk and kills ffmpeg. `decoding_s` runs
+   from the last step to the last decoded frame, `encoding_s` (stage `encoding`) is what the
+   encoder, the thumbnail and the sidecar take after it;
+6. writes `video.mp4`, `thumbnail.jpg` and `meta.json` into a staging directory and publishes
    them (`contract.storage`: one rename into `DATA_DIR`, or uploads to object storage with the
    sidecar last), then marks the record completed. While object storage is unreachable or
    refuses the files, the worker retries with exponential back-off for `STORAGE_RETRY_S`: the
@@ -42,10 +47,11 @@ A killed worker's job is completed if its result is in storage, cancelled if a c
 requested, else re-queued (`LOST_JOB_RETRIES`) or failed with `worker_lost`.
 
 Test hooks (only with `ENABLE_TEST_HOOKS=1`; never in a deployment): a payload may carry
-`"_test": {"step_delay_s": 0.2, "oom_at_step": 2, "fail_at_step": 3}` to sleep after every step,
-raise `torch.OutOfMemoryError` in the step callback at that step (what a real CUDA OOM in the
-denoising loop raises), or raise a plain error there. The CPU tests use them to exercise the
-timeout, cancellation, OOM and crash paths with the tiny model.
+`"_test": {"step_delay_s": 0.2, "oom_at_step": 2, "fail_at_step": 3, "decode_delay_s": 0.2}` to
+sleep after every step, raise `torch.OutOfMemoryError` in the step callback at that step (what a
+real CUDA OOM in the denoising loop raises), raise a plain error there, or sleep after every
+decoded chunk. The CPU tests use them to exercise the timeout, cancellation, OOM and crash paths
+with the tiny model.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +76,7 @@ from contract.storage import Staged, StorageUnavailable
 
 from . import runtime as runtime_mod
 from .runtime import CurrentJob, Runtime, free_memory, is_out_of_memory
-from .video import encode_mp4, write_thumbnail
+from .video import Mp4Writer, write_thumbnail
 
 log = logging.getLogger("worker.jobs")
 
@@ -115,6 +122,7 @@ class FaultHooks:
     step_delay_s: float = 0.0
     oom_at_step: int = 0
     fail_at_step: int = 0
+    decode_delay_s: float = 0.0
 
     @classmethod
     def parse(cls, raw, enabled: bool) -> FaultHooks:
@@ -123,15 +131,53 @@ class FaultHooks:
         if not enabled:
             log.warning("ignoring payload test hooks %r: ENABLE_TEST_HOOKS is off", raw)
             return cls()
-        if not isinstance(raw, dict) or set(raw) - {"step_delay_s", "oom_at_step", "fail_at_step"}:
+        names = {"step_delay_s", "oom_at_step", "fail_at_step", "decode_delay_s"}
+        if not isinstance(raw, dict) or set(raw) - names:
             raise ValueError(
-                f"_test must be an object with step_delay_s/oom_at_step/fail_at_step, got {raw!r}"
+                f"_test must be an object with keys among {sorted(names)}, got {raw!r}"
             )
         return cls(
             float(raw.get("step_delay_s", 0)),
             int(raw.get("oom_at_step", 0)),
             int(raw.get("fail_at_step", 0)),
+            float(raw.get("decode_delay_s", 0)),
         )
+
+
+class StreamedVideo:
+    """A job's staging directory and its mp4 encoder, opened when the first decoded frames
+    arrive (a staging directory left untouched through a long denoise would look abandoned to
+    the janitor, `STAGING_MAX_AGE_S`). Leaving the block without publishing kills the encoder
+    and removes every file."""
+
+    def __init__(self, storage, job_id: str, *, fps: float, crf: int, preset: str):
+        self.storage, self.job_id = storage, job_id
+        self.fps, self.crf, self.preset = fps, crf, preset
+        self._stack = ExitStack()
+        self._staged: Staged | None = None
+        self._mp4: Mp4Writer | None = None
+
+    def write(self, frames) -> None:
+        """Hand decoded frames (`uint8` `[f, H, W, 3]`) to the encoder."""
+        if self._mp4 is None:
+            staged = self._stack.enter_context(self.storage.stage(self.job_id))
+            self._mp4 = self._stack.enter_context(
+                Mp4Writer(staged.file(VIDEO_FILE), fps=self.fps, crf=self.crf, preset=self.preset)
+            )
+            self._staged = staged
+        self._mp4.write(frames)
+
+    def opened(self) -> tuple[Staged, Mp4Writer]:
+        """The staging directory and the encoder, once frames were written."""
+        if self._staged is None or self._mp4 is None:
+            raise RuntimeError("the decode handed on no frames")
+        return self._staged, self._mp4
+
+    def __enter__(self) -> StreamedVideo:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.__exit__(*exc)
 
 
 def generate_video(payload: dict) -> dict | Retry:
@@ -281,36 +327,38 @@ class JobRun:
         rt, store, job_id, cur = self.rt, self.store, self.job_id, self.cur
         assert cur is not None, "the job has started"
         seed = request.seed
-        gen = rt.generate(
-            request.model,
-            request.task,
-            cur.shape,
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            seed=seed,
-            flow_shift=request.flow_shift,
-            attention=attention,
-            image=image,
-            on_step=lambda done, total: self._on_step(done, total, hooks),
+        output = StreamedVideo(
+            rt.storage,
+            job_id,
+            fps=request.fps,
+            crf=self.settings.ENCODE_CRF,
+            preset=self.settings.ENCODE_PRESET,
         )
-        if self._check_owner():
-            raise JobCancelled()
-        store.mark_stage(job_id, Stage.encoding)
-        timings = dict(gen.timings)
-        t_enc = time.perf_counter()
-        with rt.storage.stage(job_id) as staged:
-            video = encode_mp4(
-                gen.frames,
-                staged.file(VIDEO_FILE),
-                fps=request.fps,
-                crf=self.settings.ENCODE_CRF,
-                preset=self.settings.ENCODE_PRESET,
+        with output:
+            gen = rt.generate(
+                request.model,
+                request.task,
+                cur.shape,
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                seed=seed,
+                flow_shift=request.flow_shift,
+                attention=attention,
+                image=image,
+                on_step=lambda done, total: self._on_step(done, total, hooks),
+                on_frames=lambda frames: self._on_frames(output, frames, hooks),
             )
+            # every frame is decoded and queued for the encoder, which may still be working
+            store.mark_stage(job_id, Stage.encoding)
+            timings = dict(gen.timings)
+            t_enc = time.perf_counter()
+            staged, mp4 = output.opened()
             thumb = write_thumbnail(gen.frames, staged.file(THUMBNAIL_FILE))
             files = list(RESULT_FILES)
             if image is not None:
                 image.save(staged.file(INPUT_FILE), format="PNG")
                 files.append(INPUT_FILE)
+            video = mp4.finish()
             timings["encoding_s"] = time.perf_counter() - t_enc
             timings["total_s"] = time.monotonic() - cur.started
             density = achieved_density(gen.attention)
@@ -446,6 +494,15 @@ class JobRun:
                 )
         if done == total:
             self.store.mark_stage(self.job_id, Stage.decoding)
+
+    def _on_frames(self, output: StreamedVideo, frames, hooks: FaultHooks) -> None:
+        """Each decoded chunk: to the encoder, then the cancel check (a cancel stops the decode
+        and the encoder; the GPU is decoding the next chunk meanwhile)."""
+        output.write(frames)
+        if hooks.decode_delay_s:
+            time.sleep(hooks.decode_delay_s)
+        if self._check_owner():
+            raise JobCancelled()
 
     def _check_owner(self) -> bool:
         """One round trip: is the record still ours (else `JobTakenAway`), is the cancel flag up?"""

@@ -13,8 +13,10 @@ result = rt.generate(loaded.spec.id, "t2v", shape, prompt="a cat", negative_prom
 
 `generate` is the one place the pipeline runs: the prompt is encoded first (timed on its own),
 the denoising loop reports every finished step to `on_step` (which may raise to stop the call:
-the exception leaves the pipeline before the VAE decode), and frames come back as `uint8`
-`[F, H, W, 3]` with per-stage timings, attention statistics and peak GPU memory.
+the exception leaves the pipeline before the VAE decode), the VAE decodes latent frame by latent
+frame handing each chunk of frames to `on_frames` (a job's mp4 encoder: it encodes while the rest
+is decoded), and frames come back as `uint8` `[F, H, W, 3]` with per-stage timings, attention
+statistics and peak GPU memory.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ if TYPE_CHECKING:  # for annotations only: `Runtime.load` imports what it uses (
     from contract.store import JobStore
     from vmoba.diffusers import VMoBAHandle
 
+    from .decode import FrameSink
     from .group import Group
 
 log = logging.getLogger("worker.runtime")
@@ -196,23 +199,19 @@ class Runtime:
             m = loaded.spec.size_multiple
             self._warm_up_call(loaded, task, Shape(frames + 4, height + m, width + m, 1, 5.0))
             self._warm_up_call(loaded, task, Shape(frames, height, width, 1, 5.0))
-        gen = self._warm_up_call(loaded, task, shape)
-        # encode like a job would, into a scratch file, to time the encoder as well
-        from .video import encode_mp4
+        # encode like a job would (while decoding), into a scratch file, to time the encoder too
+        from .video import Mp4Writer
 
         scratch = Path(self.settings.DATA_DIR) / "staging" / f"warmup-{os.getpid()}.mp4"
         scratch.parent.mkdir(parents=True, exist_ok=True)
-        t_enc = time.perf_counter()
-        try:
-            encode_mp4(
-                gen.frames,
-                scratch,
-                fps=16,
-                crf=self.settings.ENCODE_CRF,
-                preset=self.settings.ENCODE_PRESET,
-            )
-        finally:
-            scratch.unlink(missing_ok=True)
+        settings = self.settings
+        with Mp4Writer(
+            scratch, fps=16, crf=settings.ENCODE_CRF, preset=settings.ENCODE_PRESET
+        ) as mp4:
+            gen = self._warm_up_call(loaded, task, shape, on_frames=mp4.write)
+            t_enc = time.perf_counter()
+            mp4.finish()
+        scratch.unlink(missing_ok=True)
         encode_s = time.perf_counter() - t_enc
         self.speed.ref_tokens = shape.tokens
         self.speed.observe(
@@ -233,7 +232,9 @@ class Runtime:
             self.speed.to_dict(),
         )
 
-    def _warm_up_call(self, loaded: LoadedModel, task: str, shape: Shape) -> Generation:
+    def _warm_up_call(
+        self, loaded: LoadedModel, task: str, shape: Shape, on_frames: Optional[FrameSink] = None
+    ) -> Generation:
         frames, height, width = shape.num_frames, shape.height, shape.width
         grid = loaded.spec.grid(frames, height, width)
         attention, _ = self.attention_settings(loaded, grid, {})
@@ -248,6 +249,7 @@ class Runtime:
             flow_shift=loaded.spec.defaults.flow_shift(width, height),
             attention=attention,
             image=image,
+            on_frames=on_frames,
         )
 
     # -- running the pipeline ------------------------------------------------------------------
@@ -278,12 +280,15 @@ class Runtime:
         attention,
         image=None,
         on_step: Optional[Callable[[int, int], None]] = None,
+        on_frames: Optional[FrameSink] = None,
         decode: bool = True,
     ) -> Generation:
         """Run one model's pipeline for `task` once (see the module docstring). `image` (a PIL
         image of the video's size) is the first frame of an i2v job. `on_step(done, total)` runs
         after every denoising step; an exception from it aborts the call before the VAE
-        decode. `decode=False` skips the decode (`frames` is empty).
+        decode. `on_frames(frames)` gets the decoded frames a chunk at a time while the VAE
+        decodes the rest (`worker.decode.stream_decode`; an exception from it aborts the
+        decode). `decode=False` skips the decode (`frames` is empty).
 
         Rank 0 of a worker group first shares the call with the other ranks and tells them after
         every step whether to go on (`worker.group`); if the call fails where they cannot follow,
@@ -325,6 +330,7 @@ class Runtime:
                     attention=attention,
                     image=image,
                     on_step=on_step,
+                    on_frames=on_frames,
                     decode=decode,
                 )
         except BaseException as exc:
@@ -364,6 +370,7 @@ class Runtime:
         attention,
         image,
         on_step,
+        on_frames=None,
         decode=True,
     ) -> Generation:
         import torch
@@ -409,17 +416,19 @@ class Runtime:
                 num_inference_steps=shape.steps,
                 guidance_scale=shape.guidance_scale,
                 generator=generator,
-                # decoded frames stay on the device for device_frames_to_uint8
-                output_type="pt" if decode else "latent",
+                output_type="latent",  # decoded below, chunk by chunk
                 callback_on_step_end=callback,
                 **extra,
             )
+        del prompt_embeds, negative_embeds
+        frames = np.empty((0, 0, 0, 3), np.uint8)
+        if decode:
+            from .decode import stream_decode
+
+            frames = stream_decode(pipe, out.frames, on_frames)
+        del out
         sync(cuda)
         t3 = time.perf_counter()
-        from .video import device_frames_to_uint8
-
-        frames = device_frames_to_uint8(out.frames) if decode else np.empty((0, 0, 0, 3), np.uint8)
-        del out, prompt_embeds, negative_embeds
         t2 = marks.get("denoised", t3)
         return Generation(
             frames=frames,

@@ -365,3 +365,72 @@ def test_a_dense_run_reports_density_one(rt, redis_client, attention):
     assert (rec.status, rec.density) == ("completed", 1.0)
     meta = json.loads((rt.storage.job_dir(job_id) / "meta.json").read_text())
     assert meta["density"] == 1.0 and meta["attention_stats"]["layer_calls"]["sparse"] == 0
+
+
+def ffmpeg_children() -> list[int]:
+    """Live ffmpeg processes this test process started (the job's encoder)."""
+    from worker.video import ffmpeg_exe
+
+    exe, pids = ffmpeg_exe(), []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0].decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and argv0 == exe:
+            pids.append(int(entry))
+    return pids
+
+
+def _once_encoding(action):
+    """A thread that waits for the job's ffmpeg (the decode has handed on its first frames)
+    and then does `action(pid)`; `.seen` is the pid."""
+
+    def go():
+        thread.seen = wait_for(ffmpeg_children, what="the job's ffmpeg")[0]
+        action(thread.seen)
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    return thread
+
+
+def _no_files_left(rt, job_id):
+    assert not rt.storage.job_dir(job_id).exists()
+    staging = rt.storage.staging_dir
+    assert not staging.exists() or os.listdir(staging) == []
+
+
+def test_cancel_during_the_streamed_decode_kills_ffmpeg_and_leaves_no_file(rt, redis_client):
+    store = JobStore(redis_client)
+    # 13 frames: 4 chunks of decoded frames, each followed by a 0.3 s pause
+    job_id = submit(redis_client, num_frames=13, test_hooks={"decode_delay_s": 0.3})
+    after = submit(redis_client)
+    thread = _once_encoding(lambda _pid: store.request_cancel(job_id))
+    run_worker(rt)
+    thread.join()
+    rec = store.get(job_id)
+    assert (rec.status, rec.error_code) == ("cancelled", "cancelled")
+    stages = [e.get("stage") for e in events(redis_client, job_id)]
+    assert "decoding" in stages and "encoding" not in stages  # stopped inside the decode
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(thread.seen, 0)
+    _no_files_left(rt, job_id)
+    assert store.get(after).status == "completed" and ffmpeg_children() == []
+
+
+def test_ffmpeg_dying_mid_stream_fails_the_job_cleanly_and_the_worker_goes_on(rt, redis_client):
+    store = JobStore(redis_client)
+    job_id = submit(redis_client, num_frames=13, test_hooks={"decode_delay_s": 0.3})
+    after = submit(redis_client)
+    thread = _once_encoding(lambda pid: os.kill(pid, signal.SIGKILL))
+    run_worker(rt)
+    thread.join()
+    rec = store.get(job_id)
+    assert (rec.status, rec.error_code) == ("failed", "internal_error")
+    assert rec.error_message.startswith("EncodeError: ffmpeg"), rec.error_message
+    _no_files_left(rt, job_id)
+    assert store.get(after).status == "completed" and ffmpeg_children() == []

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import av
 import numpy as np
 import pytest
 from PIL import Image
 
 from worker.video import (
+    EncodeError,
+    Mp4Writer,
     device_frames_to_uint8,
     encode_mp4,
     mp4_top_level_boxes,
@@ -138,3 +144,71 @@ def test_device_frames_to_uint8_refuses_bad_frames():
         device_frames_to_uint8(torch.full((1, 2, 3, 4, 4), float("nan")))
     with pytest.raises(ValueError, match="one video"):
         device_frames_to_uint8(torch.rand(2, 2, 3, 4, 4))
+
+
+def process_gone(pid: int) -> bool:
+    """True once `pid` has exited and been reaped (no zombie left)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_mp4_writer_takes_chunks_and_gives_the_same_video_as_encode_mp4(tmp_path):
+    rng = np.random.default_rng()
+    video = to_uint8_frames(smooth_video(rng, 13, 48, 80))
+    whole = encode_mp4(video, tmp_path / "whole.mp4", fps=12)
+    with Mp4Writer(tmp_path / "chunks.mp4", fps=12) as mp4:
+        for chunk in np.split(video, [1, 5, 9]):  # as the VAE decodes: 1, then 4 a latent frame
+            mp4.write(chunk)
+        out = mp4.finish()
+    assert process_gone(mp4.pid)
+    decoded, info = decode(out.path)
+    assert (info["frames"], info["width"], info["height"], info["fps"]) == (13, 80, 48, 12.0)
+    assert (out.num_frames, out.width, out.height) == (13, 80, 48)
+    assert out.size_bytes == out.path.stat().st_size
+    assert np.array_equal(decoded, decode(whole.path)[0])  # one command, one result
+    boxes = mp4_top_level_boxes(out.path)
+    assert boxes.index("moov") < boxes.index("mdat")
+
+
+def test_mp4_writer_left_without_finishing_kills_ffmpeg_and_removes_the_file(tmp_path):
+    path = tmp_path / "cancelled.mp4"
+    with pytest.raises(KeyError), Mp4Writer(path, fps=8) as mp4:
+        mp4.write(np.zeros((4, 32, 32, 3), np.uint8))
+        pid = mp4.pid
+        raise KeyError("cancelled")
+    assert process_gone(pid)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ffmpeg_dying_mid_stream_raises_encode_error_and_leaves_no_file(tmp_path):
+    path = tmp_path / "died.mp4"
+    frames = np.zeros((4, 64, 64, 3), np.uint8)
+    with pytest.raises(EncodeError, match="ffmpeg"), Mp4Writer(path, fps=8) as mp4:
+        mp4.write(frames)
+        os.kill(mp4.pid, signal.SIGKILL)
+        for _ in range(100):  # the writes after its death fail, or finish() does
+            mp4.write(frames)
+            time.sleep(0.01)
+        mp4.finish()
+    assert process_gone(mp4.pid)
+    assert not path.exists()
+
+
+def test_ffmpeg_refusing_its_settings_raises_encode_error_with_its_message(tmp_path):
+    with Mp4Writer(tmp_path / "x.mp4", fps=8, preset="no-such-preset") as mp4:
+        mp4.write(np.zeros((2, 32, 32, 3), np.uint8))
+        with pytest.raises(EncodeError, match="exited with .*preset"):
+            mp4.finish()
+    assert process_gone(mp4.pid) and list(tmp_path.iterdir()) == []
+
+
+def test_mp4_writer_refuses_frames_of_another_size(tmp_path):
+    with Mp4Writer(tmp_path / "x.mp4", fps=8) as mp4:
+        mp4.write(np.zeros((1, 32, 32, 3), np.uint8))
+        with pytest.raises(ValueError, match="48x32 after frames of 32x32"):
+            mp4.write(np.zeros((4, 32, 48, 3), np.uint8))
+        with pytest.raises(ValueError, match="no frames"):
+            Mp4Writer(tmp_path / "y.mp4", fps=8).finish()
