@@ -132,6 +132,34 @@ def prepare(pipe, variant: str, device: str, grid, backend: str):
     return handle, AttentionSettings.from_dict(recommended_settings(grid, vmoba_trained=False))
 
 
+def encode_prompts(pipe, device):
+    """The benchmark prompt's and negative prompt's embeddings (classifier-free guidance)."""
+    return pipe.encode_prompt(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        do_classifier_free_guidance=True,
+        device=torch.device(device),
+    )
+
+
+def denoise(pipe, embeds, size, steps: int, output_type: str, callback):
+    """One pipeline call of the benchmark (seed 0) on `encode_prompts`' embeddings."""
+    cond, uncond = embeds
+    frames_n, height, width = size
+    return pipe(
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond,
+        num_frames=frames_n,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(0),
+        output_type=output_type,
+        callback_on_step_end=callback,
+    )
+
+
 def generate(pipe, handle, settings, size, steps, device, *, decode=True, encode=True):
     """One generation; stage times in seconds, per-step times in ms, the frames' mean.
 
@@ -145,7 +173,6 @@ def generate(pipe, handle, settings, size, steps, device, *, decode=True, encode
     from worker.video import Mp4Writer, encode_mp4, to_uint8_frames
 
     stock = handle is None
-    frames_n, height, width = size
     marks: list[float] = []
 
     def on_step(_pipe, _i, _t, _kwargs):
@@ -156,28 +183,12 @@ def generate(pipe, handle, settings, size, steps, device, *, decode=True, encode
     sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(
-            prompt=PROMPT,
-            negative_prompt=NEGATIVE,
-            do_classifier_free_guidance=True,
-            device=torch.device(device),
-        )
+        embeds = encode_prompts(pipe, device)
     sync(device)
     t1 = time.perf_counter()
     use = handle.use(settings) if handle is not None else nullcontext({})
     with torch.no_grad(), use as stats:
-        out = pipe(
-            prompt_embeds=cond,
-            negative_prompt_embeds=uncond,
-            num_frames=frames_n,
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=GUIDANCE,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np" if stock and decode else "latent",
-            callback_on_step_end=on_step,
-        )
+        out = denoise(pipe, embeds, size, steps, "np" if stock and decode else "latent", on_step)
     record: dict = {"text_encode_s": t1 - t0, "denoise_s": marks[-1] - t1}
     if decode:
         with tempfile.TemporaryDirectory() as tmp:
@@ -278,7 +289,6 @@ def streamed_matches_plain(pipe, handle, settings, size, device) -> bool:
     from worker.decode import stream_decode
     from worker.video import device_frames_to_uint8
 
-    frames_n, height, width = size
     final = {}
 
     def keep(_pipe, _i, _t, kwargs):
@@ -286,24 +296,7 @@ def streamed_matches_plain(pipe, handle, settings, size, device) -> bool:
         return {}
 
     with torch.no_grad(), handle.use(settings):
-        cond, uncond = pipe.encode_prompt(
-            prompt=PROMPT,
-            negative_prompt=NEGATIVE,
-            do_classifier_free_guidance=True,
-            device=torch.device(device),
-        )
-        out = pipe(
-            prompt_embeds=cond,
-            negative_prompt_embeds=uncond,
-            num_frames=frames_n,
-            height=height,
-            width=width,
-            num_inference_steps=2,
-            guidance_scale=GUIDANCE,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-            callback_on_step_end=keep,
-        )
+        out = denoise(pipe, encode_prompts(pipe, device), size, 2, "pt", keep)
         plain = device_frames_to_uint8(out.frames)
         del out
         return bool(np.array_equal(stream_decode(pipe, final["latents"]), plain))
