@@ -22,18 +22,16 @@ from pathlib import Path
 import torch
 
 from bench.common import (
-    HEAD_DIM,
-    HEADS,
     PRESETS,
     RESULTS_DIR,
     environment,
     gpu_slug,
+    preset_inputs,
     topk_for_density,
     write_json,
 )
 from vmoba import VMoBAConfig, num_blocks, reference, vmoba_attention
 from vmoba.config import LAYER_KINDS
-from vmoba.inputs import locality_qkv
 from vmoba.kernels.selection import select_bits
 from vmoba.partition import block_layout
 
@@ -90,8 +88,7 @@ def main(argv=None):
     path = Path(args.out) / f"backward-check-{gpu_slug()}.json"
     for name in args.presets:
         grid = PRESETS[name]
-        torch.manual_seed(0)
-        q, k, v = locality_qkv(grid, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        q, k, v, base = preset_inputs(name, env)
         rows = torch.randperm(q.shape[1], device="cuda")[: args.rows].sort().values
         paper = VMoBAConfig.for_grid(grid)
         for kind in LAYER_KINDS:
@@ -101,18 +98,7 @@ def main(argv=None):
                 except Exception:
                     traceback.print_exc()
                     continue
-                rec = dict(
-                    gpu=env["gpu"],
-                    commit=env["commit"],
-                    preset=name,
-                    tokens=q.shape[1],
-                    grid=list(grid),
-                    layer_kind=kind,
-                    select=label,
-                    dtype="bf16",
-                    rows=args.rows,
-                    **res,
-                )
+                rec = dict(**base, layer_kind=kind, select=label, rows=args.rows, **res)
                 records.append(rec)
                 print(
                     f"{name} {kind} {label}: density {res['density']:.3f} out {res['out_rel_l2']:.2e} "
